@@ -1,0 +1,25 @@
+"""Core abstractions shared by every pass: configs, registry, context, report, errors."""
+
+from modelpress.core.config import Config, config_type
+from modelpress.core.context import Context, default_cache_dir
+from modelpress.core.errors import (
+    BadInputError,
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    ModelpressError,
+    NotAvailableError,
+    UnknownConfigError,
+    UnsafePickleError,
+)
+from modelpress.core.registry import PASSES, Registry, apply, register
+from modelpress.core.report import Latency, ModelStats, PassRecord, Quality, Report
+
+__all__ = [
+    "Config", "config_type",
+    "Context", "default_cache_dir",
+    "Registry", "PASSES", "register", "apply",
+    "Report", "ModelStats", "Latency", "Quality", "PassRecord",
+    "ModelpressError", "BadInputError", "ConfigError", "UnknownConfigError", "ModelLoadError",
+    "UnsafePickleError", "DataError", "NotAvailableError",
+]

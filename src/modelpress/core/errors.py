@@ -1,0 +1,35 @@
+"""Exception types. `BadInputError` and its subclasses map to exit code 2 on the CLI."""
+
+from __future__ import annotations
+
+
+class ModelpressError(Exception):
+    """Base class for every error modelpress raises on purpose."""
+
+
+class BadInputError(ModelpressError, ValueError):
+    """The user gave a value modelpress cannot use; the message names it and what is allowed."""
+
+
+class ConfigError(BadInputError):
+    """A config or recipe field is unknown or has a bad value."""
+
+
+class UnknownConfigError(ConfigError):
+    """No handler is registered for a config type."""
+
+
+class ModelLoadError(BadInputError):
+    """A model spec cannot be resolved or its file cannot be read."""
+
+
+class UnsafePickleError(ModelLoadError):
+    """A file needs arbitrary pickle loading and the user did not allow it."""
+
+
+class DataError(BadInputError):
+    """An evaluation or calibration data set is missing or malformed."""
+
+
+class NotAvailableError(ModelpressError):
+    """A command or feature that is not part of this release yet."""

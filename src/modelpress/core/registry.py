@@ -1,0 +1,64 @@
+"""Config type -> handler. Adding a pass means registering one function for one config class.
+
+    >>> @register(ScaleConfig)
+    ... def _scale(model, cfg, ctx):
+    ...     ...
+    >>> handler_for(ScaleConfig())   # -> _scale
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from modelpress.core.config import Config
+from modelpress.core.errors import UnknownConfigError
+
+Handler = Callable[..., Any]
+H = TypeVar("H", bound=Handler)
+
+
+class Registry:
+    """Maps config classes to the function that applies them."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._handlers: dict[type[Config], Handler] = {}
+
+    def register(self, config_cls: type[Config]) -> Callable[[H], H]:
+        if not (isinstance(config_cls, type) and issubclass(config_cls, Config)):
+            raise TypeError(f"register() needs a Config subclass, got {config_cls!r}")
+
+        def deco(fn: H) -> H:
+            if config_cls in self._handlers:
+                raise ValueError(f"a {self.kind} handler for {config_cls.__name__} is already registered")
+            self._handlers[config_cls] = fn
+            return fn
+
+        return deco
+
+    def handler_for(self, config: Config) -> Handler:
+        # Walk the MRO so a subclass of a registered config reuses its parent's handler.
+        for cls in type(config).__mro__:
+            if cls in self._handlers:
+                return self._handlers[cls]
+        known = ", ".join(sorted(c.__name__ for c in self._handlers)) or "(none registered)"
+        raise UnknownConfigError(
+            f"no {self.kind} handler for config type {type(config).__name__!r}; registered: {known}"
+        )
+
+    def __contains__(self, config_cls: object) -> bool:
+        return config_cls in self._handlers
+
+    def registered(self) -> list[type[Config]]:
+        return list(self._handlers)
+
+
+PASSES = Registry("pass")
+register = PASSES.register
+handler_for = PASSES.handler_for
+
+
+def apply(model: Any, config: Config, ctx: Any) -> Any:
+    """Run the pass registered for `config` on `model`; the handler returns the new model."""
+    return PASSES.handler_for(config)(model, config, ctx)

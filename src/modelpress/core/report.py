@@ -1,0 +1,168 @@
+"""The report: what compression gained and what it cost, measured in one run.
+
+`Report.to_dict()` is the report.json contract of shared/DESIGN.md:
+`model`, `recipe`, `baseline` / `compressed` (each `size_bytes`, `params`, `nonzero_params`,
+`latency_ms` per batch size with `p50`/`p90`, `quality` with `name`/`value`), `passes`,
+`parity`, `environment`, plus `warnings` (skipped layers and the like).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelpress.core.environment import environment
+
+
+@dataclass
+class Quality:
+    """A task metric. `higher_is_better` tells how a drop is computed."""
+
+    name: str
+    value: float
+    higher_is_better: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Latency:
+    """Latency of one batch size in milliseconds over `runs` timed repeats after warm-up."""
+
+    p50: float
+    p90: float
+    mean: float
+    min: float
+    runs: int
+
+
+@dataclass
+class ModelStats:
+    """One model's measured figures; every field is measured, None where not measured."""
+
+    name: str
+    size_bytes: int | None = None
+    params: int | None = None
+    nonzero_params: int | None = None
+    latency_ms: dict[str, Latency] = field(default_factory=dict)  # key: batch size as a string
+    quality: Quality | None = None
+    peak_memory_bytes: int | None = None
+    throughput: dict[str, Any] | None = None
+    artifact: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelStats:
+        d = dict(d)
+        d["latency_ms"] = {k: Latency(**v) for k, v in (d.get("latency_ms") or {}).items()}
+        if d.get("quality") is not None:
+            d["quality"] = Quality(**d["quality"])
+        return cls(**d)
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """Collects everything a run measured; written as report.json / report.md."""
+
+    model: str
+    recipe: dict[str, Any] | None = None
+    baseline: ModelStats | None = None
+    compressed: ModelStats | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+    parity: dict[str, Any] | None = None
+    environment: dict[str, Any] = field(default_factory=environment)
+    warnings: list[str] = field(default_factory=list)
+
+    def add_pass(self, name: str, seconds: float, **stats: Any) -> None:
+        self.passes.append(PassRecord(name, float(seconds), dict(stats)))
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "recipe": self.recipe,
+            "baseline": self.baseline.to_dict() if self.baseline else None,
+            "compressed": self.compressed.to_dict() if self.compressed else None,
+            "passes": [asdict(p) for p in self.passes],
+            "parity": self.parity,
+            "environment": self.environment,
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        return cls(
+            model=d["model"],
+            recipe=d.get("recipe"),
+            baseline=ModelStats.from_dict(d["baseline"]) if d.get("baseline") else None,
+            compressed=ModelStats.from_dict(d["compressed"]) if d.get("compressed") else None,
+            passes=[PassRecord(**p) for p in d.get("passes", [])],
+            parity=d.get("parity"),
+            environment=d.get("environment", {}),
+            warnings=list(d.get("warnings", [])),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def to_markdown(self) -> str:
+        rows = [s for s in (self.baseline, self.compressed) if s is not None]
+        lines = [f"# modelpress report: {self.model}", ""]
+        if rows:
+            lines += stats_table_markdown(rows)
+        if self.passes:
+            lines += ["", "## Passes", "", "| pass | seconds |", "|---|---:|"]
+            lines += [f"| {p.name} | {p.seconds:.2f} |" for p in self.passes]
+        if self.warnings:
+            lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        env = self.environment
+        lines += [
+            "",
+            "## Environment",
+            "",
+            f"- CPU: {env.get('cpu', {}).get('model')} ({', '.join(env.get('cpu', {}).get('features', []))})",
+            f"- threads: {env.get('threads')}",
+            f"- versions: {', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items())}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def write(self, folder: str | Path) -> list[Path]:
+        """Write report.json and report.md into `folder` atomically; returns the paths."""
+        from modelpress.core.atomic import atomic_write_text
+
+        folder = Path(folder)
+        paths = [folder / "report.json", folder / "report.md"]
+        atomic_write_text(paths[0], self.to_json() + "\n")
+        atomic_write_text(paths[1], self.to_markdown())
+        return paths
+
+
+def stats_table_markdown(rows: list[ModelStats]) -> list[str]:
+    """A side-by-side Markdown table of several models' figures."""
+    batches = sorted({b for r in rows for b in r.latency_ms}, key=int)
+    head = ["model", "size (MB)", "params", "non-zero"] + [f"p50 ms @bs{b}" for b in batches] + ["quality"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.name,
+            f"{r.size_bytes / 1e6:.2f}" if r.size_bytes is not None else "-",
+            f"{r.params:,}" if r.params is not None else "-",
+            f"{r.nonzero_params:,}" if r.nonzero_params is not None else "-",
+        ]
+        cells += [f"{r.latency_ms[b].p50:.2f}" if b in r.latency_ms else "-" for b in batches]
+        cells.append(f"{r.quality.name} {r.quality.value:.4f}" if r.quality else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -1,0 +1,79 @@
+"""What every zoo entry provides: a real model that works offline, example inputs, and its evaluation.
+
+An entry's `evaluate` takes any callable with the model's forward signature (an eager
+`nn.Module`, an ONNX Runtime wrapper, a compiled package), so the same metric measures the
+baseline and every compressed form.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.core.errors import ModelLoadError
+from modelpress.core.report import Quality
+
+ModelFn = Callable[..., Any]
+
+
+class ZooEntry(ABC):
+    """A named, offline model with its inputs and its task metric."""
+
+    name: str = ""
+    description: str = ""
+    task: str = ""  # "text-embedding", "image-classification", "voice-activity"
+    input_names: tuple[str, ...] = ()
+
+    @abstractmethod
+    def load(self, cache_dir: Path | None = None) -> nn.Module:
+        """The fp32 eager model, in eval mode. `cache_dir` is where trained weights are kept."""
+
+    @abstractmethod
+    def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
+        """Positional inputs for one forward call at `batch_size` (for latency and export)."""
+
+    @abstractmethod
+    def calibration_data(self, n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
+        """Real input batches (never the test split) for calibration and fine-tuning."""
+
+    @abstractmethod
+    def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
+        """The task metric of `model`. `data` overrides the default data location where one applies."""
+
+    def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]] | None:
+        """Batches of real inputs for throughput measurement (text: dynamic padding); None if n/a."""
+        return None
+
+    def items_per_batch(self, batch: Sequence[torch.Tensor]) -> int:
+        return int(batch[0].shape[0])
+
+
+_ENTRIES: dict[str, Callable[[], ZooEntry]] = {}
+
+
+def register_entry(name: str, factory: Callable[[], ZooEntry]) -> None:
+    _ENTRIES[name] = factory
+
+
+def zoo_names() -> list[str]:
+    _ensure_builtin()
+    return sorted(_ENTRIES)
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The zoo entry called `name`; a clear `ModelLoadError` for an unknown name."""
+    _ensure_builtin()
+    try:
+        return _ENTRIES[name]()
+    except KeyError:
+        raise ModelLoadError(f"unknown zoo model {name!r}; available: {', '.join(sorted(_ENTRIES))}") from None
+
+
+def _ensure_builtin() -> None:
+    # Entry modules register themselves on import; importing here keeps heavy deps lazy.
+    from modelpress.zoo import digits, minilm, silero  # noqa: F401
