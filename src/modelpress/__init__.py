@@ -1,0 +1,45 @@
+"""modelpress: make trained neural networks smaller and faster with a measured, bounded loss of quality.
+
+    >>> import modelpress
+    >>> model = modelpress.load_model("minilm")
+    >>> stats = modelpress.bench(["minilm", "digits-cnn"], batch_sizes=(1, 32), threads=2)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # models
+    "load_model", "resolve",
+    # measurement
+    "bench",
+    # core
+    "Config", "Context", "Report", "register", "apply",
+]
+
+_LAZY = {
+    "load_model": "modelpress.loading",
+    "resolve": "modelpress.loading",
+    "bench": "modelpress.bench",
+    "Config": "modelpress.core",
+    "Context": "modelpress.core",
+    "Report": "modelpress.core",
+    "register": "modelpress.core",
+    "apply": "modelpress.core",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import modelpress` stays fast and the CLI starts quickly.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'modelpress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,152 @@
+"""Latency and throughput of any callable: an eager `nn.Module`, an ONNX Runtime wrapper, a compiled package.
+
+Both run with a fixed torch thread count (restored after) under `torch.inference_mode()`, warm up first,
+and time each call with `time.perf_counter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelpress.core.errors import BadInputError
+from modelpress.core.report import Latency
+
+Batch = Sequence[torch.Tensor]
+
+
+@contextlib.contextmanager
+def threads_scope(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` torch intra-op threads (None keeps the current), restoring after."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise BadInputError(f"threads must be a positive integer, got {threads!r}")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _timing_scope(threads: int | None) -> Iterator[None]:
+    """Fixed threads, inference mode, and no garbage-collector pauses inside timed calls (as `timeit`)."""
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with threads_scope(threads), torch.inference_mode():
+            yield
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def measure_latency(
+    fn: Callable[..., Any],
+    inputs: tuple[Any, ...] | torch.Tensor,
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    min_time_s: float | None = None,
+    threads: int | None = None,
+) -> Latency:
+    """Per-call latency of `fn(*inputs)` in milliseconds.
+
+    Runs `warmup` untimed calls, then at least `repeats` timed calls; with `min_time_s` it keeps going
+    until the timed calls add up to that many seconds (so fast models get more samples).
+
+        >>> lat = measure_latency(model, entry.example_inputs(32), threads=2)
+        >>> lat.p50, lat.p90  # ms
+    """
+    if repeats < 1 or warmup < 0:
+        raise BadInputError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    times: list[float] = []
+    with _timing_scope(threads):
+        for _ in range(warmup):
+            fn(*args)
+        while len(times) < repeats or (min_time_s is not None and sum(times) < min_time_s):
+            start = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - start)
+    ms = [t * 1e3 for t in times]
+    return Latency(
+        p50=float(statistics.median(ms)),
+        p90=float(np.percentile(ms, 90)),
+        mean=float(statistics.fmean(ms)),
+        min=float(min(ms)),
+        runs=len(ms),
+    )
+
+
+def _attention_mask(batch: Batch) -> torch.Tensor | None:
+    """The 2nd tensor when it looks like an attention mask (same shape as the ids, values 0/1)."""
+    if len(batch) < 2 or not isinstance(batch[1], torch.Tensor) or not isinstance(batch[0], torch.Tensor):
+        return None
+    mask = batch[1]
+    if mask.shape != batch[0].shape or mask.dtype.is_floating_point or mask.dim() != 2:
+        return None
+    return mask if bool(((mask == 0) | (mask == 1)).all()) else None
+
+
+def measure_throughput(
+    fn: Callable[..., Any],
+    batches: Iterable[Batch],
+    items_per_batch: int | Callable[[Batch], int],
+    *,
+    threads: int | None,
+    warmup_batches: int = 2,
+    passes: int = 1,
+) -> dict[str, Any]:
+    """Items per second over real batches (text: dynamically padded real sentences).
+
+    `items_per_batch` is a fixed count or a function of the batch (e.g. `entry.items_per_batch`).
+    When the 2nd tensor of each batch is an attention mask, the result also has `tokens` (real,
+    non-padding tokens per pass), `tokens_per_s` and `padding_ratio` (share of padded positions).
+
+        >>> measure_throughput(model, entry.real_batches(32), entry.items_per_batch, threads=2)
+        {'items_per_s': 812.3, 'items': 512, 'batches': 16, 'seconds': 0.63, 'passes': 1, ...}
+    """
+    if passes < 1 or warmup_batches < 0:
+        raise BadInputError(f"need passes >= 1 and warmup_batches >= 0, got {passes}, {warmup_batches}")
+    data = [tuple(b) for b in batches]
+    if not data:
+        raise BadInputError("measure_throughput needs at least one batch")
+    count = items_per_batch if callable(items_per_batch) else (lambda _b: int(items_per_batch))
+    items = sum(count(b) for b in data)
+    masks = [_attention_mask(b) for b in data]
+
+    with _timing_scope(threads):
+        for i in range(warmup_batches):
+            fn(*data[i % len(data)])
+        start = time.perf_counter()
+        for _ in range(passes):
+            for b in data:
+                fn(*b)
+        seconds = time.perf_counter() - start
+
+    out: dict[str, Any] = {
+        "items_per_s": items * passes / seconds,
+        "items": items,
+        "batches": len(data),
+        "seconds": seconds,
+        "passes": passes,
+    }
+    if all(m is not None for m in masks):
+        tokens = sum(int(m.sum()) for m in masks)  # type: ignore[union-attr]
+        positions = sum(m.numel() for m in masks)  # type: ignore[union-attr]
+        out |= {
+            "tokens": tokens,
+            "tokens_per_s": tokens * passes / seconds,
+            "padding_ratio": 1.0 - tokens / positions,
+        }
+    return out

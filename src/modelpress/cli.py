@@ -1,0 +1,194 @@
+"""The `modelpress` command: a thin typer app over the public API.
+
+Exit codes: 0 success, 2 bad input (the message names the bad value and what is allowed),
+1 internal error (set MODELPRESS_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from modelpress.core.errors import BadInputError, ModelpressError, NotAvailableError
+
+app = typer.Typer(
+    name="modelpress",
+    help="Make trained neural networks smaller and faster with a measured, bounded loss of quality.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out = Console()
+err = Console(stderr=True)
+
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", "-t", help="Torch / ONNX Runtime threads (default: all cores).", min=1)
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", help="Evaluation data, e.g. the STS-B folder for minilm (default: found automatically)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+
+
+def _parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise BadInputError(f"--batch-sizes must be comma-separated positive integers, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise BadInputError(f"--batch-sizes must be comma-separated positive integers, got {text!r}")
+    return sizes
+
+
+@app.command()
+def bench(
+    models: Annotated[list[str], typer.Argument(help="Model specs: zoo names, folders, .onnx/.pt2 files, pkg.mod:factory.")],
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,32",
+    threads: ThreadsOpt = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per batch size (after warm-up).", min=1)] = 30,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per batch size.", min=0)] = 5,
+    data: DataOpt = None,
+    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Evaluate each model's task metric.")] = True,
+    output: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the results as JSON here.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure models side by side: size, params, latency per batch size, throughput, memory, quality.
+
+    Example: [bold]modelpress bench minilm digits-cnn --batch-sizes 1,32 --threads 2[/bold]
+    """
+    from modelpress.bench import bench as run_bench
+    from modelpress.bench import stats_table, write_json
+    from modelpress.core.environment import environment
+    from modelpress.loading import resolve
+
+    sizes = _parse_batch_sizes(batch_sizes)
+    if data is not None and not data.exists():
+        raise BadInputError(f"--data {data}: no such file or folder")
+
+    def _resolve(spec: str):  # noqa: ANN202
+        loaded = resolve(spec, trust_pickle=trust_pickle)
+        return loaded.name, loaded.model, loaded.entry
+
+    # Resolve every spec up front so a bad one fails before minutes of measuring.
+    resolved = [_resolve(m) for m in models]
+    stats = run_bench(
+        resolved, batch_sizes=sizes, threads=threads, repeats=repeats, warmup=warmup,
+        quality=quality, eval_data=data, progress=not as_json,
+    )
+    env = environment(threads)
+    if output is not None:
+        write_json(stats, output, env)
+    if as_json:
+        out.print_json(json.dumps({"environment": env, "models": [s.to_dict() for s in stats]}))
+    else:
+        out.print(stats_table(stats))
+        cpu = env["cpu"]
+        out.print(f"[dim]{cpu['model']} · {env['threads']} threads · torch {env['versions'].get('torch')}[/dim]")
+
+
+@app.command()
+def demo(
+    data: DataOpt = None,
+    threads: ThreadsOpt = None,
+    output: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("modelpress-out/demo"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the main job on the built-in default model (MiniLM) and write a report folder.
+
+    Until the compression passes land, the demo measures and evaluates the baseline.
+
+    Example: [bold]modelpress demo --threads 2[/bold]
+    """
+    from modelpress.demo import run_demo
+
+    report = run_demo(data=data, threads=threads, out_dir=output, progress=not as_json, console=out)
+    if as_json:
+        out.print_json(report.to_json())
+
+
+def _not_available(command: str, issue: str) -> None:
+    raise NotAvailableError(f"'modelpress {command}' is not available in this release yet ({issue}).")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def compress() -> None:
+    """Compress a model with a recipe (not available yet: arrives with the quantization and pipeline work)."""
+    _not_available("compress", "it arrives with the quantization, pruning and pipeline passes")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export() -> None:
+    """Export a model to ONNX / AOTInductor (not available yet: arrives with the deployment work)."""
+    _not_available("export", "it arrives with ONNX export and the parity gate")
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes (not available yet: arrives with the first compression passes)."""
+    _not_available("recipes", "built-in recipes arrive with the first compression passes")
+
+
+@app.command()
+def zoo() -> None:
+    """List the built-in models that work offline.
+
+    Example: [bold]modelpress zoo[/bold]
+    """
+    from rich.table import Table
+
+    from modelpress.zoo import get_entry, zoo_names
+
+    table = Table("name", "task", "description")
+    for name in zoo_names():
+        entry = get_entry(name)
+        table.add_row(name, entry.task, entry.description)
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; maps errors to exit codes 2 (bad input) and 1 (internal)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at run time
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        app(args=argv, standalone_mode=False)
+    except BadInputError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        return 2
+    except NotAvailableError as e:
+        err.print(f"[yellow]{e}[/yellow]", highlight=False)
+        return 1
+    except ModelpressError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as e:
+        # typer ships its own click: recognise its exceptions by shape, not by class.
+        name = type(e).__name__
+        if name == "Exit":
+            return int(getattr(e, "exit_code", 0))
+        if name == "Abort":
+            return 130
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # UsageError, BadParameter, NoSuchOption...
+            e.show()
+            return int(e.exit_code)
+        if os.environ.get("MODELPRESS_DEBUG"):
+            raise
+        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}", highlight=False)
+        err.print("[dim]set MODELPRESS_DEBUG=1 for the traceback[/dim]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Runtimes that execute an artifact: ONNX Runtime sessions and AOTInductor packages.
+
+Both wrappers are callables with the model's forward signature (torch tensors in, torch tensors
+out), so benchmarks and evaluations treat them like the eager model.
+
+    >>> onnx_model = OnnxModel("out/model.onnx", threads=2)
+    >>> token_states = onnx_model(input_ids, attention_mask)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.core.errors import ModelLoadError
+
+
+class OnnxModel:
+    """An ONNX model run by ONNX Runtime on the CPU; inputs are bound positionally to graph inputs."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        try:
+            proto = onnx.load(str(self.path), load_external_data=False)
+            onnx.checker.check_model(proto)
+        except Exception as e:  # onnx raises DecodeError, ValidationError, OSError...
+            raise ModelLoadError(f"{self.path} is not a valid ONNX model: {e}") from None
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelLoadError(f"ONNX Runtime cannot load {self.path}: {e}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.threads = threads
+
+    def __call__(self, *inputs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"{self.path.name} takes {len(self.input_names)} inputs "
+                             f"({', '.join(self.input_names)}), got {len(inputs)}")
+        feed = {n: _to_numpy(x) for n, x in zip(self.input_names, inputs, strict=True)}
+        outs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def input_specs(self) -> list[tuple[str, list[int | str | None], str]]:
+        """(name, shape with symbolic dims as strings, element type) of each graph input."""
+        return [(i.name, list(i.shape), i.type) for i in self.session.get_inputs()]
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({str(self.path)!r}, inputs={self.input_names})"
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class AotiModel(nn.Module):
+    """An AOTInductor package (`.pt2` from `aoti_compile_and_package`) as a callable module."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        from torch._inductor import aoti_load_package
+
+        self.path = Path(path)
+        try:
+            self.runner = aoti_load_package(str(self.path))
+        except Exception as e:
+            raise ModelLoadError(f"cannot load AOTInductor package {self.path}: {e}") from None
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        out = self.runner(*inputs)
+        return out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out

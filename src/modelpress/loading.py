@@ -1,0 +1,223 @@
+"""Model specs -> models. One function resolves every spec the CLI and the API accept.
+
+A spec is a zoo name (`minilm`, `digits-cnn`, `silero-vad`), a Hugging Face model folder, a
+sentence-transformers folder, an `.onnx` file, a `.pt2` file (a `torch.export` program or an
+AOTInductor package), a TorchScript archive, or `package.module:factory`. Weights load only
+through safetensors or `torch.load(weights_only=True)`; a file that needs arbitrary pickle
+loading is refused unless `trust_pickle=True`.
+
+    >>> model = load_model("digits-cnn")
+    >>> model = load_model("mypkg.models:build", weights="ckpt.safetensors")
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from modelpress.core.errors import ModelLoadError, UnsafePickleError
+from modelpress.export.runtime import AotiModel, OnnxModel
+from modelpress.zoo.base import ZooEntry, get_entry, zoo_names
+
+SpecKind = Literal[
+    "module", "zoo", "hf-folder", "sentence-transformers", "onnx", "torch-export", "aoti", "torchscript",
+    "factory", "pickle",
+]
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+
+
+@dataclass
+class LoadedModel:
+    """A resolved spec: the runnable model plus what is known about how to feed and evaluate it."""
+
+    spec: str
+    name: str
+    kind: SpecKind
+    model: nn.Module | OnnxModel
+    entry: ZooEntry | None = None  # example inputs and task metric, when known
+    path: Path | None = None  # the file or folder the model came from
+
+
+def spec_help() -> str:
+    return (
+        f"a zoo name ({', '.join(zoo_names())}), a Hugging Face or sentence-transformers folder, "
+        "an .onnx file, a .pt2 file (torch.export or AOTInductor), a TorchScript archive, "
+        "or package.module:factory"
+    )
+
+
+def resolve(
+    spec: str | Path | nn.Module,
+    *,
+    weights: str | Path | None = None,
+    trust_pickle: bool = False,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Resolve `spec` to a model; raises `ModelLoadError` (exit code 2 on the CLI) for bad specs."""
+    if isinstance(spec, nn.Module):
+        model = spec
+        if weights is not None:
+            _load_weights_into(model, Path(weights), trust_pickle)
+        return LoadedModel(type(spec).__name__, type(spec).__name__, "module", model)
+    text = str(spec).strip()
+    if not text:
+        raise ModelLoadError(f"empty model spec; expected {spec_help()}")
+    path = Path(text).expanduser()
+
+    if text in zoo_names() and not path.exists():
+        if weights is not None:
+            raise ModelLoadError(f"--weights cannot be combined with the zoo model {text!r}")
+        entry = get_entry(text)
+        return LoadedModel(text, text, "zoo", entry.load(cache_dir=cache_dir), entry)
+
+    if _FACTORY.match(text) and not path.exists():
+        model = _from_factory(text)
+        if weights is not None:
+            _load_weights_into(model, Path(weights), trust_pickle)
+        return LoadedModel(text, text.rsplit(":", 1)[1], "factory", model.eval())
+
+    if not path.exists():
+        hint = ""
+        if "/" not in text and "." not in text:
+            hint = f" (not a zoo name either; zoo: {', '.join(zoo_names())})"
+        raise ModelLoadError(f"model spec {text!r}: no such file or folder{hint}; expected {spec_help()}")
+    if weights is not None:
+        raise ModelLoadError(f"--weights applies to package.module:factory specs, not to {text!r}")
+    return _from_path(path, trust_pickle)
+
+
+def load_model(
+    spec: str | Path | nn.Module,
+    *,
+    weights: str | Path | None = None,
+    trust_pickle: bool = False,
+) -> nn.Module | OnnxModel:
+    """Load the model named by `spec` (see the module docstring for the accepted forms).
+
+    >>> model = load_model("minilm")            # TextEncoder: (input_ids, attention_mask) -> token states
+    >>> onnx_model = load_model("model.onnx")   # ONNX Runtime session with the same call signature
+    """
+    return resolve(spec, weights=weights, trust_pickle=trust_pickle).model
+
+
+def _from_path(path: Path, trust_pickle: bool) -> LoadedModel:
+    spec = str(path)
+    if path.is_dir():
+        from modelpress.zoo import text
+
+        if (path / "modules.json").is_file():
+            model = text.load_sentence_transformers_folder(path, trust_pickle=trust_pickle)
+            return LoadedModel(spec, path.name, "sentence-transformers", model, text.FolderEntry(model), path)
+        if (path / "config.json").is_file():
+            model = text.load_hf_folder(path, trust_pickle=trust_pickle)
+            return LoadedModel(spec, path.name, "hf-folder", model, text.FolderEntry(model), path)
+        raise ModelLoadError(
+            f"folder {spec} is neither a Hugging Face model (no config.json) "
+            "nor a sentence-transformers model (no modules.json)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return LoadedModel(spec, path.stem, "onnx", OnnxModel(path), None, path)
+    if suffix == ".safetensors":
+        raise ModelLoadError(
+            f"{spec} holds weights only; give the architecture as package.module:factory "
+            f"and pass the file as --weights {spec}"
+        )
+    if zipfile.is_zipfile(path):
+        names = zipfile.ZipFile(path).namelist()
+        if any("/data/aotinductor/" in n for n in names):
+            return LoadedModel(spec, path.stem, "aoti", AotiModel(path), None, path)
+        if any(n.endswith("models/model.json") for n in names):
+            return LoadedModel(spec, path.stem, "torch-export", _load_exported(path), None, path)
+        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+            try:
+                module = torch.jit.load(str(path), map_location="cpu")
+            except Exception as e:
+                raise ModelLoadError(f"cannot load TorchScript archive {spec}: {e}") from None
+            return LoadedModel(spec, path.stem, "torchscript", module.eval(), None, path)
+    if suffix in _PICKLE_SUFFIXES or zipfile.is_zipfile(path):
+        obj = _torch_load(path, trust_pickle)
+        if isinstance(obj, nn.Module):
+            return LoadedModel(spec, path.stem, "pickle", obj.eval(), None, path)
+        raise ModelLoadError(
+            f"{spec} holds {'a state dict' if isinstance(obj, dict) else type(obj).__name__}, not a model; "
+            f"give the architecture as package.module:factory and pass the file as --weights {spec}"
+        )
+    if suffix == ".pt2":
+        raise ModelLoadError(f"{spec} is not a valid .pt2 archive (torch.export program or AOTInductor package)")
+    raise ModelLoadError(f"cannot tell what kind of model {spec} is (suffix {suffix or 'none'!r}); expected {spec_help()}")
+
+
+def _load_exported(path: Path) -> nn.Module:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load torch.export program {path}: {e}") from None
+    return program.module()
+
+
+def _from_factory(text: str) -> nn.Module:
+    module_name, attr = text.rsplit(":", 1)
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: a factory module in the working directory is found
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelLoadError(f"cannot import module {module_name!r} for factory spec {text!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelLoadError(f"{module_name!r} has no callable {attr!r} (factory spec {text!r})")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"factory {text!r} returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle:
+            raise UnsafePickleError(
+                f"{path} needs arbitrary pickle loading, which can run any code; "
+                "refused. Re-run with --trust-pickle (trust_pickle=True) only if you trust its source"
+            ) from None
+        unsafe_reason = e
+    except Exception as e:
+        raise ModelLoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read {path} even as a trusted pickle: {e} ({unsafe_reason})") from None
+
+
+def _load_weights_into(model: nn.Module, path: Path, trust_pickle: bool) -> None:
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"cannot read safetensors file {path}: {e}") from None
+    else:
+        state = _torch_load(path, trust_pickle)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"weights in {path} do not fit the model: {e}") from None

@@ -1,0 +1,25 @@
+"""Shared fixtures: offline mode, a private cache dir, fixed threads."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fixed_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """One cache for the session, so trained zoo weights are reused across tests."""
+    path = tmp_path_factory.mktemp("modelpress-cache")
+    os.environ["MODELPRESS_CACHE"] = str(path)
+    return path
