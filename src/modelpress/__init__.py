@@ -23,7 +23,7 @@ __all__ = [
 _LAZY = {
     "load_model": "modelpress.loading",
     "resolve": "modelpress.loading",
-    "bench": "modelpress.bench",
+    "bench": "modelpress.measure",
     "Config": "modelpress.core",
     "Context": "modelpress.core",
     "Report": "modelpress.core",

@@ -65,8 +65,8 @@ def bench(
 
     Example: [bold]modelpress bench minilm digits-cnn --batch-sizes 1,32 --threads 2[/bold]
     """
-    from modelpress.bench import bench as run_bench
-    from modelpress.bench import stats_table, write_json
+    from modelpress.measure import bench as run_bench
+    from modelpress.measure import stats_table, write_json
     from modelpress.core.environment import environment
     from modelpress.loading import resolve
 

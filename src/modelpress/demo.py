@@ -25,7 +25,7 @@ def run_demo(
     console: Console | None = None,
 ) -> Report:
     """Benchmark and evaluate the default model; write report.json and report.md into `out_dir`."""
-    from modelpress.bench import bench, stats_table
+    from modelpress.measure import bench, stats_table
     from modelpress.core.environment import environment
 
     console = console or Console()

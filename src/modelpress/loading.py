@@ -187,6 +187,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # garbage bytes, not a pickle that names classes
+            raise ModelLoadError(f"cannot read {path}: not a valid PyTorch checkpoint") from None
         if not trust_pickle:
             raise UnsafePickleError(
                 f"{path} needs arbitrary pickle loading, which can run any code; "

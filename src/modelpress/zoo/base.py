@@ -7,6 +7,7 @@ baseline and every compressed form.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -54,26 +55,28 @@ class ZooEntry(ABC):
 
 
 _ENTRIES: dict[str, Callable[[], ZooEntry]] = {}
+# Built-in entries are imported on first use, so listing names never imports transformers.
+_BUILTIN = {
+    "minilm": "modelpress.zoo.minilm",
+    "digits-cnn": "modelpress.zoo.digits",
+    "silero-vad": "modelpress.zoo.silero",
+}
 
 
 def register_entry(name: str, factory: Callable[[], ZooEntry]) -> None:
+    """Add a zoo entry; `factory()` builds it (cheaply: the model loads in `entry.load()`)."""
     _ENTRIES[name] = factory
 
 
 def zoo_names() -> list[str]:
-    _ensure_builtin()
-    return sorted(_ENTRIES)
+    return sorted(set(_ENTRIES) | set(_BUILTIN))
 
 
 def get_entry(name: str) -> ZooEntry:
     """The zoo entry called `name`; a clear `ModelLoadError` for an unknown name."""
-    _ensure_builtin()
+    if name not in _ENTRIES and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])  # registers itself
     try:
         return _ENTRIES[name]()
     except KeyError:
-        raise ModelLoadError(f"unknown zoo model {name!r}; available: {', '.join(sorted(_ENTRIES))}") from None
-
-
-def _ensure_builtin() -> None:
-    # Entry modules register themselves on import; importing here keeps heavy deps lazy.
-    from modelpress.zoo import digits, minilm, silero  # noqa: F401
+        raise ModelLoadError(f"unknown zoo model {name!r}; available: {', '.join(zoo_names())}") from None

@@ -106,10 +106,12 @@ def measure_throughput(
     threads: int | None,
     warmup_batches: int = 2,
     passes: int = 1,
+    min_time_s: float | None = None,
 ) -> dict[str, Any]:
     """Items per second over real batches (text: dynamically padded real sentences).
 
     `items_per_batch` is a fixed count or a function of the batch (e.g. `entry.items_per_batch`).
+    At least `passes` passes run over all batches; with `min_time_s`, more until that much time is timed.
     When the 2nd tensor of each batch is an attention mask, the result also has `tokens` (real,
     non-padding tokens per pass), `tokens_per_s` and `padding_ratio` (share of padded positions).
 
@@ -123,30 +125,31 @@ def measure_throughput(
         raise BadInputError("measure_throughput needs at least one batch")
     count = items_per_batch if callable(items_per_batch) else (lambda _b: int(items_per_batch))
     items = sum(count(b) for b in data)
-    masks = [_attention_mask(b) for b in data]
+    masks = [m for b in data if (m := _attention_mask(b)) is not None]
 
     with _timing_scope(threads):
         for i in range(warmup_batches):
             fn(*data[i % len(data)])
-        start = time.perf_counter()
-        for _ in range(passes):
+        done, start = 0, time.perf_counter()
+        while done < passes or (min_time_s is not None and time.perf_counter() - start < min_time_s):
             for b in data:
                 fn(*b)
+            done += 1
         seconds = time.perf_counter() - start
 
     out: dict[str, Any] = {
-        "items_per_s": items * passes / seconds,
-        "items": items,
+        "items_per_s": items * done / seconds,
+        "items": items,  # per pass
         "batches": len(data),
         "seconds": seconds,
-        "passes": passes,
+        "passes": done,
     }
-    if all(m is not None for m in masks):
-        tokens = sum(int(m.sum()) for m in masks)  # type: ignore[union-attr]
-        positions = sum(m.numel() for m in masks)  # type: ignore[union-attr]
+    if len(masks) == len(data):  # every batch has an attention mask
+        tokens = sum(int(m.sum().item()) for m in masks)
+        positions = sum(int(m.numel()) for m in masks)
         out |= {
             "tokens": tokens,
-            "tokens_per_s": tokens * passes / seconds,
+            "tokens_per_s": tokens * done / seconds,
             "padding_ratio": 1.0 - tokens / positions,
         }
     return out

