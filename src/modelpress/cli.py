@@ -161,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except BadInputError as e:
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         return 2
     except NotAvailableError as e:
-        err.print(f"[yellow]{e}[/yellow]", highlight=False)
+        err.print(f"[yellow]{e}[/yellow]", highlight=False, soft_wrap=True)
         return 1
     except ModelpressError as e:
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(e.exit_code)
         if os.environ.get("MODELPRESS_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}", highlight=False)
+        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
         err.print("[dim]set MODELPRESS_DEBUG=1 for the traceback[/dim]")
         return 1
     return 0

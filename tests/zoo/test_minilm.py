@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelpress.core.errors import DataError
-from modelpress.zoo import base
+from modelpress.zoo import get_entry
 from modelpress.zoo import text as text_mod
 from modelpress.zoo.stsb import default_stsb_dir
 from modelpress.zoo.text import TextEncoder, embed, sample_sentences
@@ -35,7 +35,7 @@ def no_stsb(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_registered_and_configured(entry: MiniLMEntry, model: TextEncoder) -> None:
-    assert isinstance(base._ENTRIES["minilm"](), MiniLMEntry)
+    assert isinstance(get_entry("minilm"), MiniLMEntry)
     assert (entry.name, entry.input_names) == ("minilm", ("input_ids", "attention_mask"))
     assert (model.pooling, model.normalize, model.max_seq_length) == ("mean", True, 256)
     assert entry.load() is not model  # every load is a fresh copy

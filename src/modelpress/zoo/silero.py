@@ -71,7 +71,7 @@ class SileroVAD(nn.Module):
         self.final_conv = nn.Conv1d(HIDDEN, 1, kernel_size=1)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.pad(x, (0, 64), mode="reflect").unsqueeze(1)  # (B, 1, 640)
+        x = F.pad(x, (0, 64), mode="reflect").unsqueeze(1)  # (B, 1, 640), as the packaged STFT pads
         x = self.stft_conv(x)  # (B, 258, 4): real and imaginary halves
         x = torch.sqrt(x[:, : self.n_bins] ** 2 + x[:, self.n_bins :] ** 2)  # (B, 129, 4) magnitude
         x = F.relu(self.conv1(x))  # (B, 128, 4)
@@ -115,9 +115,8 @@ _JIT_NAMES = {
 }
 
 
-
 def _our_names(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors names -> SileroVAD's: only the LSTM differs (lstm_cell.weight_ih -> lstm_cell.ih.weight)."""
+    """safetensors names -> SileroVAD's; only the LSTM's differ (lstm_cell.weight_ih -> lstm_cell.ih.weight)."""
     out = {}
     for name, tensor in named.items():
         if name.startswith("lstm_cell."):
@@ -207,7 +206,10 @@ def _syllable(rng: np.random.Generator, seconds: float, f0: float) -> np.ndarray
     phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
     source = sum(np.sin(k * phase) / k for k in range(1, int(5000 / f0)))  # sawtooth-like, < 5 kHz
     formants = _VOWELS[rng.integers(len(_VOWELS))]
-    voiced = sum(g * _resonator(source, f, bw) for f, bw, g in zip(formants, (80, 100, 120), (1, 0.6, 0.3)))
+    voiced = sum(
+        g * _resonator(source, f, bw)
+        for f, bw, g in zip(formants, (80, 100, 120), (1, 0.6, 0.3), strict=True)
+    )
     voiced = voiced * np.sin(np.pi * np.linspace(0, 1, n)) ** 0.6  # attack and decay
     return voiced / (np.abs(voiced).max() + 1e-9)
 
