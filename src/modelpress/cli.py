@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+if not out.is_terminal:
+    out.width = max(out.width, 160)  # side-by-side tables stay readable in logs and pipes
 
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", "-t", help="Torch / ONNX Runtime threads (default: all cores).", min=1)
@@ -71,6 +73,7 @@ def bench(
     from modelpress.loading import resolve
 
     sizes = _parse_batch_sizes(batch_sizes)
+    _quiet_transformers()
     if data is not None and not data.exists():
         raise BadInputError(f"--data {data}: no such file or folder")
 
@@ -109,6 +112,8 @@ def demo(
     Example: [bold]modelpress demo --threads 2[/bold]
     """
     from modelpress.demo import run_demo
+
+    _quiet_transformers()
 
     report = run_demo(data=data, threads=threads, out_dir=output, progress=not as_json, console=out)
     if as_json:
@@ -154,10 +159,20 @@ def zoo() -> None:
     out.print(table)
 
 
+def _quiet_transformers() -> None:
+    """The CLI owns the process: silence transformers' per-load weight progress bars."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; maps errors to exit codes 2 (bad input) and 1 (internal)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app(args=argv, standalone_mode=False)
     except BadInputError as e:

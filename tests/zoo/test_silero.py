@@ -171,7 +171,7 @@ def test_packaged_safetensors_hold_other_weights(model: SileroVAD, wav: torch.Te
     assert (stream_probs(other, wav) - stream_probs(model, wav)).abs().max() > 1e-3
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # exporter chatter about constant folding
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # exporter chatter
 def test_onnx_export_round_trip(model: SileroVAD, wav: torch.Tensor, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "silero.onnx"

@@ -175,12 +175,12 @@ def stats_table(stats: Sequence[ModelStats]) -> Table:
     table = Table(title="modelpress bench")
     table.add_column("model", style="bold", no_wrap=True)
     for head in ("size MB", "params", "non-zero"):
-        table.add_column(head, justify="right")
+        table.add_column(head, justify="right", no_wrap=True)
     for b in batches:
-        table.add_column(f"bs{b} p50/p90 ms", justify="right")
-    table.add_column("items/s", justify="right")
-    table.add_column("peak MB", justify="right")
-    table.add_column("quality")
+        table.add_column(f"bs{b} p50/p90 ms", justify="right", no_wrap=True)
+    table.add_column("items/s", justify="right", no_wrap=True)
+    table.add_column("peak MB", justify="right", no_wrap=True)
+    table.add_column("quality", no_wrap=True)
 
     def num(value: float | None, fmt: str, scale: float | None = None) -> str:
         if value is None:
@@ -192,8 +192,8 @@ def stats_table(stats: Sequence[ModelStats]) -> Table:
         table.add_row(
             s.name,
             num(s.size_bytes, ".2f", 1e6),
-            num(s.params, ","),
-            num(s.nonzero_params, ","),
+            _count(s.params),
+            _count(s.nonzero_params),
             *(
                 f"{s.latency_ms[b].p50:.2f}/{s.latency_ms[b].p90:.2f}" if b in s.latency_ms else "-"
                 for b in batches
@@ -203,6 +203,16 @@ def stats_table(stats: Sequence[ModelStats]) -> Table:
             f"{s.quality.name} {s.quality.value:.4f}" if s.quality else "-",
         )
     return table
+
+
+def _count(n: int | None) -> str:
+    """Compact parameter count for the table (exact counts are in the JSON)."""
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
 
 
 def write_json(

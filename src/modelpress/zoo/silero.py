@@ -116,7 +116,7 @@ _JIT_NAMES = {
 
 
 def _our_names(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors names -> SileroVAD's; only the LSTM's differ (lstm_cell.weight_ih -> lstm_cell.ih.weight)."""
+    """safetensors names -> SileroVAD's; only the LSTM's differ (lstm_cell.weight_ih -> .ih.weight)."""
     out = {}
     for name, tensor in named.items():
         if name.startswith("lstm_cell."):
