@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/modelpress demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)

@@ -24,13 +24,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "baseline.json")
     args = parser.parse_args()
 
-    from modelpress.measure import bench, write_json
     from modelpress.core.environment import environment
     from modelpress.core.report import stats_table_markdown
+    from modelpress.measure import bench, write_json
 
     stats = bench(
-        ["minilm", "digits-cnn", "silero-vad"], batch_sizes=(1, 32), threads=args.threads,
-        repeats=args.repeats, eval_data=args.stsb,
+        ["minilm", "digits-cnn", "silero-vad"],
+        batch_sizes=(1, 32),
+        threads=args.threads,
+        repeats=args.repeats,
+        eval_data=args.stsb,
     )
     env = environment(args.threads)
     write_json(stats, args.out, env)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from modelpress.cli import main
 
@@ -49,8 +50,21 @@ def test_zoo_lists_entries(capsys):
 
 def test_bench_json_has_measured_figures(capsys, tmp_path, cache_dir):
     out = tmp_path / "bench.json"
-    argv = ["bench", "digits-cnn", "-b", "1,8", "--repeats", "5", "--warmup", "1", "--threads", "1",
-            "--json", "--out", str(out)]
+    argv = [
+        "bench",
+        "digits-cnn",
+        "-b",
+        "1,8",
+        "--repeats",
+        "5",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads(out.read_text())
@@ -62,3 +76,51 @@ def test_bench_json_has_measured_figures(capsys, tmp_path, cache_dir):
     assert model["params"] > 10_000 and model["size_bytes"] > 4 * model["params"] * 0.9
     assert model["quality"]["name"] == "accuracy" and model["quality"]["value"] >= 0.97
     assert written["environment"]["threads"] == 1
+
+
+def _export_tiny(tmp_path):
+    from loading_factories import tiny_mlp
+
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(
+        tiny_mlp(),
+        (torch.randn(2, 4),),
+        str(path),
+        input_names=["x"],
+        dynamic_axes={"x": {0: "batch"}},
+        dynamo=False,
+    )
+    return path
+
+
+def test_bench_onnx_and_factory_with_input_shape(capsys, tmp_path, monkeypatch):
+    path = _export_tiny(tmp_path)
+    argv = [
+        "bench",
+        str(path),
+        "loading_factories:tiny_mlp",
+        "--input-shape",
+        "1,4",
+        "-b",
+        "1,3",
+        "--repeats",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    ]
+    assert main(argv) == 0
+    onnx_stats, torch_stats = json.loads(capsys.readouterr().out)["models"]
+    assert onnx_stats["name"] == "tiny.onnx" and onnx_stats["params"] == torch_stats["params"] == 67
+    assert onnx_stats["size_bytes"] == path.stat().st_size
+    for stats in (onnx_stats, torch_stats):
+        assert set(stats["latency_ms"]) == {"1", "3"} and stats["quality"] is None
+
+
+def test_bench_a_model_that_cannot_take_the_batch_size(capsys, tmp_path):
+    from loading_factories import tiny_mlp
+
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(tiny_mlp(), (torch.randn(2, 4),)), str(path))
+    assert main(["bench", str(path), "-b", "3", "--repeats", "2"]) == 2
+    assert "cannot run on inputs of shape (3, 4) (batch size 3)" in capsys.readouterr().err

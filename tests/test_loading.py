@@ -130,3 +130,32 @@ def test_corrupt_and_unknown_files(tmp_path):
 def test_weights_only_for_factories(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot be combined with the zoo model"):
         resolve("digits-cnn", weights=tmp_path / "w.safetensors")
+
+
+def test_aoti_package(tmp_path, reference):
+    from torch._inductor import aoti_compile_and_package
+
+    from modelpress.export.runtime import AotiModel
+
+    program = torch.export.export(tiny_mlp(), (X,))
+    path = aoti_compile_and_package(program, package_path=str(tmp_path / "m.pt2"))
+    loaded = resolve(path)
+    assert loaded.kind == "aoti" and isinstance(loaded.model, AotiModel)
+    torch.testing.assert_close(loaded.model(X), reference(X), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_inputs_are_derived_from_the_graph(tmp_path):
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(tiny_mlp(), (X,), str(path), input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    loaded = resolve(path)
+    assert loaded.entry is not None and not loaded.entry.has_quality
+    (inputs,) = loaded.entry.example_inputs(7)
+    assert inputs.shape == (7, 4) and inputs.dtype == torch.float32
+    assert loaded.model(inputs).shape == (7, 3)
+
+
+def test_export_program_keeps_its_example_shapes(tmp_path):
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(tiny_mlp(), (X,)), str(path))
+    entry = resolve(path).entry
+    assert entry is not None and entry.example_inputs(5)[0].shape == (5, 4)

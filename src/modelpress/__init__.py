@@ -1,8 +1,8 @@
 """modelpress: make trained neural networks smaller and faster with a measured, bounded loss of quality.
 
-    >>> import modelpress
-    >>> model = modelpress.load_model("minilm")
-    >>> stats = modelpress.bench(["minilm", "digits-cnn"], batch_sizes=(1, 32), threads=2)
+>>> import modelpress
+>>> model = modelpress.load_model("minilm")
+>>> stats = modelpress.bench(["minilm", "digits-cnn"], batch_sizes=(1, 32), threads=2)
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     # models
-    "load_model", "resolve",
+    "load_model",
+    "resolve",
     # measurement
     "bench",
     # core
-    "Config", "Context", "Report", "register", "apply",
+    "Config",
+    "Context",
+    "Report",
+    "register",
+    "apply",
 ]
 
 _LAZY = {

@@ -31,7 +31,8 @@ if not out.is_terminal:
     out.width = max(out.width, 160)  # side-by-side tables stay readable in logs and pipes
 
 ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", "-t", help="Torch / ONNX Runtime threads (default: all cores).", min=1)
+    int | None,
+    typer.Option("--threads", "-t", help="Torch / ONNX Runtime threads (default: all cores).", min=1),
 ]
 DataOpt = Annotated[
     Path | None,
@@ -52,7 +53,9 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 @app.command()
 def bench(
-    models: Annotated[list[str], typer.Argument(help="Model specs: zoo names, folders, .onnx/.pt2 files, pkg.mod:factory.")],
+    models: Annotated[
+        list[str], typer.Argument(help="Model specs: zoo names, folders, .onnx/.pt2 files, pkg.mod:factory.")
+    ],
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,32",
     threads: ThreadsOpt = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per batch size (after warm-up).", min=1)] = 30,
@@ -60,32 +63,73 @@ def bench(
     data: DataOpt = None,
     quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Evaluate each model's task metric.")] = True,
     output: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the results as JSON here.")] = None,
+    like: Annotated[
+        str | None,
+        typer.Option(
+            "--like",
+            help="Zoo entry whose inputs and metric apply to models that have none "
+            "(e.g. an exported MiniLM: --like minilm).",
+        ),
+    ] = None,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input-shape",
+            help="Input shape for a model with no known inputs, batch first "
+            "(e.g. 1,3,32,32); repeat for several inputs.",
+        ),
+    ] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure models side by side: size, params, latency per batch size, throughput, memory, quality.
 
     Example: [bold]modelpress bench minilm digits-cnn --batch-sizes 1,32 --threads 2[/bold]
+
+    Example: [bold]modelpress bench minilm out/model.onnx --like minilm[/bold]
     """
-    from modelpress.measure import bench as run_bench
-    from modelpress.measure import stats_table, write_json
     from modelpress.core.environment import environment
     from modelpress.loading import resolve
+    from modelpress.measure import bench as run_bench
+    from modelpress.measure import stats_table, write_json
 
     sizes = _parse_batch_sizes(batch_sizes)
     _quiet_transformers()
     if data is not None and not data.exists():
         raise BadInputError(f"--data {data}: no such file or folder")
 
+    from modelpress.zoo import get_entry
+    from modelpress.zoo.generic import ShapeEntry
+
+    like_entry = get_entry(like) if like else None
+    shape_entry = ShapeEntry.from_shape_text(input_shape) if input_shape else None
+
     def _resolve(spec: str):  # noqa: ANN202
         loaded = resolve(spec, trust_pickle=trust_pickle)
-        return loaded.name, loaded.model, loaded.entry
+        entry = loaded.entry
+        if like_entry is not None and (entry is None or not entry.has_quality):
+            entry = like_entry
+        elif shape_entry is not None and entry is None:
+            entry = shape_entry
+        elif entry is None:
+            err.print(
+                f"[yellow]{spec}: inputs unknown, only size is measured; "
+                "pass --input-shape or --like ZOO_NAME[/yellow]",
+                soft_wrap=True,
+            )
+        return loaded.name, loaded.model, entry, loaded.path
 
     # Resolve every spec up front so a bad one fails before minutes of measuring.
     resolved = [_resolve(m) for m in models]
     stats = run_bench(
-        resolved, batch_sizes=sizes, threads=threads, repeats=repeats, warmup=warmup,
-        quality=quality, eval_data=data, progress=not as_json,
+        resolved,
+        batch_sizes=sizes,
+        threads=threads,
+        repeats=repeats,
+        warmup=warmup,
+        quality=quality,
+        eval_data=data,
+        progress=not as_json,
     )
     env = environment(threads)
     if output is not None:

@@ -25,8 +25,8 @@ def run_demo(
     console: Console | None = None,
 ) -> Report:
     """Benchmark and evaluate the default model; write report.json and report.md into `out_dir`."""
-    from modelpress.measure import bench, stats_table
     from modelpress.core.environment import environment
+    from modelpress.measure import bench, stats_table
 
     console = console or Console()
     (stats,) = bench([DEFAULT_MODEL], batch_sizes=(1, 32), threads=threads, eval_data=data, progress=progress)

@@ -27,10 +27,19 @@ from torch import nn
 from modelpress.core.errors import ModelLoadError, UnsafePickleError
 from modelpress.export.runtime import AotiModel, OnnxModel
 from modelpress.zoo.base import ZooEntry, get_entry, zoo_names
+from modelpress.zoo.generic import ShapeEntry
 
 SpecKind = Literal[
-    "module", "zoo", "hf-folder", "sentence-transformers", "onnx", "torch-export", "aoti", "torchscript",
-    "factory", "pickle",
+    "module",
+    "zoo",
+    "hf-folder",
+    "sentence-transformers",
+    "onnx",
+    "torch-export",
+    "aoti",
+    "torchscript",
+    "factory",
+    "pickle",
 ]
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
@@ -127,7 +136,9 @@ def _from_path(path: Path, trust_pickle: bool) -> LoadedModel:
         )
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return LoadedModel(spec, path.stem, "onnx", OnnxModel(path), None, path)
+        onnx_model = OnnxModel(path)
+        entry = ShapeEntry.from_onnx(onnx_model.input_specs())
+        return LoadedModel(spec, path.name, "onnx", onnx_model, entry, path)
     if suffix == ".safetensors":
         raise ModelLoadError(
             f"{spec} holds weights only; give the architecture as package.module:factory "
@@ -136,34 +147,40 @@ def _from_path(path: Path, trust_pickle: bool) -> LoadedModel:
     if zipfile.is_zipfile(path):
         names = zipfile.ZipFile(path).namelist()
         if any("/data/aotinductor/" in n for n in names):
-            return LoadedModel(spec, path.stem, "aoti", AotiModel(path), None, path)
+            return LoadedModel(spec, path.name, "aoti", AotiModel(path), None, path)
         if any(n.endswith("models/model.json") for n in names):
-            return LoadedModel(spec, path.stem, "torch-export", _load_exported(path), None, path)
+            program_module, shapes = _load_exported(path)
+            return LoadedModel(spec, path.name, "torch-export", program_module, shapes, path)
         if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
             try:
                 module = torch.jit.load(str(path), map_location="cpu")
             except Exception as e:
                 raise ModelLoadError(f"cannot load TorchScript archive {spec}: {e}") from None
-            return LoadedModel(spec, path.stem, "torchscript", module.eval(), None, path)
+            return LoadedModel(spec, path.name, "torchscript", module.eval(), None, path)
     if suffix in _PICKLE_SUFFIXES or zipfile.is_zipfile(path):
         obj = _torch_load(path, trust_pickle)
         if isinstance(obj, nn.Module):
-            return LoadedModel(spec, path.stem, "pickle", obj.eval(), None, path)
+            return LoadedModel(spec, path.name, "pickle", obj.eval(), None, path)
         raise ModelLoadError(
             f"{spec} holds {'a state dict' if isinstance(obj, dict) else type(obj).__name__}, not a model; "
             f"give the architecture as package.module:factory and pass the file as --weights {spec}"
         )
     if suffix == ".pt2":
         raise ModelLoadError(f"{spec} is not a valid .pt2 archive (torch.export program or AOTInductor package)")
-    raise ModelLoadError(f"cannot tell what kind of model {spec} is (suffix {suffix or 'none'!r}); expected {spec_help()}")
+    raise ModelLoadError(
+        f"cannot tell what kind of model {spec} is (suffix {suffix or 'none'!r}); expected {spec_help()}"
+    )
 
 
-def _load_exported(path: Path) -> nn.Module:
+def _load_exported(path: Path) -> tuple[nn.Module, ShapeEntry | None]:
     try:
         program = torch.export.load(str(path))
     except Exception as e:
         raise ModelLoadError(f"cannot load torch.export program {path}: {e}") from None
-    return program.module()
+    # The program keeps the example inputs it was traced with: time it on inputs of that shape.
+    args = (program.example_inputs or ((), {}))[0]
+    entry = ShapeEntry.from_tensors(args) if args and all(isinstance(a, torch.Tensor) for a in args) else None
+    return program.module(), entry
 
 
 def _from_factory(text: str) -> nn.Module:

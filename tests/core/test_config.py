@@ -31,8 +31,12 @@ def test_round_trip_through_dict():
     cfg = Outer(rate=0.25, mode="global", layers=("a", "b"), inner=Inner(bits=4), limit=3)
     d = cfg.to_dict()
     assert d == {
-        "type": "Outer", "rate": 0.25, "mode": "global", "layers": ["a", "b"],
-        "inner": {"type": "Inner", "bits": 4}, "limit": 3,
+        "type": "Outer",
+        "rate": 0.25,
+        "mode": "global",
+        "layers": ["a", "b"],
+        "inner": {"type": "Inner", "bits": 4},
+        "limit": 3,
     }
     assert Outer.from_dict(d) == cfg
     assert Config.from_dict(d) == cfg  # the base class picks the subclass by `type`

@@ -54,7 +54,9 @@ def test_subclass_reuses_parent_handler():
 
 def test_unknown_config_type_is_a_clear_error():
     reg = _registry()
-    with pytest.raises(UnknownConfigError, match=r"no pass handler for config type 'OtherConfig'; registered: ScaleConfig"):
+    with pytest.raises(
+        UnknownConfigError, match=r"no pass handler for config type 'OtherConfig'; registered: ScaleConfig"
+    ):
         reg.handler_for(OtherConfig())
 
 

@@ -11,15 +11,23 @@ from modelpress.core.atomic import atomic_dir, atomic_path
 
 def _stats(name: str, size: int) -> ModelStats:
     return ModelStats(
-        name=name, size_bytes=size, params=10, nonzero_params=8,
+        name=name,
+        size_bytes=size,
+        params=10,
+        nonzero_params=8,
         latency_ms={"1": Latency(1.0, 1.5, 1.1, 0.9, 30), "32": Latency(10.0, 12.0, 10.5, 9.0, 30)},
         quality=Quality("accuracy", 0.97),
     )
 
 
 def test_report_json_has_the_contract_keys_and_round_trips(tmp_path):
-    report = Report(model="digits-cnn", recipe={"passes": []}, baseline=_stats("fp32", 400),
-                    compressed=_stats("int8", 100), parity={"max_abs": 1e-5})
+    report = Report(
+        model="digits-cnn",
+        recipe={"passes": []},
+        baseline=_stats("fp32", 400),
+        compressed=_stats("int8", 100),
+        parity={"max_abs": 1e-5},
+    )
     report.add_pass("quantize", 1.25, layers=3)
     report.warn("skipped conv3")
     report.warn("skipped conv3")  # listed once
@@ -30,8 +38,12 @@ def test_report_json_has_the_contract_keys_and_round_trips(tmp_path):
     for key in ("size_bytes", "params", "nonzero_params", "latency_ms", "quality"):
         assert key in data["baseline"]
     assert data["baseline"]["latency_ms"]["32"]["p90"] == 12.0
-    assert data["compressed"]["quality"] == {"name": "accuracy", "value": 0.97, "higher_is_better": True,
-                                             "details": {}}
+    assert data["compressed"]["quality"] == {
+        "name": "accuracy",
+        "value": 0.97,
+        "higher_is_better": True,
+        "details": {},
+    }
     assert data["passes"] == [{"name": "quantize", "seconds": 1.25, "stats": {"layers": 3}}]
     assert data["warnings"] == ["skipped conv3"]
     assert set(data["environment"]) >= {"versions", "cpu", "threads"}

@@ -3,8 +3,8 @@ import time
 import pytest
 import torch
 
-from modelpress.measure import measure_latency, measure_throughput
 from modelpress.core.errors import BadInputError
+from modelpress.measure import measure_latency, measure_throughput
 
 
 def test_sleeping_fn_measures_at_least_its_sleep():
@@ -18,9 +18,7 @@ def test_sleeping_fn_measures_at_least_its_sleep():
 
 def test_warmup_and_repeats_call_counts_and_inference_mode():
     calls: list[bool] = []
-    lat = measure_latency(
-        lambda x: calls.append(torch.is_inference_mode_enabled()), (1,), warmup=3, repeats=7
-    )
+    lat = measure_latency(lambda x: calls.append(torch.is_inference_mode_enabled()), (1,), warmup=3, repeats=7)
     assert lat.runs == 7
     assert len(calls) == 10
     assert all(calls)

@@ -7,9 +7,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from modelpress.measure import bench, count_params, stats_table, write_json
 from modelpress.core.errors import BadInputError
 from modelpress.core.report import ModelStats, Quality
+from modelpress.measure import bench, count_params, stats_table, write_json
 from modelpress.zoo.base import ModelFn, ZooEntry
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.measure import artifact_size_bytes, count_params
 from modelpress.core.errors import BadInputError
+from modelpress.measure import artifact_size_bytes, count_params
 
 
 class Tied(nn.Module):

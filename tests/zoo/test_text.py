@@ -57,18 +57,14 @@ def _st_folder(root: Path, tiny_bert: Path, subfolder: str, pooling: str, normal
     shutil.copytree(tiny_bert, transformer, dirs_exist_ok=True)
     (transformer / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
     (root / "1_Pooling").mkdir()
-    modes = {
-        f"pooling_mode_{m}": m.split("_")[0] == pooling for m in ("cls_token", "mean_tokens", "max_tokens")
-    }
+    modes = {f"pooling_mode_{m}": m.split("_")[0] == pooling for m in ("cls_token", "mean_tokens", "max_tokens")}
     (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **modes}))
     modules = [
         {"idx": 0, "name": "0", "path": subfolder, "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
     if normalize:
-        modules.append(
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-        )
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     (root / "modules.json").write_text(json.dumps(modules))
     return root
 
@@ -98,9 +94,7 @@ def test_cls_pooling_takes_first_token() -> None:
 
 
 def test_forward_returns_token_states_tensor(tiny: TextEncoder) -> None:
-    ids, mask = next(
-        dynamic_batches(tiny.tokenizer, ["A short one.", "A somewhat longer sentence here."], 2, 64)
-    )
+    ids, mask = next(dynamic_batches(tiny.tokenizer, ["A short one.", "A somewhat longer sentence here."], 2, 64))
     out = tiny(ids, mask)
     assert isinstance(out, torch.Tensor)
     assert out.shape == (2, ids.shape[1], 32)
@@ -175,9 +169,7 @@ def test_missing_and_corrupt_weights_are_refused(tiny_bert: Path, tmp_path: Path
         load_hf_folder(tmp_path)
 
 
-def test_pickle_weights_load_only_as_plain_tensors(
-    tiny_bert: Path, tiny: TextEncoder, tmp_path: Path
-) -> None:
+def test_pickle_weights_load_only_as_plain_tensors(tiny_bert: Path, tiny: TextEncoder, tmp_path: Path) -> None:
     shutil.copytree(tiny_bert, tmp_path, dirs_exist_ok=True)
     (tmp_path / "model.safetensors").unlink()
     full = transformers.BertModel.from_pretrained(tiny_bert).state_dict()
@@ -194,9 +186,7 @@ class _Payload:
     """A non-tensor object: loading it would need arbitrary pickle."""
 
 
-@pytest.mark.parametrize(
-    ("subfolder", "pooling", "normalize"), [("", "mean", True), ("0_Transformer", "cls", False)]
-)
+@pytest.mark.parametrize(("subfolder", "pooling", "normalize"), [("", "mean", True), ("0_Transformer", "cls", False)])
 def test_sentence_transformers_folder_settings(
     tiny_bert: Path, tmp_path: Path, subfolder: str, pooling: str, normalize: bool
 ) -> None:

@@ -1,9 +1,9 @@
 """Config type -> handler. Adding a pass means registering one function for one config class.
 
-    >>> @register(ScaleConfig)
-    ... def _scale(model, cfg, ctx):
-    ...     ...
-    >>> handler_for(ScaleConfig())   # -> _scale
+>>> @register(ScaleConfig)
+... def _scale(model, cfg, ctx):
+...     ...
+>>> handler_for(ScaleConfig())   # -> _scale
 """
 
 from __future__ import annotations

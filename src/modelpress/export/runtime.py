@@ -46,8 +46,10 @@ class OnnxModel:
 
     def __call__(self, *inputs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_names):
-            raise ValueError(f"{self.path.name} takes {len(self.input_names)} inputs "
-                             f"({', '.join(self.input_names)}), got {len(inputs)}")
+            raise ValueError(
+                f"{self.path.name} takes {len(self.input_names)} inputs "
+                f"({', '.join(self.input_names)}), got {len(inputs)}"
+            )
         feed = {n: _to_numpy(x) for n, x in zip(self.input_names, inputs, strict=True)}
         outs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
         return outs[0] if len(outs) == 1 else tuple(outs)

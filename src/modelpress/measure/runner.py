@@ -27,13 +27,14 @@ from rich.progress import (
 from rich.table import Table
 from torch import nn
 
-from modelpress.measure.latency import measure_latency, measure_throughput, threads_scope
-from modelpress.measure.memory import peak_memory
-from modelpress.measure.size import artifact_size_bytes, count_params
 from modelpress.core.atomic import atomic_write_text
 from modelpress.core.environment import environment as current_environment
 from modelpress.core.errors import BadInputError
 from modelpress.core.report import ModelStats
+from modelpress.export.runtime import OnnxModel
+from modelpress.measure.latency import measure_latency, measure_throughput, threads_scope
+from modelpress.measure.memory import peak_memory
+from modelpress.measure.size import artifact_size_bytes, count_onnx_params, count_params
 from modelpress.zoo.base import ModelFn, ZooEntry, get_entry
 
 Resolved = tuple[str, ModelFn, ZooEntry | None]
@@ -104,6 +105,8 @@ def bench(
             stats = ModelStats(name=name, artifact=None if artifact is None else str(artifact))
             if isinstance(model, nn.Module):
                 stats.params, stats.nonzero_params = count_params(model)
+            elif isinstance(model, OnnxModel):
+                stats.params, stats.nonzero_params = count_onnx_params(model.path)
             if artifact is not None:
                 stats.size_bytes = artifact_size_bytes(artifact)
             elif isinstance(model, nn.Module):
@@ -117,19 +120,23 @@ def bench(
             largest = max(batch_sizes)
             if memory:  # first: warm allocator caches would hide the growth
                 phase(f"peak memory @bs{largest}")
-                stats.peak_memory_bytes = peak_memory(model, entry.example_inputs(largest), threads)
+                stats.peak_memory_bytes = peak_memory(model, _runnable_inputs(model, entry, largest, name), threads)
                 bar.advance(task)
             for bs in batch_sizes:
                 phase(f"latency @bs{bs}")
                 stats.latency_ms[str(bs)] = measure_latency(
-                    model, entry.example_inputs(bs), warmup=warmup, repeats=repeats, threads=threads
+                    model,
+                    _runnable_inputs(model, entry, bs, name),
+                    warmup=warmup,
+                    repeats=repeats,
+                    threads=threads,
                 )
                 bar.advance(task)
             if throughput:
                 phase(f"throughput @bs{largest}")
                 stats.throughput = _throughput(model, entry, largest, threads)
                 bar.advance(task)
-            if quality:
+            if quality and entry.has_quality:
                 phase("evaluating")
                 stats.quality = entry.evaluate(model, eval_data)
                 bar.advance(task)
@@ -143,9 +150,24 @@ def _resolve(spec: ModelSpec, resolve: Resolver) -> tuple[str, ModelFn, ZooEntry
         return (*resolve(spec), None)
     if isinstance(spec, tuple) and len(spec) in (3, 4) and isinstance(spec[0], str):
         return (spec[0], spec[1], spec[2], spec[3] if len(spec) == 4 else None)  # type: ignore[misc]
-    raise BadInputError(
-        f"a model spec is a name or a tuple (name, model_fn, entry[, artifact_path]), got {spec!r:.80}"
-    )
+    raise BadInputError(f"a model spec is a name or a tuple (name, model_fn, entry[, artifact_path]), got {spec!r:.80}")
+
+
+def _runnable_inputs(model: ModelFn, entry: ZooEntry, batch_size: int, name: str) -> tuple[torch.Tensor, ...]:
+    """Example inputs at `batch_size`, checked by one call so a model that cannot take them fails clearly."""
+    inputs = entry.example_inputs(batch_size)
+    try:
+        with torch.inference_mode():
+            model(*inputs)
+    except Exception as e:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise BadInputError(
+            f"{name} cannot run on inputs of shape {shapes} (batch size {batch_size}): "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+            "- check --batch-sizes (a program exported with a static batch runs only at that size) "
+            "and --input-shape / --like"
+        ) from None
+    return inputs
 
 
 def _throughput(model: ModelFn, entry: ZooEntry, batch_size: int, threads: int) -> dict[str, Any] | None:
@@ -179,7 +201,7 @@ def stats_table(stats: Sequence[ModelStats]) -> Table:
     for b in batches:
         table.add_column(f"bs{b} p50/p90 ms", justify="right", no_wrap=True)
     table.add_column("items/s", justify="right", no_wrap=True)
-    table.add_column("peak MB", justify="right", no_wrap=True)
+    table.add_column("mem +MB", justify="right", no_wrap=True)
     table.add_column("quality", no_wrap=True)
 
     def num(value: float | None, fmt: str, scale: float | None = None) -> str:
@@ -194,10 +216,7 @@ def stats_table(stats: Sequence[ModelStats]) -> Table:
             num(s.size_bytes, ".2f", 1e6),
             _count(s.params),
             _count(s.nonzero_params),
-            *(
-                f"{s.latency_ms[b].p50:.2f}/{s.latency_ms[b].p90:.2f}" if b in s.latency_ms else "-"
-                for b in batches
-            ),
+            *(f"{s.latency_ms[b].p50:.2f}/{s.latency_ms[b].p90:.2f}" if b in s.latency_ms else "-" for b in batches),
             num(tp.get("items_per_s"), ",.1f"),
             num(s.peak_memory_bytes, ".1f", 1e6),
             f"{s.quality.name} {s.quality.value:.4f}" if s.quality else "-",

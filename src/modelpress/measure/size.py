@@ -61,3 +61,24 @@ def artifact_size_bytes(model_or_path: nn.Module | str | os.PathLike[str]) -> in
         # stat() follows links: a Hugging Face snapshot folder links its files to blobs
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     raise BadInputError(f"artifact path does not exist: {path}")
+
+
+def count_onnx_params(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of an ONNX graph: the elements of its float initializers.
+
+    Integer initializers (shapes, indices, quantized zero points) are not parameters and are skipped;
+    quantized weights are counted through their integer tensors once quantization lands.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    params = nonzero = 0
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if not np.issubdtype(arr.dtype, np.floating) or arr.size <= 1:
+            continue
+        params += int(arr.size)
+        nonzero += int(np.count_nonzero(arr))
+    return params, nonzero

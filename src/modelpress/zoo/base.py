@@ -29,6 +29,7 @@ class ZooEntry(ABC):
     description: str = ""
     task: str = ""  # "text-embedding", "image-classification", "voice-activity"
     input_names: tuple[str, ...] = ()
+    has_quality: bool = True  # False for entries that only supply inputs (timing and size only)
 
     @abstractmethod
     def load(self, cache_dir: Path | None = None) -> nn.Module:

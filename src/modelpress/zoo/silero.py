@@ -204,12 +204,10 @@ def _syllable(rng: np.random.Generator, seconds: float, f0: float) -> np.ndarray
     vibrato = 1 + 0.15 * np.sin(2 * np.pi * rng.uniform(2, 5) * t + rng.uniform(0, 2 * np.pi))
     pitch = f0 * vibrato * np.linspace(1.1, 0.9, n)  # falling contour
     phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
-    source = sum(np.sin(k * phase) / k for k in range(1, int(5000 / f0)))  # sawtooth-like, < 5 kHz
+    source: np.ndarray = np.sum([np.sin(k * phase) / k for k in range(1, int(5000 / f0))], axis=0)  # < 5 kHz
     formants = _VOWELS[rng.integers(len(_VOWELS))]
-    voiced = sum(
-        g * _resonator(source, f, bw)
-        for f, bw, g in zip(formants, (80, 100, 120), (1, 0.6, 0.3), strict=True)
-    )
+    bands = zip(formants, (80, 100, 120), (1, 0.6, 0.3), strict=True)
+    voiced: np.ndarray = np.sum([g * _resonator(source, f, bw) for f, bw, g in bands], axis=0)
     voiced = voiced * np.sin(np.pi * np.linspace(0, 1, n)) ** 0.6  # attack and decay
     return voiced / (np.abs(voiced).max() + 1e-9)
 
@@ -244,9 +242,7 @@ def read_wav(path: Path) -> torch.Tensor:
     except (OSError, wave.Error, EOFError) as e:
         raise DataError(f"cannot read WAV file {path}: {e}") from e
     if (rate, channels, width) != (SAMPLE_RATE, 1, 2):
-        raise DataError(
-            f"{path}: need 16000 Hz mono 16-bit PCM, got {rate} Hz, {channels} channel(s), {8 * width}-bit"
-        )
+        raise DataError(f"{path}: need 16000 Hz mono 16-bit PCM, got {rate} Hz, {channels} channel(s), {8 * width}-bit")
     return torch.from_numpy(np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0)
 
 

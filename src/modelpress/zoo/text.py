@@ -111,9 +111,7 @@ def load_hf_folder(
 
     try:
         # weights_only=False only when the user explicitly trusts the pickle.
-        backbone, info = AutoModel.from_pretrained(
-            folder, weights_only=not trust_pickle, output_loading_info=True
-        )
+        backbone, info = AutoModel.from_pretrained(folder, weights_only=not trust_pickle, output_loading_info=True)
     except Exception as e:
         if "weights only load failed" in str(e).lower():
             raise UnsafePickleError(
@@ -154,9 +152,7 @@ def load_sentence_transformers_folder(path: str | Path, *, trust_pickle: bool = 
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise ModelLoadError(
-            f"model folder {folder} does not exist (expected a sentence-transformers folder)"
-        )
+        raise ModelLoadError(f"model folder {folder} does not exist (expected a sentence-transformers folder)")
     modules = _read_json(folder / "modules.json", "a sentence-transformers folder")
     if not isinstance(modules, list):
         raise ModelLoadError(f"{folder / 'modules.json'} must hold a list of modules")
