@@ -1,0 +1,184 @@
+"""Quantized layers: integer weights plus an activation quantizer (none, static or dynamic).
+
+`QLinear` and `QConv` hold the integer weights (`weight_q`, with `weight_scale` /
+`weight_zero_point`) and the activation's quantization parameters. Their forward computes
+what the integer kernel computes; `quant/kernels.py` runs it on real integer kernels where
+the shapes allow, and export (`export/`) maps the same parameters onto ONNX Runtime's and
+Inductor's int8 operators.
+
+    >>> qlinear = QLinear.from_float(linear, WeightSpec(bits=8), ActSpec(mode="dynamic"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.core.config import Config
+from modelpress.core.errors import ConfigError
+from modelpress.primitives.affine import (
+    QuantScheme,
+    dequantize,
+    fake_quantize,
+    qparams_from_range,
+    quantize_tensor,
+    reduce_range,
+)
+
+ActMode = Literal["none", "static", "dynamic"]
+
+
+@dataclass(frozen=True)
+class ActSpec(Config):
+    """How a layer's input activation is quantized.
+
+    `static`: one scale and zero point fixed from calibration; `dynamic`: computed from each
+    input at run time, per tensor or per token (one scale per row: robust to outlier tokens).
+    """
+
+    mode: ActMode = "none"
+    bits: int = 8
+    symmetric: bool = False
+    granularity: Literal["tensor", "token"] = "tensor"
+
+    def validate(self) -> None:
+        if not 2 <= self.bits <= 16:
+            raise ConfigError(f"activation bits must be in [2, 16], got {self.bits}")
+        if self.mode == "static" and self.granularity != "tensor":
+            raise ConfigError("static activation quantization is per tensor; use mode='dynamic' for per-token")
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(bits=self.bits, symmetric=self.symmetric, granularity=self.granularity)
+
+
+class _QuantBase(nn.Module):
+    """Shared storage: integer weight, its qparams, float bias, activation qparams."""
+
+    weight_q: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    act_scale: torch.Tensor
+    act_zero_point: torch.Tensor
+
+    def _init_quant(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        wscheme: QuantScheme,
+        act: ActSpec,
+        act_range: tuple[float, float] | None,
+    ) -> None:
+        if not torch.isfinite(weight).all():
+            raise ValueError("cannot quantize a layer whose weight has non-finite values")
+        self.weight_scheme = wscheme
+        self.act = act
+        self.weight_shape = tuple(weight.shape)
+        w2d = weight.detach().float().reshape(weight.shape[0], -1)  # (out, in * k...)
+        qt = quantize_tensor(w2d, wscheme)
+        self.register_buffer("weight_q", qt.q)
+        self.register_buffer("weight_scale", qt.scale.float())
+        self.register_buffer("weight_zero_point", qt.zero_point)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        if act.mode == "static":
+            if act_range is None:
+                raise ValueError("static activation quantization needs a calibrated range")
+            scale, zp = qparams_from_range(torch.tensor(act_range[0]), torch.tensor(act_range[1]), act.scheme)
+            self.register_buffer("act_scale", scale.reshape(()))
+            self.register_buffer("act_zero_point", zp.reshape(()))
+        else:
+            self.register_buffer("act_scale", None)
+            self.register_buffer("act_zero_point", None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = dequantize(self.weight_q, self.weight_scale, self.weight_zero_point)
+        return w.reshape(self.weight_shape)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation as the integer kernel sees it (fake-quantized in float)."""
+        if self.act.mode == "none":
+            return x
+        scheme = self.act.scheme
+        if self.act.mode == "static":
+            return fake_quantize(x, self.act_scale, self.act_zero_point, scheme)
+        lo, hi = reduce_range(x, scheme)
+        scale, zp = qparams_from_range(lo, hi, scheme)
+        return fake_quantize(x, scale, zp, scheme)
+
+    def weight_bits(self) -> int:
+        return self.weight_scheme.bits
+
+    def extra_repr(self) -> str:
+        w = self.weight_scheme
+        act = "float" if self.act.mode == "none" else f"{self.act.mode} int{self.act.bits} per-{self.act.granularity}"
+        return f"weight=int{w.bits} {'sym' if w.symmetric else 'asym'} per-{w.granularity}, act={act}"
+
+
+class QLinear(_QuantBase):
+    """A Linear layer with integer weights (any bit width) and an optional activation quantizer."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        wscheme: QuantScheme,
+        act: ActSpec,
+        act_range: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._init_quant(weight, bias, wscheme, act, act_range)
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        wscheme: QuantScheme,
+        act: ActSpec = ActSpec(),
+        act_range: tuple[float, float] | None = None,
+    ) -> QLinear:
+        return cls(linear.weight, linear.bias, wscheme, act, act_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from modelpress.quant import kernels
+
+        out = kernels.linear(self, x)
+        if out is not None:
+            return out
+        return F.linear(self.quantize_input(x), self.dequantized_weight().to(x.dtype), _cast(self.bias, x))
+
+
+class QConv(_QuantBase):
+    """A Conv1d/Conv2d with integer weights (per output channel) and an optional activation quantizer."""
+
+    def __init__(
+        self,
+        conv: nn.Conv1d | nn.Conv2d,
+        wscheme: QuantScheme,
+        act: ActSpec,
+        act_range: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if wscheme.granularity == "group":
+            raise ConfigError("group-wise weight quantization applies to Linear layers, not convolutions")
+        if conv.padding_mode != "zeros":
+            raise ConfigError(f"padding_mode {conv.padding_mode!r} is not supported for quantized convolutions")
+        self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self._init_quant(conv.weight, conv.bias, wscheme, act, act_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        w = self.dequantized_weight().to(x.dtype)
+        return conv(
+            self.quantize_input(x), w, _cast(self.bias, x), self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+def _cast(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if bias is None else bias.to(x.dtype)
