@@ -168,10 +168,60 @@ def _not_available(command: str, issue: str) -> None:
     raise NotAvailableError(f"'modelpress {command}' is not available in this release yet ({issue}).")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def compress() -> None:
-    """Compress a model with a recipe (not available yet: arrives with the quantization and pipeline work)."""
-    _not_available("compress", "it arrives with the quantization, pruning and pipeline passes")
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="Model spec: zoo name, folder, .pt2 file, pkg.mod:factory.")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or YAML file.")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Calibration data: .txt sentences, or .npy/.safetensors/.pt input tensors "
+            "(default: the zoo model's calibration set).",
+        ),
+    ] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Evaluation data, e.g. the STS-B folder (default: found).")
+    ] = None,
+    threads: ThreadsOpt = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes to time.")] = "1,32",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compress a model with a recipe; write model.onnx, model.pt2, report.json/md and the recipe to --out.
+
+    Example: [bold]modelpress compress minilm --recipe int8-dynamic --out out/minilm-int8[/bold]
+
+    Example: [bold]modelpress compress digits-cnn --recipe int8-static --data calib.npy --out out/digits[/bold]
+    """
+    from modelpress.calibration import load_calibration
+    from modelpress.loading import resolve
+    from modelpress.pipeline import compress as run_compress
+    from modelpress.recipes.recipe import load_recipe
+
+    sizes = _parse_batch_sizes(batch_sizes)
+    _quiet_transformers()
+    rec = load_recipe(recipe)  # a bad recipe fails before the model loads
+    if eval_data is not None and not eval_data.exists():
+        raise BadInputError(f"--eval-data {eval_data}: no such file or folder")
+    loaded = resolve(model, trust_pickle=trust_pickle)
+    batches = load_calibration(data, loaded.entry) if data is not None else None
+    _, report = run_compress(
+        loaded,
+        rec,
+        batches,
+        out_dir=output,
+        threads=threads,
+        eval_data=eval_data,
+        batch_sizes=sizes,
+        progress=not as_json,
+        console=out,
+    )
+    if as_json:
+        out.print_json(report.to_json())
+    else:
+        out.print(f"wrote {output}/ (model artifacts, report.json, report.md, recipe.yaml)")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -181,9 +231,23 @@ def export() -> None:
 
 
 @app.command()
-def recipes() -> None:
-    """List the built-in recipes (not available yet: arrives with the first compression passes)."""
-    _not_available("recipes", "built-in recipes arrive with the first compression passes")
+def recipes(as_json: JsonOpt = False) -> None:
+    """List the built-in recipes with a one-line description each.
+
+    Example: [bold]modelpress recipes[/bold]
+    """
+    from rich.table import Table
+
+    from modelpress.recipes.recipe import builtin_names, load_recipe
+
+    items = [load_recipe(n) for n in builtin_names()]
+    if as_json:
+        out.print_json(json.dumps({r.name: r.to_dict() for r in items}))
+        return
+    table = Table("recipe", "description")
+    for r in items:
+        table.add_row(r.name, r.description)
+    out.print(table)
 
 
 @app.command()

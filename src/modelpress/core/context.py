@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +43,10 @@ class Context:
     seed: int = 0
     cache_dir: Path = field(default_factory=default_cache_dir)
     report: Report = field(default_factory=lambda: Report(model="unknown"))
+    # Fine-tunes a model in place and returns it (QAT, recovery after pruning); a zoo entry's `finetune`.
+    train_fn: Callable[[Any], Any] | None = None
+    # The task metric of a model (higher is better); a zoo entry's `evaluate(...).value`.
+    metric: Callable[[Any], float] | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):

@@ -82,6 +82,7 @@ class Report:
     parity: dict[str, Any] | None = None
     environment: dict[str, Any] = field(default_factory=environment)
     warnings: list[str] = field(default_factory=list)
+    artifacts: list[ModelStats] = field(default_factory=list)  # every measured form; `compressed` is the fastest
 
     def add_pass(self, name: str, seconds: float, **stats: Any) -> None:
         self.passes.append(PassRecord(name, float(seconds), dict(stats)))
@@ -100,6 +101,7 @@ class Report:
             "parity": self.parity,
             "environment": self.environment,
             "warnings": list(self.warnings),
+            "artifacts": [a.to_dict() for a in self.artifacts],
         }
 
     @classmethod
@@ -113,13 +115,14 @@ class Report:
             parity=d.get("parity"),
             environment=d.get("environment", {}),
             warnings=list(d.get("warnings", [])),
+            artifacts=[ModelStats.from_dict(a) for a in d.get("artifacts", [])],
         )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def to_markdown(self) -> str:
-        rows = [s for s in (self.baseline, self.compressed) if s is not None]
+        rows = [s for s in (self.baseline, *(self.artifacts or [self.compressed])) if s is not None]
         lines = [f"# modelpress report: {self.model}", ""]
         if rows:
             lines += stats_table_markdown(rows)

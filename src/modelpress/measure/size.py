@@ -16,14 +16,19 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters) of `model`, each shared or tied tensor counted once.
 
     Tensors are deduplicated by data pointer, so tied embeddings count once even when they are
-    separate `Parameter` objects over the same memory.
+    separate `Parameter` objects over the same memory. Quantized layers keep their weights as
+    integer buffers (`weight_q`) and float biases as buffers; those count as parameters too.
 
         >>> count_params(nn.Linear(4, 2))
         (10, 10)
     """
     seen: set[tuple[int, int]] = set()
     params = nonzero = 0
-    for p in model.parameters():
+    tensors = list(model.parameters())
+    for module in model.modules():
+        if hasattr(module, "weight_q"):  # QLinear / QConv: integer weight and float bias buffers
+            tensors += [t for t in (module.weight_q, getattr(module, "bias", None)) if t is not None]
+    for p in tensors:
         key = (p.data_ptr(), p.numel())
         if p.numel() == 0 or key in seen:
             continue

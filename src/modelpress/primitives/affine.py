@@ -28,7 +28,6 @@ from modelpress.core.errors import ConfigError
 
 Granularity = Literal["tensor", "channel", "group", "token"]
 MIN_BITS, MAX_BITS = 2, 16
-_EPS = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,9 @@ def qparams_from_range(
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
         scale = (max_val - min_val) / (scheme.qmax - scheme.qmin)
-        zero_point = (scheme.qmin - torch.round(min_val / scale.clamp(min=_EPS))).clamp(scheme.qmin, scheme.qmax)
+        # Divide by the scale used below (unclamped: it is subnormal for ranges narrower than ~3e-36).
+        nonzero_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero_point = (scheme.qmin - torch.round(min_val / nonzero_scale)).clamp(scheme.qmin, scheme.qmax)
         zero_point = zero_point.to(torch.int32)
     # An all-zero slice would give scale 0: any positive scale represents it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -1,10 +1,195 @@
-"""Integer kernels for quantized layers in eager PyTorch (filled in by the int8 execution work)."""
+"""Integer kernels for quantized layers: oneDNN int8 GEMMs in eager mode, Inductor's int8 patterns when traced.
+
+`linear(module, x)` runs a `QLinear` on a real integer kernel where one fits, else returns None
+and the module falls back to its float reference (fake-quant) forward:
+
+- int8 activations (static per tensor, dynamic per tensor or per token) with symmetric int8
+  weights (per channel or per tensor): `onednn.qlinear_pointwise` on a weight prepacked once and
+  cached beside the module. Per-token scales are applied after the GEMM (oneDNN takes one source
+  scale), with the zero-point compensation `zp * sum_k w` for asymmetric tokens.
+- weight-only int8 (`act.mode == "none"`): `aten._weight_int8pack_mm` for bf16/fp16 inputs and
+  single-row fp32 inputs; for wider fp32 inputs it is slower than dequantize + fp32 GEMM on CPU,
+  so the reference path runs.
+
+Under `torch.compile` / `torch.export` tracing, `linear` returns `decomposed_linear`: the same
+layer written in `quantized_decomposed` q/dq ops (or `_int_mm` for per-token scales), the patterns
+Inductor's x86 freezing passes rewrite into `onednn.qlinear_pointwise` on a prepacked weight.
+
+    >>> y = kernels.linear(qlinear, x)  # None: no kernel fits, use the reference forward
+"""
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.primitives.affine import qparams_from_range, quantize, reduce_range
+
+_qd = torch.ops.quantized_decomposed
+_HALF = (torch.bfloat16, torch.float16)
 
 
-def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The layer's output from a real integer kernel, or None where no kernel fits (reference path)."""
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why no integer kernel runs `module` (None: one does)."""
+    ws, act = module.weight_scheme, module.act
+    if not ws.symmetric or ws.bits > 8 or ws.granularity not in ("tensor", "channel"):
+        return f"weights int{ws.bits} {'sym' if ws.symmetric else 'asym'} per-{ws.granularity} (need int8 sym)"
+    if ws.granularity == "channel" and ws.axis % 2 != 0:
+        return "per-channel weight scales must run along the output axis"
+    if module.weight_q.dtype != torch.int8:
+        return f"weight storage {module.weight_q.dtype} (need int8)"
+    if act.mode != "none" and act.bits > 8:
+        return f"int{act.bits} activations (need ≤ 8 bits)"
     return None
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output from a real integer kernel, or None where no kernel fits (reference path)."""
+    if unsupported_reason(module) is not None or not x.is_floating_point() or x.device.type != "cpu":
+        return None
+    if torch.compiler.is_compiling():
+        return decomposed_linear(module, x)
+    if x.requires_grad and torch.is_grad_enabled():
+        return None  # the kernels have no autograd; training (QAT) goes through the reference
+    if module.act.mode == "none":
+        return _weight_only(module, x)
+    return _int8_linear(module, x)
+
+
+# ---------------------------------------------------------------- eager oneDNN kernels
+
+
+@dataclass
+class _Packed:
+    key: tuple[int, ...]
+    weight: torch.Tensor  # oneDNN-packed int8 weight (opaque)
+    scale: torch.Tensor  # (N,) fp32 weight scale per output channel
+    zero_point: torch.Tensor  # (N,) zeros (symmetric weights)
+    scaled_colsum: torch.Tensor  # (N,) scale * sum_k w: zero-point compensation of asymmetric tokens
+
+
+# Keyed by module so that deepcopy / state_dict / pickling never see the opaque packed weight.
+_PACKED: weakref.WeakKeyDictionary[nn.Module, _Packed] = weakref.WeakKeyDictionary()
+
+
+def weight_scale_vector(module: nn.Module) -> torch.Tensor:
+    """The weight scale as one fp32 value per output channel, shape (N,)."""
+    return module.weight_scale.float().reshape(-1).expand(module.out_features).contiguous()
+
+
+def _packed(module: nn.Module) -> _Packed:
+    wq, ws = module.weight_q, module.weight_scale
+    key = (wq.data_ptr(), wq._version, ws.data_ptr(), ws._version)
+    cached = _PACKED.get(module)
+    if cached is None or cached.key != key:
+        scale = weight_scale_vector(module)
+        colsum = wq.sum(dim=1, dtype=torch.int32).float() * scale
+        zeros = torch.zeros(module.out_features, dtype=torch.int64)
+        cached = _Packed(key, torch.ops.onednn.qlinear_prepack(wq, None), scale, zeros, colsum)
+        _PACKED[module] = cached
+    return cached
+
+
+def _int8_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    act, p = module.act, _packed(module)
+    scheme = act.scheme
+    x2d = x.reshape(-1, x.shape[-1])  # (M, K)
+    out_dtype = x.dtype
+    bias = module.bias
+    if act.mode == "static" or act.granularity == "tensor":
+        if act.mode == "static":
+            scale, zp = module.act_scale, module.act_zero_point
+        else:
+            scale, zp = qparams_from_range(*reduce_range(x2d, scheme), scheme)
+        q = quantize(x2d.float(), scale, zp, scheme)  # (M, K) uint8 (asym) or int8 (sym)
+        y = torch.ops.onednn.qlinear_pointwise(
+            q, float(scale), int(zp), p.weight, p.scale, p.zero_point, bias, 1.0, 0, out_dtype, "none", [], ""
+        )
+        return y.reshape(*x.shape[:-1], module.out_features)
+    # per token: integer GEMM with unit source scale, then each row's scale (and zero point)
+    scale, zp = qparams_from_range(*reduce_range(x2d, scheme), scheme)  # (M, 1) each
+    q = quantize(x2d.float(), scale, zp, scheme)
+    acc = torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 0, p.weight, p.scale, p.zero_point, None, 1.0, 0, torch.float32, "none", [], ""
+    )  # (M, N) = (q @ w.T) * w_scale
+    if not scheme.symmetric:
+        acc = acc - zp.float() * p.scaled_colsum
+    y = acc * scale if bias is None else torch.addcmul(bias, acc, scale)
+    return y.to(out_dtype).reshape(*x.shape[:-1], module.out_features)
+
+
+def _weight_only(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    x2d = x.reshape(-1, x.shape[-1])
+    if x.dtype not in _HALF and x2d.shape[0] > 1:
+        return None  # fp32 x wide: the CPU kernel is slower than the fp32 GEMM on the dequantized weight
+    scale = weight_scale_vector(module).to(x.dtype)
+    y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), module.weight_q, scale)
+    if module.bias is not None:
+        y = y + module.bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], module.out_features)
+
+
+# ---------------------------------------------------------------- traced form (Inductor patterns)
+
+
+def decomposed_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer in the ops Inductor's x86 int8 passes fuse (freezing on); None where none applies.
+
+    Static / dynamic per tensor: `quantize_per_tensor -> dequantize_per_tensor -> linear` with a
+    `dequantize_per_channel` int8 weight (the PT2E pattern, lowered to `qlinear_pointwise`).
+    Dynamic per token: `_int_mm(q, w.T) * x_scale * w_scale + bias` (the SmoothQuant pattern, lowered
+    to `qlinear_pointwise` plus the per-row scale in a fused epilogue). Under bf16 autocast or for
+    bf16 inputs the GEMM runs int8 with bf16 output (int8-mixed-bf16).
+    """
+    if unsupported_reason(module) is not None:
+        return None
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    ws = module.weight_scheme
+    scale_w = module.weight_scale.reshape(-1)
+    if ws.granularity == "tensor":
+        scale_w = scale_w.expand(module.out_features)
+    zp_w = module.weight_zero_point.reshape(-1).expand(module.out_features)
+    act = module.act
+    if act.mode == "none":
+        return None  # weight-only: Inductor's own WOQ pattern matches the reference forward
+    if act.mode == "dynamic" and act.granularity == "token":
+        return _per_token_int_mm(module, x, scale_w, dt)
+    scheme = act.scheme
+    qdtype = torch.int8 if scheme.symmetric else torch.uint8
+    if act.mode == "static":
+        scale, zp = module.act_scale, module.act_zero_point
+    else:
+        scale, zp = qparams_from_range(*reduce_range(x, scheme), scheme)
+    qx = _qd.quantize_per_tensor.tensor(x, scale, zp, scheme.qmin, scheme.qmax, qdtype)
+    dqx = _qd.dequantize_per_tensor.tensor(qx, scale, zp, scheme.qmin, scheme.qmax, qdtype)
+    w = _qd.dequantize_per_channel(module.weight_q, scale_w, zp_w, 0, ws.qmin, ws.qmax, torch.int8)
+    bias = None if module.bias is None else _cast(module.bias, dt)
+    return F.linear(_cast(dqx, dt), _cast(w, dt), bias)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # No-op casts stay out of the traced graph: an extra user of a dequant node breaks Inductor's pattern.
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _per_token_int_mm(module: nn.Module, x: torch.Tensor, scale_w: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    scheme = module.act.scheme
+    lead, k = x.shape[:-1], x.shape[-1]
+    xf = _cast(x, torch.float32)
+    scale, zp = qparams_from_range(*reduce_range(xf, scheme), scheme)  # (..., 1) each
+    # asymmetric tokens land in the signed range with the zero point shifted by 128
+    shift = 0 if scheme.symmetric else 128
+    q = (torch.round(xf / scale) + (zp - shift)).clamp(scheme.qmin - shift, scheme.qmax - shift).to(torch.int8)
+    acc = torch._int_mm(q.reshape(-1, k), module.weight_q.t())  # (M, N) int32
+    y = (acc.to(torch.float32) * scale.reshape(-1, 1) * scale_w).reshape(*lead, module.out_features)
+    if not scheme.symmetric:
+        colsum = module.weight_q.sum(dim=1, dtype=torch.int32).float() * scale_w  # (N,)
+        y = y - ((zp - shift).float() * scale) * colsum
+    if module.bias is not None:
+        y = y + module.bias
+    return _cast(y, dt)

@@ -72,6 +72,7 @@ class _QuantBase(nn.Module):
         wscheme: QuantScheme,
         act: ActSpec,
         act_range: tuple[float, float] | None,
+        weight_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if not torch.isfinite(weight).all():
             raise ValueError("cannot quantize a layer whose weight has non-finite values")
@@ -79,7 +80,8 @@ class _QuantBase(nn.Module):
         self.act = act
         self.weight_shape = tuple(weight.shape)
         w2d = weight.detach().float().reshape(weight.shape[0], -1)  # (out, in * k...)
-        qt = quantize_tensor(w2d, wscheme)
+        lo, hi = weight_range if weight_range is not None else (None, None)
+        qt = quantize_tensor(w2d, wscheme, lo, hi)
         self.register_buffer("weight_q", qt.q)
         self.register_buffer("weight_scale", qt.scale.float())
         self.register_buffer("weight_zero_point", qt.zero_point)
@@ -128,10 +130,11 @@ class QLinear(_QuantBase):
         wscheme: QuantScheme,
         act: ActSpec,
         act_range: tuple[float, float] | None = None,
+        weight_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self._init_quant(weight, bias, wscheme, act, act_range)
+        self._init_quant(weight, bias, wscheme, act, act_range, weight_range)
 
     @classmethod
     def from_float(
@@ -161,6 +164,7 @@ class QConv(_QuantBase):
         wscheme: QuantScheme,
         act: ActSpec,
         act_range: tuple[float, float] | None = None,
+        weight_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if wscheme.granularity == "group":
@@ -170,7 +174,7 @@ class QConv(_QuantBase):
         self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self._init_quant(conv.weight, conv.bias, wscheme, act, act_range)
+        self._init_quant(conv.weight, conv.bias, wscheme, act, act_range, weight_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = F.conv1d if self.dims == 1 else F.conv2d

@@ -47,6 +47,12 @@ class ZooEntry(ABC):
     def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
         """The task metric of `model`. `data` overrides the default data location where one applies."""
 
+    def finetune(self, model: nn.Module, epochs: int = 5, lr: float | None = None) -> nn.Module:
+        """Train `model` in place on this entry's training data (QAT, recovery after pruning)."""
+        from modelpress.core.errors import NotAvailableError
+
+        raise NotAvailableError(f"zoo entry {self.name!r} has no fine-tuning loop yet")
+
     def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]] | None:
         """Batches of real inputs for throughput measurement (text: dynamic padding); None if n/a."""
         return None

@@ -229,6 +229,10 @@ class DigitsEntry(ZooEntry):
         X, y = load_digits_split("test")
         return Quality(name="accuracy", value=accuracy(model, X, y), details={"n": len(y)})
 
+    def finetune(self, model: nn.Module, epochs: int = 5, lr: float | None = None) -> nn.Module:
+        """A short, deterministic fine-tune on the train split (after quantization or pruning)."""
+        return train_digits_cnn(model, epochs=epochs, lr=LR / 3 if lr is None else lr)
+
     def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
         X, _ = load_digits_split("test")
         for i in range(0, len(X), batch_size):

@@ -1,0 +1,163 @@
+"""compress(model, recipe) -> (model, Report): passes in order, export, and measurement side by side.
+
+    >>> model, report = compress("minilm", "int8-dynamic", out_dir="out/minilm-int8")
+
+The baseline and every exported artifact are measured in the same run with the same threads
+(size on disk, latency per batch size, quality through the zoo entry's metric). The output
+folder is written atomically: a failed run leaves no half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+
+from modelpress.core.atomic import atomic_dir
+from modelpress.core.context import Context
+from modelpress.core.environment import environment
+from modelpress.core.errors import BadInputError
+from modelpress.core.registry import apply
+from modelpress.core.report import ModelStats, Report
+from modelpress.loading import LoadedModel, resolve
+from modelpress.recipes.recipe import Recipe, load_recipe
+
+
+def compress(
+    model: str | Path | nn.Module | LoadedModel,
+    recipe: str | Path | Recipe,
+    data: Any | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    threads: int | None = None,
+    eval_data: Path | None = None,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    repeats: int = 20,
+    progress: bool = True,
+    console: Console | None = None,
+) -> tuple[nn.Module, Report]:
+    """Apply `recipe` to `model`, export its artifacts into `out_dir` and measure everything.
+
+    `data` (calibration / training batches) defaults to the zoo entry's calibration set.
+    """
+    loaded = model if isinstance(model, LoadedModel) else resolve(model)
+    if not isinstance(loaded.model, nn.Module):
+        raise BadInputError(f"{loaded.spec}: compressing an ONNX model is not available yet; give a PyTorch model")
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    entry = loaded.entry
+    if entry is not None and not entry.has_quality:
+        entry_for_eval = None
+    else:
+        entry_for_eval = entry
+    if data is None and entry is not None:
+        try:
+            data = entry.calibration_data(128, 8)
+        except Exception:
+            data = None
+    report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
+    ctx = Context(
+        data=data,
+        eval_data=eval_data,
+        threads=threads,
+        show_progress=progress,
+        report=report,
+        train_fn=(lambda m: entry.finetune(m)) if entry is not None else None,
+        metric=(lambda m: entry_for_eval.evaluate(m, eval_data).value) if entry_for_eval is not None else None,
+    )
+    compressed = copy.deepcopy(loaded.model).eval()
+    with ctx.threads_scope():
+        for cfg in rec.passes:
+            compressed = apply(compressed, cfg, ctx)
+
+    if out_dir is None:
+        return compressed, report
+    example = entry.example_inputs(2) if entry is not None else None
+    with atomic_dir(out_dir) as tmp:
+        artifacts = _export(compressed, example, rec, tmp, ctx)
+        (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
+        _measure(loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir)
+        report.write(tmp)
+    if progress:
+        from modelpress.measure import stats_table
+
+        rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
+        (console or Console()).print(stats_table(rows))
+    return compressed, report
+
+
+def _export(model: nn.Module, example: tuple | None, rec: Recipe, folder: Path, ctx: Context) -> dict[str, Path]:
+    if example is None:
+        if rec.export:
+            ctx.warn("no example inputs are known for this model: artifacts were not exported")
+        return {}
+    out: dict[str, Path] = {}
+    if "onnx" in rec.export:
+        from modelpress.export.onnx import export_onnx
+
+        start = time.perf_counter()
+        out["onnx"] = export_onnx(model, example, folder / "model.onnx")
+        ctx.report.add_pass("export/onnx", time.perf_counter() - start)
+    if "pt2" in rec.export:
+        from modelpress.export.inductor import compile_package
+
+        start = time.perf_counter()
+        out["pt2"] = compile_package(model, example, folder / "model.pt2")
+        ctx.report.add_pass("export/pt2", time.perf_counter() - start)
+    return out
+
+
+def _measure(
+    loaded: LoadedModel,
+    compressed: nn.Module,
+    artifacts: dict[str, Path],
+    report: Report,
+    threads: int | None,
+    eval_data: Path | None,
+    batch_sizes: tuple[int, ...],
+    repeats: int,
+    progress: bool,
+    final_dir: str | Path,
+) -> None:
+    from modelpress.export.runtime import AotiModel, OnnxModel
+    from modelpress.measure import bench
+    from modelpress.measure.size import count_params
+
+    entry = loaded.entry
+    if entry is None:
+        return
+    specs: list[Any] = [(f"{loaded.name} (original)", loaded.model, entry, loaded.path)]
+    specs.append(
+        (f"{loaded.name} ({report.recipe['name'] if report.recipe else 'compressed'}, eager)", compressed, entry)
+    )
+    if "onnx" in artifacts:
+        specs.append(
+            ("model.onnx (ONNX Runtime)", OnnxModel(artifacts["onnx"], threads=threads), entry, artifacts["onnx"])
+        )
+    if "pt2" in artifacts:
+        specs.append(("model.pt2 (AOTInductor)", AotiModel(artifacts["pt2"]), entry, artifacts["pt2"]))
+    stats = bench(
+        specs,
+        batch_sizes=batch_sizes,
+        threads=threads,
+        repeats=repeats,
+        eval_data=eval_data,
+        progress=progress,
+        memory=False,
+    )
+    params = count_params(compressed)
+    for s in stats[2:]:
+        s.params, s.nonzero_params = params
+        s.artifact = str(Path(final_dir) / Path(s.artifact).name) if s.artifact else None
+    report.baseline = stats[0]
+    report.artifacts = stats[1:]
+    deployable = stats[2:] or stats[1:]
+    report.compressed = min(deployable, key=lambda s: _p50(s, max(batch_sizes)))
+
+
+def _p50(stats: ModelStats, batch_size: int) -> float:
+    lat = stats.latency_ms.get(str(batch_size))
+    return lat.p50 if lat is not None else float("inf")

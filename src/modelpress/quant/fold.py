@@ -1,0 +1,78 @@
+"""Conv-BN folding: a BatchNorm after a convolution becomes part of the convolution's weight and bias.
+
+In eval mode `bn(conv(x)) = conv'(x)` with `w' = w * gamma / sqrt(var + eps)` (per output channel)
+and `b' = (b - mean) * gamma / sqrt(var + eps) + beta`, so the quantized model has one integer
+layer where the float one had two, and the scale covers the folded weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def fold_into(conv: nn.Conv1d | nn.Conv2d, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+    """Fold `bn`'s eval-mode affine transform into `conv` in place."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm that does not track running statistics")
+    with torch.no_grad():
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(inv_std)
+        beta = bn.bias if bn.affine else torch.zeros_like(inv_std)
+        factor = gamma * inv_std  # (out,)
+        conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * factor + beta
+        conv.bias = nn.Parameter(new_bias)
+
+
+def fold_conv_bn(model: nn.Module) -> list[str]:
+    """Fold every BatchNorm that directly follows a convolution (and only it uses the conv's output).
+
+    The pairs are found by tracing the model with torch.fx; where tracing fails, consecutive
+    children of `nn.Sequential` containers are used instead. Folded BatchNorms become
+    `nn.Identity`. Returns the names of the folded convolutions.
+    """
+    try:
+        pairs = _pairs_from_graph(model)
+    except Exception:  # models with data-dependent control flow do not trace
+        pairs = _pairs_from_sequentials(model)
+    for conv_name, bn_name in pairs:
+        fold_into(model.get_submodule(conv_name), model.get_submodule(bn_name))  # type: ignore[arg-type]
+        parent, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    return [c for c, _ in pairs]
+
+
+def _pairs_from_graph(model: nn.Module) -> list[tuple[str, str]]:
+    graph = fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BNS):
+            continue
+        src = node.args[0]
+        if (
+            isinstance(src, fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules.get(src.target), _CONVS)
+            and len(src.users) == 1
+        ):
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _pairs_from_sequentials(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (a_name, a), (b_name, b) in zip(children, children[1:], strict=False):
+            if isinstance(a, _CONVS) and isinstance(b, _BNS):
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + a_name, prefix + b_name))
+    return pairs

@@ -1,0 +1,357 @@
+"""Post-training quantization: weight-only, dynamic and static (calibrated) integer layers.
+
+Each flavour is a frozen config with a registered handler; `quantize()` applies one:
+
+    >>> model = quantize(model, StaticQuantConfig(observer=ObserverConfig(kind="mse")), data=batches)
+    >>> model = quantize(model, DynamicQuantConfig())                  # activations scaled at run time
+    >>> model = quantize(model, WeightOnlyConfig(bits=4, granularity="group", group_size=32))
+
+Linear and Conv1d/Conv2d layers are quantized; Conv-BN pairs are folded first. Layers that
+cannot be quantized (an unsupported type named in `include`, a group size that does not
+divide the input width, ...) are skipped with a warning that the report lists.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from modelpress.core.config import Config
+from modelpress.core.context import Context
+from modelpress.core.errors import BadInputError, ConfigError, DataError
+from modelpress.core.registry import apply, register
+from modelpress.primitives.affine import QuantScheme
+from modelpress.quant.fold import fold_conv_bn
+from modelpress.quant.modules import ActSpec, QConv, QLinear
+from modelpress.quant.observers import ObserverConfig, make_observer
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Layer types users commonly expect to be quantized that have no integer form here: skipped with a warning.
+_SKIPPED_TYPES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding)
+
+
+@dataclass(frozen=True)
+class LayerFilter(Config):
+    """Which layers a pass touches: regexes on qualified module names (`re.search`)."""
+
+    include: tuple[str, ...] = ()  # empty: every supported layer
+    exclude: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"bad layer pattern {pattern!r}: {e}") from None
+
+    def selects(self, name: str) -> bool:
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig(Config):
+    """Integer weights (any bit width 2–8), float activations."""
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: Literal["tensor", "channel", "group"] = "channel"
+    group_size: int = 128
+    layers: LayerFilter = LayerFilter()
+
+    def validate(self) -> None:
+        _check_bits(self.bits, 2, 8)
+
+    def weight_scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.symmetric, self.granularity, 0, self.group_size)
+
+
+@dataclass(frozen=True)
+class DynamicQuantConfig(Config):
+    """Integer weights and activations whose scale is computed from each input at run time."""
+
+    bits: int = 8
+    act_granularity: Literal["tensor", "token"] = "token"
+    act_symmetric: bool = False
+    per_channel: bool = True
+    layers: LayerFilter = LayerFilter(exclude=())
+
+    def validate(self) -> None:
+        _check_bits(self.bits, 2, 8)
+
+    def weight_scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
+
+
+@dataclass(frozen=True)
+class StaticQuantConfig(Config):
+    """Integer weights and activations with ranges fixed by calibration over real samples."""
+
+    bits: int = 8
+    act_symmetric: bool = False
+    per_channel: bool = True
+    observer: ObserverConfig = ObserverConfig()
+    weight_observer: Literal["minmax", "mse"] = "minmax"
+    calibration_batches: int = 32
+    fold_bn: bool = True
+    # Layers whose input stays dynamically scaled (e.g. ".*output.dense" for BERT's FFN2, whose
+    # GELU-output input has outliers a static per-tensor scale cannot cover).
+    dynamic_layers: tuple[str, ...] = ()
+    layers: LayerFilter = LayerFilter()
+
+    def validate(self) -> None:
+        _check_bits(self.bits, 2, 8)
+        if self.calibration_batches < 1:
+            raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
+
+    def weight_scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
+
+
+def _check_bits(bits: int, lo: int, hi: int) -> None:
+    if not lo <= bits <= hi:
+        raise ConfigError(f"bits must be in [{lo}, {hi}], got {bits}")
+
+
+@dataclass
+class LayerPlan:
+    """One layer to quantize and the settings it gets (mixed precision overrides `bits`)."""
+
+    name: str
+    module: nn.Module
+    weight: QuantScheme
+    act: ActSpec
+    skipped: str | None = None
+    act_range: tuple[float, float] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def select_layers(
+    model: nn.Module, layer_filter: LayerFilter, ctx: Context | None = None
+) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the layers `layer_filter` selects; unsupported selected types are warned about."""
+    chosen, skipped = [], {}
+    for name, module in model.named_modules():
+        if not name or not layer_filter.selects(name):
+            continue
+        if isinstance(module, QUANTIZABLE):
+            chosen.append((name, module))
+        elif isinstance(module, _SKIPPED_TYPES):
+            skipped.setdefault(type(module).__name__, []).append(name)
+    if ctx is not None:
+        for kind, names in skipped.items():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            ctx.warn(f"skipped {len(names)} {kind} layer(s) ({shown}): no integer form in this pass, kept in float")
+    return chosen
+
+
+def _plan(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dict[str, int] | None) -> list[LayerPlan]:
+    plans = []
+    for name, module in select_layers(model, cfg.layers, ctx):
+        bits = (overrides or {}).get(name, cfg.bits)
+        scheme = cfg.weight_scheme()
+        scheme = QuantScheme(bits, scheme.symmetric, scheme.granularity, scheme.axis, scheme.group_size)
+        plan = LayerPlan(name, module, scheme, act)
+        if scheme.granularity == "group":
+            if not isinstance(module, nn.Linear):
+                plan.skipped = "group-wise quantization applies to Linear layers"
+            elif module.in_features % scheme.group_size:
+                plan.skipped = f"group_size {scheme.group_size} does not divide in_features {module.in_features}"
+        if plan.skipped:
+            ctx.warn(f"skipped {name}: {plan.skipped} (kept in float)")
+        else:
+            plans.append(plan)
+    if not plans:
+        raise BadInputError(
+            f"the model has no quantizable layers selected by {cfg.layers}: "
+            f"supported types are {', '.join(t.__name__ for t in QUANTIZABLE)}"
+        )
+    return plans
+
+
+def _swap(model: nn.Module, plans: Sequence[LayerPlan]) -> None:
+    for plan in plans:
+        m = plan.module
+        if isinstance(m, nn.Linear):
+            new: nn.Module = QLinear.from_float(m, plan.weight, plan.act, plan.act_range)
+        else:
+            new = QConv(m, plan.weight, plan.act, plan.act_range)
+        _set_submodule(model, plan.name, new)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def calibrate(
+    model: nn.Module,
+    plans: Sequence[LayerPlan],
+    data: Iterable[Any],
+    observer: ObserverConfig,
+    scheme: QuantScheme,
+    max_batches: int,
+    ctx: Context,
+) -> int:
+    """Run `data` through `model`, observing each planned layer's input; sets `plan.act_range`. Returns batches."""
+    observers = {p.name: make_observer(observer) for p in plans}
+    handles = []
+    for p in plans:
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = p.name) -> None:
+            observers[name].observe(args[0].detach())
+
+        handles.append(p.module.register_forward_pre_hook(hook))
+    n = 0
+    try:
+        with torch.inference_mode():
+            batches = _take(data, max_batches)
+            for batch in ctx.progress(batches, "calibrating", total=len(batches)):
+                _run(model, batch)
+                n += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise DataError("the calibration set is empty: static quantization needs real input batches (--data)")
+    for p in plans:
+        lo, hi = observers[p.name].range(scheme)
+        p.act_range = (float(lo), float(hi))
+    return n
+
+
+def _take(data: Iterable[Any], n: int) -> list[Any]:
+    out = []
+    for batch in data:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _run(model: nn.Module, batch: Any) -> Any:
+    """Call `model` on one batch: a tuple/list is positional, a dict is keyword, a tensor is the input."""
+    try:
+        if isinstance(batch, dict):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+    except (TypeError, RuntimeError) as e:
+        shape = _describe(batch)
+        raise DataError(f"a calibration batch does not fit the model ({shape}): {e}") from None
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"tensor {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return ", ".join(_describe(b) for b in batch)
+    if isinstance(batch, dict):
+        return ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items())
+    return type(batch).__name__
+
+
+def _begin(model: nn.Module, ctx: Context | None, inplace: bool) -> tuple[nn.Module, Context]:
+    ctx = ctx or Context()
+    _check_finite(model)
+    return (model if inplace else copy.deepcopy(model)).eval(), ctx
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise BadInputError(f"parameter {name} has non-finite values (NaN or inf); cannot quantize")
+
+
+def _summary(plans: Sequence[LayerPlan]) -> dict[str, Any]:
+    return {"layers": len(plans), "bits": {p.name: p.weight.bits for p in plans}}
+
+
+@register(WeightOnlyConfig)
+def weight_only(
+    model: nn.Module, cfg: WeightOnlyConfig, ctx: Context, overrides: dict[str, int] | None = None
+) -> nn.Module:
+    start = time.perf_counter()
+    plans = _plan(model, cfg, ActSpec(mode="none"), ctx, overrides)
+    _swap(model, plans)
+    ctx.report.add_pass("quantize/weight-only", time.perf_counter() - start, **_summary(plans))
+    return model
+
+
+@register(DynamicQuantConfig)
+def dynamic(
+    model: nn.Module, cfg: DynamicQuantConfig, ctx: Context, overrides: dict[str, int] | None = None
+) -> nn.Module:
+    start = time.perf_counter()
+    act = ActSpec(mode="dynamic", bits=8, symmetric=cfg.act_symmetric, granularity=cfg.act_granularity)
+    plans = _plan(model, cfg, act, ctx, overrides)
+    _swap(model, plans)
+    ctx.report.add_pass("quantize/dynamic", time.perf_counter() - start, **_summary(plans))
+    return model
+
+
+@register(StaticQuantConfig)
+def static(
+    model: nn.Module, cfg: StaticQuantConfig, ctx: Context, overrides: dict[str, int] | None = None
+) -> nn.Module:
+    start = time.perf_counter()
+    if ctx.data is None:
+        raise DataError("static quantization needs calibration data: pass data=... (CLI: --data) or use a zoo model")
+    folded = fold_conv_bn(model) if cfg.fold_bn else []
+    act = ActSpec(mode="static", bits=8, symmetric=cfg.act_symmetric)
+    plans = _plan(model, cfg, act, ctx, overrides)
+    dynamic_pat = [re.compile(p) for p in cfg.dynamic_layers]
+    for p in plans:
+        if any(d.search(p.name) for d in dynamic_pat):
+            p.act = ActSpec(mode="dynamic", bits=8, symmetric=cfg.act_symmetric, granularity="token")
+    static_plans = [p for p in plans if p.act.mode == "static"]
+    n = (
+        calibrate(model, static_plans, ctx.data, cfg.observer, act.scheme, cfg.calibration_batches, ctx)
+        if static_plans
+        else 0
+    )
+    _swap(model, plans)
+    ctx.report.add_pass(
+        "quantize/static",
+        time.perf_counter() - start,
+        folded_bn=folded,
+        calibration_batches=n,
+        observer=cfg.observer.kind,
+        **_summary(plans),
+    )
+    return model
+
+
+PTQConfig = WeightOnlyConfig | DynamicQuantConfig | StaticQuantConfig
+
+
+def quantize(
+    model: nn.Module,
+    config: PTQConfig,
+    data: Iterable[Any] | None = None,
+    ctx: Context | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Quantize `model` with `config`; returns a new model (the input is untouched unless `inplace`).
+
+    `data` is an iterable of input batches (tuple = positional args) for calibration.
+
+        >>> qmodel = quantize(model, StaticQuantConfig(), data=entry.calibration_data(64))
+    """
+    if not isinstance(model, nn.Module):
+        raise BadInputError(f"quantize() needs a torch.nn.Module, got {type(model).__name__}")
+    model, ctx = _begin(model, ctx, inplace)
+    if data is not None:
+        ctx.data = data
+    with ctx.threads_scope():
+        return apply(model, config, ctx)

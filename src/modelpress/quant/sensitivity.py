@@ -1,0 +1,196 @@
+"""Per-layer sensitivity and mixed precision: keep the layers that hurt most in higher precision.
+
+Sensitivity of a layer = the quality drop when that layer alone is quantized. The selection
+then quantizes everything at the low precision and, while the quality budget is not met,
+promotes the most sensitive layers (to `high_bits`, or to float) — a binary search over how
+many of them are promoted, each candidate measured on the whole model.
+
+    >>> cfg = MixedPrecisionConfig(base=WeightOnlyConfig(bits=4), high_bits=8, max_drop=0.005)
+    >>> model = quantize_mixed(model, cfg, data=batches)      # report lists the sensitivity table
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.core.config import Config
+from modelpress.core.context import Context
+from modelpress.core.errors import ConfigError, DataError
+from modelpress.core.registry import apply, register
+from modelpress.quant.fold import fold_conv_bn
+from modelpress.quant.ptq import (
+    DynamicQuantConfig,
+    LayerFilter,
+    StaticQuantConfig,
+    WeightOnlyConfig,
+    _run,
+    _take,
+)
+
+Metric = Callable[[nn.Module], float]  # higher is better
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig(Config):
+    """Quantize with `base`, keeping the most sensitive layers at `high_bits` (None: float) within `max_drop`.
+
+    The drop is measured by `metric`: "fidelity" (mean cosine of the outputs to the float model on
+    the calibration batches; drop = 1 - cosine) or "task" (the zoo entry's metric, slower).
+    """
+
+    base: WeightOnlyConfig | DynamicQuantConfig | StaticQuantConfig = WeightOnlyConfig(
+        bits=4, granularity="group", group_size=32
+    )
+    high_bits: int | None = 8
+    max_drop: float = 0.005
+    metric: str = "fidelity"
+    eval_batches: int = 8
+
+    def validate(self) -> None:
+        if self.high_bits is not None and not 2 <= self.high_bits <= 8:
+            raise ConfigError(f"high_bits must be in [2, 8] or null (float), got {self.high_bits}")
+        if self.max_drop < 0:
+            raise ConfigError(f"max_drop must be >= 0, got {self.max_drop}")
+        if self.metric not in ("fidelity", "task"):
+            raise ConfigError(f"metric must be 'fidelity' or 'task', got {self.metric!r}")
+
+
+@dataclass
+class SensitivityRow:
+    layer: str
+    params: int
+    quality: float  # metric with only this layer quantized
+    drop: float  # baseline metric minus quality
+
+
+def fidelity_metric(reference: nn.Module, batches: Sequence[Any]) -> Metric:
+    """Mean cosine similarity of a model's outputs to `reference`'s, per sample, over `batches`."""
+    with torch.inference_mode():
+        ref_out = [_flat(_run(reference, b)) for b in batches]
+
+    def metric(model: nn.Module) -> float:
+        with torch.inference_mode():
+            cos = [F.cosine_similarity(_flat(_run(model, b)), r, dim=-1) for b, r in zip(batches, ref_out, strict=True)]
+        return float(torch.cat(cos).mean())
+
+    return metric
+
+
+def _flat(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    return out.float().reshape(out.shape[0], -1)
+
+
+def _exact(name: str) -> LayerFilter:
+    return LayerFilter(include=(f"^{re.escape(name)}$",))
+
+
+def _layer_names(model: nn.Module, cfg: Any) -> list[str]:
+    from modelpress.quant.ptq import select_layers
+
+    return [n for n, _ in select_layers(model, cfg.layers)]
+
+
+def sensitivity(model: nn.Module, cfg: Any, metric: Metric, ctx: Context) -> tuple[float, list[SensitivityRow]]:
+    """Baseline metric and one row per layer: the metric with only that layer quantized by `cfg`."""
+    base = metric(model)
+    rows = []
+    for name in ctx.progress(_layer_names(model, cfg), "sensitivity"):
+        trial = copy.deepcopy(model)
+        trial = apply(trial, dataclasses.replace(cfg, layers=_exact(name)), _quiet(ctx))
+        q = metric(trial)
+        params = sum(p.numel() for p in model.get_submodule(name).parameters())
+        rows.append(SensitivityRow(name, params, q, base - q))
+    rows.sort(key=lambda r: r.drop, reverse=True)
+    return base, rows
+
+
+def _quiet(ctx: Context) -> Context:
+    """A context for trial runs: same data and threads, its own throwaway report."""
+    return dataclasses.replace(ctx, show_progress=False, report=copy.deepcopy(ctx.report))
+
+
+def _promote(cfg: MixedPrecisionConfig, names: Sequence[str]) -> tuple[Any, dict[str, int]]:
+    """Base config with `names` kept in float (excluded) or overridden to `high_bits`."""
+    if cfg.high_bits is None:
+        excluded = cfg.base.layers.exclude + tuple(f"^{re.escape(n)}$" for n in names)
+        return dataclasses.replace(cfg.base, layers=LayerFilter(cfg.base.layers.include, excluded)), {}
+    return cfg.base, {n: cfg.high_bits for n in names}
+
+
+def _quantize_with(model: nn.Module, cfg: Any, overrides: dict[str, int], ctx: Context) -> nn.Module:
+    from modelpress.core.registry import PASSES
+
+    return PASSES.handler_for(cfg)(model, cfg, ctx, overrides=overrides)
+
+
+@register(MixedPrecisionConfig)
+def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -> nn.Module:
+    start = time.perf_counter()
+    if ctx.data is None:
+        raise DataError("mixed precision needs input batches to measure sensitivity (data=... / --data)")
+    batches = _take(ctx.data, cfg.eval_batches)
+    if not batches:
+        raise DataError("the calibration set is empty: mixed precision needs real input batches")
+    if isinstance(cfg.base, StaticQuantConfig) and cfg.base.fold_bn:
+        fold_conv_bn(model)  # once, so every trial sees the same folded float model
+    if cfg.metric == "task":
+        if ctx.metric is None:
+            raise DataError("metric='task' needs the zoo entry's evaluation (a zoo model), or use 'fidelity'")
+        metric = ctx.metric
+    else:
+        metric = fidelity_metric(model, batches)
+    base, rows = sensitivity(model, cfg.base, metric, ctx)
+    order = [r.layer for r in rows]
+
+    def trial(k: int) -> tuple[nn.Module, float]:
+        qcfg, overrides = _promote(cfg, order[:k])
+        m = _quantize_with(copy.deepcopy(model), qcfg, overrides, _quiet(ctx))
+        return m, metric(m)
+
+    # Binary search for the fewest promoted layers that meet the budget (quality grows with k).
+    lo, hi = 0, len(order)
+    best: tuple[int, nn.Module, float] | None = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        m, q = trial(mid)
+        if base - q <= cfg.max_drop:
+            best, hi = (mid, m, q), mid - 1
+        else:
+            lo = mid + 1
+    if best is None:  # even promoting every layer misses the budget (possible with high_bits set)
+        k = len(order)
+        m, q = trial(k)
+        best = (k, m, q)
+        ctx.warn(
+            f"mixed precision: quality drop {base - q:.4g} exceeds max_drop {cfg.max_drop} even with "
+            f"every layer at {cfg.high_bits} bits"
+        )
+    k, qmodel, quality = best
+    ctx.report.add_pass(
+        "quantize/mixed-precision",
+        time.perf_counter() - start,
+        metric=cfg.metric,
+        baseline=base,
+        quality=quality,
+        drop=base - quality,
+        max_drop=cfg.max_drop,
+        promoted=order[:k],
+        high_bits=cfg.high_bits,
+        low_bits=cfg.base.bits,
+        sensitivity=[dataclasses.asdict(r) for r in rows],
+    )
+    return qmodel

@@ -1,0 +1,98 @@
+"""Recipes: YAML files that list the passes to apply, in order, and the artifacts to export.
+
+    description: int8 weights and activations, calibrated
+    passes:
+      - type: StaticQuantConfig
+        observer: {kind: mse}
+    export: [onnx, pt2]
+
+Every pass is a config dict whose `type` names the config class; unknown keys or bad values are
+rejected with a message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelpress.core.config import Config
+from modelpress.core.errors import ConfigError
+
+EXPORTS = ("onnx", "pt2")
+_KEYS = {"description", "passes", "export"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    passes: tuple[Config, ...]
+    export: tuple[str, ...] = EXPORTS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "passes": [p.to_dict() for p in self.passes],
+            "export": list(self.export),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _register_pass_types() -> None:
+    # Config classes register by name on import; recipes may name any of them.
+    import modelpress.quant  # noqa: F401
+
+
+def builtin_names() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".yaml") for p in resources.files(__package__).iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def parse_recipe(data: Any, name: str) -> Recipe:
+    """A recipe from its parsed YAML; `ConfigError` for anything malformed."""
+    _register_pass_types()
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {name}: expected a mapping with keys {sorted(_KEYS)}, got {type(data).__name__}")
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise ConfigError(f"recipe {name}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(_KEYS))}")
+    passes = data.get("passes")
+    if not isinstance(passes, list) or not passes:
+        raise ConfigError(f"recipe {name}: 'passes' must be a non-empty list of pass configs")
+    configs = []
+    for i, p in enumerate(passes):
+        try:
+            configs.append(Config.from_dict(p))
+        except ConfigError as e:
+            raise ConfigError(f"recipe {name}, pass {i + 1}: {e}") from None
+    export = data.get("export", list(EXPORTS))
+    if not isinstance(export, list) or any(e not in EXPORTS for e in export):
+        raise ConfigError(f"recipe {name}: 'export' must be a list of {', '.join(EXPORTS)}, got {export!r}")
+    return Recipe(name, str(data.get("description", "")), tuple(configs), tuple(export))
+
+
+def load_recipe(spec: str | Path) -> Recipe:
+    """A built-in recipe by name (`modelpress recipes` lists them) or a YAML file path."""
+    text_spec = str(spec)
+    if text_spec in builtin_names():
+        text = (resources.files(__package__) / f"{text_spec}.yaml").read_text(encoding="utf-8")
+        name = text_spec
+    else:
+        path = Path(text_spec)
+        if not path.is_file():
+            raise ConfigError(
+                f"recipe {text_spec!r} is neither a built-in recipe ({', '.join(builtin_names())}) nor a YAML file"
+            )
+        text, name = path.read_text(encoding="utf-8"), path.stem
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {text_spec}: invalid YAML: {e}") from None
+    return parse_recipe(data, name)
