@@ -36,7 +36,7 @@ def test_usage_error_exits_2(capsys):
     assert "No such option" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["compress", "export", "recipes"])
+@pytest.mark.parametrize("command", ["export"])
 def test_unavailable_commands_say_so(capsys, command):
     assert main([command]) == 1
     assert "not available in this release yet" in capsys.readouterr().err

@@ -152,7 +152,9 @@ def test_layout_matches_onnxruntime_matmulnbits(bits: int) -> None:
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, n])],
         initializer=[numpy_helper.from_array(v, name) for name, v in initializers.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = torch.randn(2, k, generator=torch.Generator().manual_seed(0))
     (y,) = session.run(None, {"A": a.numpy()})

@@ -162,7 +162,8 @@ def decomposed_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None
     scheme = act.scheme
     qdtype = torch.int8 if scheme.symmetric else torch.uint8
     if act.mode == "static":
-        scale, zp = module.act_scale, module.act_zero_point
+        # shape (1,): Inductor turns 0-d constants into scalars, which its int8 lowering rejects
+        scale, zp = module.act_scale.reshape(1), module.act_zero_point.reshape(1)
     else:
         scale, zp = qparams_from_range(*reduce_range(x, scheme), scheme)
     qx = _qd.quantize_per_tensor.tensor(x, scale, zp, scheme.qmin, scheme.qmax, qdtype)

@@ -157,6 +157,8 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -
     order = [r.layer for r in rows]
 
     def trial(k: int) -> tuple[nn.Module, float]:
+        if k == len(order) and cfg.high_bits is None:  # every layer promoted to float
+            return copy.deepcopy(model), base
         qcfg, overrides = _promote(cfg, order[:k])
         m = _quantize_with(copy.deepcopy(model), qcfg, overrides, _quiet(ctx))
         return m, metric(m)

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modelpress.core import BadInputError, ConfigError, Context, DataError
+from modelpress.primitives.affine import sqnr_db
+from modelpress.quant import (
+    DynamicQuantConfig,
+    LayerFilter,
+    ObserverConfig,
+    QConv,
+    QLinear,
+    StaticQuantConfig,
+    WeightOnlyConfig,
+    quantize,
+)
+from modelpress.quant.fold import fold_conv_bn
+from modelpress.zoo import get_entry
+
+
+@pytest.fixture(scope="module")
+def digits(cache_dir):
+    entry = get_entry("digits-cnn")
+    model = entry.load(cache_dir=cache_dir)
+    return entry, model, entry.evaluate(model).value
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+
+
+def _batches(n: int = 4) -> list[tuple[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 64, generator=g),) for _ in range(n)]
+
+
+def test_conv_bn_folding_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model[1].weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    assert fold_conv_bn(model) == ["0"]
+    assert isinstance(model[1], nn.Identity)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        StaticQuantConfig(),
+        StaticQuantConfig(observer=ObserverConfig(kind="mse")),
+        StaticQuantConfig(observer=ObserverConfig(kind="percentile")),
+        DynamicQuantConfig(),
+        WeightOnlyConfig(),
+    ],
+    ids=["static-minmax", "static-mse", "static-percentile", "dynamic", "w8"],
+)
+def test_digits_int8_accuracy_drop_within_0_3_points(digits, cfg):
+    entry, model, fp32 = digits
+    qmodel = quantize(model, cfg, data=entry.calibration_data(256, 32))
+    assert fp32 - entry.evaluate(qmodel).value <= 0.003
+    layers = [m for m in qmodel.modules() if isinstance(m, (QLinear, QConv))]
+    assert len(layers) == 4 and all(m.weight_q.dtype == torch.int8 for m in layers)
+
+
+def test_quantize_does_not_touch_the_input_model(digits):
+    entry, model, _ = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize(model, StaticQuantConfig(), data=entry.calibration_data(64, 32))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(m, QConv) for m in model.modules())
+
+
+def test_static_output_close_to_float_and_ranges_from_calibration():
+    model = _mlp().eval()
+    qmodel = quantize(model, StaticQuantConfig(), data=_batches())
+    x = _batches(1)[0][0]
+    assert sqnr_db(model(x), qmodel(x)) > 30
+    first = qmodel[0]
+    lo = min(float(b[0].min()) for b in _batches())
+    hi = max(float(b[0].max()) for b in _batches())
+    # asymmetric uint8: scale covers the observed range exactly
+    torch.testing.assert_close(first.act_scale, torch.tensor((hi - lo) / 255), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bits, floor_db", [(8, 40), (4, 18), (3, 12), (2, 5)])
+def test_weight_only_group_sqnr_floor(bits, floor_db):
+    model = _mlp().eval()
+    cfg = WeightOnlyConfig(bits=bits, granularity="group", group_size=16, symmetric=False)
+    qmodel = quantize(model, cfg)
+    x = _batches(1)[0][0]
+    assert sqnr_db(model(x), qmodel(x)) > floor_db
+    assert qmodel[0].weight_scale.shape == (128, 4, 1)  # (out, groups, 1)
+
+
+def test_layer_filter_and_skipped_layers_are_reported():
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 64), nn.Linear(64, 8)).eval()
+    ctx = Context(show_progress=False)
+    with pytest.warns(UserWarning, match="skipped 1 Embedding"):
+        qmodel = quantize(model, WeightOnlyConfig(layers=LayerFilter(exclude=("^2$",))), ctx=ctx)
+    assert isinstance(qmodel[1], QLinear) and isinstance(qmodel[2], nn.Linear)
+    assert any("Embedding" in w for w in ctx.report.warnings)
+    assert ctx.report.passes[0].stats["layers"] == 1
+
+
+def test_group_size_that_does_not_divide_is_skipped_with_warning():
+    model = nn.Sequential(nn.Linear(48, 32), nn.Linear(32, 8)).eval()
+    with pytest.warns(UserWarning, match="group_size 32 does not divide in_features 48"):
+        qmodel = quantize(model, WeightOnlyConfig(bits=4, granularity="group", group_size=32))
+    assert isinstance(qmodel[0], nn.Linear) and isinstance(qmodel[1], QLinear)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ConfigError, match="bits must be in \\[2, 8\\], got 1"):
+        StaticQuantConfig(bits=1)
+    with pytest.raises(ConfigError, match="bits must be in \\[2, 8\\], got 17"):
+        WeightOnlyConfig.from_dict({"bits": 17})
+    with pytest.raises(DataError, match="calibration set is empty"):
+        quantize(_mlp(), StaticQuantConfig(), data=[])
+    with pytest.raises(DataError, match="needs calibration data"):
+        quantize(_mlp(), StaticQuantConfig())
+    with pytest.raises(DataError, match="does not fit the model"):
+        quantize(_mlp(), StaticQuantConfig(), data=[(torch.randn(4, 3),)])
+    with pytest.raises(BadInputError, match="no quantizable layers"):
+        quantize(nn.Sequential(nn.ReLU()), DynamicQuantConfig())
+    broken = _mlp()
+    broken[0].weight.data[0, 0] = float("nan")
+    with pytest.raises(BadInputError, match="0.weight has non-finite values"):
+        quantize(broken, DynamicQuantConfig())
+    with pytest.raises(ConfigError, match="bad layer pattern"):
+        LayerFilter(include=("(",))
+
+
+def test_dynamic_per_token_beats_per_tensor_with_an_outlier_token():
+    model = _mlp().eval()
+    x = torch.randn(8, 64)
+    x[0] *= 50  # one outlier token
+    per_token = quantize(model, DynamicQuantConfig(act_granularity="token"))
+    per_tensor = quantize(model, DynamicQuantConfig(act_granularity="tensor"))
+    ref = model(x)
+    assert sqnr_db(ref[1:], per_token(x)[1:]) > sqnr_db(ref[1:], per_tensor(x)[1:]) + 10

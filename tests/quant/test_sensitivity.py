@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modelpress.core import ConfigError, Context, DataError
+from modelpress.quant import MixedPrecisionConfig, QLinear, WeightOnlyConfig, quantize
+from modelpress.quant.sensitivity import fidelity_metric, sensitivity
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    with torch.no_grad():
+        model[2].weight[:, :4] *= 40  # a layer with outlier columns: the one low-bit quantization hurts most
+    return model
+
+
+def _data() -> list[tuple[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(32, 32, generator=g),) for _ in range(4)]
+
+
+def test_sensitivity_ranks_the_outlier_layer_first():
+    model = _model()
+    metric = fidelity_metric(model, _data())
+    base, rows = sensitivity(model, WeightOnlyConfig(bits=4), metric, Context(show_progress=False))
+    assert base == pytest.approx(1.0, abs=1e-6)
+    assert [r.layer for r in rows][0] == "2"
+    assert all(rows[i].drop >= rows[i + 1].drop for i in range(len(rows) - 1))
+
+
+@pytest.mark.parametrize("high_bits", [8, None])
+def test_mixed_precision_meets_the_budget_with_fewest_promotions(high_bits):
+    model = _model()
+    data = _data()
+    cfg = MixedPrecisionConfig(base=WeightOnlyConfig(bits=4), high_bits=high_bits, max_drop=0.01)
+    ctx = Context(data=data, show_progress=False)
+    qmodel = quantize(model, cfg, ctx=ctx)
+    stats = ctx.report.passes[-1].stats
+    assert stats["drop"] <= 0.01 and len(stats["sensitivity"]) == 3
+    assert fidelity_metric(model, data)(qmodel) == pytest.approx(stats["quality"], abs=1e-6)
+    all_low = fidelity_metric(model, data)(quantize(model, WeightOnlyConfig(bits=4)))
+    assert 1 - all_low > 0.01  # the budget really needed promotions
+    promoted = stats["promoted"]
+    assert 1 <= len(promoted) < 3 and promoted[0] == "2"
+    bits = {n: m.weight_bits() for n, m in qmodel.named_modules() if isinstance(m, QLinear)}
+    for name in promoted:
+        assert (bits.get(name) == 8) if high_bits == 8 else (name not in bits)
+
+
+def test_mixed_precision_bad_input():
+    with pytest.raises(ConfigError, match="metric must be 'fidelity' or 'task'"):
+        MixedPrecisionConfig(metric="speed")
+    with pytest.raises(DataError, match="needs input batches"):
+        quantize(_model(), MixedPrecisionConfig())

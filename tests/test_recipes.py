@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+
+from modelpress.cli import main
+from modelpress.core import ConfigError
+from modelpress.quant import DynamicQuantConfig, MixedPrecisionConfig, StaticQuantConfig, WeightOnlyConfig
+from modelpress.recipes.recipe import builtin_names, load_recipe, parse_recipe
+
+
+def test_builtin_recipes_load_and_round_trip():
+    names = builtin_names()
+    assert {"int8-dynamic", "int8-static", "w8", "w4"} <= set(names)
+    expected = {
+        "int8-dynamic": DynamicQuantConfig,
+        "int8-static": StaticQuantConfig,
+        "w8": WeightOnlyConfig,
+        "w4": MixedPrecisionConfig,
+    }
+    for name, cls in expected.items():
+        recipe = load_recipe(name)
+        assert recipe.description and isinstance(recipe.passes[0], cls)
+        assert parse_recipe(recipe.to_dict(), name) == recipe
+    assert load_recipe("int8-static").passes[0].observer.kind == "mse"
+    assert load_recipe("w4").passes[0].base.bits == 4
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"passes": [{"type": "StaticQuantConfig"}], "exports": []}, "unknown key 'exports'; allowed keys"),
+        ({"passes": []}, "'passes' must be a non-empty list"),
+        ({"passes": [{"type": "StaticQuantConfig", "bitz": 8}]}, "pass 1: unknown key 'bitz' for StaticQuantConfig"),
+        ({"passes": [{"type": "WeightOnlyConfig", "bits": 12}]}, "pass 1: bits must be in [2, 8], got 12"),
+        ({"passes": [{"type": "Quantum"}]}, "unknown config type 'Quantum'"),
+        ({"passes": [{"type": "DynamicQuantConfig"}], "export": ["tflite"]}, "'export' must be a list of onnx, pt2"),
+        (["not", "a", "mapping"], "expected a mapping"),
+    ],
+)
+def test_bad_recipes_name_the_problem(data, fragment):
+    with pytest.raises(ConfigError) as exc:
+        parse_recipe(data, "mine")
+    assert fragment in str(exc.value)
+
+
+def test_recipe_files(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("passes:\n  - {type: DynamicQuantConfig, act_granularity: tensor}\nexport: [onnx]\n")
+    recipe = load_recipe(path)
+    assert recipe.name == "my" and recipe.export == ("onnx",)
+    assert recipe.passes[0].act_granularity == "tensor"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="neither a built-in recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_cli_recipes_lists_descriptions(capsys):
+    assert main(["recipes"]) == 0
+    text = capsys.readouterr().out
+    assert "int8-static" in text and "calibrated" in text
+
+
+def test_cli_compress_bad_recipe_and_data(capsys, tmp_path):
+    assert main(["compress", "digits-cnn", "--recipe", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "neither a built-in recipe" in capsys.readouterr().err
+    empty = tmp_path / "empty.npy"
+    import numpy as np
+
+    np.save(empty, np.zeros((0, 1, 8, 8), dtype=np.float32))
+    assert (
+        main(["compress", "digits-cnn", "--recipe", "int8-static", "--data", str(empty), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
