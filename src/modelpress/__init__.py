@@ -15,6 +15,8 @@ __all__ = [
     # models
     "load_model",
     "resolve",
+    # compression
+    "quantize", "compress",
     # measurement
     "bench",
     # core
@@ -29,6 +31,8 @@ _LAZY = {
     "load_model": "modelpress.loading",
     "resolve": "modelpress.loading",
     "bench": "modelpress.measure",
+    "quantize": "modelpress.quant",
+    "compress": "modelpress.pipeline",
     "Config": "modelpress.core",
     "Context": "modelpress.core",
     "Report": "modelpress.core",
