@@ -1,10 +1,11 @@
 """AOTInductor packages of quantized models: int8 oneDNN GEMMs where layers are quantized, bf16 elsewhere.
 
 `compile_package` exports a model holding `QLinear` layers (and plain float layers) with
-`torch.export`, lowers it with Inductor (freezing on, so the int8 patterns of
-`quant.kernels.decomposed_linear` become `onednn.qlinear_pointwise` on prepacked weights) and
-writes an AOTInductor `model.pt2` that `torch._inductor.aoti_load_package` runs without the Python
-model code. `compile_model` is the same lowering in-process (torch.compile).
+`torch.export`, lowers it with Inductor (freezing on, so that the int8 patterns written by
+`quant.kernels.decomposed_linear` become `onednn.qlinear_pointwise` on prepacked weights, with
+GELU, residual adds and the next layer's quantization fused in) and writes an AOTInductor `.pt2`
+that `torch._inductor.aoti_load_package` runs without the Python model code. `compile_model` is
+the same lowering in-process (torch.compile).
 
     >>> path = compile_package(qmodel, entry.example_inputs(2), "out/model.pt2")
     >>> runner = torch._inductor.aoti_load_package(str(path))
@@ -13,9 +14,10 @@ model code. `compile_model` is the same lowering in-process (torch.compile).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator
+import re
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +25,63 @@ import torch
 from torch import nn
 
 from modelpress.core.atomic import atomic_path
-from modelpress.quant import kernels  # noqa: F401  (registers the quantized_decomposed ops)
+from modelpress.quant import kernels
+from modelpress.quant.modules import QLinear
 
-# Freezing turns parameters into constants: the int8 weight patterns are prepacked at compile time.
+# Freezing turns weights into constants: the int8 weight patterns are prepacked at compile time.
 INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True}
 
 
-def prepare(model: nn.Module, bf16: bool) -> nn.Module:
-    """A private inference copy of `model` (the user's model is never touched)."""
-    return copy.deepcopy(model).eval()
+class TracedQLinear(nn.Module):
+    """A `QLinear` in the form Inductor lowers to an int8 GEMM (inference only).
+
+    Integer weights and scales are frozen parameters (torch.compile's freezing inlines parameters,
+    not buffers) and a static layer's activation scale and zero point are Python numbers.
+    """
+
+    def __init__(self, q: QLinear) -> None:
+        super().__init__()
+        self.weight_scheme, self.act = q.weight_scheme, q.act
+        self.in_features, self.out_features = q.in_features, q.out_features
+        for name in ("weight_q", "weight_scale", "weight_zero_point", "bias"):
+            value = getattr(q, name)
+            self.register_parameter(name, None if value is None else nn.Parameter(value.clone(), requires_grad=False))
+        self.act_qparams: tuple[float, int] | None = None
+        if q.act.mode == "static":
+            self.act_qparams = (float(q.act_scale), int(q.act_zero_point))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.decomposed_linear(self, x, self.act_qparams)
+        assert out is not None, "TracedQLinear is built only for layers with an int8 pattern"
+        return out
 
 
-@contextlib.contextmanager
-def lowering_context(bf16: bool) -> Iterator[None]:
-    """Inference mode for tracing, with bf16 autocast for the float ops when asked."""
-    with torch.no_grad():
-        if bf16:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                yield
-        else:
-            yield
+def prepare(model: nn.Module, bf16: bool = True) -> nn.Module:
+    """A private inference copy of `model` ready for lowering (the user's model is never touched).
+
+    Int8 `QLinear` layers become `TracedQLinear`; with `bf16`, every other floating parameter and
+    buffer is cast to bf16 (quantization scales stay fp32); floating outputs are cast to float32.
+    """
+    module = copy.deepcopy(model).eval()
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QLinear) and kernels.decomposed_linear_applies(child):
+                setattr(parent, name, TracedQLinear(child))
+    if bf16:
+        for sub in module.modules():
+            if isinstance(sub, (QLinear, TracedQLinear)):
+                continue
+            for name, p in sub.named_parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16)
+            for name, b in sub.named_buffers(recurse=False):
+                if b.is_floating_point():
+                    setattr(sub, name, b.to(torch.bfloat16))
+    for p in module.parameters():
+        p.requires_grad_(False)
+    # A hook, not a wrapper: the traced signature (input names) stays the model's own.
+    module.register_forward_hook(_outputs_to_float32)
+    return module
 
 
 def export_program(
@@ -53,23 +92,13 @@ def export_program(
     dynamic_seq: bool = True,
     bf16: bool = True,
 ) -> torch.export.ExportedProgram:
-    """`torch.export` program of a private copy of `model`, batch and sequence axes dynamic if asked."""
+    """`torch.export` program of a prepared copy of `model`, batch and sequence axes dynamic if asked."""
     inputs = _examples_for_dynamic(example_inputs, dynamic_batch, dynamic_seq)
     shapes = _dynamic_shapes(inputs, dynamic_batch, dynamic_seq)
-    module = prepare(model, bf16)
-    with lowering_context(bf16):
-        program = torch.export.export(module, inputs, dynamic_shapes=shapes)
+    with torch.no_grad():
+        program = torch.export.export(prepare(model, bf16), inputs, dynamic_shapes=shapes)
     _drop_metadata_asserts(program.graph_module)
     return program
-
-
-def _drop_metadata_asserts(gm: torch.fx.GraphModule) -> None:
-    # Export checks each `.to()` with an `_assert_tensor_metadata` node; as a second user of a
-    # dequantize node it stops Inductor from fusing the q/dq pattern into an int8 GEMM.
-    for node in list(gm.graph.nodes):
-        if node.target is torch.ops.aten._assert_tensor_metadata.default:
-            gm.graph.erase_node(node)
-    gm.recompile()
 
 
 def compile_package(
@@ -85,29 +114,59 @@ def compile_package(
     """Export, lower and package `model` into an AOTInductor `.pt2` at `out_path` (written atomically).
 
     The package takes the example inputs' tensors positionally (e.g. input_ids, attention_mask)
-    and returns the model's outputs, token states first. `bf16` runs the float ops under bf16
-    autocast; quantized layers run int8 GEMMs with bf16 (or fp32) outputs.
+    and returns the model's outputs as float32, token states first. `bf16` runs the float
+    (non-quantized) ops in bf16; quantized layers run int8 GEMMs with bf16 (else fp32) outputs.
+    Batch (from 1) and sequence axes are dynamic unless switched off.
     """
     out = Path(out_path)
     program = export_program(model, example_inputs, dynamic_batch=dynamic_batch, dynamic_seq=dynamic_seq, bf16=bf16)
     configs = {**INDUCTOR_CONFIGS, **(inductor_configs or {})}
-    with atomic_path(out) as tmp, open(tmp, "w+b") as f, torch.no_grad():
-        torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
+    with atomic_path(out) as tmp, torch.no_grad():
+        with open(tmp, "w+b") as f:
+            torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
     return out
 
 
 def compile_model(
     model: nn.Module, *, bf16: bool = True, dynamic: bool = True, inductor_configs: dict[str, Any] | None = None
 ) -> Callable[..., Any]:
-    """The same lowering in-process: a torch.compile'd private copy of `model` (inference only)."""
-    module = prepare(model, bf16)
-    compiled = torch.compile(module, dynamic=dynamic, options={**INDUCTOR_CONFIGS, **(inductor_configs or {})})
+    """The same lowering in-process: a torch.compile'd prepared copy of `model` (inference only)."""
+    compiled = torch.compile(prepare(model, bf16), dynamic=dynamic, options={**INDUCTOR_CONFIGS, **(inductor_configs or {})})
 
     def run(*inputs: torch.Tensor) -> Any:
-        with lowering_context(bf16):
+        with torch.no_grad():
             return compiled(*inputs)
 
     return run
+
+
+def package_kernels(path: str | Path) -> dict[str, int]:
+    """How often each oneDNN / int8 / GEMM kernel is called in a package's generated wrapper code."""
+    names = r"\b(?:aoti_torch_cpu_)?_*(qlinear_pointwise\w*|_int_mm|_weight_int8pack_mm|addmm|mm|bmm|linear)\("
+    counts: dict[str, int] = {}
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if name.endswith("wrapper.cpp"):
+                for op in re.findall(names, z.read(name).decode("utf-8", "replace")):
+                    counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def _outputs_to_float32(module: nn.Module, inputs: Any, out: Any) -> Any:
+    # A bf16 package returns float32 like the fp32 model (a cheap cast of the outputs).
+    def cast(x: Any) -> Any:
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    return type(out)(cast(o) for o in out) if isinstance(out, (tuple, list)) else cast(out)
+
+
+def _drop_metadata_asserts(gm: torch.fx.GraphModule) -> None:
+    # Export checks each `.to()` with an `_assert_tensor_metadata` node; as a second user of a
+    # dequantize node it stops Inductor from fusing the q/dq pattern into an int8 GEMM.
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _examples_for_dynamic(
@@ -117,7 +176,7 @@ def _examples_for_dynamic(
     out = []
     for x in inputs:
         if dynamic_batch and x.dim() >= 1 and x.shape[0] < 2:
-            x = x.expand(2, *x.shape[1:]).contiguous()
+            x = torch.cat([x, x], dim=0)
         if dynamic_seq and x.dim() >= 2 and x.shape[1] < 2:
             x = torch.cat([x, x], dim=1)
         out.append(x)
@@ -127,8 +186,9 @@ def _examples_for_dynamic(
 def _dynamic_shapes(
     inputs: tuple[torch.Tensor, ...], dynamic_batch: bool, dynamic_seq: bool
 ) -> tuple[dict[int, Any], ...]:
-    # AUTO: export infers the range (and each axis' equalities across inputs) from the model.
-    batch = seq = torch.export.Dim.AUTO
+    # A named batch Dim keeps batch 1 valid (AUTO axes start at 2); AUTO lets export infer the
+    # sequence range from the model (e.g. [2, 512] from BERT's position embeddings).
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim.AUTO
     shapes = []
     for x in inputs:
         axes: dict[int, Any] = {}

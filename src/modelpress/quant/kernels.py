@@ -137,37 +137,48 @@ def _weight_only(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 # ---------------------------------------------------------------- traced form (Inductor patterns)
 
 
-def decomposed_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def decomposed_linear_applies(module: nn.Module) -> bool:
+    """Whether `decomposed_linear` writes `module` as an int8 pattern (int8 weights and activations)."""
+    return unsupported_reason(module) is None and module.act.mode != "none"
+
+
+def decomposed_linear(
+    module: nn.Module, x: torch.Tensor, act_qparams: tuple[float, int] | None = None
+) -> torch.Tensor | None:
     """The layer in the ops Inductor's x86 int8 passes fuse (freezing on); None where none applies.
 
     Static / dynamic per tensor: `quantize_per_tensor -> dequantize_per_tensor -> linear` with a
     `dequantize_per_channel` int8 weight (the PT2E pattern, lowered to `qlinear_pointwise`).
-    Dynamic per token: `_int_mm(q, w.T) * x_scale * w_scale + bias` (the SmoothQuant pattern, lowered
-    to `qlinear_pointwise` plus the per-row scale in a fused epilogue). Under bf16 autocast or for
-    bf16 inputs the GEMM runs int8 with bf16 output (int8-mixed-bf16).
+    `act_qparams` gives a static layer's (scale, zero_point) as Python numbers: the exact PT2E
+    form, which also lets Inductor fuse GELU and the next layer's quantization into the GEMM.
+    Dynamic per token: `_int_mm(q, w.T) * x_scale * w_scale + bias` (the SmoothQuant pattern,
+    lowered to `qlinear_pointwise` with the per-row scale in a fused epilogue). For bf16 inputs
+    (or under bf16 autocast) the GEMM runs int8 with bf16 output.
     """
-    if unsupported_reason(module) is not None:
-        return None
+    act = module.act
+    if not decomposed_linear_applies(module):
+        return None  # weight-only: the reference forward (Inductor folds its dequantized weight)
     dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     ws = module.weight_scheme
     scale_w = module.weight_scale.reshape(-1)
     if ws.granularity == "tensor":
         scale_w = scale_w.expand(module.out_features)
-    zp_w = module.weight_zero_point.reshape(-1).expand(module.out_features)
-    act = module.act
-    if act.mode == "none":
-        return None  # weight-only: Inductor's own WOQ pattern matches the reference forward
     if act.mode == "dynamic" and act.granularity == "token":
         return _per_token_int_mm(module, x, scale_w, dt)
+    zp_w = module.weight_zero_point.reshape(-1).expand(module.out_features)
     scheme = act.scheme
-    qdtype = torch.int8 if scheme.symmetric else torch.uint8
-    if act.mode == "static":
-        # shape (1,): Inductor turns 0-d constants into scalars, which its int8 lowering rejects
-        scale, zp = module.act_scale.reshape(1), module.act_zero_point.reshape(1)
+    lo, hi, qdtype = scheme.qmin, scheme.qmax, torch.int8 if scheme.symmetric else torch.uint8
+    if act_qparams is not None:
+        qx = _qd.quantize_per_tensor(x, act_qparams[0], act_qparams[1], lo, hi, qdtype)
+        dqx = _qd.dequantize_per_tensor(qx, act_qparams[0], act_qparams[1], lo, hi, qdtype)
     else:
-        scale, zp = qparams_from_range(*reduce_range(x, scheme), scheme)
-    qx = _qd.quantize_per_tensor.tensor(x, scale, zp, scheme.qmin, scheme.qmax, qdtype)
-    dqx = _qd.dequantize_per_tensor.tensor(qx, scale, zp, scheme.qmin, scheme.qmax, qdtype)
+        if act.mode == "static":
+            # shape (1,): Inductor turns 0-d constants into scalars, which its int8 lowering rejects
+            scale, zp = module.act_scale.reshape(1), module.act_zero_point.reshape(1)
+        else:
+            scale, zp = qparams_from_range(*reduce_range(x, scheme), scheme)
+        qx = _qd.quantize_per_tensor.tensor(x, scale, zp, lo, hi, qdtype)
+        dqx = _qd.dequantize_per_tensor.tensor(qx, scale, zp, lo, hi, qdtype)
     w = _qd.dequantize_per_channel(module.weight_q, scale_w, zp_w, 0, ws.qmin, ws.qmax, torch.int8)
     bias = None if module.bias is None else _cast(module.bias, dt)
     return F.linear(_cast(dqx, dt), _cast(w, dt), bias)

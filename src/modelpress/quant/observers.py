@@ -22,6 +22,7 @@ anchored at zero, re-binned exactly (bins merged, never interpolated) when the r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -113,10 +114,15 @@ class Observer:
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val, self.channel_min, self.channel_max = mn, mx, cmin, cmax
             return
-        self.min_val, self.max_val = torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
-        if cmin is not None and cmax is not None:
-            self.channel_min = torch.minimum(self.channel_min, cmin)
-            self.channel_max = torch.maximum(self.channel_max, cmax)
+        self.min_val = self._fold(self.min_val, mn, torch.minimum)
+        self.max_val = self._fold(self.max_val, mx, torch.maximum)
+        if self.channel_min is not None and self.channel_max is not None and cmin is not None and cmax is not None:
+            self.channel_min = self._fold(self.channel_min, cmin, torch.minimum)
+            self.channel_max = self._fold(self.channel_max, cmax, torch.maximum)
+
+    def _fold(self, running: torch.Tensor, batch: torch.Tensor, extreme: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """A running statistic updated with a batch's (`extreme` is torch.minimum or torch.maximum)."""
+        return extreme(running, batch)
 
     def _observe_extra(self, x: torch.Tensor, mn: float, mx: float) -> None:
         pass
@@ -165,16 +171,8 @@ class MinMaxObserver(Observer):
 class MovingAverageObserver(Observer):
     """Exponential moving average of per-batch min/max: `m <- m + c * (batch_m - m)`."""
 
-    def _update(self, mn: torch.Tensor, mx: torch.Tensor, cmin: torch.Tensor | None, cmax: torch.Tensor | None) -> None:
-        if self.min_val is None or self.max_val is None:
-            self.min_val, self.max_val, self.channel_min, self.channel_max = mn, mx, cmin, cmax
-            return
-        c = self.cfg.averaging_constant
-        self.min_val = self.min_val + c * (mn - self.min_val)
-        self.max_val = self.max_val + c * (mx - self.max_val)
-        if cmin is not None and cmax is not None:
-            self.channel_min = self.channel_min + c * (cmin - self.channel_min)
-            self.channel_max = self.channel_max + c * (cmax - self.channel_max)
+    def _fold(self, running: torch.Tensor, batch: torch.Tensor, extreme: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return running + self.cfg.averaging_constant * (batch - running)
 
 
 # Histogram -------------------------------------------------------------------------------------
@@ -218,11 +216,17 @@ def grow_histogram(h: Histogram, mn: float, mx: float) -> Histogram:
     hi_idx = max(h.start + h.bins - 1, math.floor(mx / h.width))
     if lo_idx == h.start and hi_idx == h.start + h.bins - 1:
         return h
-    k = max(1, -(-(hi_idx - lo_idx + 1) // h.bins))
-    while hi_idx // k - lo_idx // k + 1 > h.bins:  # alignment can need one more merge step
-        k += 1
+    k = max(1, -(-(hi_idx - lo_idx + 1) // h.bins))  # merge factor (a Python int: it can be huge)
+    if hi_idx // k - lo_idx // k + 1 > h.bins:  # misaligned: this k always fits
+        k = max(k + 1, (hi_idx - lo_idx) // (h.bins - 1) + 1)
     start = lo_idx // k
-    idx = (torch.arange(h.bins, dtype=torch.int64) + h.start).div(k, rounding_mode="floor") - start
+    # Spread the spare bins over both sides of zero in proportion to their extent, so that the
+    # next slightly wider batch fits without another merge.
+    spare = h.bins - (hi_idx // k - start + 1)
+    start -= round(spare * -lo_idx / max(hi_idx - lo_idx, 1))
+    # Old grid indices lie in [-bins, 2 bins): dividing by min(k, 4 bins) floors them the same way.
+    old = torch.arange(h.bins, dtype=torch.int64) + h.start
+    idx = old.div(min(k, 4 * h.bins), rounding_mode="floor") - start
     counts = torch.zeros_like(h.counts).index_add_(0, idx, h.counts)
     return Histogram(counts, h.width * k, start)
 
@@ -268,8 +272,8 @@ class HistogramObserver(Observer):
             lo, hi = mse_range(self.histogram, mn, mx, scheme, self.cfg.search_steps, self.zeros)
         else:
             lo, hi = kl_range(self.histogram, scheme)
-        # Never wider than what was seen: the histogram grid may reach past the data.
-        lo, hi = max(lo, mn), min(hi, mx)
+        # Within what was seen: the histogram grid may reach past the data.
+        lo, hi = min(max(lo, mn), mx), max(min(hi, mx), mn)
         return torch.tensor(lo).to(self.min_val), torch.tensor(hi).to(self.max_val)
 
 
