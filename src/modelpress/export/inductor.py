@@ -23,13 +23,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from modelpress.core.atomic import atomic_path
 from modelpress.quant import kernels
 from modelpress.quant.modules import QLinear
 
-# Freezing turns weights into constants: the int8 weight patterns are prepacked at compile time.
-INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True}
 
 
 class TracedQLinear(nn.Module):
@@ -84,6 +83,12 @@ def prepare(model: nn.Module, bf16: bool = True) -> nn.Module:
     return module
 
 
+def inductor_configs(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Inductor settings of the int8 lowering: freezing (weights become constants, int8 patterns are
+    prepacked at compile time) and `SizesFromInputs`, plus `extra` overrides."""
+    return {"freezing": True, "joint_custom_pre_pass": SizesFromInputs(), **(extra or {})}
+
+
 def export_program(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
@@ -109,7 +114,7 @@ def compile_package(
     dynamic_batch: bool = True,
     dynamic_seq: bool = True,
     bf16: bool = True,
-    inductor_configs: dict[str, Any] | None = None,
+    extra_configs: dict[str, Any] | None = None,
 ) -> Path:
     """Export, lower and package `model` into an AOTInductor `.pt2` at `out_path` (written atomically).
 
@@ -120,7 +125,7 @@ def compile_package(
     """
     out = Path(out_path)
     program = export_program(model, example_inputs, dynamic_batch=dynamic_batch, dynamic_seq=dynamic_seq, bf16=bf16)
-    configs = {**INDUCTOR_CONFIGS, **(inductor_configs or {})}
+    configs = inductor_configs(extra_configs)
     with atomic_path(out) as tmp, torch.no_grad():
         with open(tmp, "w+b") as f:
             torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
@@ -128,27 +133,33 @@ def compile_package(
 
 
 def compile_model(
-    model: nn.Module, *, bf16: bool = True, dynamic: bool = True, inductor_configs: dict[str, Any] | None = None
+    model: nn.Module, *, bf16: bool = True, dynamic: bool = True, extra_configs: dict[str, Any] | None = None
 ) -> Callable[..., Any]:
     """The same lowering in-process: a torch.compile'd prepared copy of `model` (inference only)."""
-    compiled = torch.compile(prepare(model, bf16), dynamic=dynamic, options={**INDUCTOR_CONFIGS, **(inductor_configs or {})})
+    compiled = torch.compile(prepare(model, bf16), dynamic=dynamic, options=inductor_configs(extra_configs))
 
     def run(*inputs: torch.Tensor) -> Any:
-        with torch.no_grad():
+        # Dynamo reads `freezing` while tracing (to make weights graph constants), not just Inductor.
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
             return compiled(*inputs)
 
     return run
 
 
 def package_kernels(path: str | Path) -> dict[str, int]:
-    """How often each oneDNN / int8 / GEMM kernel is called in a package's generated wrapper code."""
-    names = r"\b(?:aoti_torch_cpu_)?_*(qlinear_pointwise\w*|_int_mm|_weight_int8pack_mm|addmm|mm|bmm|linear)\("
+    """How often the package's generated wrapper calls each ATen / oneDNN kernel (e.g.
+    `qlinear_pointwise_tensor`: int8 GEMM, `_linear_pointwise`: float oneDNN GEMM), plus the
+    fused post-ops of the int8 GEMMs (`post_op:gelu`)."""
     counts: dict[str, int] = {}
     with zipfile.ZipFile(path) as z:
         for name in z.namelist():
-            if name.endswith("wrapper.cpp"):
-                for op in re.findall(names, z.read(name).decode("utf-8", "replace")):
-                    counts[op] = counts.get(op, 0) + 1
+            if not name.endswith("wrapper.cpp"):
+                continue
+            code = z.read(name).decode("utf-8", "replace")
+            calls = re.findall(r"AOTI_TORCH_ERROR_CODE_CHECK\(aoti_torch_cpu_+(\w+?)\(", code)
+            calls += [f"post_op:{op}" for op in re.findall(r'qlinear_pointwise\w*\(.*?"(gelu|relu)"', code)]
+            for op in calls:
+                counts[op] = counts.get(op, 0) + 1
     return counts
 
 
@@ -167,6 +178,47 @@ def _drop_metadata_asserts(gm: torch.fx.GraphModule) -> None:
         if node.target is torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)
     gm.recompile()
+
+
+class SizesFromInputs(CustomGraphPass):
+    """Read every dynamic size off a graph input instead of an activation (an Inductor joint-graph pass).
+
+    Tracing with dynamic shapes leaves `sym_size(activation)` nodes (e.g. from
+    `hidden_states.shape[:-1]`); as extra users of a GEMM's output they stop Inductor from fusing
+    GELU, residual adds and the next layer's quantization into the int8 GEMM.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        _sizes_from_inputs(graph)
+
+    def uuid(self) -> Any:
+        return get_hash_for_files((__file__,))
+
+
+def _sizes_from_inputs(graph: torch.fx.Graph) -> None:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    owners: dict[Any, tuple[torch.fx.Node, int]] = {}  # symbol -> (placeholder, axis)
+    for ph in placeholders:
+        val = ph.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            for axis, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt):
+                    owners.setdefault(size.node.expr, (ph, axis))
+    cached: dict[tuple[torch.fx.Node, int], torch.fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.sym_size.int or node.args[0].op == "placeholder":
+            continue
+        size = node.args[0].meta["val"].shape[node.args[1]]
+        owner = owners.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+        if owner is None:
+            continue
+        if owner not in cached:
+            with graph.inserting_after(placeholders[-1]):
+                cached[owner] = graph.call_function(torch.ops.aten.sym_size.int, owner)
+                cached[owner].meta["val"] = owner[0].meta["val"].shape[owner[1]]
+        node.replace_all_uses_with(cached[owner])
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
 
 
 def _examples_for_dynamic(

@@ -95,11 +95,10 @@ def export_float(
     dynamic_axes: bool | DynamicAxes = True,
     opset: int = 17,
     prepare: Callable[[nn.Module], None] | None = None,
+    fuse_attention: bool = True,
 ) -> None:
     """Export a deep copy of `model` with the TorchScript exporter; `prepare` may edit the copy first."""
-    export_model = exportable_copy(model, inputs)
-    if prepare is not None:
-        prepare(export_model)
+    export_model = exportable_copy(model, inputs, prepare, fuse_attention)
     with torch.inference_mode():
         n_out = len(_as_tuple(export_model(*inputs)))
     in_names, out_names = contract_names(model, len(inputs), n_out, input_names, output_names)
@@ -116,26 +115,128 @@ def export_float(
                 dynamic_axes=axes,
                 opset_version=opset,
                 do_constant_folding=True,
+                custom_opsets={"com.microsoft": 1},
                 dynamo=False,
             )
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
 
 
-def exportable_copy(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
-    """A deep copy in eval mode; a BERT-like text encoder switches to eager attention if that keeps its output."""
+def exportable_copy(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    prepare: Callable[[nn.Module], None] | None = None,
+    fuse_attention: bool = True,
+) -> nn.Module:
+    """A deep copy in eval mode, edited by `prepare`, with a BERT-like encoder's attention made exportable.
+
+    With `fuse_attention`, each self-attention becomes one ONNX Runtime `Attention` op (see
+    `_FusedSelfAttention`); otherwise the encoder switches to eager attention, which ORT's
+    transformer optimizer can fuse (it fuses nothing on the sdpa graph), if that keeps the output.
+    """
     export_model = copy.deepcopy(model).eval()
+    if prepare is not None:
+        prepare(export_model)
     backbone = _bert_backbone(export_model)
-    if backbone is None or getattr(backbone.config, "_attn_implementation", "eager") == "eager":
+    if backbone is None:
+        return export_model
+    if fuse_attention and _fuse_self_attention(export_model):
+        return export_model
+    impl = getattr(backbone.config, "_attn_implementation", "eager")
+    if impl == "eager":
         return export_model
     with torch.inference_mode():
-        before = export_model(*inputs)
+        before = _first(export_model(*inputs))
         _set_attention(backbone, "eager")
-        after = export_model(*inputs)
-    if not torch.allclose(_first(before), _first(after), atol=PARITY_ATOL, rtol=0):
-        log.warning("eager attention changes the output of %s; exporting its default attention", type(model).__name__)
-        return copy.deepcopy(model).eval()
+        after = _first(export_model(*inputs))
+    if not torch.allclose(before, after, atol=PARITY_ATOL * max(1.0, float(before.abs().max())), rtol=0):
+        log.warning("eager attention changes the output of %s; exporting %s attention", type(model).__name__, impl)
+        _set_attention(backbone, impl)
     return export_model
+
+
+# ---------------------------------------------------------------- fused attention
+
+
+class _OrtAttention(torch.autograd.Function):
+    """Multi-head self-attention with packed Q/K/V weights; exported as `com.microsoft::Attention`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, num_heads: int
+    ) -> torch.Tensor:
+        b, s, h = x.shape
+        q, k, v = (x @ weight + bias).split(h, dim=-1)
+        q, k, v = (t.reshape(b, s, num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, heads, S, head_dim)
+        keep = mask[:, None, None, :].bool()  # (B, 1, 1, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return out.transpose(1, 2).reshape(b, s, h)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, weight: Any, bias: Any, mask: Any, num_heads: int) -> Any:
+        out = g.op("com.microsoft::Attention", x, weight, bias, mask, num_heads_i=num_heads)
+        out.setType(x.type())
+        return out
+
+
+class _FusedSelfAttention(nn.Module):
+    """A BERT self-attention (Q/K/V projections, scaled dot product, padding mask) as one ORT op.
+
+    The packed weight is `[W_q^T | W_k^T | W_v^T]` (hidden, 3 * hidden): ORT's own layout, which its
+    quantizer and `QAttention` also use. The padding mask (batch, seq) comes from the encoder's input.
+    """
+
+    def __init__(self, attn: nn.Module, mask_source: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        w, b = zip(*(_weight_and_bias(getattr(attn, n)) for n in ("query", "key", "value")), strict=True)
+        self.weight = nn.Parameter(torch.cat(w, dim=1), requires_grad=False)  # (hidden, 3 * hidden)
+        self.bias = nn.Parameter(torch.cat(b), requires_grad=False)
+        self.num_heads = int(attn.num_attention_heads)
+        self.mask_source = mask_source
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        mask = self.mask_source["attention_mask"].to(torch.int32)
+        return _OrtAttention.apply(hidden_states, self.weight, self.bias, mask, self.num_heads), None
+
+
+def _weight_and_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(in, out) weight and bias of an nn.Linear or a quantized layer's float stand-in (`weight_t`)."""
+    w = linear.weight_t if hasattr(linear, "weight_t") else linear.weight.t()
+    b = linear.bias if linear.bias is not None else torch.zeros(w.shape[1])
+    return w.detach().float(), b.detach().float()
+
+
+def _fuse_self_attention(model: nn.Module) -> bool:
+    """Swap each fusable self-attention of a text encoder for `_FusedSelfAttention`; False if none is."""
+    mask_source: dict[str, torch.Tensor] = {}
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if not _fusable_attention(module):
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, _FusedSelfAttention(module, mask_source))
+        swapped += 1
+    if swapped:
+
+        def keep_mask(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            mask_source["attention_mask"] = args[1] if len(args) > 1 else kwargs["attention_mask"]
+
+        model.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    return swapped > 0
+
+
+def _fusable_attention(module: nn.Module) -> bool:
+    """A BERT-style encoder self-attention with plain scaled dot products (no relative positions)."""
+    names = ("query", "key", "value")
+    return (
+        type(module).__name__.endswith("SelfAttention")
+        and all(hasattr(module, n) and hasattr(getattr(module, n), "bias") for n in names)
+        and hasattr(module, "num_attention_heads")
+        and not getattr(module, "is_decoder", False)
+        and getattr(module, "position_embedding_type", "absolute") == "absolute"
+        and not getattr(module, "no_fuse", False)  # set by callers whose Q/K/V cannot run fused
+        and abs(getattr(module, "scaling", module.attention_head_size**-0.5) - module.attention_head_size**-0.5) < 1e-9
+    )
 
 
 def _set_attention(backbone: nn.Module, impl: str) -> None:
@@ -193,15 +294,20 @@ def _dynamic_axes(
 # ---------------------------------------------------------------- graph optimization
 
 
-def optimize_graph(path: Path, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
-    """Optimize the ONNX file at `path` in place if the result still matches; returns what was applied."""
+def optimize_graph(
+    path: Path, model: nn.Module, inputs: tuple[torch.Tensor, ...], embed_layer_norm: bool = True
+) -> str:
+    """Optimize the ONNX file at `path` in place if the result still matches; returns what was applied.
+
+    `embed_layer_norm=False` keeps the embedding Gathers apart (the int8 export quantizes their tables).
+    """
     import onnx
 
     backbone = _bert_backbone(model)
     candidate = path.with_name(path.name + ".opt")
     try:
         if backbone is not None:
-            applied = _bert_optimize(path, candidate, backbone.config)
+            applied = _bert_optimize(path, candidate, backbone.config, embed_layer_norm)
         else:
             applied = _ort_optimize(path, candidate)
         reference = _run_onnx(path, inputs)
@@ -215,12 +321,14 @@ def optimize_graph(path: Path, model: nn.Module, inputs: tuple[torch.Tensor, ...
         candidate.unlink(missing_ok=True)
 
 
-def _bert_optimize(src: Path, dst: Path, config: Any) -> str:
+def _bert_optimize(src: Path, dst: Path, config: Any, embed_layer_norm: bool = True) -> str:
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    opt = optimize_model(
-        str(src), model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
-    )
+    options = FusionOptions("bert")
+    options.enable_embed_layer_norm = embed_layer_norm
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    opt = optimize_model(str(src), "bert", heads, hidden, optimization_options=options)
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     opt.save_model_to_file(str(dst))
     return "bert optimizer (" + ", ".join(f"{k} x{v}" for k, v in fused.items()) + ")"

@@ -1,0 +1,161 @@
+"""AOTInductor packages of quantized models: int8 kernels in the generated code, outputs of the eager model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.export.inductor import TracedQLinear, compile_model, compile_package, package_kernels, prepare
+from modelpress.export.runtime import AotiModel
+from modelpress.primitives.affine import QuantScheme
+from modelpress.quant.modules import ActSpec, QLinear
+
+W8 = QuantScheme(bits=8, symmetric=True, granularity="channel")
+
+
+class TinyEncoder(nn.Module):
+    """Embedding, LayerNorm, three QLinear (static asym, dynamic per token, static sym), GELU, residuals
+    and a float head; it reads sizes off a GEMM output the way Hugging Face attention code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(100, 64)
+        self.ln = nn.LayerNorm(64)
+        self.up = QLinear.from_float(nn.Linear(64, 128), W8, ActSpec("static"), act_range=(-3.0, 3.0))
+        token = ActSpec("dynamic", symmetric=True, granularity="token")
+        self.down = QLinear.from_float(nn.Linear(128, 64), W8, token)
+        self.out = QLinear.from_float(nn.Linear(64, 64), W8, ActSpec("static", symmetric=True), act_range=(-4.0, 4.0))
+        self.head = nn.Linear(64, 32)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.ln(self.emb(input_ids)) * attention_mask[..., None]
+        u = self.up(h)
+        u = u.view(*u.shape[:-1], 8, 16).flatten(-2)  # (B, S, 8, 16) -> (B, S, 128)
+        h = self.ln(self.down(F.gelu(u)) + h)
+        return self.out(h) + h, self.head(h)
+
+
+def _inputs(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(batch * 100 + seq)
+    ids = torch.randint(0, 100, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, seq // 2 :] = 0  # padding
+    return ids, mask
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyEncoder, Path, dict[str, torch.Tensor]]:
+    model = TinyEncoder().eval()
+    before = _snapshot(model)
+    path = compile_package(model, _inputs(2, 16), tmp_path_factory.mktemp("pt2") / "model.pt2")
+    return model, path, before
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=-1)
+
+
+@pytest.mark.parametrize(("batch", "seq"), [(1, 7), (3, 21)])
+def test_package_matches_eager_quantized_model(packaged, batch: int, seq: int) -> None:
+    model, path, _ = packaged
+    runner = torch._inductor.aoti_load_package(str(path))
+    inputs = _inputs(batch, seq)
+    with torch.no_grad():
+        expected = model(*inputs)
+    got = runner(*inputs)
+    assert len(got) == 2
+    for out, ref in zip(got, expected, strict=True):
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        # bf16 float ops and bf16 GEMM outputs: cosine, not bitwise, agreement with the eager int8 model
+        assert _cosine(out, ref).min() >= 0.999
+
+
+def test_package_runs_int8_kernels_with_fused_gelu(packaged) -> None:
+    _, path, _ = packaged
+    kernels = package_kernels(path)
+    int8_gemms = sum(n for op, n in kernels.items() if op.startswith("qlinear_pointwise"))
+    assert int8_gemms == 3, kernels  # every QLinear is a oneDNN int8 GEMM
+    assert kernels.get("linear_pointwise") == 1, kernels  # the float head: one bf16 oneDNN GEMM
+    assert not {"addmm", "mm", "bmm", "_int_mm"} & set(kernels), kernels  # no float fallback for QLinear
+    assert kernels.get("post_op:gelu") == 1, kernels  # GELU fused although the model reads .shape
+
+
+def test_package_loads_through_the_runtime_wrapper(packaged) -> None:
+    model, path, _ = packaged
+    inputs = _inputs(2, 9)
+    with torch.no_grad():
+        expected = model(*inputs)[0]
+    assert _cosine(AotiModel(path)(*inputs)[0], expected).min() >= 0.999
+
+
+def test_user_model_is_not_mutated(packaged) -> None:
+    model, _, before = packaged
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
+    assert isinstance(model.up, QLinear) and not model._forward_hooks
+
+
+def test_prepare_swaps_int8_layers_and_keeps_the_function() -> None:
+    model = TinyEncoder().eval()
+    prepared = prepare(model, bf16=False)
+    assert isinstance(prepared.up, TracedQLinear) and isinstance(prepared.down, TracedQLinear)
+    assert isinstance(model.up, QLinear)
+    inputs = _inputs(2, 10)
+    with torch.no_grad():
+        for out, ref in zip(prepared(*inputs), model(*inputs), strict=True):
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_model_matches_eager_in_fp32() -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = TinyEncoder().eval()
+    run = compile_model(model, bf16=False)
+    for batch, seq in [(2, 8), (3, 13)]:
+        inputs = _inputs(batch, seq)
+        with torch.no_grad():
+            expected = model(*inputs)
+        for out, ref in zip(run(*inputs), expected, strict=True):
+            assert _cosine(out, ref).min() >= 0.9999
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == 3  # all QLinear -> int8 GEMMs
+
+
+class _Scale(nn.Module):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return input_ids.float() * attention_mask
+
+
+def test_failed_packaging_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "model.pt2"
+    out.write_bytes(b"previous package")
+
+    def half_written(program, package_path, inductor_configs):  # noqa: ANN001
+        package_path.write(b"partial")
+        raise RuntimeError("compiler crashed")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", half_written)
+    with pytest.raises(RuntimeError, match="compiler crashed"):
+        compile_package(_Scale(), _inputs(2, 4), out)
+    assert out.read_bytes() == b"previous package"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+
+
+def test_deepcopy_keeps_user_model_usable_after_packaging(packaged) -> None:
+    model, _, _ = packaged
+    clone = copy.deepcopy(model)  # no opaque packed weights or hooks left behind on the user's model
+    inputs = _inputs(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(*inputs)[0], model(*inputs)[0])

@@ -1,0 +1,137 @@
+"""Integer kernels of QLinear: they run where they apply and match the float reference forward."""
+
+from __future__ import annotations
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from modelpress.primitives.affine import QuantScheme
+from modelpress.quant import kernels
+from modelpress.quant.modules import ActSpec, QLinear
+
+W8 = QuantScheme(bits=8, symmetric=True, granularity="channel")
+ACTS = {
+    "static-asym": ActSpec("static"),
+    "static-sym": ActSpec("static", symmetric=True),
+    "dynamic-tensor-asym": ActSpec("dynamic"),
+    "dynamic-tensor-sym": ActSpec("dynamic", symmetric=True),
+    "dynamic-token-asym": ActSpec("dynamic", granularity="token"),
+    "dynamic-token-sym": ActSpec("dynamic", symmetric=True, granularity="token"),
+}
+
+
+def _qlinear(act: ActSpec, wscheme: QuantScheme = W8, k: int = 96, n: int = 80, seed: int = 0) -> QLinear:
+    torch.manual_seed(seed)
+    return QLinear.from_float(nn.Linear(k, n), wscheme, act, act_range=(-2.5, 3.0)).eval()
+
+
+def _reference(module: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """The module's float (fake-quant) forward, with the kernels bypassed."""
+    with mock.patch.object(kernels, "linear", lambda m, x: None), torch.no_grad():
+        return module(x)
+
+
+def _run(module: QLinear, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = kernels.linear(module, x)
+    assert out is not None, f"no kernel ran for {module.extra_repr()}"
+    return out
+
+
+def _assert_matches(out: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    # Integer GEMM vs float GEMM of the same integers: only the summation order differs.
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=rel * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name", list(ACTS))
+@pytest.mark.parametrize("shape", [(3, 17, 96), (5, 96), (1, 96)])
+def test_int8_activation_kernels_match_reference(name: str, shape: tuple[int, ...]) -> None:
+    module = _qlinear(ACTS[name])
+    x = torch.randn(*shape) * 1.5
+    x[..., 0] = 4.0  # beyond the static range: the clamp must agree too
+    _assert_matches(_run(module, x), _reference(module, x), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["static-asym", "dynamic-token-sym"])
+def test_bf16_inputs_give_bf16_outputs_close_to_reference(name: str) -> None:
+    module = _qlinear(ACTS[name])
+    x = (torch.randn(4, 9, 96) * 1.5).bfloat16()
+    # The reference runs its GEMM in bf16 on a bf16-rounded weight: bf16-level agreement only.
+    _assert_matches(_run(module, x), _reference(module, x), rel=2e-2)
+
+
+def test_weight_only_kernel_for_bf16_and_single_rows() -> None:
+    module = _qlinear(ActSpec("none"))
+    x = torch.randn(6, 96)
+    _assert_matches(_run(module, x[:1]), _reference(module, x[:1]), rel=1e-5)
+    _assert_matches(_run(module, x.bfloat16()), _reference(module, x.bfloat16()), rel=2e-2)
+    # fp32 with many rows: the fp32 GEMM on the dequantized weight is faster, the reference runs
+    assert kernels.linear(module, x) is None
+
+
+@pytest.mark.parametrize(
+    ("wscheme", "act"),
+    [
+        (QuantScheme(bits=4, symmetric=True, granularity="group", group_size=32), ActSpec("dynamic")),
+        (QuantScheme(bits=8, symmetric=False, granularity="channel"), ActSpec("static")),
+        (W8, ActSpec("dynamic", bits=12)),
+    ],
+    ids=["int4-groups", "asym-weights", "int12-activations"],
+)
+def test_no_kernel_where_none_fits(wscheme: QuantScheme, act: ActSpec) -> None:
+    module = _qlinear(act, wscheme)
+    assert kernels.unsupported_reason(module) is not None
+    x = torch.randn(2, 96)
+    assert kernels.linear(module, x) is None
+    assert module(x).shape == (2, 80)  # the module still runs, on the reference path
+
+
+def test_sub_byte_symmetric_weights_run_on_the_int8_kernel() -> None:
+    module = _qlinear(ActSpec("dynamic", granularity="token"), QuantScheme(bits=4, symmetric=True, granularity="channel"))
+    x = torch.randn(7, 96)
+    _assert_matches(_run(module, x), _reference(module, x), rel=1e-5)
+
+
+def test_module_forward_uses_the_kernel() -> None:
+    module = _qlinear(ACTS["static-asym"])
+    x = torch.randn(4, 96)
+    with mock.patch.object(torch.ops.onednn, "qlinear_pointwise", wraps=torch.ops.onednn.qlinear_pointwise) as spy:
+        with torch.no_grad():
+            module(x)
+    assert spy.call_count == 1
+
+
+def test_packed_weight_follows_weight_updates_and_stays_out_of_copies() -> None:
+    module = _qlinear(ACTS["dynamic-tensor-sym"])
+    other = _qlinear(ACTS["dynamic-tensor-sym"], seed=1)
+    x = torch.randn(3, 96)
+    _run(module, x)  # packs and caches
+    copied = copy.deepcopy(module)  # the opaque packed weight is not part of the module
+    assert set(module.state_dict()) == set(copied.state_dict())
+    module.load_state_dict(other.state_dict())  # in-place copy_: the cache must notice
+    _assert_matches(_run(module, x), _reference(other, x), rel=1e-5)
+    _assert_matches(_run(copied, x), _reference(copied, x), rel=1e-5)
+
+
+def test_inputs_that_need_gradients_take_the_reference_path() -> None:
+    module = _qlinear(ACTS["static-asym"])
+    x = torch.randn(2, 96, requires_grad=True)
+    assert kernels.linear(module, x) is None
+    module(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("name", list(ACTS))
+def test_decomposed_form_matches_reference(name: str) -> None:
+    """The traced (Inductor pattern) form computes the same function, run eagerly."""
+    module = _qlinear(ACTS[name])
+    x = torch.randn(2, 11, 96) * 1.5
+    with torch.no_grad():
+        out = kernels.decomposed_linear(module, x)
+    assert out is not None
+    _assert_matches(out, _reference(module, x), rel=1e-4)
