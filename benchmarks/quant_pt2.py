@@ -16,9 +16,12 @@ rounds disturbed by other processes are repeated, see quant_onnx.LoadGate):
   - `ours-sq-dyn`: SmoothQuant-style per-channel input scaling (alpha 0.5, powers of two) before the
     Q/K/V, attention-output and FFN1 quantizers, static per-tensor; FFN2 (input: GELU output, whose
     range varies with the sentence) dynamic per-tensor asymmetric;
+  - `ours-sq-mixed`: as ours-sq-dyn, but FFN2 of layers 3-5 static per-tensor with the range of
+    least expected squared error (`quant.observers`, kind "mse"): only layers 0-2 need dynamic ranges;
   - `ours-sq-tok`: as ours-sq-dyn with FFN2 dynamic per-token asymmetric;
   - `ours-sq-bf16ffn2`: as ours-sq-dyn with FFN2 kept in bf16.
-  `-at` suffix (`--autotune`): the same with Inductor max-autotune (CPP GEMM templates).
+  `-at` suffix (`--autotune`, for ours-static and ours-sq-mixed): the same packaged with
+  `autotune=True` (Inductor's C++ int8 GEMM templates where they beat oneDNN).
 Per row: p50 latency at batch 1 and 32 (seq 128) as a ratio to torch fp32, size, build time (compile),
 STS-B test Spearman x100, mean cosine to fp32 embeddings on 256 sentences, parity with the eager model.
 
@@ -50,19 +53,27 @@ from quant_onnx import LoadGate, interleaved_latency  # noqa: E402
 
 BATCHES = (1, 32)
 CALIBRATION_SENTENCES = 128
-OURS = ("ours-bf16", "ours-static", "ours-sq-dyn", "ours-sq-tok", "ours-sq-bf16ffn2")
+OURS = ("ours-bf16", "ours-static", "ours-sq-mixed", "ours-sq-dyn", "ours-sq-tok", "ours-sq-bf16ffn2")
+SENSITIVE_FFN2 = ("layer.0.", "layer.1.", "layer.2.")  # FFN2 inputs that static ranges cannot hold
 
 
 # ---------------------------------------------------------------- building our quantized models
 
 
-def input_stats(model: nn.Module, batches: list[Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel (min, max) of every Linear's input over the calibration batches."""
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def input_stats(model: nn.Module, batches: list[Any]) -> dict[str, Any]:
+    """Per-channel (min, max) of every Linear's input over the calibration batches; for FFN2 inputs
+    also the per-tensor range of least expected squared error (key `name + ":mse"`)."""
+    from modelpress.primitives.affine import QuantScheme
+    from modelpress.quant.observers import ObserverConfig, make_observer
+
+    stats: dict[str, Any] = {}
+    observers = {}
     hooks = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
+        if _kind(name) == "ffn2":
+            observers[name] = make_observer(ObserverConfig(kind="mse"))
 
         def hook(m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
             x = args[0].detach().flatten(0, -2)  # (tokens, in_features)
@@ -70,6 +81,8 @@ def input_stats(model: nn.Module, batches: list[Any]) -> dict[str, tuple[torch.T
             if name in stats:
                 lo, hi = torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)
             stats[name] = (lo, hi)
+            if name in observers:
+                observers[name].observe(x)
 
         hooks.append(module.register_forward_pre_hook(hook))
     with torch.inference_mode():
@@ -77,6 +90,9 @@ def input_stats(model: nn.Module, batches: list[Any]) -> dict[str, tuple[torch.T
             model(*batch)
     for h in hooks:
         h.remove()
+    for name, obs in observers.items():
+        lo, hi = obs.range(QuantScheme(bits=8, symmetric=False))
+        stats[name + ":mse"] = (float(lo), float(hi))
     return stats
 
 
@@ -132,7 +148,9 @@ def build_ours(entry: Any, variant: str, stats: dict[str, Any], alpha: float = 0
         if kind == "ffn2" and variant == "ours-sq-bf16ffn2":
             continue
         module: nn.Module
-        if kind == "ffn2" and smooth:  # GELU output: asymmetric, its range varies with the input
+        if kind == "ffn2" and variant == "ours-sq-mixed" and not any(k in name for k in SENSITIVE_FFN2):
+            module = QLinear.from_float(linear, weights, ActSpec(mode="static"), stats[name + ":mse"])
+        elif kind == "ffn2" and smooth:  # GELU output: asymmetric, its range varies with the input
             granularity = "token" if variant == "ours-sq-tok" else "tensor"
             module = QLinear.from_float(linear, weights, ActSpec(mode="dynamic", granularity=granularity))
         else:
@@ -202,7 +220,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds (batch 1 runs 5 calls a round)")
     parser.add_argument("--only", nargs="*", default=None, help="rows to build and measure (torch fp32 always runs)")
     parser.add_argument("--autotune", action="store_true", help="also build ours with max-autotune (-at rows)")
-    parser.add_argument("--max-foreign", type=float, default=0.1, help="CPU share of other processes that voids a round")
+    parser.add_argument(
+        "--max-foreign", type=float, default=0.1, help="CPU share of other processes that voids a round"
+    )
     parser.add_argument("--no-quality", action="store_true", help="skip STS-B and cosine (timing and size only)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the packages go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_pt2.json")
@@ -225,7 +245,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="quant_pt2."))
 
     rows = ["anchor-compile-bf16", "anchor-pt2e-int8", *OURS]
-    rows += [f"{r}-at" for r in OURS if args.autotune and r != "ours-bf16"]
+    rows += [f"{r}-at" for r in OURS if args.autotune and r in ("ours-static", "ours-sq-mixed")]
     rows = [r for r in rows if args.only is None or r in args.only]
     fns: dict[str, Callable[..., Any]] = {"torch-fp32": fp32}
     eager: dict[str, nn.Module] = {}
@@ -238,8 +258,8 @@ def main() -> None:
             fn = anchor_pt2e(fp32, batches, entry.example_inputs(2))
         else:
             eager[row] = build_ours(entry, row.removesuffix("-at"), stats)
-            extra = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if row.endswith("-at") else None
-            path = compile_package(eager[row], entry.example_inputs(2), workdir / row / "model.pt2", extra_configs=extra)
+            autotune = row.endswith("-at")
+            path = compile_package(eager[row], entry.example_inputs(2), workdir / row / "model.pt2", autotune=autotune)
             fn = AotiModel(path)
             results[row] = {"size_mb": path.stat().st_size / 1e6, "kernels": package_kernels(path)}
         if fn is None:
@@ -281,7 +301,9 @@ def main() -> None:
             results[row]["mean_cosine_to_fp32"] = float(F.cosine_similarity(embeddings(fn), reference).mean())
             if row in eager:
                 results[row]["parity_cosine_vs_eager"] = _parity(eager[row], fn, entry.example_inputs(4))
-            print(f"quality {row}: {q.name} {q.value:.3f}, cosine {results[row]['mean_cosine_to_fp32']:.5f}", flush=True)
+            print(
+                f"quality {row}: {q.name} {q.value:.3f}, cosine {results[row]['mean_cosine_to_fp32']:.5f}", flush=True
+            )
 
     print()
     print("\n".join(table(results)))

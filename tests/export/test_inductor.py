@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.export.inductor import TracedQLinear, compile_model, compile_package, package_kernels, prepare
+from modelpress.export.inductor import (
+    SplitResidualAdds,
+    TracedQLinear,
+    compile_model,
+    compile_package,
+    package_kernels,
+    prepare,
+)
 from modelpress.export.runtime import AotiModel
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.modules import ActSpec, QLinear
@@ -131,6 +138,31 @@ def test_compile_model_matches_eager_in_fp32() -> None:
         for out, ref in zip(run(*inputs), expected, strict=True):
             assert _cosine(out, ref).min() >= 0.9999
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == 3  # all QLinear -> int8 GEMMs
+
+
+def _binary_qlinear_graph(post_op: str, output_dtype: torch.dtype) -> torch.fx.Graph:
+    graph = torch.fx.Graph()
+    qx, qw, w_scale, w_zp, other, bias = (graph.placeholder(n) for n in ("qx", "qw", "ws", "wz", "other", "bias"))
+    args = (qx, 0.1, 3, qw, w_scale, w_zp, other, bias, 1.0, 0, output_dtype, 1.0, 0, post_op, 1.0, "none", [], "")
+    graph.output(graph.call_function(torch.ops.onednn.qlinear_pointwise.binary, args))
+    return graph
+
+
+def test_residual_adds_leave_the_int8_gemm() -> None:
+    graph = _binary_qlinear_graph("sum", torch.bfloat16)
+    SplitResidualAdds()(graph)
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls] == [torch.ops.onednn.qlinear_pointwise.default, torch.ops.aten.add.Tensor]
+    gemm, add = calls
+    assert gemm.args[:3] == (graph.find_nodes(op="placeholder")[0], 0.1, 3) and gemm.args[9] == torch.bfloat16
+    assert add.args == (gemm, graph.find_nodes(op="placeholder")[4])  # the residual
+
+
+def test_quantized_output_keeps_its_fused_add() -> None:
+    graph = _binary_qlinear_graph("sum", torch.uint8)  # int8 output: the add must stay inside the GEMM
+    SplitResidualAdds()(graph)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.onednn.qlinear_pointwise.binary]
 
 
 class _Scale(nn.Module):

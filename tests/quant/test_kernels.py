@@ -92,7 +92,9 @@ def test_no_kernel_where_none_fits(wscheme: QuantScheme, act: ActSpec) -> None:
 
 
 def test_sub_byte_symmetric_weights_run_on_the_int8_kernel() -> None:
-    module = _qlinear(ActSpec("dynamic", granularity="token"), QuantScheme(bits=4, symmetric=True, granularity="channel"))
+    module = _qlinear(
+        ActSpec("dynamic", granularity="token"), QuantScheme(bits=4, symmetric=True, granularity="channel")
+    )
     x = torch.randn(7, 96)
     _assert_matches(_run(module, x), _reference(module, x), rel=1e-5)
 

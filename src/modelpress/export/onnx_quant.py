@@ -1,22 +1,23 @@
 """Integer ONNX from a quantized model: our QLinear parameters mapped onto ONNX Runtime's int8 operators.
 
-The float graph is exported first, with each `QLinear` standing in as `x @ W_hat + b` where `W_hat`
-is its dequantized weight. Every MatMul whose weight initializer holds exactly some layer's `W_hat`
-(matched by value, so the mapping survives renaming and ORT's QKV packing) is then rewritten
-with that layer's own integers and scales; nothing is re-quantized here:
+The float graph is exported first, with each `QLinear` standing in as `x @ W_hat + b` (`W_hat`: its
+dequantized weight). Every MatMul, fused Attention or Conv whose weight initializer holds exactly some
+layer's `W_hat` (matched by value, so the mapping survives renaming and packing) is then rewritten
+with that layer's own integers and scales; nothing is re-quantized or re-calibrated here:
 
-- weights: the layer's int8 (or uint8 + zero point) values, per channel or per tensor, stored as int8
-  initializers, so the file shrinks to about a quarter;
+- weights: the layer's int8 codes (uint8 + zero points for asymmetric ones), per channel or per tensor,
+  stored as int8 initializers: the file shrinks to about a quarter;
 - activations, per the layer's `ActSpec`: dynamic per tensor -> `DynamicQuantizeMatMul`; static ->
   `QuantizeLinear` + `MatMulIntegerToFloat` with the calibrated scale; dynamic per token -> a per-row
-  `QuantizeLinear` + `MatMulInteger`, rescaled per row and column (what ORT's fused ops cannot
-  express); none (weight-only) -> int8 weights dequantized once when the session loads;
-- projections that read the same input with the same activation spec (attention's Q, K, V) become one
-  integer MatMul and a Split, so the input is quantized once; ORT's fused `Attention` (after its BERT
-  optimizer) becomes `QAttention`;
+  `QuantizeLinear` + `MatMulInteger`, rescaled per row and column (ORT's fused ops take one scale per
+  tensor); none (weight-only, or group-wise weights) -> int8 codes dequantized when the session loads.
+  The bias Add after a MatMul goes into the integer op where it takes one;
+- BERT-like attention is exported as one ORT `Attention` op (`export.onnx`), which becomes `QAttention`
+  when Q, K and V share one per-tensor input quantization; other projections that read the same input
+  with the same spec become one integer MatMul and a Split, so that input is quantized once;
 - `embeddings="int8"`: large Gather tables (word and position embeddings) are stored int8 with one
-  scale per row, dequantized after the gather. This is an export-time weight-only choice of ours (the
-  eager model keeps float tables); per-row scales cost no measurable quality on MiniLM.
+  scale per row, dequantized after the gather: a weight-only choice of the export (the eager model keeps
+  float tables) that costs no measurable quality on MiniLM and is needed to reach a quarter of the size.
 
     >>> export_quantized_onnx(qmodel, entry.example_inputs(1), "out/model.onnx")
 """
@@ -25,23 +26,38 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 import torch
+from onnx import helper, numpy_helper
 from torch import nn
 
 from modelpress.core.atomic import atomic_path
-from modelpress.export.onnx import DynamicAxes, ExportError, _as_tuple, export_float, optimize_graph
+from modelpress.export.onnx import (
+    DynamicAxes,
+    ExportError,
+    _as_tuple,
+    add_session_hints,
+    check_parity,
+    export_float,
+)
 from modelpress.quant.modules import ActSpec, QConv, QLinear
 
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+# Parity gate against the eager quantized model: catches a wrong mapping (cosine near 0), not rounding. Two
+# correct implementations of a coarse scheme can differ a lot: MiniLM with dynamic per-tensor activations,
+# eager oneDNN vs eager reference path, reaches only 0.997 (sentences) and ~0.986 (tokens incl. padding).
+MIN_COSINE = 0.95
 MIN_EMBEDDING_SIZE = 1 << 16  # Gather tables with fewer values stay float (token-type embeddings, ...)
+_TINY = np.float32(np.finfo(np.float32).tiny)  # scale floor: an all-zero row still quantizes to zeros
 
 
 def has_quantized_layers(model: nn.Module) -> bool:
@@ -53,38 +69,34 @@ def export_quantized_onnx(
     example_inputs: Any,
     out_path: str | Path,
     *,
-    input_names: list[str] | None = None,
-    output_names: list[str] | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
     dynamic_axes: bool | DynamicAxes = True,
     opset: int = 17,
-    optimize: bool = False,
     embeddings: Literal["float", "int8"] = "int8",
-    merge_projections: bool = True,
     fuse_attention: bool = True,
 ) -> Path:
     """Export `model` (holding `QLinear` layers) as an integer ONNX model, written atomically.
 
-    `optimize` first applies ORT's transformer optimizer (fused Attention -> `QAttention`) or
-    extended graph optimizations to the float graph; measured on MiniLM it is slower than the plain
-    graph with merged projections, hence off by default.
+    `fuse_attention=False` keeps BERT attention as separate ops (Q, K, V then merge into one integer
+    MatMul). ORT's transformer optimizer is not applied: measured on MiniLM, its skip-layer-norm and
+    embedding fusions make the int8 model slower (`benchmarks/quant_onnx.py`).
     """
-    import onnx
-
     inputs = _as_tuple(example_inputs)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (QLinear, QConv))}
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         export_float(model, inputs, tmp, input_names, output_names, dynamic_axes, opset, _swap_in_float, fuse_attention)
-        if optimize:
-            optimize_graph(tmp, model, inputs, embed_layer_norm=embeddings == "float")
         proto = onnx.load(str(tmp))
-        stats = quantize_graph(proto, layers, embeddings=embeddings, merge_projections=merge_projections)
-        missing = sorted(set(layers) - stats.layers)
+        missing = sorted(set(layers) - quantize_graph(proto, layers, embeddings=embeddings))
         if missing:
             raise ExportError(f"no ONNX MatMul/Conv carries the weights of {missing[:5]}; cannot export them as int8")
+        add_session_hints(proto)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-    log.info("int8 export: %s", stats)
+        parity = check_parity(model, tmp, inputs)
+        if parity["mean_cosine"] < MIN_COSINE:
+            raise ExportError(f"the int8 graph does not compute what the quantized model computes: {parity}")
     return out_path
 
 
@@ -94,7 +106,7 @@ def export_quantized_onnx(
 class _DequantLinear(nn.Module):
     """`x @ W_hat + b`, exported as MatMul + Add with `W_hat` (in, out) as the MatMul's initializer."""
 
-    def __init__(self, q: QLinear) -> None:
+    def __init__(self, q: Any) -> None:
         super().__init__()
         self.weight_t = nn.Parameter(q.dequantized_weight().t().contiguous(), requires_grad=False)
         self.bias = None if q.bias is None else nn.Parameter(q.bias.clone(), requires_grad=False)
@@ -104,19 +116,19 @@ class _DequantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
-def _dequant_conv(q: QConv) -> nn.Module:
+def _dequant_conv(q: Any) -> nn.Module:
     conv_type = nn.Conv1d if q.dims == 1 else nn.Conv2d
     w = q.dequantized_weight()
     conv = conv_type(q.in_channels, q.out_channels, tuple(w.shape[2:]), q.stride, q.padding, q.dilation, q.groups,
                      bias=q.bias is not None)  # fmt: skip
     with torch.no_grad():
         conv.weight.copy_(w)
-        if q.bias is not None:
+        if q.bias is not None and conv.bias is not None:
             conv.bias.copy_(q.bias)
     return conv
 
 
-def _swap_in_float(model: nn.Module) -> None:
+def _swap_in_float(model: Any) -> None:
     """Replace quantized layers by float stand-ins; mark attentions whose Q/K/V cannot become one QAttention."""
     for module in model.modules():
         projections = [getattr(module, n, None) for n in ("query", "key", "value")]
@@ -131,53 +143,51 @@ def _swap_in_float(model: nn.Module) -> None:
 
 
 def _qattention_ready(layers: list[QLinear]) -> bool:
-    """Q, K, V with one input quantization that QAttention takes (per tensor; weight-only also fuses)."""
-    specs = {(q.act, None if q.act_scale is None else float(q.act_scale)) for q in layers}
+    """Q, K, V with one input quantization that QAttention takes (8-bit per tensor), or all weight-only."""
     act = layers[0].act
+    same = all(q.act == act and _qparams(q) == _qparams(layers[0]) for q in layers)
     per_tensor = act.granularity == "tensor" and act.bits == 8 and not (act.mode == "dynamic" and act.symmetric)
-    return len(specs) == 1 and (act.mode == "none" or per_tensor)
+    channels = all(q.weight_scheme.granularity != "group" and q.weight_scheme.bits <= 8 for q in layers)
+    return same and channels and (act.mode == "none" or per_tensor)
+
+
+def _qparams(q: Any) -> tuple[float, int] | None:
+    return None if q.act_scale is None else (float(q.act_scale), int(q.act_zero_point))
 
 
 # ---------------------------------------------------------------- graph rewrite
 
 
 @dataclass
-class RewriteStats:
-    layers: set[str]
-    ops: dict[str, int]
-
-    def __str__(self) -> str:
-        return f"{len(self.layers)} layers; " + ", ".join(f"{k} x{v}" for k, v in sorted(self.ops.items()))
-
-
-@dataclass
 class _Layer:
-    """One quantized layer (or several merged along N) in ONNX layout: weight (K, N)."""
+    """One quantized layer (or several merged along N) in ONNX layout: codes (K, N)."""
 
     names: list[str]
-    wq: np.ndarray  # (K, N) int8, or uint8 with a zero point
-    w_scale: np.ndarray  # (N,) float32
-    w_zp: np.ndarray | None  # (N,) same dtype as wq; None when all zero
+    wq: np.ndarray  # (K, N) int8, or uint8 with zero points (int16 above 8 bits)
+    w_scale: np.ndarray  # (N,) float32, or (groups, N) for group-wise weights
+    w_zp: np.ndarray | None  # like w_scale, in the codes' dtype; None when all zero
     act: ActSpec
-    act_scale: float | None
-    act_zp: int | None
+    act_qparams: tuple[float, int] | None  # static activation (scale, zero point)
     bias: np.ndarray | None = None  # (N,) float32, when folded into the integer op
 
     @classmethod
     def from_module(cls, name: str, q: QLinear | QConv) -> _Layer:
         n_out = q.weight_q.shape[0]
         wq = q.weight_q.reshape(n_out, -1).t().contiguous().numpy()  # (K, N)
-        scale = np.broadcast_to(q.weight_scale.reshape(-1).float().numpy(), (n_out,)).astype(np.float32)
-        zp = np.broadcast_to(q.weight_zero_point.reshape(-1).numpy(), (n_out,))
-        w_zp = None if not zp.any() else zp.astype(wq.dtype)
-        act_scale = None if q.act_scale is None else float(q.act_scale)
-        act_zp = None if q.act_zero_point is None else int(q.act_zero_point)
-        return cls([name], wq, np.ascontiguousarray(scale), w_zp, q.act, act_scale, act_zp)
+        scale, zp = q.weight_scale.float().numpy(), q.weight_zero_point.numpy()
+        if q.weight_scheme.granularity == "group":
+            scale, zp = scale.reshape(n_out, -1).T, zp.reshape(n_out, -1).T  # (groups, N)
+        else:  # per channel, or one value for the tensor
+            scale, zp = np.broadcast_to(scale.reshape(-1), (n_out,)), np.broadcast_to(zp.reshape(-1), (n_out,))
+        scale = np.ascontiguousarray(scale, dtype=np.float32)
+        w_zp = np.ascontiguousarray(zp, dtype=wq.dtype) if zp.any() else None
+        return cls([name], wq, scale, w_zp, q.act, _qparams(q))
 
     @property
     def integer_act(self) -> bool:
-        """Whether the activation maps onto ORT's 8-bit integer kernels (else: weight-only)."""
-        return self.act.mode != "none" and self.act.bits == 8 and self.wq.dtype in (np.int8, np.uint8)
+        """Whether the layer maps onto ORT's 8-bit integer kernels (else: weight-only)."""
+        int8 = self.wq.dtype in (np.int8, np.uint8) and self.w_scale.ndim == 1
+        return self.act.mode != "none" and self.act.bits == 8 and int8
 
     @property
     def bias_fusable(self) -> bool:
@@ -185,7 +195,7 @@ class _Layer:
         return self.integer_act and self.act.granularity == "tensor"
 
     def spec_key(self) -> tuple[Any, ...]:
-        return (self.act, self.act_scale, self.act_zp, self.wq.dtype, self.w_zp is None)
+        return (self.act, self.act_qparams, self.wq.dtype, self.w_zp is None)
 
 
 def _key(array: np.ndarray) -> bytes:
@@ -194,84 +204,75 @@ def _key(array: np.ndarray) -> bytes:
 
 
 def quantize_graph(
-    proto: Any,
-    layers: dict[str, QLinear | QConv],
-    *,
-    embeddings: Literal["float", "int8"] = "int8",
-    merge_projections: bool = True,
-) -> RewriteStats:
-    """Rewrite `proto` in place: MatMul/Conv/Attention weights that equal a layer's dequantized weight become integer ops."""
-    from onnx import numpy_helper
+    proto: Any, layers: dict[str, QLinear | QConv], *, embeddings: Literal["float", "int8"] = "int8"
+) -> set[str]:
+    """Rewrite `proto` in place: weights equal to a layer's dequantized weight become integer ops.
 
+    Returns the names of the layers found in the graph.
+    """
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     by_key: dict[bytes, str] = {}
     for name, q in layers.items():
         w = q.dequantized_weight()
-        w = w.t() if isinstance(q, QLinear) else w  # MatMul holds (in, out); Conv holds the torch layout
-        key = _key(w.numpy())
+        key = _key((w.t() if isinstance(q, QLinear) else w).numpy())  # MatMul holds (in, out); Conv torch's layout
         if key in by_key and layers[by_key[key]].act != q.act:
             raise ExportError(f"layers {by_key[key]} and {name} have identical weights but different activation specs")
         by_key[key] = name
 
-    def layer_of(init_name: str) -> str | None:
-        t = inits.get(init_name)
-        if t is None or t.data_type != 1 or len(t.dims) != 2:
+    def layer_at(node: Any, rank: int | None = None) -> str | None:
+        t = inits.get(node.input[1]) if len(node.input) > 1 else None
+        if t is None or t.data_type != 1 or (rank is not None and len(t.dims) != rank):
             return None
         return by_key.get(_key(numpy_helper.to_array(t)))
 
     b = _Builder(graph)
-    matmuls: dict[int, _Layer] = {}
-    for i, node in enumerate(graph.node):
-        if node.op_type == "MatMul" and (name := layer_of(node.input[1])):
-            matmuls[i] = _Layer.from_module(name, layers[name])
-    groups = _merge_groups(graph, matmuls) if merge_projections else {i: [i] for i in matmuls}
+    matmuls = {i: _Layer.from_module(n, layers[n]) for i, nd in enumerate(graph.node)
+               if nd.op_type == "MatMul" and (n := layer_at(nd, rank=2))}  # fmt: skip
+    groups = _merge_groups(graph, matmuls)
     bias_adds = _bias_adds(graph, inits, matmuls)
+    tables: dict[str, tuple[str, str]] = {}  # float table -> (int8 codes, row scales) initializers
 
     new_nodes: list[Any] = []
     done: set[str] = set()
-    folded: set[int] = set()  # bias Adds taken into the integer op
+    folded: set[int] = set()  # bias Adds taken into an integer op
     for i, node in enumerate(graph.node):
         if i in folded:
             continue
         if i in matmuls:
-            if i in groups:
+            if i in groups:  # else: merged into an earlier member of its group
                 members = groups[i]
-                merged = _concat([matmuls[j] for j in members])
+                layer = _concat([matmuls[j] for j in members])
                 outs = [graph.node[j].output[0] for j in members]
-                if merged.bias_fusable and all(j in bias_adds for j in members):
-                    merged.bias = np.concatenate([bias_adds[j][1] for j in members])
+                if layer.bias_fusable and all(j in bias_adds for j in members):
+                    layer.bias = np.concatenate([bias_adds[j][1] for j in members])
                     outs = [graph.node[bias_adds[j][0]].output[0] for j in members]
                     folded.update(bias_adds[j][0] for j in members)
-                widths = [matmuls[j].wq.shape[1] for j in members]
-                new_nodes += _lower_matmul(b, node.input[0], outs, merged, widths)
-                done.update(merged.names)
-            continue  # merged into an earlier node of its group
-        if node.op_type == "Attention" and node.domain == MS_DOMAIN and (qkv := _attention_layers(node, inits, by_key, layers)):
+                new_nodes += _lower_matmul(b, node.input[0], outs, layer, [matmuls[j].wq.shape[1] for j in members])
+                done.update(layer.names)
+        elif node.op_type == "Attention" and (qkv := _attention(node, inits, by_key, layers)):
             new_nodes += _lower_attention(b, node, qkv)
             done.update(qkv.names)
-        elif node.op_type == "Conv" and len(node.input) > 1 and (name := _conv_layer(node, inits, by_key)):
-            new_nodes += _lower_conv(b, node, _Layer.from_module(name, layers[name]), list(inits[node.input[1]].dims))
-            done.add(name)
-        elif embeddings == "int8" and node.op_type == "Gather" and _is_table(inits.get(node.input[0])):
-            new_nodes += _lower_gather(b, node, numpy_helper.to_array(inits[node.input[0]]))
+        elif node.op_type == "Conv" and (conv := layer_at(node)):
+            new_nodes += _lower_conv(b, node, _Layer.from_module(conv, layers[conv]), list(inits[node.input[1]].dims))
+            done.add(conv)
+        elif embeddings == "int8" and node.op_type == "Gather" and _is_table(inits.get(node.input[0]), node):
+            if node.input[0] not in tables:
+                tables[node.input[0]] = _int8_table(b, numpy_helper.to_array(inits[node.input[0]]))
+            new_nodes += _lower_gather(b, node, *tables[node.input[0]])
         else:
             new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
     _drop_unused_initializers(graph)
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(_opset(MS_DOMAIN, 1))
-    ops: dict[str, int] = defaultdict(int)
-    for node in graph.node:
-        ops[node.op_type] += 1
-    return RewriteStats(done, dict(ops))
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    log.info("int8 graph: %s", dict(Counter(node.op_type for node in graph.node)))
+    return done
 
 
 def _bias_adds(graph: Any, inits: dict[str, Any], matmuls: dict[int, _Layer]) -> dict[int, tuple[int, np.ndarray]]:
     """MatMul index -> (index, bias) of the Add of a constant (N,) bias that is the MatMul's only consumer."""
-    from onnx import numpy_helper
-
     consumers: dict[str, list[int]] = defaultdict(list)
     for i, node in enumerate(graph.node):
         for name in node.input:
@@ -291,28 +292,27 @@ def _bias_adds(graph: Any, inits: dict[str, Any], matmuls: dict[int, _Layer]) ->
 
 
 def _merge_groups(graph: Any, matmuls: dict[int, _Layer]) -> dict[int, list[int]]:
-    """First node index -> node indices of quantized MatMuls that share an input and an activation spec."""
+    """First node index -> indices of integer MatMuls that read the same input with the same quantization."""
     by_input: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, layer in matmuls.items():
-        mergeable = layer.integer_act  # static layers merge only with equal input qparams (spec_key)
-        key = (graph.node[i].input[0], layer.wq.shape[0], layer.spec_key()) if mergeable else (i,)
+        key = (graph.node[i].input[0], layer.wq.shape[0], layer.spec_key()) if layer.integer_act else (i,)
         by_input[key].append(i)
     return {members[0]: members for members in by_input.values()}
 
 
 def _concat(layers: list[_Layer]) -> _Layer:
+    """Layers side by side along N (they share K, the input and its quantization)."""
     if len(layers) == 1:
         return layers[0]
     first = layers[0]
-    w_zp = None if first.w_zp is None else np.concatenate([x.w_zp for x in layers])  # type: ignore[misc]
+    w_zp = None if first.w_zp is None else np.concatenate([x.w_zp for x in layers], axis=-1)  # type: ignore[misc]
     return _Layer(
         [n for x in layers for n in x.names],
         np.concatenate([x.wq for x in layers], axis=1),
-        np.concatenate([x.w_scale for x in layers]),
+        np.concatenate([x.w_scale for x in layers], axis=-1),
         w_zp,
         first.act,
-        first.act_scale,
-        first.act_zp,
+        first.act_qparams,
     )
 
 
@@ -325,101 +325,101 @@ class _Builder:
 
     def name(self, stem: str) -> str:
         self.count += 1
-        return f"mp_q{self.count}_{stem}"
+        return f"q{self.count}_{stem}"
 
     def const(self, stem: str, value: Any) -> str:
-        from onnx import numpy_helper
-
         name = self.name(stem)
         self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> Any:
-        from onnx import helper
-
         outs = [self.name(op.lower()) for _ in range(n_out)]
         return helper.make_node(op, inputs, outs, domain=domain or None, **attrs)
 
 
-def _u8(layer: _Layer) -> tuple[float, np.ndarray]:
-    """The static activation scale and its zero point as uint8 (a signed range is shifted by 128: exact)."""
-    assert layer.act_scale is not None and layer.act_zp is not None
-    zp = layer.act_zp + (128 if layer.act.symmetric else 0)
-    return layer.act_scale, np.array(zp, dtype=np.uint8)
+def _static_u8(layer: _Layer) -> tuple[np.float32, np.ndarray]:
+    """The static activation scale and zero point, as uint8 (signed codes shift by 128: exact)."""
+    assert layer.act_qparams is not None
+    scale, zp = layer.act_qparams
+    return np.float32(scale), np.array(zp + (128 if layer.act.symmetric else 0), dtype=np.uint8)
 
 
 def _lower_matmul(b: _Builder, x: str, outs: list[str], layer: _Layer, widths: list[int]) -> list[Any]:
-    """Nodes computing `x @ W` for `layer` into `outs` (split along N into `widths` for merged layers)."""
-    y = outs[0] if len(outs) == 1 else b.name("merged")
-    wq = b.const("w", layer.wq)
-    ws = b.const("w_scale", layer.w_scale)
+    """Nodes computing `x @ W (+ bias)` for `layer` into `outs` (split into `widths` for merged layers)."""
+    wq, ws = b.const("w", layer.wq), b.const("w_scale", layer.w_scale)
     wz = [b.const("w_zp", layer.w_zp)] if layer.w_zp is not None else []
     bias = [b.const("bias", layer.bias.astype(np.float32))] if layer.bias is not None else []
+    wz_slot = wz or ([""] if bias else [])  # optional inputs before the bias
     act = layer.act
     nodes: list[Any]
     if not layer.integer_act:
         if act.mode != "none":
-            log.warning("%s: %d-bit activations have no ORT integer kernel; exported weight-only", layer.names, act.bits)
-        nodes = _dequant_weight(b, wq, ws, wz, layer)
+            log.warning("%s: no ORT integer kernel for this layer; int8 weights, float compute", layer.names)
+        nodes = _dequant_weight(b, wq, ws, wz, layer.wq.shape)
         nodes.append(b.node("MatMul", [x, nodes[-1].output[0]]))
     elif act.mode == "dynamic" and act.granularity == "tensor" and not act.symmetric:
-        wz_or_empty = wz or ([""] if bias else [])
-        nodes = [b.node("DynamicQuantizeMatMul", [x, wq, ws, *wz_or_empty, *bias], domain=MS_DOMAIN)]
+        nodes = [b.node("DynamicQuantizeMatMul", [x, wq, ws, *wz_slot, *bias], domain=MS_DOMAIN)]
     elif act.mode == "static":
-        scale, zp = _u8(layer)
-        a_scale, a_zp = b.const("a_scale", np.float32(scale)), b.const("a_zp", zp)
+        scale, zp = _static_u8(layer)
+        a_scale, a_zp = b.const("a_scale", scale), b.const("a_zp", zp)
         quant = b.node("QuantizeLinear", [x, a_scale, a_zp])
-        w_zp = wz or ([""] if bias else [])
-        mm = b.node("MatMulIntegerToFloat", [quant.output[0], wq, a_scale, ws, a_zp, *w_zp, *bias], domain=MS_DOMAIN)
+        mm = b.node("MatMulIntegerToFloat", [quant.output[0], wq, a_scale, ws, a_zp, *wz_slot, *bias], domain=MS_DOMAIN)
         nodes = [quant, mm]
-    elif act.granularity == "tensor":  # dynamic, symmetric
-        nodes = _dynamic_symmetric_tensor(b, x, wq, ws, wz, bias)
+    elif act.granularity == "tensor":  # dynamic symmetric: max|x| / 127, codes shifted to uint8
+        absx = b.node("Abs", [x])
+        absmax = b.node("ReduceMax", [absx.output[0]], keepdims=0)
+        div = b.node("Div", [absmax.output[0], b.const("qmax", np.float32(127))])
+        scale = b.node("Max", [div.output[0], b.const("tiny", _TINY)])
+        zp128 = b.const("a_zp", np.array(128, dtype=np.uint8))
+        quant = b.node("QuantizeLinear", [x, scale.output[0], zp128])
+        mm_in = [quant.output[0], wq, scale.output[0], ws, zp128, *wz_slot, *bias]
+        nodes = [absx, absmax, div, scale, quant, b.node("MatMulIntegerToFloat", mm_in, domain=MS_DOMAIN)]
     else:
         nodes = _dynamic_per_token(b, x, wq, ws, wz, layer)
+    y = outs[0] if len(outs) == 1 else b.name("merged")
     nodes[-1].output[0] = y
     if len(outs) > 1:
-        sizes = b.const("split", np.array(widths, dtype=np.int64))
-        nodes.append(b.node("Split", [y, sizes], n_out=len(outs), axis=-1))
-        nodes[-1].output[:] = outs
+        split = b.node("Split", [y, b.const("split", np.array(widths, dtype=np.int64))], n_out=len(outs), axis=-1)
+        split.output[:] = outs
+        nodes.append(split)
     return nodes
 
 
-def _dequant_weight(b: _Builder, wq: str, ws: str, wz: list[str], layer: _Layer) -> list[Any]:
-    """Float weight from the int8 initializer; ORT folds these constants once when the session loads."""
-    cast = b.node("Cast", [wq], to=1)
-    nodes = [cast]
+def _dequant_weight(b: _Builder, wq: str, ws: str, wz: list[str], shape: tuple[int, ...]) -> list[Any]:
+    """The float weight from its integer codes; ORT folds these constant nodes once, at session load.
+
+    Group-wise scales (groups, N) apply to (groups, K / groups, N) blocks of the (K, N) codes.
+    """
+    scale_dims = next(t.dims for t in reversed(b.graph.initializer) if t.name == ws)
+    grouped = len(scale_dims) == 2 and len(shape) == 2
+    nodes = [b.node("Cast", [wq], to=1)]
+    if grouped:
+        blocks = np.array([scale_dims[0], -1, shape[1]], dtype=np.int64)
+        nodes.append(b.node("Reshape", [nodes[-1].output[0], b.const("blocks", blocks)]))  # (groups, K/groups, N)
+        ws = _unsqueezed(b, nodes, ws)
+        wz = [_unsqueezed(b, nodes, z) for z in wz]
     if wz:
         zp = b.node("Cast", wz, to=1)
-        nodes += [zp, b.node("Sub", [cast.output[0], zp.output[0]])]
+        nodes += [zp, b.node("Sub", [nodes[-1].output[0], zp.output[0]])]
     nodes.append(b.node("Mul", [nodes[-1].output[0], ws]))
+    if grouped:
+        nodes.append(b.node("Reshape", [nodes[-1].output[0], b.const("shape", np.array(shape, dtype=np.int64))]))
     return nodes
 
 
-def _dynamic_symmetric_tensor(b: _Builder, x: str, wq: str, ws: str, wz: list[str], bias: list[str]) -> list[Any]:
-    """scale = max|x| / 127 over the whole tensor; int8 codes shifted to uint8 (zero point 128)."""
-    absx = b.node("Abs", [x])
-    amax = b.node("ReduceMax", [absx.output[0]], keepdims=0)
-    scale = b.node("Div", [amax.output[0], b.const("qmax", np.float32(127))])
-    safe = _nonzero(b, scale.output[0])
-    zp = b.const("a_zp", np.array(128, dtype=np.uint8))
-    quant = b.node("QuantizeLinear", [x, safe[-1].output[0], zp])
-    w_zp = wz or ([""] if bias else [])
-    mm = b.node("MatMulIntegerToFloat", [quant.output[0], wq, safe[-1].output[0], ws, zp, *w_zp, *bias], domain=MS_DOMAIN)
-    return [absx, amax, scale, *safe, quant, mm]
-
-
-def _nonzero(b: _Builder, scale: str) -> list[Any]:
-    """Scale 0 (an all-zero input) becomes 1, as in `qparams_from_range`."""
-    is_zero = b.node("Equal", [scale, b.const("zero", np.float32(0))])
-    return [is_zero, b.node("Where", [is_zero.output[0], b.const("one", np.float32(1)), scale])]
+def _unsqueezed(b: _Builder, nodes: list[Any], name: str) -> str:
+    """(groups, N) -> (groups, 1, N), appended to `nodes` before the nodes that use it."""
+    node = b.node("Unsqueeze", [name, b.const("ax", np.array([1]))])
+    nodes.insert(0, node)
+    return node.output[0]
 
 
 def _dynamic_per_token(b: _Builder, x: str, wq: str, ws: str, wz: list[str], layer: _Layer) -> list[Any]:
     """One scale (and zero point) per row of `x`, computed at run time, as `QLinear`'s per-token mode.
 
-    ORT's fused kernels take one activation scale per tensor, so the rows are quantized with a per-axis
-    QuantizeLinear on the (rows, K) view, multiplied by MatMulInteger, and rescaled per row and column:
-    y = (acc - zp_row * colsum(Wq)) * scale_row * w_scale.
+    The rows are quantized by a per-axis QuantizeLinear on the (rows, K) view and multiplied by
+    MatMulInteger; y = (acc - zp_row * colsum(W)) * scale_row * w_scale. Symmetric codes are shifted to
+    uint8 with one zero point (128) for every row, so no correction is needed.
     """
     k, n = layer.wq.shape
     nodes: list[Any] = []
@@ -428,129 +428,111 @@ def _dynamic_per_token(b: _Builder, x: str, wq: str, ws: str, wz: list[str], lay
         nodes.append(b.node(op, inputs, **attrs))
         return nodes[-1].output[0]
 
-    shape = add("Shape", [x])
-    lead = add("Slice", [shape, b.const("s0", np.array([0])), b.const("s1", np.array([-1]))])
-    out_shape = add("Concat", [lead, b.const("n", np.array([n]))], axis=0)
     rows = add("Reshape", [x, b.const("rows", np.array([-1, k]))])  # (M, K)
-    zero = b.const("zero", np.float32(0))
+    zero, tiny = b.const("zero", np.float32(0)), b.const("tiny", _TINY)
     if layer.act.symmetric:
-        amax = add("ReduceMax", [add("Abs", [rows])], axes=[1], keepdims=0)  # (M,)
-        raw = add("Div", [amax, b.const("qmax", np.float32(127))])
-        scale = add("Where", [add("Equal", [raw, zero]), b.const("one", np.float32(1)), raw])
-        # signed codes shifted to uint8 with one zero point (128) for all rows: the u8s8 kernel, exact
+        absmax = add("ReduceMax", [add("Abs", [rows])], axes=[1], keepdims=0)  # (M,)
+        scale = add("Max", [add("Div", [absmax, b.const("qmax", np.float32(127))]), tiny])
         zp128 = b.const("a_zp", np.array(128, np.uint8))
         codes = add("QuantizeLinear", [rows, scale, add("Expand", [zp128, add("Shape", [scale])])], axis=0)
-        acc = add("Cast", [add("MatMulInteger", [codes, wq, zp128, *wz])], to=1)
+        acc = add("Cast", [add("MatMulInteger", [codes, wq, zp128, *wz])], to=1)  # (M, N)
     else:
-        lo = add("Min", [add("ReduceMin", [rows], axes=[1], keepdims=0), zero])
+        lo = add("Min", [add("ReduceMin", [rows], axes=[1], keepdims=0), zero])  # (M,)
         hi = add("Max", [add("ReduceMax", [rows], axes=[1], keepdims=0), zero])
-        raw = add("Div", [add("Sub", [hi, lo]), b.const("qrange", np.float32(255))])
-        scale = add("Where", [add("Equal", [raw, zero]), b.const("one", np.float32(1)), raw])
-        zp_f = add("Clip", [add("Round", [add("Div", [add("Neg", [lo]), scale])]), zero, b.const("q255", np.float32(255))])
-        codes = add("QuantizeLinear", [rows, scale, add("Cast", [zp_f], to=2)], axis=0)  # uint8 (M, K)
+        scale = add("Max", [add("Div", [add("Sub", [hi, lo]), b.const("qrange", np.float32(255))]), tiny])
+        zp = add(
+            "Clip", [add("Round", [add("Div", [add("Neg", [lo]), scale])]), zero, b.const("q255", np.float32(255))]
+        )
+        codes = add("QuantizeLinear", [rows, scale, add("Cast", [zp], to=2)], axis=0)  # uint8 (M, K)
         acc = add("Cast", [add("MatMulInteger", [codes, wq, b.const("a_zp", np.array(0, np.uint8)), *wz])], to=1)
         w_int = layer.wq.astype(np.int64) - (0 if layer.w_zp is None else layer.w_zp.astype(np.int64))
         colsum = b.const("colsum", w_int.sum(0, keepdims=True).astype(np.float32))  # (1, N)
-        correction = add("Mul", [add("Unsqueeze", [zp_f, b.const("ax", np.array([1]))]), colsum])
-        acc = add("Sub", [acc, correction])
-    row_scale = add("Unsqueeze", [scale, b.const("ax", np.array([1]))])  # (M, 1)
-    y = add("Mul", [add("Mul", [acc, row_scale]), ws])
-    add("Reshape", [y, out_shape])
+        acc = add("Sub", [acc, add("Mul", [add("Unsqueeze", [zp, b.const("ax", np.array([1]))]), colsum])])
+    y = add("Mul", [add("Mul", [acc, add("Unsqueeze", [scale, b.const("ax", np.array([1]))])]), ws])
+    lead = add("Slice", [add("Shape", [x]), b.const("s0", np.array([0])), b.const("s1", np.array([-1]))])
+    add("Reshape", [y, add("Concat", [lead, b.const("n", np.array([n]))], axis=0)])  # (..., N)
     return nodes
 
 
-def _attention_layers(node: Any, inits: dict[str, Any], by_key: dict[bytes, str], layers: dict[str, Any]) -> _Layer | None:
-    """The Q, K, V layers packed in a fused Attention's weight (in, 3 * hidden), if all three are ours."""
-    from onnx import numpy_helper
-
-    t = inits.get(node.input[1])
+def _attention(node: Any, inits: dict[str, Any], by_key: dict[bytes, str], layers: dict[str, Any]) -> _Layer | None:
+    """The Q, K, V layers packed in a fused Attention's weight (hidden, 3 * hidden), if all three are ours."""
+    t = inits.get(node.input[1]) if node.domain == MS_DOMAIN else None
     if t is None:
         return None
-    w = numpy_helper.to_array(t)
-    names = [by_key.get(_key(part)) for part in np.split(w, 3, axis=1)]
-    if any(n is None for n in names):
-        return None
-    merged = _concat([_Layer.from_module(n, layers[n]) for n in names])  # type: ignore[index]
-    return merged
+    names = [n for part in np.split(numpy_helper.to_array(t), 3, axis=1) if (n := by_key.get(_key(part)))]
+    return _concat([_Layer.from_module(n, layers[n]) for n in names]) if len(names) == 3 else None
 
 
 def _lower_attention(b: _Builder, node: Any, qkv: _Layer) -> list[Any]:
-    """Attention -> QAttention (per-tensor input scale, per-column weight scales), else int8 weights dequantized."""
-    from onnx import helper
-
+    """Attention -> QAttention (one input scale, per-column weight scales), else int8 weights, float compute."""
     wq, ws = b.const("w", qkv.wq), b.const("w_scale", qkv.w_scale)
     wz = [b.const("w_zp", qkv.w_zp)] if qkv.w_zp is not None else []
-    inputs = list(node.input) + [""] * (4 - len(node.input))
+    inputs = list(node.input) + [""] * (4 - len(node.input))  # input, weight, bias, mask_index
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     act = qkv.act
     if not qkv.integer_act or act.granularity != "tensor" or (act.mode == "dynamic" and act.symmetric):
-        log.warning("%s: activation spec %s has no QAttention form; exported weight-only", qkv.names, act)
-        deq = _dequant_weight(b, wq, ws, wz, qkv)
-        return [*deq, helper.make_node("Attention", [inputs[0], deq[-1].output[0], *inputs[2:]], list(node.output),
-                                       domain=MS_DOMAIN, name=node.name, **_attrs(node))]  # fmt: skip
+        if act.mode != "none":
+            log.warning("%s: no QAttention form for %s; int8 weights, float attention", qkv.names, act)
+        deq = _dequant_weight(b, wq, ws, wz, qkv.wq.shape)
+        fused = helper.make_node("Attention", [inputs[0], deq[-1].output[0], *inputs[2:]], list(node.output),
+                                 domain=MS_DOMAIN, name=node.name, **attrs)  # fmt: skip
+        return [*deq, fused]
     if act.mode == "dynamic":
         quant = b.node("DynamicQuantizeLinear", [inputs[0]], n_out=3)
         x_q, x_scale, x_zp = quant.output
     else:
-        scale, zp = _u8(qkv)
-        x_scale, x_zp = b.const("a_scale", np.float32(scale)), b.const("a_zp", zp)
+        scale, zp = _static_u8(qkv)
+        x_scale, x_zp = b.const("a_scale", scale), b.const("a_zp", zp)
         quant = b.node("QuantizeLinear", [inputs[0], x_scale, x_zp])
         x_q = quant.output[0]
-    mask = inputs[3]
-    q_inputs = [x_q, wq, inputs[2], x_scale, ws, mask, x_zp, *(wz or [])]
-    qattn = helper.make_node("QAttention", q_inputs, list(node.output), domain=MS_DOMAIN, name=node.name, **_attrs(node))
-    return [quant, qattn]
-
-
-def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _conv_layer(node: Any, inits: dict[str, Any], by_key: dict[bytes, str]) -> str | None:
-    from onnx import numpy_helper
-
-    t = inits.get(node.input[1])
-    return None if t is None or t.data_type != 1 else by_key.get(_key(numpy_helper.to_array(t)))
+    q_inputs = [x_q, wq, inputs[2], x_scale, ws, inputs[3], x_zp, *wz]
+    return [
+        quant,
+        helper.make_node("QAttention", q_inputs, list(node.output), domain=MS_DOMAIN, name=node.name, **attrs),
+    ]
 
 
 def _lower_conv(b: _Builder, node: Any, layer: _Layer, weight_dims: list[int]) -> list[Any]:
     """Conv with int8 weights dequantized at load (activation quantization of convolutions is not exported)."""
     if layer.act.mode != "none":
-        log.warning("%s: conv activations are not quantized in ONNX; int8 weights, float compute", layer.names)
+        log.warning("%s: conv activations stay float in ONNX; int8 weights, float compute", layer.names)
     if layer.wq.dtype not in (np.int8, np.uint8):
         raise ExportError(f"{layer.names}: only convolution weights of up to 8 bits export as int8")
-    shape = list(weight_dims)
-    n_out = shape[0]
-    wq = b.const("w", layer.wq.T.reshape(shape))
-    bshape = [n_out] + [1] * (len(shape) - 1)
-    ws = b.const("w_scale", layer.w_scale.reshape(bshape))
-    wz = [b.const("w_zp", layer.w_zp.reshape(bshape))] if layer.w_zp is not None else []
-    deq = _dequant_weight(b, wq, ws, wz, layer)
+    n_out = weight_dims[0]
+    per_channel = [n_out] + [1] * (len(weight_dims) - 1)
+    wq = b.const("w", np.ascontiguousarray(layer.wq.T).reshape(weight_dims))
+    ws = b.const("w_scale", layer.w_scale.reshape(per_channel))
+    wz = [b.const("w_zp", layer.w_zp.reshape(per_channel))] if layer.w_zp is not None else []
+    deq = _dequant_weight(b, wq, ws, wz, tuple(weight_dims))
     conv = type(node)()
     conv.CopyFrom(node)
     conv.input[1] = deq[-1].output[0]
     return [*deq, conv]
 
 
-def _is_table(t: Any) -> bool:
-    return t is not None and t.data_type == 1 and len(t.dims) == 2 and int(np.prod(t.dims)) >= MIN_EMBEDDING_SIZE
+def _is_table(t: Any, node: Any) -> bool:
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    return (
+        t is not None and t.data_type == 1 and len(t.dims) == 2 and axis == 0 and np.prod(t.dims) >= MIN_EMBEDDING_SIZE
+    )
 
 
-def _lower_gather(b: _Builder, node: Any, table: np.ndarray) -> list[Any]:
-    """Gather from an int8 table with one symmetric scale per row, then dequantize the gathered rows."""
-    if any(a.name == "axis" and a.i != 0 for a in node.attribute):
-        return [node]
+def _int8_table(b: _Builder, table: np.ndarray) -> tuple[str, str]:
+    """An embedding table as int8 codes with one symmetric scale per row."""
     absmax = np.abs(table).max(axis=1, keepdims=True)
     scale = np.where(absmax > 0, absmax / 127, 1).astype(np.float32)  # (V, 1)
     codes = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
-    ids = node.input[1]
-    rows = b.node("Gather", [b.const("table", codes), ids], axis=0)
-    scales = b.node("Gather", [b.const("row_scale", scale), ids], axis=0)
+    return b.const("table", codes), b.const("row_scale", scale)
+
+
+def _lower_gather(b: _Builder, node: Any, codes: str, scales: str) -> list[Any]:
+    """Gather the int8 rows and their scales, then dequantize only the gathered rows."""
+    rows = b.node("Gather", [codes, node.input[1]], axis=0)
+    row_scales = b.node("Gather", [scales, node.input[1]], axis=0)
     cast = b.node("Cast", [rows.output[0]], to=1)
-    mul = b.node("Mul", [cast.output[0], scales.output[0]])
+    mul = b.node("Mul", [cast.output[0], row_scales.output[0]])
     mul.output[0] = node.output[0]
-    return [rows, scales, cast, mul]
+    return [rows, row_scales, cast, mul]
 
 
 def _drop_unused_initializers(graph: Any) -> None:
@@ -558,9 +540,3 @@ def _drop_unused_initializers(graph: Any) -> None:
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-
-
-def _opset(domain: str, version: int) -> Any:
-    from onnx import helper
-
-    return helper.make_opsetid(domain, version)

