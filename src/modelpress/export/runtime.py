@@ -9,6 +9,7 @@ out), so benchmarks and evaluations treat them like the eager model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ class OnnxModel:
         except Exception as e:  # onnx raises DecodeError, ValidationError, OSError...
             raise ModelLoadError(f"{self.path} is not a valid ONNX model: {e}") from None
         opts = ort.SessionOptions()
+        # Session settings the exporter measured the graph with (e.g. denormals as zero), from its metadata.
+        for prop in proto.metadata_props:
+            if prop.key == "modelpress.ort_session_config":
+                for key, value in json.loads(prop.value).items():
+                    opts.add_session_config_entry(str(key), str(value))
         if threads is not None:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
