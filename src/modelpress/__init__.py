@@ -16,7 +16,8 @@ __all__ = [
     "load_model",
     "resolve",
     # compression
-    "quantize", "compress",
+    "quantize",
+    "compress",
     # measurement
     "bench",
     # core

@@ -20,7 +20,7 @@ from torch import nn
 from modelpress.core.atomic import atomic_dir
 from modelpress.core.context import Context
 from modelpress.core.environment import environment
-from modelpress.core.errors import BadInputError
+from modelpress.core.errors import BadInputError, NotAvailableError
 from modelpress.core.registry import apply
 from modelpress.core.report import ModelStats, Report
 from modelpress.loading import LoadedModel, resolve
@@ -49,14 +49,11 @@ def compress(
         raise BadInputError(f"{loaded.spec}: compressing an ONNX model is not available yet; give a PyTorch model")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     entry = loaded.entry
-    if entry is not None and not entry.has_quality:
-        entry_for_eval = None
-    else:
-        entry_for_eval = entry
+    entry_for_eval = entry if entry is not None and entry.has_quality else None
     if data is None and entry is not None:
         try:
             data = entry.calibration_data(128, 8)
-        except Exception:
+        except NotAvailableError:  # an entry with synthetic inputs only: the passes ask for --data if they need it
             data = None
     report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
     ctx = Context(

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
+from test_onnx import text_inputs, tiny_bert  # the same tiny BERT and padded inputs as the fp32 tests
 from torch import nn
 
 from modelpress.export import onnx_quant
@@ -156,27 +157,6 @@ def test_failed_int8_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: p
     with pytest.raises(ExportError, match="rewrite failed"):
         export_quantized_onnx(qmodel, torch.randn(2, 5, WIDTH), tmp_path / "int8.onnx")
     assert list(tmp_path.iterdir()) == []
-
-
-def tiny_bert() -> nn.Module:
-    from transformers import BertConfig, BertModel
-
-    from modelpress.zoo.text import TextEncoder
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64,
-    )  # fmt: skip
-    return TextEncoder(BertModel(config, add_pooling_layer=False).eval(), tokenizer=None)
-
-
-def text_inputs(batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (batch, seq), generator=g)
-    lengths = torch.randint(2, seq + 1, (batch,), generator=g)
-    mask = (torch.arange(seq)[None] < lengths[:, None]).long()
-    return ids * mask, mask
 
 
 @pytest.mark.parametrize("static", [False, True])
