@@ -5,17 +5,19 @@ import pytest
 from modelpress.cli import main
 from modelpress.core import ConfigError
 from modelpress.quant import DynamicQuantConfig, MixedPrecisionConfig, StaticQuantConfig, WeightOnlyConfig
+from modelpress.quant.smoothquant import SmoothQuantConfig
 from modelpress.recipes.recipe import builtin_names, load_recipe, parse_recipe
 
 
 def test_builtin_recipes_load_and_round_trip():
     names = builtin_names()
-    assert {"int8-dynamic", "int8-static", "w8", "w4"} <= set(names)
+    assert {"int8-dynamic", "int8-static", "int8-smooth", "w8", "w4"} <= set(names)
     expected = {
         "int8-dynamic": DynamicQuantConfig,
         "int8-static": StaticQuantConfig,
         "w8": WeightOnlyConfig,
         "w4": MixedPrecisionConfig,
+        "int8-smooth": SmoothQuantConfig,
     }
     for name, cls in expected.items():
         recipe = load_recipe(name)
@@ -23,6 +25,8 @@ def test_builtin_recipes_load_and_round_trip():
         assert parse_recipe(recipe.to_dict(), name) == recipe
     assert load_recipe("int8-static").passes[0].observer.kind == "mse"
     assert load_recipe("w4").passes[0].base.bits == 4
+    smooth_then_static = load_recipe("int8-smooth").passes
+    assert isinstance(smooth_then_static[1], StaticQuantConfig) and smooth_then_static[1].dynamic_layers
 
 
 @pytest.mark.parametrize(

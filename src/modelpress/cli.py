@@ -191,7 +191,7 @@ def compress(
 ) -> None:
     """Compress a model with a recipe; write model.onnx, model.pt2, report.json/md and the recipe to --out.
 
-    Example: [bold]modelpress compress minilm --recipe int8-dynamic --out out/minilm-int8[/bold]
+    Example: [bold]modelpress compress minilm --recipe int8-smooth --out out/minilm-int8[/bold]
 
     Example: [bold]modelpress compress digits-cnn --recipe int8-static --data calib.npy --out out/digits[/bold]
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def compress(
     example = entry.example_inputs(2) if entry is not None else None
     with atomic_dir(out_dir) as tmp:
         artifacts = _export(compressed, example, rec, tmp, ctx)
+        report.parity = _parity(loaded.model, compressed, artifacts, example, threads) if artifacts else None
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
         _measure(loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir)
         report.write(tmp)
@@ -87,6 +89,20 @@ def compress(
 
 
 def _export(model: nn.Module, example: tuple | None, rec: Recipe, folder: Path, ctx: Context) -> dict[str, Path]:
+    from modelpress.export.onnx import ExportWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportWarning)
+        out = _export_all(model, example, rec, folder, ctx)
+    for w in caught:
+        if issubclass(w.category, ExportWarning):
+            ctx.report.warn(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
+
+
+def _export_all(model: nn.Module, example: tuple | None, rec: Recipe, folder: Path, ctx: Context) -> dict[str, Path]:
     if example is None:
         if rec.export:
             ctx.warn("no example inputs are known for this model: artifacts were not exported")
@@ -104,6 +120,30 @@ def _export(model: nn.Module, example: tuple | None, rec: Recipe, folder: Path, 
         start = time.perf_counter()
         out["pt2"] = compile_package(model, example, folder / "model.pt2")
         ctx.report.add_pass("export/pt2", time.perf_counter() - start)
+    return out
+
+
+def _parity(
+    original: nn.Module, compressed: nn.Module, artifacts: dict[str, Path], example: tuple, threads: int | None
+) -> dict[str, Any]:
+    """Each artifact's first output against the compressed eager model (the export check) and the original."""
+    import torch
+
+    from modelpress.export.onnx import compare_outputs
+    from modelpress.export.runtime import AotiModel, OnnxModel
+
+    def first(fn: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            out = fn(*example)
+        return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+    reference, expected = first(original), first(compressed)
+    out: dict[str, Any] = {}
+    for kind, path in artifacts.items():
+        actual = first(OnnxModel(path, threads=threads) if kind == "onnx" else AotiModel(path))
+        check = compare_outputs(expected, actual)
+        out[kind] = {**check, "mean_cosine_to_original": compare_outputs(reference, actual)["mean_cosine"]}
+    out["eager_mean_cosine_to_original"] = compare_outputs(reference, expected)["mean_cosine"]
     return out
 
 

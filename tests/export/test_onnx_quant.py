@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,35 @@ def test_conv_weights_stored_int8(tmp_path: Path) -> None:
     with torch.inference_mode():
         expected = model(x)
     torch.testing.assert_close(OnnxModel(path)(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["float", "integer"])
+@pytest.mark.parametrize(
+    "act", [ActSpec(mode="static"), ActSpec(mode="dynamic"), ActSpec(mode="dynamic", symmetric=True)]
+)
+def test_conv_activation_modes(tmp_path: Path, mode: str, act: ActSpec) -> None:
+    from modelpress.export.onnx import ExportWarning
+    from modelpress.quant.modules import QConv
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 8, 3, padding=1, stride=2)
+    x = torch.randn(4, 3, 9, 9)
+    q = QConv(conv, PER_CHANNEL, act, (float(x.min()), float(x.max())) if act.mode == "static" else None)
+    model = nn.Sequential(q, nn.ReLU()).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_quantized_onnx(model, x[:2], tmp_path / "conv.onnx", conv=mode)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    with torch.inference_mode():
+        expected = model(x)
+    notes = [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
+    if mode == "integer":  # the layer's own activation quantization on ORT's integer kernel: same result
+        assert "ConvInteger" in ops and "Conv" not in ops and not notes
+        torch.testing.assert_close(OnnxModel(path)(x), expected, atol=1e-4, rtol=1e-4)
+    else:  # float compute: close to the quantized layer, and the report is told
+        assert "Conv" in ops and "ConvInteger" not in ops
+        assert notes == ["0: int8 weights, float compute in ONNX (ORT's ConvInteger is slower than float Conv)"]
+        assert cosine(OnnxModel(path)(x), expected) > 0.999
 
 
 def test_failed_int8_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

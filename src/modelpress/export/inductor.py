@@ -287,10 +287,15 @@ def _examples_for_dynamic(
     for x in inputs:
         if dynamic_batch and x.dim() >= 1 and x.shape[0] < 2:
             x = torch.cat([x, x], dim=0)
-        if dynamic_seq and x.dim() >= 2 and x.shape[1] < 2:
+        if dynamic_seq and _is_sequence(x) and x.shape[1] < 2:
             x = torch.cat([x, x], dim=1)
         out.append(x)
     return tuple(out)
+
+
+def _is_sequence(x: torch.Tensor) -> bool:
+    # Token ids and masks (B, T) of integers have a sequence axis; image / feature tensors' axis 1 is channels.
+    return x.dim() == 2 and not x.is_floating_point()
 
 
 def _dynamic_shapes(
@@ -304,7 +309,7 @@ def _dynamic_shapes(
         axes: dict[int, Any] = {}
         if dynamic_batch and x.dim() >= 1:
             axes[0] = batch
-        if dynamic_seq and x.dim() >= 2:
+        if dynamic_seq and _is_sequence(x):
             axes[1] = seq
         shapes.append(axes)
     return tuple(shapes)

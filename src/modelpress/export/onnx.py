@@ -49,6 +49,10 @@ SESSION_HINTS_KEY = "modelpress.ort_session_config"
 DynamicAxes = dict[str, dict[int, str]]
 
 
+class ExportWarning(UserWarning):
+    """A layer exported in a weaker form than the eager model runs it (e.g. float compute); reports list these."""
+
+
 class ExportError(ModelpressError):
     """The model cannot be exported, or the exported graph does not compute what the model computes."""
 
@@ -346,7 +350,7 @@ def optimize_graph(path: Path, model: nn.Module, inputs: tuple[torch.Tensor, ...
         else:
             applied = _ort_optimize(path, candidate)
         reference = _run_onnx(path, inputs)
-        parity = _compare(reference, _run_onnx(candidate, inputs))
+        parity = compare_outputs(reference, _run_onnx(candidate, inputs))
         if parity["max_abs"] > PARITY_ATOL * max(1.0, float(reference.abs().max())):
             log.warning("ORT %s changed the output (max_abs %.2e); keeping the plain graph", applied, parity["max_abs"])
             return "none"
@@ -397,7 +401,7 @@ def check_parity(
     inputs = _as_tuple(inputs)
     with torch.inference_mode():
         expected = _first(torch_fn(*inputs)).float()
-    return _compare(expected, _run_onnx(Path(onnx_path), inputs, threads))
+    return compare_outputs(expected, _run_onnx(Path(onnx_path), inputs, threads))
 
 
 def _run_onnx(path: Path, inputs: tuple[torch.Tensor, ...], threads: int | None = None) -> torch.Tensor:
@@ -406,9 +410,10 @@ def _run_onnx(path: Path, inputs: tuple[torch.Tensor, ...], threads: int | None 
     return _first(OnnxModel(path, threads=threads)(*inputs)).float()
 
 
-def _compare(expected: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
+def compare_outputs(expected: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
+    """`max_abs` difference and `mean_cosine` of the rows along the last axis of two outputs."""
     if expected.shape != actual.shape:
-        raise ExportError(f"ONNX output shape {tuple(actual.shape)} differs from torch's {tuple(expected.shape)}")
+        raise ExportError(f"output shape {tuple(actual.shape)} differs from torch's {tuple(expected.shape)}")
     rows = (-1, expected.shape[-1]) if expected.dim() else (1, 1)
     e, a = expected.reshape(rows).double(), actual.reshape(rows).double()
     cos = F.cosine_similarity(e, a, dim=-1)

@@ -12,6 +12,10 @@ with that layer's own integers and scales; nothing is re-quantized or re-calibra
   `QuantizeLinear` + `MatMulInteger`, rescaled per row and column (ORT's fused ops take one scale per
   tensor); none (weight-only, or group-wise weights) -> int8 codes dequantized when the session loads.
   The bias Add after a MatMul goes into the integer op where it takes one;
+- convolutions: `conv="float"` (default) stores int8 weights dequantized when the session loads and
+  computes in float; `conv="integer"` quantizes activations as the layer does and runs `ConvInteger`
+  (exact parity with the eager layer, but ORT's ConvInteger kernel measured 18x slower than its float
+  Conv on digits-cnn at batch 32, so it is not the default);
 - BERT-like attention is exported as one ORT `Attention` op (`export.onnx`), which becomes `QAttention`
   when Q, K and V share one per-tensor input quantization; other projections that read the same input
   with the same spec become one integer MatMul and a Split, so that input is quantized once;
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +47,7 @@ from modelpress.core.atomic import atomic_path
 from modelpress.export.onnx import (
     DynamicAxes,
     ExportError,
+    ExportWarning,
     _as_tuple,
     add_session_hints,
     check_parity,
@@ -75,6 +81,7 @@ def export_quantized_onnx(
     opset: int = 17,
     embeddings: Literal["float", "int8"] = "int8",
     fuse_attention: bool = True,
+    conv: Literal["float", "integer"] = "float",
 ) -> Path:
     """Export `model` (holding `QLinear` layers) as an integer ONNX model, written atomically.
 
@@ -88,7 +95,7 @@ def export_quantized_onnx(
     with atomic_path(out_path) as tmp:
         export_float(model, inputs, tmp, input_names, output_names, dynamic_axes, opset, _swap_in_float, fuse_attention)
         proto = onnx.load(str(tmp))
-        missing = sorted(set(layers) - quantize_graph(proto, layers, embeddings=embeddings))
+        missing = sorted(set(layers) - quantize_graph(proto, layers, embeddings=embeddings, conv=conv))
         if missing:
             raise ExportError(f"no ONNX MatMul/Conv carries the weights of {missing[:5]}; cannot export them as int8")
         add_session_hints(proto)
@@ -204,7 +211,11 @@ def _key(array: np.ndarray) -> bytes:
 
 
 def quantize_graph(
-    proto: Any, layers: dict[str, QLinear | QConv], *, embeddings: Literal["float", "int8"] = "int8"
+    proto: Any,
+    layers: dict[str, QLinear | QConv],
+    *,
+    embeddings: Literal["float", "int8"] = "int8",
+    conv: Literal["float", "integer"] = "float",
 ) -> set[str]:
     """Rewrite `proto` in place: weights equal to a layer's dequantized weight become integer ops.
 
@@ -253,9 +264,11 @@ def quantize_graph(
         elif node.op_type == "Attention" and (qkv := _attention(node, inits, by_key, layers)):
             new_nodes += _lower_attention(b, node, qkv)
             done.update(qkv.names)
-        elif node.op_type == "Conv" and (conv := layer_at(node)):
-            new_nodes += _lower_conv(b, node, _Layer.from_module(conv, layers[conv]), list(inits[node.input[1]].dims))
-            done.add(conv)
+        elif node.op_type == "Conv" and (name := layer_at(node)):
+            new_nodes += _lower_conv(
+                b, node, _Layer.from_module(name, layers[name]), list(inits[node.input[1]].dims), conv
+            )
+            done.add(name)
         elif embeddings == "int8" and node.op_type == "Gather" and _is_table(inits.get(node.input[0]), node):
             if node.input[0] not in tables:
                 tables[node.input[0]] = _int8_table(b, numpy_helper.to_array(inits[node.input[0]]))
@@ -354,7 +367,11 @@ def _lower_matmul(b: _Builder, x: str, outs: list[str], layer: _Layer, widths: l
     nodes: list[Any]
     if not layer.integer_act:
         if act.mode != "none":
-            log.warning("%s: no ORT integer kernel for this layer; int8 weights, float compute", layer.names)
+            warnings.warn(
+                f"{', '.join(layer.names)}: no ORT integer kernel; int8 weights, float compute",
+                ExportWarning,
+                stacklevel=2,
+            )
         nodes = _dequant_weight(b, wq, ws, wz, layer.wq.shape)
         nodes.append(b.node("MatMul", [x, nodes[-1].output[0]]))
     elif act.mode == "dynamic" and act.granularity == "tensor" and not act.symmetric:
@@ -366,14 +383,9 @@ def _lower_matmul(b: _Builder, x: str, outs: list[str], layer: _Layer, widths: l
         mm = b.node("MatMulIntegerToFloat", [quant.output[0], wq, a_scale, ws, a_zp, *wz_slot, *bias], domain=MS_DOMAIN)
         nodes = [quant, mm]
     elif act.granularity == "tensor":  # dynamic symmetric: max|x| / 127, codes shifted to uint8
-        absx = b.node("Abs", [x])
-        absmax = b.node("ReduceMax", [absx.output[0]], keepdims=0)
-        div = b.node("Div", [absmax.output[0], b.const("qmax", np.float32(127))])
-        scale = b.node("Max", [div.output[0], b.const("tiny", _TINY)])
-        zp128 = b.const("a_zp", np.array(128, dtype=np.uint8))
-        quant = b.node("QuantizeLinear", [x, scale.output[0], zp128])
-        mm_in = [quant.output[0], wq, scale.output[0], ws, zp128, *wz_slot, *bias]
-        nodes = [absx, absmax, div, scale, quant, b.node("MatMulIntegerToFloat", mm_in, domain=MS_DOMAIN)]
+        nodes, (xq, scale, zp128) = _quantize_symmetric(b, x)
+        mm_in = [xq, wq, scale, ws, zp128, *wz_slot, *bias]
+        nodes.append(b.node("MatMulIntegerToFloat", mm_in, domain=MS_DOMAIN))
     else:
         nodes = _dynamic_per_token(b, x, wq, ws, wz, layer)
     y = outs[0] if len(outs) == 1 else b.name("merged")
@@ -383,6 +395,17 @@ def _lower_matmul(b: _Builder, x: str, outs: list[str], layer: _Layer, widths: l
         split.output[:] = outs
         nodes.append(split)
     return nodes
+
+
+def _quantize_symmetric(b: _Builder, x: str) -> tuple[list[Any], tuple[str, str, str]]:
+    """Nodes quantizing `x` per tensor at run time with scale max|x| / 127 (codes shifted to uint8 by 128)."""
+    absx = b.node("Abs", [x])
+    absmax = b.node("ReduceMax", [absx.output[0]], keepdims=0)
+    div = b.node("Div", [absmax.output[0], b.const("qmax", np.float32(127))])
+    scale = b.node("Max", [div.output[0], b.const("tiny", _TINY)])
+    zp128 = b.const("a_zp", np.array(128, dtype=np.uint8))
+    quant = b.node("QuantizeLinear", [x, scale.output[0], zp128])
+    return [absx, absmax, div, scale, quant], (quant.output[0], scale.output[0], zp128)
 
 
 def _dequant_weight(b: _Builder, wq: str, ws: str, wz: list[str], shape: tuple[int, ...]) -> list[Any]:
@@ -472,7 +495,9 @@ def _lower_attention(b: _Builder, node: Any, qkv: _Layer) -> list[Any]:
     act = qkv.act
     if not qkv.integer_act or act.granularity != "tensor" or (act.mode == "dynamic" and act.symmetric):
         if act.mode != "none":
-            log.warning("%s: no QAttention form for %s; int8 weights, float attention", qkv.names, act)
+            warnings.warn(
+                f"{', '.join(qkv.names)}: no QAttention form for {act}; int8 weights, float attention", stacklevel=2
+            )
         deq = _dequant_weight(b, wq, ws, wz, qkv.wq.shape)
         fused = helper.make_node("Attention", [inputs[0], deq[-1].output[0], *inputs[2:]], list(node.output),
                                  domain=MS_DOMAIN, name=node.name, **attrs)  # fmt: skip
@@ -492,22 +517,56 @@ def _lower_attention(b: _Builder, node: Any, qkv: _Layer) -> list[Any]:
     ]
 
 
-def _lower_conv(b: _Builder, node: Any, layer: _Layer, weight_dims: list[int]) -> list[Any]:
-    """Conv with int8 weights dequantized at load (activation quantization of convolutions is not exported)."""
-    if layer.act.mode != "none":
-        log.warning("%s: conv activations stay float in ONNX; int8 weights, float compute", layer.names)
+def _lower_conv(b: _Builder, node: Any, layer: _Layer, weight_dims: list[int], mode: str) -> list[Any]:
+    """Conv as ConvInteger on uint8 activations (static or dynamic per-tensor scale) and int8 weights.
+
+    The int32 accumulator is scaled by activation scale x per-channel weight scale and the bias added
+    in float. Weight-only convolutions keep float compute on weights dequantized at session load.
+    """
     if layer.wq.dtype not in (np.int8, np.uint8):
         raise ExportError(f"{layer.names}: only convolution weights of up to 8 bits export as int8")
     n_out = weight_dims[0]
     per_channel = [n_out] + [1] * (len(weight_dims) - 1)
     wq = b.const("w", np.ascontiguousarray(layer.wq.T).reshape(weight_dims))
-    ws = b.const("w_scale", layer.w_scale.reshape(per_channel))
-    wz = [b.const("w_zp", layer.w_zp.reshape(per_channel))] if layer.w_zp is not None else []
-    deq = _dequant_weight(b, wq, ws, wz, tuple(weight_dims))
-    conv = type(node)()
-    conv.CopyFrom(node)
-    conv.input[1] = deq[-1].output[0]
-    return [*deq, conv]
+    ws_values = layer.w_scale.reshape(per_channel)
+    wz = [b.const("w_zp", layer.w_zp.reshape(-1))] if layer.w_zp is not None else []
+    act = layer.act
+    if mode == "float" or act.mode == "none" or act.bits != 8 or act.granularity != "tensor":
+        if act.mode != "none":
+            why = "ORT's ConvInteger is slower than float Conv" if mode == "float" else "no ORT integer kernel"
+            warnings.warn(
+                f"{', '.join(layer.names)}: int8 weights, float compute in ONNX ({why})", ExportWarning, stacklevel=2
+            )
+        zp = [b.const("w_zp", layer.w_zp.reshape(per_channel))] if layer.w_zp is not None else []
+        deq = _dequant_weight(b, wq, b.const("w_scale", ws_values), zp, tuple(weight_dims))
+        conv = type(node)()
+        conv.CopyFrom(node)
+        conv.input[1] = deq[-1].output[0]
+        return [*deq, conv]
+    x = node.input[0]
+    bias_dims = [1, n_out] + [1] * (len(weight_dims) - 2)  # broadcast over (B, C_out, *spatial)
+    if act.mode == "static":
+        scale_value, zp = _static_u8(layer)
+        a_scale, a_zp = b.const("a_scale", scale_value), b.const("a_zp", zp)
+        quant = b.node("QuantizeLinear", [x, a_scale, a_zp])
+        nodes, xq = [quant], quant.output[0]
+    elif act.symmetric:
+        nodes, (xq, a_scale, a_zp) = _quantize_symmetric(b, x)
+    else:
+        dq = b.node("DynamicQuantizeLinear", [x], n_out=3)
+        nodes, (xq, a_scale, a_zp) = [dq], tuple(dq.output)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    nodes.append(b.node("ConvInteger", [xq, wq, a_zp, *wz], **attrs))
+    nodes.append(b.node("Cast", [nodes[-1].output[0]], to=1))
+    # (1, C_out, 1[, 1]): the activation scale times each output channel's weight scale
+    out_scale = b.node("Mul", [a_scale, b.const("w_scale", ws_values.reshape(bias_dims))])
+    nodes += [out_scale, b.node("Mul", [nodes[-1].output[0], out_scale.output[0]])]
+    if len(node.input) > 2 and node.input[2]:
+        bias_shape = b.const("bias_shape", np.array(bias_dims, dtype=np.int64))
+        bias = b.node("Reshape", [node.input[2], bias_shape])
+        nodes += [bias, b.node("Add", [nodes[-1].output[0], bias.output[0]])]
+    nodes[-1].output[0] = node.output[0]
+    return nodes
 
 
 def _is_table(t: Any, node: Any) -> bool:

@@ -80,17 +80,16 @@ def qparams_from_range(
     min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
     max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
     if scheme.symmetric:
-        absmax = torch.maximum(-min_val, max_val)
-        scale = absmax / scheme.qmax
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        scale = torch.maximum(-min_val, max_val) / scheme.qmax
     else:
         scale = (max_val - min_val) / (scheme.qmax - scheme.qmin)
-        # Divide by the scale used below (unclamped: it is subnormal for ranges narrower than ~3e-36).
-        nonzero_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero_point = (scheme.qmin - torch.round(min_val / nonzero_scale)).clamp(scheme.qmin, scheme.qmax)
-        zero_point = zero_point.to(torch.int32)
-    # An all-zero slice would give scale 0: any positive scale represents it exactly.
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # An all-zero slice would give scale 0: any positive scale represents it exactly. A subnormal
+    # scale (ranges narrower than ~1e-33) loses the precision rounding needs: floor at the smallest normal.
+    scale = torch.where(scale > 0, scale.clamp(min=torch.finfo(torch.float32).tiny), torch.ones_like(scale))
+    if scheme.symmetric:
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        zero_point = (scheme.qmin - torch.round(min_val / scale)).clamp(scheme.qmin, scheme.qmax).to(torch.int32)
     return scale, zero_point
 
 

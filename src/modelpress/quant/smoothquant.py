@@ -1,0 +1,254 @@
+"""SmoothQuant: move activation outliers into the weights before int8 (W8A8) quantization.
+
+A Linear computes `x @ W.T`; with a per-input-channel scale s, `(x / s) @ (W * s).T` is the same
+product, and `s_j = max|x_j|^alpha / max|W[:, j]|^(1 - alpha)` flattens the few activation channels
+with outliers that a per-tensor activation scale cannot hold, at the cost of a slightly harder
+weight. The division by s is folded into the normalization that produces x, so the float model
+computes the same function and nothing is added to the hot path:
+
+- pre-norm blocks (Llama, Qwen, Mistral: RMSNorm → q/k/v and → gate/up; GPT-2: LayerNorm → c_attn
+  and → c_fc): the norm's weight (and bias) are divided by s;
+- post-LN encoders (BERT, MiniLM): the LayerNorm output is also the residual of the next sub-block,
+  so after dividing the LayerNorm by s the residual input of that sub-block's output module is
+  multiplied by s again (a stored `residual_scale` buffer, applied by a forward pre-hook).
+
+Linears with no foldable normalization in front (attention output, the second FFN layer whose
+input is a GELU/SiLU output) are left as they are; quantize them per token instead.
+
+    >>> model = quantize(model, SmoothQuantConfig(alpha=0.5), data=batches)   # float model, rescaled
+    >>> model = quantize(model, StaticQuantConfig(), data=batches)            # then int8
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.core.config import Config
+from modelpress.core.context import Context
+from modelpress.core.errors import BadInputError, ConfigError, DataError
+from modelpress.core.registry import register
+from modelpress.quant.ptq import LayerFilter, _run, _take
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(Config):
+    """Fold per-channel activation scales (migration strength `alpha`) into norms and weights."""
+
+    alpha: float = 0.5
+    calibration_batches: int = 16
+    # Round s to a power of two: the rescaling is then exact in fp32 and bf16 alike.
+    power_of_two: bool = True
+    layers: LayerFilter = LayerFilter()
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.calibration_batches < 1:
+            raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
+
+
+def smoothing_scales(
+    act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float, power_of_two: bool = True
+) -> torch.Tensor:
+    """s (in_features,) = max|x|^alpha / max|W|^(1-alpha), clamped away from 0 (and rounded to 2^k)."""
+    a = act_absmax.float().clamp(min=1e-5)
+    w = weight_absmax.float().clamp(min=1e-5)
+    s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5, max=1e5)
+    return torch.exp2(torch.round(torch.log2(s))) if power_of_two else s
+
+
+@dataclass
+class SmoothGroup:
+    """Linears that read the output of one normalization, and how to undo the scaling elsewhere."""
+
+    name: str  # the normalization's qualified name
+    norm: nn.Module  # LayerNorm / RMSNorm with a `weight` (and maybe `bias`)
+    linears: list[tuple[str, nn.Module]]  # nn.Linear (weight (out, in)) or GPT-2 Conv1D (weight (in, out))
+    residual_user: nn.Module | None = None  # post-LN: the module whose residual input must be rescaled
+
+
+def find_groups(model: nn.Module) -> list[SmoothGroup]:
+    """Norm → Linear groups of the transformer blocks `model` contains (BERT, Llama-style, GPT-2)."""
+    groups: list[SmoothGroup] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(_is_bert_layer(b) for b in module):
+            groups += _bert_groups(model, name, module)
+        elif isinstance(module, nn.ModuleList) and len(module):
+            for i, block in enumerate(module):
+                groups += _prenorm_groups(f"{name}.{i}", block)
+    return groups
+
+
+def _is_bert_layer(block: nn.Module) -> bool:
+    return all(hasattr(block, a) for a in ("attention", "intermediate", "output")) and hasattr(
+        block.attention, "self"
+    )
+
+
+def _bert_groups(model: nn.Module, list_name: str, layers: nn.ModuleList) -> list[SmoothGroup]:
+    # The LayerNorm ahead of layer 0 is the embeddings' one: a sibling `embeddings` of the encoder.
+    owner_name = list_name.rsplit(".", 2)[0] if list_name.count(".") >= 2 else ""
+    owner = model.get_submodule(owner_name) if owner_name else model
+    embed_ln = getattr(getattr(owner, "embeddings", None), "LayerNorm", None)
+    prefix = f"{owner_name}." if owner_name else ""
+    groups = []
+    for i, layer in enumerate(layers):
+        at = f"{list_name}.{i}"
+        sa = layer.attention.self
+        qkv = [(f"{at}.attention.self.{n}", getattr(sa, n)) for n in ("query", "key", "value")]
+        if i > 0:
+            ln_name, ln = f"{list_name}.{i - 1}.output.LayerNorm", layers[i - 1].output.LayerNorm
+        else:
+            ln_name, ln = f"{prefix}embeddings.LayerNorm", embed_ln
+        if ln is not None:
+            groups.append(SmoothGroup(ln_name, ln, qkv, layer.attention.output))
+        groups.append(
+            SmoothGroup(
+                f"{at}.attention.output.LayerNorm",
+                layer.attention.output.LayerNorm,
+                [(f"{at}.intermediate.dense", layer.intermediate.dense)],
+                layer.output,
+            )
+        )
+    return groups
+
+
+_PRENORM = (  # (norm, consumers) in pre-norm decoder blocks
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("ln_1", ("attn.c_attn",)),
+    ("ln_2", ("mlp.c_fc",)),
+)
+
+
+def _prenorm_groups(at: str, block: nn.Module) -> list[SmoothGroup]:
+    groups = []
+    for norm_name, consumers in _PRENORM:
+        norm = getattr(block, norm_name, None)
+        linears = [(f"{at}.{c}", _get(block, c)) for c in consumers]
+        if norm is None or getattr(norm, "weight", None) is None or any(m is None for _, m in linears):
+            continue
+        groups.append(SmoothGroup(f"{at}.{norm_name}", norm, linears))  # type: ignore[arg-type]
+    return groups
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _weight_in_out(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in) whatever the layer's storage (GPT-2's Conv1D keeps (in, out))."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def input_absmax(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Per-channel max |x| (in_features,) of each module's input over `batches`."""
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+    for key, module in modules.items():
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], key: str = key) -> None:
+            x = args[0].detach().flatten(0, -2).abs().amax(0).float()
+            stats[key] = torch.maximum(stats[key], x) if key in stats else x
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                _run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _scale_residual(module: nn.Module, s: torch.Tensor) -> None:
+    """Multiply the second input (`input_tensor`, the residual) of a BERT output module by s."""
+    if hasattr(module, "residual_scale"):
+        module.residual_scale.mul_(s)
+        return
+    module.register_buffer("residual_scale", s.clone())
+    module.register_forward_pre_hook(_residual_hook, with_kwargs=True)
+
+
+def _residual_hook(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    scale = module.residual_scale
+    if len(args) >= 2:
+        return (args[0], args[1] * scale.to(args[1].dtype), *args[2:]), kwargs
+    residual = kwargs["input_tensor"]
+    return args, {**kwargs, "input_tensor": residual * scale.to(residual.dtype)}
+
+
+@torch.no_grad()
+def apply_smoothing(group: SmoothGroup, s: torch.Tensor) -> None:
+    """Divide the norm by s, multiply the consumers' input channels by s, fix the residual (post-LN)."""
+    norm = group.norm
+    norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    for _, lin in group.linears:
+        if isinstance(lin, nn.Linear):
+            lin.weight.mul_(s.to(lin.weight.dtype))  # (out, in) * (in,)
+        else:
+            lin.weight.mul_(s.to(lin.weight.dtype)[:, None])  # Conv1D: (in, out)
+    if group.residual_user is not None:
+        _scale_residual(group.residual_user, s)
+
+
+@register(SmoothQuantConfig)
+def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: Context, overrides: Any = None) -> nn.Module:
+    start = time.perf_counter()
+    if ctx.data is None:
+        raise DataError("SmoothQuant needs calibration data: pass data=... (CLI: --data) or use a zoo model")
+    groups = [g for g in find_groups(model) if all(cfg.layers.selects(n) for n, _ in g.linears)]
+    if not groups:
+        raise BadInputError(
+            "SmoothQuant found no normalization → Linear groups to rescale: it supports BERT-style post-LN "
+            "encoders and Llama/Qwen/GPT-2-style pre-norm blocks"
+        )
+    batches = _take(ctx.data, cfg.calibration_batches)
+    if not batches:
+        raise DataError("the calibration set is empty: SmoothQuant needs real input batches (--data)")
+    firsts = {g.name: g.linears[0][1] for g in groups}  # the consumers of one norm share one input
+    act = input_absmax(model, firsts, list(ctx.progress(batches, "smoothing", total=len(batches))))
+    migrated: dict[str, float] = {}
+    for g in groups:
+        if g.name not in act:
+            ctx.warn(f"SmoothQuant: {g.name} was not reached by the calibration batches; left unscaled")
+            continue
+        w_absmax = torch.cat([_weight_in_out(m).detach().abs() for _, m in g.linears]).amax(0)
+        s = smoothing_scales(act[g.name], w_absmax, cfg.alpha, cfg.power_of_two)
+        apply_smoothing(g, s)
+        # How much flatter the input got: max/median of per-channel |x| before and after.
+        a = act[g.name].clamp(min=1e-8)
+        migrated[g.name] = round(float((a.max() / a.median()) / ((a / s).max() / (a / s).median())), 2)
+    ctx.report.add_pass(
+        "quantize/smoothquant",
+        time.perf_counter() - start,
+        alpha=cfg.alpha,
+        groups=len(migrated),
+        layers=[n for g in groups if g.name in migrated for n, _ in g.linears],
+        outlier_ratio_reduction=migrated,
+    )
+    return model
+
+
+def smooth(
+    model: nn.Module, config: SmoothQuantConfig, data: Iterable[Any], ctx: Context | None = None
+) -> nn.Module:
+    """Rescale `model` in place with SmoothQuant; the float outputs stay the same up to rounding."""
+    ctx = ctx or Context()
+    ctx.data = data
+    with ctx.threads_scope():
+        return smoothquant(model.eval(), config, ctx)
