@@ -13,7 +13,10 @@ built here, exported by `export_quantized_onnx`:
   (input = GELU output, token outliers) dynamic per token;
 - `ours-sq-static`: as ours-sq-dyn, with static per-tensor ranges (min/max over 128 STS-B train
   sentences) instead of dynamic ones;
-- `ours-sq-static-mixed`: as ours-sq-static, FFN2 per token only in layers 0-2 (the sensitive ones).
+- `ours-sq-static-mixed`: as ours-sq-static, FFN2 per token only in layers 0-2 (the sensitive ones);
+- `recipe-int8-smooth`: the built-in `int8-smooth` recipe applied by its passes (SmoothQuantConfig,
+  then StaticQuantConfig) exactly as `modelpress compress` applies it; its quantization time is
+  reported as `quantize_s` (export excluded).
 
 Per row: p50 (and min) latency at batch 1 and 32 (seq 128, real sentences), its ratio to torch fp32,
 file size, STS-B test Spearman x100, mean cosine of sentence embeddings to fp32 (and, for ours, to the
@@ -56,6 +59,7 @@ SETTLE_S = 0.03  # pause before each timed block: the previous engine's spinning
 ROWS = (
     "ort-fp32-plain", "ort-fp32", "ort-fp32-bert", "anchor-ort-int8", "anchor-ort-int8:default",
     "ours-dyn", "ours-sq-dyn", "ours-sq-static", "ours-sq-static:default", "ours-sq-static-mixed",
+    "recipe-int8-smooth",
 )  # fmt: skip
 
 
@@ -173,6 +177,19 @@ def build_ours(entry: Any, variant: str, batches: list[Any]) -> nn.Module:
         q = QLinear.from_float(model.get_submodule(name), weights, act, act_range)
         setattr(model.get_submodule(parent), child, q)
     return model
+
+
+def build_recipe(entry: Any, recipe: str, batches: list[Any]) -> tuple[nn.Module, float]:
+    """MiniLM compressed by a built-in recipe's passes, as `compress` applies them; (model, seconds)."""
+    from modelpress.core import Context, apply
+    from modelpress.recipes.recipe import load_recipe
+
+    model = entry.load().eval()
+    ctx = Context(data=batches, show_progress=False)
+    start = time.perf_counter()
+    for cfg in load_recipe(recipe).passes:
+        model = apply(model, cfg, ctx)
+    return model, time.perf_counter() - start
 
 
 def build_anchor(fp32_bert_onnx: Path, out: Path) -> Path:
@@ -304,6 +321,7 @@ def main() -> None:
     paths: dict[str, Path] = {}
     eager: dict[str, nn.Module] = {}
     build_s: dict[str, float] = {}
+    quantize_s: dict[str, float] = {}
     for row in rows:
         name, _, options = row.partition(":")
         path = workdir / f"{name}.onnx"
@@ -322,9 +340,12 @@ def main() -> None:
                 optimize_graph(bert, fp32, x1)
             if name == "anchor-ort-int8":
                 build_anchor(bert, path)
+        elif name.startswith("recipe-"):
+            eager[row], quantize_s[row] = build_recipe(entry, name.removeprefix("recipe-"), batches)
+            export_quantized_onnx(eager[row], x1, path)
         else:
             eager[row] = build_ours(entry, name, batches)
-            export_quantized_onnx(eager[row], x1, path)
+            export_quantized_onnx(eager[row], x1, path, embeddings="int8")  # tables int8 in the export only
         paths[row] = path
         build_s[row] = time.perf_counter() - start
         print(f"built {row} in {build_s[row]:.1f}s ({path.stat().st_size / 1e6:.2f} MB)", flush=True)
@@ -332,6 +353,8 @@ def main() -> None:
     sessions = {row: OrtFn(p, args.threads, denormals_as_zero=not row.endswith(":default")) for row, p in paths.items()}
     results: dict[str, dict[str, Any]] = {"torch-fp32": {"size_mb": _param_mb(fp32)}}
     results |= {row: {"size_mb": p.stat().st_size / 1e6, "build_s": build_s[row]} for row, p in paths.items()}
+    for row, seconds in quantize_s.items():
+        results[row]["quantize_s"] = seconds
     rounds: dict[str, dict[str, int]] = {}
     for bs in BATCHES:
         inputs = entry.example_inputs(bs)

@@ -20,6 +20,8 @@ rounds disturbed by other processes are repeated, see quant_onnx.LoadGate):
     least expected squared error (`quant.observers`, kind "mse"): only layers 0-2 need dynamic ranges;
   - `ours-sq-tok`: as ours-sq-dyn with FFN2 dynamic per-token asymmetric;
   - `ours-sq-bf16ffn2`: as ours-sq-dyn with FFN2 kept in bf16.
+  - `recipe-int8-smooth`: the built-in `int8-smooth` recipe applied by its passes, as `compress`
+    does (SmoothQuant folded into the LayerNorms, static MSE ranges, FFN2 of layers 0-2 per token).
   `-at` suffix (`--autotune`, for ours-static and ours-sq-mixed): the same packaged with
   `autotune=True` (Inductor's C++ int8 GEMM templates where they beat oneDNN).
 Per row: p50 latency at batch 1 and 32 (seq 128) as a ratio to torch fp32, size, build time (compile),
@@ -49,11 +51,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quant_onnx import LoadGate, interleaved_latency  # noqa: E402
+from quant_onnx import LoadGate, build_recipe, interleaved_latency  # noqa: E402
 
 BATCHES = (1, 32)
 CALIBRATION_SENTENCES = 128
-OURS = ("ours-bf16", "ours-static", "ours-sq-mixed", "ours-sq-dyn", "ours-sq-tok", "ours-sq-bf16ffn2")
+OURS = (
+    "ours-bf16", "ours-static", "ours-sq-mixed", "ours-sq-dyn", "ours-sq-tok", "ours-sq-bf16ffn2", "recipe-int8-smooth"
+)  # fmt: skip
 SENSITIVE_FFN2 = ("layer.0.", "layer.1.", "layer.2.")  # FFN2 inputs that static ranges cannot hold
 
 
@@ -245,7 +249,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="quant_pt2."))
 
     rows = ["anchor-compile-bf16", "anchor-pt2e-int8", *OURS]
-    rows += [f"{r}-at" for r in OURS if args.autotune and r in ("ours-static", "ours-sq-mixed")]
+    rows += [f"{r}-at" for r in OURS if args.autotune and r in ("ours-static", "ours-sq-mixed", "recipe-int8-smooth")]
     rows = [r for r in rows if args.only is None or r in args.only]
     fns: dict[str, Callable[..., Any]] = {"torch-fp32": fp32}
     eager: dict[str, nn.Module] = {}
@@ -257,11 +261,20 @@ def main() -> None:
         elif row == "anchor-pt2e-int8":
             fn = anchor_pt2e(fp32, batches, entry.example_inputs(2))
         else:
-            eager[row] = build_ours(entry, row.removesuffix("-at"), stats)
+            variant = row.removesuffix("-at")
+            if variant.startswith("recipe-"):
+                eager[row], quantize_s = build_recipe(entry, variant.removeprefix("recipe-"), batches)
+                results[row] = {"quantize_s": quantize_s}
+            else:
+                eager[row] = build_ours(entry, variant, stats)
             autotune = row.endswith("-at")
             path = compile_package(eager[row], entry.example_inputs(2), workdir / row / "model.pt2", autotune=autotune)
             fn = AotiModel(path)
-            results[row] = {"size_mb": path.stat().st_size / 1e6, "kernels": package_kernels(path)}
+            results[row] = {
+                **results.get(row, {}),
+                "size_mb": path.stat().st_size / 1e6,
+                "kernels": package_kernels(path),
+            }
         if fn is None:
             continue
         with torch.inference_mode():  # torch.compile rows compile on their first call at each shape

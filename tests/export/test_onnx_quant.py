@@ -223,18 +223,29 @@ def test_bert_attention_becomes_qattention(tmp_path: Path, static: bool) -> None
         assert cosine(session(ids, mask)[real], expected[real]) >= 0.999
 
 
-def test_int8_embedding_tables(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["auto", "int8", "float"])
+def test_int8_embedding_tables(tmp_path: Path, mode: str) -> None:
+    from modelpress.quant.modules import QEmbedding
+
     model = tiny_bert()
-    model.backbone.embeddings.word_embeddings = nn.Embedding(3000, 32)  # large enough to be quantized
+    emb = model.backbone.embeddings
+    emb.word_embeddings = QEmbedding(nn.Embedding(3000, 32))  # our own codes and per-row scales
+    emb.position_embeddings = nn.Embedding(2500, 32)  # a float table, large enough for "int8"
     inputs = text_inputs(2, 10)
-    encoder = model.backbone.encoder
-    encoder.layer[0].intermediate.dense = QLinear.from_float(encoder.layer[0].intermediate.dense, PER_CHANNEL)
-    path = export_quantized_onnx(model, inputs, tmp_path / "emb.onnx")
-    tables = [t for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [3000, 32]]
-    assert [t.data_type for t in tables] == [onnx.TensorProto.INT8]
+    path = export_quantized_onnx(model, inputs, tmp_path / "emb.onnx", embeddings=mode)  # type: ignore[arg-type]
+    inits = {tuple(t.dims): t for t in onnx.load(str(path)).graph.initializer}
+    word, position = inits[(3000, 32)], inits[(2500, 32)]
+    assert word.data_type == (onnx.TensorProto.FLOAT if mode == "float" else onnx.TensorProto.INT8)
+    assert position.data_type == (onnx.TensorProto.INT8 if mode == "int8" else onnx.TensorProto.FLOAT)
+    if mode != "float":
+        assert np.array_equal(numpy_helper.to_array(word), emb.word_embeddings.weight_q.numpy())
     with torch.inference_mode():
         expected = model(*inputs)
-    assert cosine(OnnxModel(path)(*inputs), expected) >= 0.9999
+    got = OnnxModel(path)(*inputs)
+    if mode == "int8":  # the float table was quantized by the export alone
+        assert cosine(got, expected) >= 0.9999
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_minilm_int8_quality_and_size(tmp_path: Path) -> None:
@@ -248,7 +259,7 @@ def test_minilm_int8_quality_and_size(tmp_path: Path) -> None:
         if isinstance(m, nn.Linear):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, QLinear.from_float(m, PER_CHANNEL, DYNAMIC))
-    path = export_quantized_onnx(model, entry.example_inputs(1), tmp_path / "minilm.onnx")
+    path = export_quantized_onnx(model, entry.example_inputs(1), tmp_path / "minilm.onnx", embeddings="int8")
     assert path.stat().st_size <= 0.26 * 90.3e6  # fp32 export: 90.3 MB
     sentences = sample_sentences(128)
     fp32, int8 = (embed(fn, model.tokenizer, sentences) for fn in (entry.load(), OnnxModel(path)))

@@ -111,6 +111,26 @@ def test_layer_filter_and_skipped_layers_are_reported():
     assert ctx.report.passes[0].stats["layers"] == 1
 
 
+def test_large_embedding_tables_become_int8_rows():
+    from modelpress.quant.modules import QEmbedding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(2048, 64), nn.Linear(64, 8)).eval()
+    small = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 8)).eval()
+    ids = torch.randint(0, 2048, (4, 9))
+    qmodel = quantize(model, DynamicQuantConfig())
+    assert isinstance(qmodel[0], QEmbedding) and qmodel[0].weight_q.dtype == torch.int8
+    with torch.inference_mode():
+        rows = qmodel[0](ids)
+    # one symmetric scale per row: every looked-up value within half a step of the float one
+    step = qmodel[0].weight_scale[ids].unsqueeze(-1)
+    assert bool(((rows - model[0](ids).detach()).abs() <= step / 2 + 1e-7).all())
+    assert isinstance(quantize(small, DynamicQuantConfig())[0], nn.Embedding)  # 640 values: kept float
+    assert isinstance(quantize(model, DynamicQuantConfig(embedding_bits=None))[0], nn.Embedding)
+    with pytest.raises(ConfigError, match="embedding_bits must be None \\(float\\) or in \\[2, 8\\], got 12"):
+        StaticQuantConfig(embedding_bits=12)
+
+
 def test_group_size_that_does_not_divide_is_skipped_with_warning():
     model = nn.Sequential(nn.Linear(48, 32), nn.Linear(32, 8)).eval()
     with pytest.warns(UserWarning, match="group_size 32 does not divide in_features 48"):

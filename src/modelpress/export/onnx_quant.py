@@ -19,9 +19,10 @@ with that layer's own integers and scales; nothing is re-quantized or re-calibra
 - BERT-like attention is exported as one ORT `Attention` op (`export.onnx`), which becomes `QAttention`
   when Q, K and V share one per-tensor input quantization; other projections that read the same input
   with the same spec become one integer MatMul and a Split, so that input is quantized once;
-- `embeddings="int8"`: large Gather tables (word and position embeddings) are stored int8 with one
-  scale per row, dequantized after the gather: a weight-only choice of the export (the eager model keeps
-  float tables) that costs no measurable quality on MiniLM and is needed to reach a quarter of the size.
+- embeddings: a `QEmbedding`'s Gather takes its integer rows and per-row scales and dequantizes only
+  the gathered rows (`embeddings="auto"`, the default). `embeddings="int8"` also stores the model's
+  remaining float tables of at least 64K values as int8 (an export-only choice: the ONNX model then
+  differs from the eager one); `"float"` keeps every table float.
 
     >>> export_quantized_onnx(qmodel, entry.example_inputs(1), "out/model.onnx")
 """
@@ -53,7 +54,7 @@ from modelpress.export.onnx import (
     check_parity,
     export_float,
 )
-from modelpress.quant.modules import ActSpec, QConv, QLinear
+from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ _TINY = np.float32(np.finfo(np.float32).tiny)  # scale floor: an all-zero row st
 
 
 def has_quantized_layers(model: nn.Module) -> bool:
-    return any(isinstance(m, (QLinear, QConv)) for m in model.modules())
+    return any(isinstance(m, (QLinear, QConv, QEmbedding)) for m in model.modules())
 
 
 def export_quantized_onnx(
@@ -79,7 +80,7 @@ def export_quantized_onnx(
     output_names: Sequence[str] | None = None,
     dynamic_axes: bool | DynamicAxes = True,
     opset: int = 17,
-    embeddings: Literal["float", "int8"] = "int8",
+    embeddings: Literal["auto", "float", "int8"] = "auto",
     fuse_attention: bool = True,
     conv: Literal["float", "integer"] = "float",
 ) -> Path:
@@ -90,12 +91,13 @@ def export_quantized_onnx(
     embedding fusions make the int8 model slower (`benchmarks/quant_onnx.py`).
     """
     inputs = _as_tuple(example_inputs)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (QLinear, QConv))}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (QLinear, QConv, QEmbedding))}
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         export_float(model, inputs, tmp, input_names, output_names, dynamic_axes, opset, _swap_in_float, fuse_attention)
         proto = onnx.load(str(tmp))
-        missing = sorted(set(layers) - quantize_graph(proto, layers, embeddings=embeddings, conv=conv))
+        expected = {n for n, m in layers.items() if embeddings != "float" or not isinstance(m, QEmbedding)}
+        missing = sorted(expected - quantize_graph(proto, layers, embeddings=embeddings, conv=conv))
         if missing:
             raise ExportError(f"no ONNX MatMul/Conv carries the weights of {missing[:5]}; cannot export them as int8")
         add_session_hints(proto)
@@ -143,9 +145,14 @@ def _swap_in_float(model: Any) -> None:
         if any(quantized) and not (all(quantized) and _qattention_ready(projections)):  # type: ignore[arg-type]
             module.no_fuse = True  # read by export.onnx._fusable_attention
     for name, module in list(model.named_modules()):
-        if isinstance(module, (QLinear, QConv)):
+        if isinstance(module, (QLinear, QConv, QEmbedding)):
             parent, _, child = name.rpartition(".")
-            stand_in = _DequantLinear(module) if isinstance(module, QLinear) else _dequant_conv(module)
+            if isinstance(module, QEmbedding):
+                stand_in: nn.Module = nn.Embedding.from_pretrained(
+                    module.dequantized_weight(), padding_idx=module.padding_idx
+                )
+            else:
+                stand_in = _DequantLinear(module) if isinstance(module, QLinear) else _dequant_conv(module)
             setattr(model.get_submodule(parent) if parent else model, child, stand_in)
 
 
@@ -212,9 +219,9 @@ def _key(array: np.ndarray) -> bytes:
 
 def quantize_graph(
     proto: Any,
-    layers: dict[str, QLinear | QConv],
+    layers: dict[str, QLinear | QConv | QEmbedding],
     *,
-    embeddings: Literal["float", "int8"] = "int8",
+    embeddings: Literal["auto", "float", "int8"] = "auto",
     conv: Literal["float", "integer"] = "float",
 ) -> set[str]:
     """Rewrite `proto` in place: weights equal to a layer's dequantized weight become integer ops.
@@ -224,7 +231,10 @@ def quantize_graph(
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     by_key: dict[bytes, str] = {}
+    table_keys = {_key(q.dequantized_weight().numpy()): n for n, q in layers.items() if isinstance(q, QEmbedding)}
     for name, q in layers.items():
+        if isinstance(q, QEmbedding):
+            continue
         w = q.dequantized_weight()
         key = _key((w.t() if isinstance(q, QLinear) else w).numpy())  # MatMul holds (in, out); Conv torch's layout
         if key in by_key and layers[by_key[key]].act != q.act:
@@ -269,10 +279,17 @@ def quantize_graph(
                 b, node, _Layer.from_module(name, layers[name]), list(inits[node.input[1]].dims), conv
             )
             done.add(name)
-        elif embeddings == "int8" and node.op_type == "Gather" and _is_table(inits.get(node.input[0]), node):
+        elif embeddings != "float" and node.op_type == "Gather" and (table := _table(inits, node)) is not None:
+            owner = table_keys.get(_key(table))
+            if owner is None and embeddings != "int8":
+                new_nodes.append(node)
+                continue
             if node.input[0] not in tables:
-                tables[node.input[0]] = _int8_table(b, numpy_helper.to_array(inits[node.input[0]]))
+                q = layers[owner] if owner is not None else None
+                tables[node.input[0]] = _int8_table(b, table, q)
             new_nodes += _lower_gather(b, node, *tables[node.input[0]])
+            if owner is not None:
+                done.add(owner)
         else:
             new_nodes.append(node)
     del graph.node[:]
@@ -569,18 +586,24 @@ def _lower_conv(b: _Builder, node: Any, layer: _Layer, weight_dims: list[int], m
     return nodes
 
 
-def _is_table(t: Any, node: Any) -> bool:
+def _table(inits: dict[str, Any], node: Any) -> np.ndarray | None:
+    """The float (V, D) table a row Gather reads, if it has at least MIN_EMBEDDING_SIZE values."""
+    t = inits.get(node.input[0])
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    return (
-        t is not None and t.data_type == 1 and len(t.dims) == 2 and axis == 0 and np.prod(t.dims) >= MIN_EMBEDDING_SIZE
-    )
+    if t is None or t.data_type != 1 or len(t.dims) != 2 or axis != 0 or np.prod(t.dims) < MIN_EMBEDDING_SIZE:
+        return None
+    return numpy_helper.to_array(t)
 
 
-def _int8_table(b: _Builder, table: np.ndarray) -> tuple[str, str]:
-    """An embedding table as int8 codes with one symmetric scale per row."""
-    absmax = np.abs(table).max(axis=1, keepdims=True)
-    scale = np.where(absmax > 0, absmax / 127, 1).astype(np.float32)  # (V, 1)
-    codes = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
+def _int8_table(b: _Builder, table: np.ndarray, q: QEmbedding | None) -> tuple[str, str]:
+    """A table as integer codes (V, D) with one symmetric scale per row (V, 1): the QEmbedding's own, else
+    quantized here to int8."""
+    if q is not None:
+        codes, scale = q.weight_q.numpy(), q.weight_scale.numpy().reshape(-1, 1).astype(np.float32)
+    else:
+        absmax = np.abs(table).max(axis=1, keepdims=True)
+        scale = np.where(absmax > 0, absmax / 127, 1).astype(np.float32)
+        codes = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
     return b.const("table", codes), b.const("row_scale", scale)
 
 

@@ -29,12 +29,13 @@ from modelpress.core.errors import BadInputError, ConfigError, DataError
 from modelpress.core.registry import apply, register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.fold import fold_conv_bn
-from modelpress.quant.modules import ActSpec, QConv, QLinear
+from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear
 from modelpress.quant.observers import ObserverConfig, make_observer
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Layer types users commonly expect to be quantized that have no integer form here: skipped with a warning.
 _SKIPPED_TYPES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding)
+MIN_EMBEDDING_VALUES = 1 << 16  # smaller tables (e.g. token types) stay float: nothing to gain
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,12 @@ class WeightOnlyConfig(Config):
     symmetric: bool = True
     granularity: Literal["tensor", "channel", "group"] = "channel"
     group_size: int = 128
+    embedding_bits: int | None = None  # large embedding tables as integers too (one scale per row)
     layers: LayerFilter = LayerFilter()
 
     def validate(self) -> None:
         _check_bits(self.bits, 2, 8)
+        _check_embedding_bits(self.embedding_bits)
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.symmetric, self.granularity, 0, self.group_size)
@@ -82,10 +85,12 @@ class DynamicQuantConfig(Config):
     act_granularity: Literal["tensor", "token"] = "token"
     act_symmetric: bool = False
     per_channel: bool = True
+    embedding_bits: int | None = 8  # large embedding tables as int8 with one scale per row; None: float
     layers: LayerFilter = LayerFilter(exclude=())
 
     def validate(self) -> None:
         _check_bits(self.bits, 2, 8)
+        _check_embedding_bits(self.embedding_bits)
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
@@ -105,15 +110,22 @@ class StaticQuantConfig(Config):
     # Layers whose input stays dynamically scaled (e.g. ".*output.dense" for BERT's FFN2, whose
     # GELU-output input has outliers a static per-tensor scale cannot cover).
     dynamic_layers: tuple[str, ...] = ()
+    embedding_bits: int | None = 8  # large embedding tables as int8 with one scale per row; None: float
     layers: LayerFilter = LayerFilter()
 
     def validate(self) -> None:
         _check_bits(self.bits, 2, 8)
+        _check_embedding_bits(self.embedding_bits)
         if self.calibration_batches < 1:
             raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
+
+
+def _check_embedding_bits(bits: int | None) -> None:
+    if bits is not None and not 2 <= bits <= 8:
+        raise ConfigError(f"embedding_bits must be None (float) or in [2, 8], got {bits}")
 
 
 def _check_bits(bits: int, lo: int, hi: int) -> None:
@@ -135,14 +147,20 @@ class LayerPlan:
 
 
 def select_layers(
-    model: nn.Module, layer_filter: LayerFilter, ctx: Context | None = None
+    model: nn.Module, layer_filter: LayerFilter, ctx: Context | None = None, embeddings: bool = False
 ) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the layers `layer_filter` selects; unsupported selected types are warned about."""
+    """(name, module) of the layers `layer_filter` selects; unsupported selected types are warned about.
+
+    With `embeddings`, embedding tables of at least `MIN_EMBEDDING_VALUES` values are selected too.
+    """
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         if not name or not layer_filter.selects(name):
             continue
-        if isinstance(module, QUANTIZABLE):
+        if isinstance(module, nn.Embedding) and embeddings:
+            if module.weight.numel() >= MIN_EMBEDDING_VALUES:
+                chosen.append((name, module))
+        elif isinstance(module, QUANTIZABLE):
             chosen.append((name, module))
         elif isinstance(module, _SKIPPED_TYPES):
             skipped.setdefault(type(module).__name__, []).append(name)
@@ -155,7 +173,11 @@ def select_layers(
 
 def _plan(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dict[str, int] | None) -> list[LayerPlan]:
     plans = []
-    for name, module in select_layers(model, cfg.layers, ctx):
+    embedding_bits = getattr(cfg, "embedding_bits", None)
+    for name, module in select_layers(model, cfg.layers, ctx, embeddings=embedding_bits is not None):
+        if isinstance(module, nn.Embedding):
+            plans.append(LayerPlan(name, module, QuantScheme(embedding_bits, True, "channel"), ActSpec()))
+            continue
         bits = (overrides or {}).get(name, cfg.bits)
         scheme = cfg.weight_scheme()
         scheme = QuantScheme(bits, scheme.symmetric, scheme.granularity, scheme.axis, scheme.group_size)
@@ -169,7 +191,7 @@ def _plan(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dic
             ctx.warn(f"skipped {name}: {plan.skipped} (kept in float)")
         else:
             plans.append(plan)
-    if not plans:
+    if not any(not isinstance(p.module, nn.Embedding) for p in plans):
         raise BadInputError(
             f"the model has no quantizable layers selected by {cfg.layers}: "
             f"supported types are {', '.join(t.__name__ for t in QUANTIZABLE)}"
@@ -180,8 +202,10 @@ def _plan(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dic
 def _swap(model: nn.Module, plans: Sequence[LayerPlan]) -> None:
     for plan in plans:
         m = plan.module
-        if isinstance(m, nn.Linear):
-            new: nn.Module = QLinear.from_float(m, plan.weight, plan.act, plan.act_range)
+        if isinstance(m, nn.Embedding):
+            new: nn.Module = QEmbedding(m, plan.weight.bits)
+        elif isinstance(m, nn.Linear):
+            new = QLinear.from_float(m, plan.weight, plan.act, plan.act_range)
         else:
             new = QConv(m, plan.weight, plan.act, plan.act_range)
         _set_submodule(model, plan.name, new)
@@ -312,7 +336,7 @@ def static(
     plans = _plan(model, cfg, act, ctx, overrides)
     dynamic_pat = [re.compile(p) for p in cfg.dynamic_layers]
     for p in plans:
-        if any(d.search(p.name) for d in dynamic_pat):
+        if not isinstance(p.module, nn.Embedding) and any(d.search(p.name) for d in dynamic_pat):
             p.act = ActSpec(mode="dynamic", bits=8, symmetric=cfg.act_symmetric, granularity="token")
     static_plans = [p for p in plans if p.act.mode == "static"]
     n = (
