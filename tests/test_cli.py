@@ -36,10 +36,27 @@ def test_usage_error_exits_2(capsys):
     assert "No such option" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["export"])
-def test_unavailable_commands_say_so(capsys, command):
-    assert main([command]) == 1
-    assert "not available in this release yet" in capsys.readouterr().err
+def test_export_onnx_and_pt2_pass_the_parity_gate(capsys, tmp_path, cache_dir):
+    import json
+
+    for name in ("digits.onnx", "digits.pt2"):
+        assert main(["export", "digits-cnn", "--out", str(tmp_path / name), "--json"]) == 0
+        parity = json.loads(capsys.readouterr().out)
+        assert parity["artifact"].endswith(name) and (tmp_path / name).stat().st_size > 0
+        # fp32 ONNX: same function; .pt2: float ops in bf16
+        assert parity["max_abs"] <= (1e-4 if name.endswith(".onnx") else 0.1), parity
+        assert parity["mean_cosine"] > 0.999
+
+
+def test_export_needs_known_inputs_and_a_known_suffix(capsys, tmp_path):
+    assert main(["export", "loading_factories:tiny_mlp", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+    assert main(["export", "digits-cnn", "--out", str(tmp_path / "m.tflite")]) == 2
+    assert "must end in .onnx or .pt2" in capsys.readouterr().err
+    argv = ["export", "loading_factories:tiny_mlp", "--input-shape", "1,4", "--out", str(tmp_path / "m.onnx")]
+    assert main(argv) == 0
+    assert "mean cosine 1.000000" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # nothing else left behind
 
 
 def test_zoo_lists_entries(capsys):

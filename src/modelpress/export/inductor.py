@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from modelpress.core.atomic import atomic_path
+from modelpress.export.onnx import ExportWarning
 from modelpress.quant import kernels
 from modelpress.quant.modules import QLinear
 
@@ -138,12 +140,33 @@ def compile_package(
     overrides any Inductor setting.
     """
     out = Path(out_path)
-    program = export_program(model, example_inputs, dynamic_batch=dynamic_batch, dynamic_seq=dynamic_seq, bf16=bf16)
     configs = inductor_configs(extra_configs, autotune)
     with atomic_path(out) as tmp, torch.no_grad():
-        with open(tmp, "w+b") as f:
-            torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
+        try:
+            _package(model, example_inputs, tmp, dynamic_batch, dynamic_seq, bf16, configs)
+        except torch._inductor.exc.InductorError as e:
+            if not bf16:
+                raise
+            # Inductor cannot lower some bf16 patterns (seen: a small Linear behind BatchNorm); fp32 float ops then.
+            warnings.warn(
+                f"bf16 lowering failed ({str(e).splitlines()[0][:200]}); float ops stay fp32", ExportWarning, 2
+            )
+            _package(model, example_inputs, tmp, dynamic_batch, dynamic_seq, False, configs)
     return out
+
+
+def _package(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    dynamic_batch: bool,
+    dynamic_seq: bool,
+    bf16: bool,
+    configs: dict[str, Any],
+) -> None:
+    program = export_program(model, example_inputs, dynamic_batch=dynamic_batch, dynamic_seq=dynamic_seq, bf16=bf16)
+    with open(path, "w+b") as f:
+        torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
 
 
 def compile_model(
