@@ -86,9 +86,7 @@ def find_groups(model: nn.Module) -> list[SmoothGroup]:
 
 
 def _is_bert_layer(block: nn.Module) -> bool:
-    return all(hasattr(block, a) for a in ("attention", "intermediate", "output")) and hasattr(
-        block.attention, "self"
-    )
+    return all(hasattr(block, a) for a in ("attention", "intermediate", "output")) and hasattr(block.attention, "self")
 
 
 def _bert_groups(model: nn.Module, list_name: str, layers: nn.ModuleList) -> list[SmoothGroup]:
@@ -244,9 +242,7 @@ def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: Context, override
     return model
 
 
-def smooth(
-    model: nn.Module, config: SmoothQuantConfig, data: Iterable[Any], ctx: Context | None = None
-) -> nn.Module:
+def smooth(model: nn.Module, config: SmoothQuantConfig, data: Iterable[Any], ctx: Context | None = None) -> nn.Module:
     """Rescale `model` in place with SmoothQuant; the float outputs stay the same up to rounding."""
     ctx = ctx or Context()
     ctx.data = data
