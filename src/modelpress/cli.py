@@ -166,7 +166,7 @@ def demo(
 
 @app.command()
 def compress(
-    model: Annotated[str, typer.Argument(help="Model spec: zoo name, folder, .pt2 file, pkg.mod:factory.")],
+    model: Annotated[str, typer.Argument(help="Model spec: zoo name, folder, .onnx or .pt2 file, pkg.mod:factory.")],
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or YAML file.")],
     output: Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")],
     data: Annotated[

@@ -21,7 +21,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; it replaces `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    # The temporary name keeps the suffix: some loaders go by it (AOTInductor packages must end in .pt2).
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".partial{final.suffix}", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

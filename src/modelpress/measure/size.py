@@ -69,20 +69,31 @@ def artifact_size_bytes(model_or_path: nn.Module | str | os.PathLike[str]) -> in
 
 
 def count_onnx_params(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(parameters, non-zero parameters) of an ONNX graph: the elements of its float initializers.
+    """(parameters, non-zero parameters) of an ONNX graph: its float initializers and its quantized weights.
 
-    Integer initializers (shapes, indices, quantized zero points) are not parameters and are skipped;
-    quantized weights are counted through their integer tensors once quantization lands.
+    Quantized weights are 8-bit initializers of two or more dimensions (a MatMulNBits weight counts its
+    K x N values, not its packed bytes); other integer initializers (shapes, indices, zero points) and
+    scalars are not parameters.
     """
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
+    packed = {n.input[1]: n for n in graph.node if n.op_type == "MatMulNBits"}
+    qparams = {i for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
     params = nonzero = 0
     for init in graph.initializer:
+        if init.name in qparams:  # scales and zero points of quantized tensors
+            continue
         arr = numpy_helper.to_array(init)
-        if not np.issubdtype(arr.dtype, np.floating) or arr.size <= 1:
+        if init.name in packed:
+            attrs = {a.name: a.i for a in packed[init.name].attribute}
+            params += attrs["K"] * attrs["N"]
+            nonzero += attrs["K"] * attrs["N"]  # packed codes: zeros are not distinguishable from values
+            continue
+        weight = np.issubdtype(arr.dtype, np.floating) or (arr.dtype in (np.int8, np.uint8) and arr.ndim >= 2)
+        if not weight or arr.size <= 1:
             continue
         params += int(arr.size)
         nonzero += int(np.count_nonzero(arr))

@@ -67,6 +67,7 @@ class WeightOnlyConfig(Config):
     granularity: Literal["tensor", "channel", "group"] = "channel"
     group_size: int = 128
     embedding_bits: int | None = None  # large embedding tables as integers too (one scale per row)
+    fold_bn: bool = True
     layers: LayerFilter = LayerFilter()
 
     def validate(self) -> None:
@@ -86,6 +87,7 @@ class DynamicQuantConfig(Config):
     act_symmetric: bool = False
     per_channel: bool = True
     embedding_bits: int | None = 8  # large embedding tables as int8 with one scale per row; None: float
+    fold_bn: bool = True
     layers: LayerFilter = LayerFilter(exclude=())
 
     def validate(self) -> None:
@@ -179,9 +181,12 @@ def _plan(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dic
             plans.append(LayerPlan(name, module, QuantScheme(embedding_bits, True, "channel"), ActSpec()))
             continue
         bits = (overrides or {}).get(name, cfg.bits)
+        layer_act = act
+        if not isinstance(module, nn.Linear) and act.granularity == "token":  # a conv input has no tokens
+            layer_act = ActSpec(act.mode, act.bits, act.symmetric, "tensor")
         scheme = cfg.weight_scheme()
         scheme = QuantScheme(bits, scheme.symmetric, scheme.granularity, scheme.axis, scheme.group_size)
-        plan = LayerPlan(name, module, scheme, act)
+        plan = LayerPlan(name, module, scheme, layer_act)
         if scheme.granularity == "group":
             if not isinstance(module, nn.Linear):
                 plan.skipped = "group-wise quantization applies to Linear layers"
@@ -306,9 +311,10 @@ def weight_only(
     model: nn.Module, cfg: WeightOnlyConfig, ctx: Context, overrides: dict[str, int] | None = None
 ) -> nn.Module:
     start = time.perf_counter()
+    folded = fold_conv_bn(model) if cfg.fold_bn else []
     plans = _plan(model, cfg, ActSpec(mode="none"), ctx, overrides)
     _swap(model, plans)
-    ctx.report.add_pass("quantize/weight-only", time.perf_counter() - start, **_summary(plans))
+    ctx.report.add_pass("quantize/weight-only", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
     return model
 
 
@@ -318,9 +324,10 @@ def dynamic(
 ) -> nn.Module:
     start = time.perf_counter()
     act = ActSpec(mode="dynamic", bits=8, symmetric=cfg.act_symmetric, granularity=cfg.act_granularity)
+    folded = fold_conv_bn(model) if cfg.fold_bn else []
     plans = _plan(model, cfg, act, ctx, overrides)
     _swap(model, plans)
-    ctx.report.add_pass("quantize/dynamic", time.perf_counter() - start, **_summary(plans))
+    ctx.report.add_pass("quantize/dynamic", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
     return model
 
 
