@@ -46,7 +46,8 @@ def run_one(model_name: str, recipe_name: str, workdir: Path) -> dict[str, Any]:
         path = workdir / f"{model_name}-{recipe_name}.{kind}"
         start = time.perf_counter()
         try:
-            parity = export_artifact(model, path, example_inputs=tuple(entry.example_inputs(2)))
+            inputs = tuple(entry.example_inputs(2))
+            parity = export_artifact(model, path, example_inputs=inputs, batch_axes=entry.batch_axes)
             row[kind] = {
                 "size_mb": round(path.stat().st_size / 1e6, 3),
                 "seconds": round(time.perf_counter() - start, 1),

@@ -79,7 +79,7 @@ def compress(
         return compressed, report
     example = entry.example_inputs(2) if entry is not None else None
     with atomic_dir(out_dir) as tmp:
-        artifacts = _export(compressed, example, rec, tmp, ctx)
+        artifacts = _export(compressed, example, rec, tmp, ctx, entry.batch_axes if entry is not None else None)
         report.parity = _parity(loaded.model, compressed, artifacts, example, threads) if artifacts else None
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
         _measure(loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir)
@@ -140,12 +140,19 @@ def _compress_onnx(
     return OnnxModel(Path(out_dir) / "model.onnx", threads=threads), report
 
 
-def _export(model: nn.Module, example: tuple | None, rec: Recipe, folder: Path, ctx: Context) -> dict[str, Path]:
+def _export(
+    model: nn.Module,
+    example: tuple | None,
+    rec: Recipe,
+    folder: Path,
+    ctx: Context,
+    batch_axes: tuple[int, ...] | None = None,
+) -> dict[str, Path]:
     from modelpress.export.onnx import ExportWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
-        out = _export_all(model, example, rec, folder, ctx)
+        out = _export_all(model, example, rec, folder, ctx, batch_axes)
     for w in caught:
         if issubclass(w.category, ExportWarning):
             ctx.report.warn(str(w.message))
@@ -154,7 +161,9 @@ def _export(model: nn.Module, example: tuple | None, rec: Recipe, folder: Path, 
     return out
 
 
-def _export_all(model: nn.Module, example: tuple | None, rec: Recipe, folder: Path, ctx: Context) -> dict[str, Path]:
+def _export_all(
+    model: nn.Module, example: tuple | None, rec: Recipe, folder: Path, ctx: Context, batch_axes: tuple[int, ...] | None
+) -> dict[str, Path]:
     if example is None:
         if rec.export:
             ctx.warn("no example inputs are known for this model: artifacts were not exported")
@@ -164,13 +173,13 @@ def _export_all(model: nn.Module, example: tuple | None, rec: Recipe, folder: Pa
         from modelpress.export.onnx import export_onnx
 
         start = time.perf_counter()
-        out["onnx"] = export_onnx(model, example, folder / "model.onnx")
+        out["onnx"] = export_onnx(model, example, folder / "model.onnx", batch_axes=batch_axes)
         ctx.report.add_pass("export/onnx", time.perf_counter() - start)
     if "pt2" in rec.export:
         from modelpress.export.inductor import compile_package
 
         start = time.perf_counter()
-        out["pt2"] = compile_package(model, example, folder / "model.pt2")
+        out["pt2"] = compile_package(model, example, folder / "model.pt2", batch_axes=batch_axes)
         ctx.report.add_pass("export/pt2", time.perf_counter() - start)
     return out
 

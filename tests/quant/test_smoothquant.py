@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from modelpress.core import ConfigError, Context
-from modelpress.core.errors import BadInputError, DataError
+from modelpress.core.errors import DataError
 from modelpress.primitives.affine import sqnr_db
 from modelpress.quant import StaticQuantConfig, quantize
 from modelpress.quant.smoothquant import SmoothQuantConfig, find_groups, smoothing_scales
@@ -106,8 +106,9 @@ def test_bad_inputs() -> None:
     with pytest.raises(ConfigError, match=r"alpha must be in \[0, 1\], got 1.5"):
         SmoothQuantConfig(alpha=1.5)
     mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
-    with pytest.raises(BadInputError, match="no normalization"):
-        quantize(mlp, SmoothQuantConfig(), data=[(torch.randn(2, 4),)])
+    with pytest.warns(UserWarning, match="no normalization"):  # nothing to smooth: left as it is
+        same = quantize(mlp, SmoothQuantConfig(), data=[(torch.randn(2, 4),)])
+    assert all(torch.equal(a, b) for a, b in zip(mlp.state_dict().values(), same.state_dict().values(), strict=True))
     with pytest.raises(DataError, match="needs calibration data"):
         quantize(tiny("bert"), SmoothQuantConfig())
     with pytest.raises(DataError, match="calibration set is empty"):

@@ -190,3 +190,23 @@ def test_onnx_export_round_trip(model: SileroVAD, wav: torch.Tensor, tmp_path: P
         return session.run(None, {"x": x.numpy(), "state": state.numpy()})
 
     torch.testing.assert_close(stream_probs(run, wav[:1]), stream_probs(model, wav[:1]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", pytest.param(".pt2", marks=pytest.mark.slow)])
+def test_exported_artifacts_take_any_batch(model: SileroVAD, tmp_path: Path, suffix: str) -> None:
+    from modelpress.export.artifact import export_artifact
+    from modelpress.export.runtime import AotiModel, OnnxModel
+    from modelpress.zoo import get_entry
+
+    entry = get_entry("silero-vad")
+    path = tmp_path / f"silero{suffix}"
+    export_artifact(model, path, example_inputs=entry.example_inputs(2), batch_axes=entry.batch_axes)
+    run = OnnxModel(path) if suffix == ".onnx" else AotiModel(path)
+    for batch in (1, 5):  # the state's batch axis is 1: (2, B, 128)
+        x = entry.example_inputs(batch)
+        prob, state = run(*x)
+        with torch.no_grad():
+            expected = model(*x)
+        atol = 1e-5 if suffix == ".onnx" else 1e-2  # .pt2: float ops in bf16
+        torch.testing.assert_close(prob, expected[0], atol=atol, rtol=0)
+        assert state.shape == (2, batch, 128)

@@ -30,6 +30,7 @@ def export_artifact(
     out_path: str | Path,
     *,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
+    batch_axes: tuple[int, ...] | None = None,
     trust_pickle: bool = False,
     opset: int = 17,
     optimize: bool = True,
@@ -38,23 +39,25 @@ def export_artifact(
     """Export `model` (a spec as for `load_model`, or a module) to `out_path`; returns the parity figures.
 
     `example_inputs` defaults to the zoo entry's (or the model folder's) example inputs; a model
-    whose inputs are unknown needs them.
+    whose inputs are unknown needs them; `batch_axes` (default: the entry's, else 0) is each input's
+    batch axis in the `.pt2`.
     """
     out = Path(out_path)
     if out.suffix not in SUFFIXES:
         raise BadInputError(f"--out {out}: the file name must end in .onnx or .pt2")
-    module, inputs = _module_and_inputs(model, example_inputs, trust_pickle)
+    module, inputs, entry_axes = _module_and_inputs(model, example_inputs, trust_pickle)
+    batch_axes = batch_axes or entry_axes
     if out.suffix == ".onnx":
         from modelpress.export.onnx import check_parity, export_onnx
 
-        export_onnx(module, inputs, out, opset=opset, optimize=optimize)  # gated inside
+        export_onnx(module, inputs, out, opset=opset, optimize=optimize, batch_axes=batch_axes)  # gated inside
         return {"artifact": str(out), **check_parity(module, out, inputs)}
-    return {"artifact": str(out), **_export_pt2(module, inputs, out, bf16)}
+    return {"artifact": str(out), **_export_pt2(module, inputs, out, bf16, batch_axes)}
 
 
 def _module_and_inputs(
     model: str | Path | nn.Module, example_inputs: tuple[torch.Tensor, ...] | None, trust_pickle: bool
-) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+) -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[int, ...] | None]:
     if isinstance(model, nn.Module):
         module, entry = model, None
     else:
@@ -70,15 +73,17 @@ def _module_and_inputs(
                 "the model's inputs are unknown: pass example inputs (CLI: --input-shape 1,3,32,32, repeat per input)"
             )
         example_inputs = tuple(entry.example_inputs(2))
-    return module.eval(), tuple(example_inputs)
+    return module.eval(), tuple(example_inputs), entry.batch_axes if entry is not None else None
 
 
-def _export_pt2(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: Path, bf16: bool) -> dict[str, float]:
+def _export_pt2(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], out: Path, bf16: bool, batch_axes: tuple[int, ...] | None
+) -> dict[str, float]:
     from modelpress.export.inductor import compile_package
     from modelpress.export.runtime import AotiModel
 
     with atomic_path(out) as tmp:
-        compile_package(module, inputs, tmp, bf16=bf16)
+        compile_package(module, inputs, tmp, bf16=bf16, batch_axes=batch_axes)
         with torch.inference_mode():
             expected = _first(module(*inputs)).float()
             actual = _first(AotiModel(tmp)(*inputs)).float()

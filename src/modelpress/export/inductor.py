@@ -81,6 +81,8 @@ def prepare(model: nn.Module, bf16: bool = True) -> nn.Module:
         p.requires_grad_(False)
     # A hook, not a wrapper: the traced signature (input names) stays the model's own.
     module.register_forward_hook(_outputs_to_float32)
+    if bf16:  # float inputs (images, audio, recurrent state) meet bf16 weights
+        module.register_forward_pre_hook(_inputs_to_bf16)
     return module
 
 
@@ -109,10 +111,16 @@ def export_program(
     dynamic_batch: bool = True,
     dynamic_seq: bool = True,
     bf16: bool = True,
+    batch_axes: tuple[int, ...] | None = None,
 ) -> torch.export.ExportedProgram:
-    """`torch.export` program of a prepared copy of `model`, batch and sequence axes dynamic if asked."""
-    inputs = _examples_for_dynamic(example_inputs, dynamic_batch, dynamic_seq)
-    shapes = _dynamic_shapes(inputs, dynamic_batch, dynamic_seq)
+    """`torch.export` program of a prepared copy of `model`, batch and sequence axes dynamic if asked.
+
+    `batch_axes` gives each input's batch axis (default 0 for every input; e.g. a recurrent state
+    (layers, B, hidden) has it at 1).
+    """
+    axes = batch_axes or (0,) * len(example_inputs)
+    inputs = _examples_for_dynamic(example_inputs, dynamic_batch, dynamic_seq, axes)
+    shapes = _dynamic_shapes(inputs, dynamic_batch, dynamic_seq, axes)
     with torch.no_grad():
         program = torch.export.export(prepare(model, bf16), inputs, dynamic_shapes=shapes)
     _drop_metadata_asserts(program.graph_module)
@@ -129,6 +137,7 @@ def compile_package(
     bf16: bool = True,
     autotune: bool = False,
     extra_configs: dict[str, Any] | None = None,
+    batch_axes: tuple[int, ...] | None = None,
 ) -> Path:
     """Export, lower and package `model` into an AOTInductor `.pt2` at `out_path` (written atomically).
 
@@ -143,7 +152,7 @@ def compile_package(
     configs = inductor_configs(extra_configs, autotune)
     with atomic_path(out) as tmp, torch.no_grad():
         try:
-            _package(model, example_inputs, tmp, dynamic_batch, dynamic_seq, bf16, configs)
+            _package(model, example_inputs, tmp, dynamic_batch, dynamic_seq, bf16, configs, batch_axes)
         except torch._inductor.exc.InductorError as e:
             if not bf16:
                 raise
@@ -151,7 +160,7 @@ def compile_package(
             warnings.warn(
                 f"bf16 lowering failed ({str(e).splitlines()[0][:200]}); float ops stay fp32", ExportWarning, 2
             )
-            _package(model, example_inputs, tmp, dynamic_batch, dynamic_seq, False, configs)
+            _package(model, example_inputs, tmp, dynamic_batch, dynamic_seq, False, configs, batch_axes)
     return out
 
 
@@ -163,8 +172,11 @@ def _package(
     dynamic_seq: bool,
     bf16: bool,
     configs: dict[str, Any],
+    batch_axes: tuple[int, ...] | None,
 ) -> None:
-    program = export_program(model, example_inputs, dynamic_batch=dynamic_batch, dynamic_seq=dynamic_seq, bf16=bf16)
+    program = export_program(
+        model, example_inputs, dynamic_batch=dynamic_batch, dynamic_seq=dynamic_seq, bf16=bf16, batch_axes=batch_axes
+    )
     with open(path, "w+b") as f:
         torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
 
@@ -204,6 +216,10 @@ def package_kernels(path: str | Path) -> dict[str, int]:
             for op in calls:
                 counts[op] = counts.get(op, 0) + 1
     return counts
+
+
+def _inputs_to_bf16(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(x.to(torch.bfloat16) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
 
 
 def _outputs_to_float32(module: nn.Module, inputs: Any, out: Any) -> Any:
@@ -303,13 +319,13 @@ def _sizes_from_inputs(graph: torch.fx.Graph) -> None:
 
 
 def _examples_for_dynamic(
-    inputs: tuple[torch.Tensor, ...], dynamic_batch: bool, dynamic_seq: bool
+    inputs: tuple[torch.Tensor, ...], dynamic_batch: bool, dynamic_seq: bool, batch_axes: tuple[int, ...]
 ) -> tuple[torch.Tensor, ...]:
     # Export specializes axes of size 0 or 1: widen such example axes to 2 so they stay dynamic.
     out = []
-    for x in inputs:
-        if dynamic_batch and x.dim() >= 1 and x.shape[0] < 2:
-            x = torch.cat([x, x], dim=0)
+    for x, axis in zip(inputs, batch_axes, strict=True):
+        if dynamic_batch and x.dim() > axis and x.shape[axis] < 2:
+            x = torch.cat([x, x], dim=axis)
         if dynamic_seq and _is_sequence(x) and x.shape[1] < 2:
             x = torch.cat([x, x], dim=1)
         out.append(x)
@@ -322,16 +338,16 @@ def _is_sequence(x: torch.Tensor) -> bool:
 
 
 def _dynamic_shapes(
-    inputs: tuple[torch.Tensor, ...], dynamic_batch: bool, dynamic_seq: bool
+    inputs: tuple[torch.Tensor, ...], dynamic_batch: bool, dynamic_seq: bool, batch_axes: tuple[int, ...]
 ) -> tuple[dict[int, Any], ...]:
     # A named batch Dim keeps batch 1 valid (AUTO axes start at 2); AUTO lets export infer the
     # sequence range from the model (e.g. [2, 512] from BERT's position embeddings).
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim.AUTO
     shapes = []
-    for x in inputs:
+    for x, axis in zip(inputs, batch_axes, strict=True):
         axes: dict[int, Any] = {}
-        if dynamic_batch and x.dim() >= 1:
-            axes[0] = batch
+        if dynamic_batch and x.dim() > axis:
+            axes[axis] = batch
         if dynamic_seq and _is_sequence(x):
             axes[1] = seq
         shapes.append(axes)

@@ -69,6 +69,7 @@ def export_onnx(
     dynamic_axes: bool | DynamicAxes = True,
     opset: int = 17,
     optimize: bool = True,
+    batch_axes: tuple[int, ...] | None = None,
 ) -> Path:
     """Export a copy of `model` to `out_path` (written atomically) and return the path.
 
@@ -92,18 +93,19 @@ def export_onnx(
             dynamic_axes=dynamic_axes,
             opset=opset,
             fuse_attention=optimize,
+            batch_axes=batch_axes,
         )
     import onnx
 
     out_path = Path(out_path)
     names = (input_names, output_names, dynamic_axes, opset)
     with atomic_path(out_path) as tmp:
-        export_float(model, inputs, tmp, *names, fuse_attention=optimize)
+        export_float(model, inputs, tmp, *names, fuse_attention=optimize, batch_axes=batch_axes)
         if optimize and _bert_backbone(model) is None:
             optimize_graph(tmp, model, inputs)
         if not _matches(model, tmp, inputs) and optimize:
             log.warning("the optimized export of %s does not match it; exporting plain", type(model).__name__)
-            export_float(model, inputs, tmp, *names, fuse_attention=False)
+            export_float(model, inputs, tmp, *names, fuse_attention=False, batch_axes=batch_axes)
         if not _matches(model, tmp, inputs):
             raise ExportError(f"the ONNX graph of {type(model).__name__} does not compute what the model computes")
         proto = onnx.load(str(tmp))
@@ -139,13 +141,21 @@ def export_float(
     opset: int = 17,
     prepare: Callable[[nn.Module], None] | None = None,
     fuse_attention: bool = True,
+    batch_axes: tuple[int, ...] | None = None,
 ) -> None:
-    """Export a deep copy of `model` with the TorchScript exporter; `prepare` may edit the copy first."""
+    """Export a deep copy of `model` with the TorchScript exporter; `prepare` may edit the copy first.
+
+    `batch_axes`: each input's batch axis when it is not 0 for all (e.g. a recurrent state (2, B, H));
+    the outputs' batch axes are then found by running the model at two batch sizes.
+    """
     export_model = exportable_copy(model, inputs, prepare, fuse_attention)
     with torch.inference_mode():
         n_out = len(_as_tuple(export_model(*inputs)))
     in_names, out_names = contract_names(model, len(inputs), n_out, input_names, output_names)
-    axes = _dynamic_axes(model, in_names, out_names) if dynamic_axes is True else dynamic_axes or None
+    if dynamic_axes is True and batch_axes is not None and not is_text_encoder(model):
+        axes: DynamicAxes | None = _batch_axes_by_running(export_model, inputs, batch_axes, in_names, out_names)
+    else:
+        axes = _dynamic_axes(model, in_names, out_names) if dynamic_axes is True else dynamic_axes or None
     fused = any(isinstance(m, _FusedSelfAttention) for m in export_model.modules())
     custom = {"com.microsoft": 1} if fused else None
     try:
@@ -326,6 +336,23 @@ def contract_names(
 
 def _numbered(stem: str, n: int) -> list[str]:
     return [stem] if n == 1 else [f"{stem}_{i}" for i in range(n)]
+
+
+def _batch_axes_by_running(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    batch_axes: tuple[int, ...],
+    in_names: list[str],
+    out_names: list[str],
+) -> DynamicAxes:
+    grown = tuple(torch.cat([x, x.narrow(a, 0, 1)], dim=a) for x, a in zip(inputs, batch_axes, strict=True))
+    with torch.inference_mode():
+        small, large = _as_tuple(model(*inputs)), _as_tuple(model(*grown))
+    axes: DynamicAxes = {n: {a: "batch"} for n, a in zip(in_names, batch_axes, strict=True)}
+    for name, a, b in zip(out_names, small, large, strict=True):
+        changed = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+        axes[name] = {changed[0]: "batch"} if changed else {}
+    return axes
 
 
 def _dynamic_axes(model: nn.Module, in_names: list[str], out_names: list[str]) -> DynamicAxes:

@@ -84,6 +84,7 @@ def export_quantized_onnx(
     embeddings: Literal["auto", "float", "int8"] = "auto",
     fuse_attention: bool = True,
     conv: Literal["float", "integer"] = "float",
+    batch_axes: tuple[int, ...] | None = None,
 ) -> Path:
     """Export `model` (holding `QLinear` layers) as an integer ONNX model, written atomically.
 
@@ -95,7 +96,18 @@ def export_quantized_onnx(
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (QLinear, QConv, QEmbedding))}
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        export_float(model, inputs, tmp, input_names, output_names, dynamic_axes, opset, _swap_in_float, fuse_attention)
+        export_float(
+            model,
+            inputs,
+            tmp,
+            input_names,
+            output_names,
+            dynamic_axes,
+            opset,
+            _swap_in_float,
+            fuse_attention,
+            batch_axes,
+        )
         proto = onnx.load(str(tmp))
         expected = {n for n, m in layers.items() if embeddings != "float" or not isinstance(m, QEmbedding)}
         missing = sorted(expected - quantize_graph(proto, layers, embeddings=embeddings, conv=conv))

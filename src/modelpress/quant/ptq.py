@@ -173,6 +173,16 @@ def select_layers(
     return chosen
 
 
+def why_not_quantizable(module: nn.Module, scheme: QuantScheme) -> str | None:
+    """Why `scheme` cannot quantize `module`'s weight, or None when it can."""
+    if scheme.granularity == "group":
+        if not isinstance(module, nn.Linear):
+            return "group-wise quantization applies to Linear layers"
+        if module.in_features % scheme.group_size:
+            return f"group_size {scheme.group_size} does not divide in_features {module.in_features}"
+    return None
+
+
 def _plan(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dict[str, int] | None) -> list[LayerPlan]:
     plans = []
     embedding_bits = getattr(cfg, "embedding_bits", None)
@@ -186,12 +196,7 @@ def _plan(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dic
             layer_act = ActSpec(act.mode, act.bits, act.symmetric, "tensor")
         scheme = cfg.weight_scheme()
         scheme = QuantScheme(bits, scheme.symmetric, scheme.granularity, scheme.axis, scheme.group_size)
-        plan = LayerPlan(name, module, scheme, layer_act)
-        if scheme.granularity == "group":
-            if not isinstance(module, nn.Linear):
-                plan.skipped = "group-wise quantization applies to Linear layers"
-            elif module.in_features % scheme.group_size:
-                plan.skipped = f"group_size {scheme.group_size} does not divide in_features {module.in_features}"
+        plan = LayerPlan(name, module, scheme, layer_act, skipped=why_not_quantizable(module, scheme))
         if plan.skipped:
             ctx.warn(f"skipped {name}: {plan.skipped} (kept in float)")
         else:

@@ -99,9 +99,11 @@ def _exact(name: str) -> LayerFilter:
 
 
 def _layer_names(model: nn.Module, cfg: Any) -> list[str]:
-    from modelpress.quant.ptq import select_layers
+    """The layers `cfg` would quantize (a conv under a group-wise scheme is not one of them)."""
+    from modelpress.quant.ptq import select_layers, why_not_quantizable
 
-    return [n for n, _ in select_layers(model, cfg.layers)]
+    scheme = cfg.weight_scheme()
+    return [n for n, m in select_layers(model, cfg.layers) if why_not_quantizable(m, scheme) is None]
 
 
 def sensitivity(model: nn.Module, cfg: Any, metric: Metric, ctx: Context) -> tuple[float, list[SensitivityRow]]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from modelpress.core.config import Config
 from modelpress.core.context import Context
-from modelpress.core.errors import BadInputError, ConfigError, DataError
+from modelpress.core.errors import ConfigError, DataError
 from modelpress.core.registry import register
 from modelpress.quant.ptq import LayerFilter, _run, _take
 
@@ -210,11 +210,13 @@ def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: Context, override
     if ctx.data is None:
         raise DataError("SmoothQuant needs calibration data: pass data=... (CLI: --data) or use a zoo model")
     groups = [g for g in find_groups(model) if all(cfg.layers.selects(n) for n, _ in g.linears)]
-    if not groups:
-        raise BadInputError(
-            "SmoothQuant found no normalization → Linear groups to rescale: it supports BERT-style post-LN "
-            "encoders and Llama/Qwen/GPT-2-style pre-norm blocks"
+    if not groups:  # e.g. a CNN under the int8-smooth recipe: the next pass quantizes it unsmoothed
+        ctx.warn(
+            "SmoothQuant found no normalization → Linear groups to rescale (it supports BERT-style post-LN "
+            "encoders and Llama/Qwen/GPT-2-style pre-norm blocks); the model is left as it is"
         )
+        ctx.report.add_pass("quantize/smoothquant", time.perf_counter() - start, alpha=cfg.alpha, groups=0)
+        return model
     batches = _take(ctx.data, cfg.calibration_batches)
     if not batches:
         raise DataError("the calibration set is empty: SmoothQuant needs real input batches (--data)")

@@ -289,6 +289,8 @@ class SileroEntry(ZooEntry):
             self._model = load_silero_vad()
         return self._model
 
+    batch_axes = (0, 1)  # x (B, 576), state (2, B, 128)
+
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
         chunks = _chunks(speech_like_signal(10.0, self.calibration_seed))  # (n_chunks, 576)
         x = chunks[torch.arange(batch_size) % len(chunks)]  # repeats if batch_size > n_chunks
