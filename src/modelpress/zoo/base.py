@@ -60,6 +60,9 @@ class ZooEntry(ABC):
     def items_per_batch(self, batch: Sequence[torch.Tensor]) -> int:
         return int(batch[0].shape[0])
 
+    # Each example input's batch axis, for exporters that make it dynamic; None: axis 0 everywhere.
+    batch_axes: tuple[int, ...] | None = None
+
 
 _ENTRIES: dict[str, Callable[[], ZooEntry]] = {}
 # Built-in entries are imported on first use, so listing names never imports transformers.
