@@ -163,3 +163,18 @@ def test_minilm_model_untouched_by_export(minilm_export: tuple) -> None:
         after = model(*saved["before"]["probe"])
     assert torch.equal(after, saved["before"]["out"])
     assert model.backbone.config._attn_implementation == "sdpa"
+
+
+def test_wrong_inputs_and_broken_files_are_named(tmp_path: Path) -> None:
+    from modelpress.core.errors import BadInputError, ModelLoadError
+
+    path = export_onnx(tiny_mlp(), torch.randn(2, 16), tmp_path / "mlp.onnx")
+    session = OnnxModel(path)
+    with pytest.raises(BadInputError, match=r"expects input \['batch', 16\] tensor\(float\); got input \[2, 5\]"):
+        session(torch.randn(2, 5))
+    with pytest.raises(BadInputError, match="got input .* float64"):
+        session(torch.randn(2, 16, dtype=torch.float64))
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ModelLoadError, match="is not a valid ONNX model"):
+        OnnxModel(truncated)

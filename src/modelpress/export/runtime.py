@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.core.errors import ModelLoadError
+from modelpress.core.errors import BadInputError, ModelLoadError
 
 
 class OnnxModel:
@@ -57,7 +57,14 @@ class OnnxModel:
                 f"({', '.join(self.input_names)}), got {len(inputs)}"
             )
         feed = {n: _to_numpy(x) for n, x in zip(self.input_names, inputs, strict=True)}
-        outs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+        try:
+            outs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+        except Exception as e:  # ORT's InvalidArgument / Fail for wrong shapes or element types
+            expected = ", ".join(f"{n} {shape} {t}" for n, shape, t in self.input_specs())
+            given = ", ".join(f"{n} {list(v.shape)} {v.dtype}" for n, v in feed.items())
+            raise BadInputError(
+                f"{self.path.name} expects {expected}; got {given} ({str(e).splitlines()[0]})"
+            ) from None
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def input_specs(self) -> list[tuple[str, list[int | str | None], str]]:
