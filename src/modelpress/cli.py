@@ -217,7 +217,7 @@ def compress(
     if as_json:
         out.print_json(report.to_json())
     else:
-        out.print(f"wrote {output}/ (model artifacts, report.json, report.md, recipe.yaml)")
+        out.print(f"wrote {output}/ (model artifacts, report.json, report.md, report.html, recipe.yaml)")
 
 
 @app.command()

@@ -4,7 +4,7 @@ Compresses all-MiniLM-L6-v2 with the built-in int8 recipe, exports the deployabl
 (`model.onnx` for ONNX Runtime, `model.pt2` for AOTInductor) and prints the original and every
 artifact side by side: size, latency at batch 1 and 32, throughput on real sentences, and the
 STS-B score (embedding fidelity when STS-B is absent). The report folder holds the artifacts,
-report.json, report.md and the recipe.
+report.json, report.md, report.html and the recipe.
 """
 
 from __future__ import annotations
@@ -45,5 +45,5 @@ def run_demo(
                 console.print(f"size: {best.size_bytes / base.size_bytes:.0%} of the original")
             if base.quality and best.quality:
                 console.print(f"quality: {base.quality.name} {base.quality.value:.4f} -> {best.quality.value:.4f}")
-        console.print(f"report written to {out_dir}/ (report.json, report.md, model.onnx, model.pt2, recipe.yaml)")
+        console.print(f"report written to {out_dir}/ (report.json/md/html, model.onnx, model.pt2, recipe.yaml)")
     return report

@@ -143,13 +143,15 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def write(self, folder: str | Path) -> list[Path]:
-        """Write report.json and report.md into `folder` atomically; returns the paths."""
+        """Write report.json, report.md and report.html (plots embedded) into `folder` atomically."""
         from modelpress.core.atomic import atomic_write_text
+        from modelpress.core.report_html import render_html
 
         folder = Path(folder)
-        paths = [folder / "report.json", folder / "report.md"]
+        paths = [folder / "report.json", folder / "report.md", folder / "report.html"]
         atomic_write_text(paths[0], self.to_json() + "\n")
         atomic_write_text(paths[1], self.to_markdown())
+        atomic_write_text(paths[2], render_html(self))
         return paths
 
 
