@@ -455,13 +455,15 @@ def compare_outputs(
 ) -> dict[str, float]:
     """`max_abs` difference and `mean_cosine` of the rows along the last axis of two outputs.
 
-    `positions` (boolean, the outputs' leading dims) restricts both figures to those rows.
+    `positions` (boolean, the outputs' leading dims) restricts both figures to those rows. Outputs
+    with one value per row are compared as one vector.
     """
     if expected.shape != actual.shape:
         raise ExportError(f"output shape {tuple(actual.shape)} differs from torch's {tuple(expected.shape)}")
     if positions is not None:
         expected, actual = expected[positions], actual[positions]
-    rows = (-1, expected.shape[-1]) if expected.dim() else (1, 1)
+    # One value per row (a probability, a regression output): the cosine of the whole column instead.
+    rows = (-1, expected.shape[-1]) if expected.dim() and expected.shape[-1] > 1 else (1, -1)
     e, a = expected.reshape(rows).double(), actual.reshape(rows).double()
     cos = F.cosine_similarity(e, a, dim=-1)
     both_zero = (e.norm(dim=-1) < 1e-12) & (a.norm(dim=-1) < 1e-12)  # equal rows of zeros: cosine 1
