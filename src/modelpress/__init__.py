@@ -17,6 +17,7 @@ __all__ = [
     "resolve",
     # compression
     "quantize",
+    "prune",
     "compress",
     # measurement
     "bench",
@@ -33,6 +34,7 @@ _LAZY = {
     "resolve": "modelpress.loading",
     "bench": "modelpress.measure",
     "quantize": "modelpress.quant",
+    "prune": "modelpress.prune",
     "compress": "modelpress.pipeline",
     "Config": "modelpress.core",
     "Context": "modelpress.core",

@@ -67,7 +67,7 @@ def compress(
         threads=threads,
         show_progress=progress,
         report=report,
-        train_fn=(lambda m: entry.finetune(m)) if entry is not None else None,
+        train_fn=(lambda m, **kw: entry.finetune(m, **kw)) if entry is not None else None,
         metric=(lambda m: entry_for_eval.evaluate(m, eval_data).value) if entry_for_eval is not None else None,
     )
     compressed = copy.deepcopy(loaded.model).eval()

@@ -1,0 +1,51 @@
+"""Which layers a pruning pass touches: supported types filtered by name patterns that must exist."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from modelpress.core.context import Context
+from modelpress.core.errors import BadInputError, ConfigError
+from modelpress.quant.ptq import LayerFilter
+
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Selected by name but not pruned by weight sparsity passes: skipped with a warning.
+_NOT_PRUNED = (nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.LSTM, nn.GRU, nn.RNN)
+
+
+def check_patterns(model: nn.Module, patterns: tuple[str, ...], field: str) -> None:
+    """ConfigError for a pattern that matches no module name (a typo would otherwise prune everything)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in patterns:
+        if not any(re.search(pattern, n) for n in names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(
+                f"{field} pattern {pattern!r} matches no module of {type(model).__name__}; "
+                f"module names look like: {shown}"
+            )
+
+
+def weight_layers(model: nn.Module, layer_filter: LayerFilter, ctx: Context | None = None) -> dict[str, nn.Module]:
+    """{name: layer} of the Linear / Conv layers `layer_filter` selects; other selected types are warned about."""
+    check_patterns(model, layer_filter.include, "include")
+    check_patterns(model, layer_filter.exclude, "exclude")
+    chosen: dict[str, nn.Module] = {}
+    skipped: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if not name or not layer_filter.selects(name):
+            continue
+        if isinstance(m, WEIGHT_LAYERS):
+            chosen[name] = m
+        elif layer_filter.include and isinstance(m, _NOT_PRUNED):
+            skipped.setdefault(type(m).__name__, []).append(name)
+    if ctx is not None:
+        for kind, names in skipped.items():
+            shown = ", ".join(names[:4])
+            ctx.warn(f"skipped {len(names)} {kind} layer(s) ({shown}): weight pruning covers Linear/Conv only")
+    if not chosen:
+        raise BadInputError(
+            f"no Linear/Conv layer of {type(model).__name__} is selected by {layer_filter}; nothing to prune"
+        )
+    return chosen
