@@ -102,3 +102,28 @@ def test_stsb_test_spearman_matches_published(entry: MiniLMEntry, model: TextEnc
     assert quality.name == "stsb_spearman"
     assert quality.details["pairs"] == 1379
     assert abs(quality.value - PUBLISHED_STSB_SPEARMAN) <= 0.05, quality.value
+
+
+@pytest.mark.slow  # ~1.5 min on 2 busy cores
+def test_finetune_recovers_a_damaged_encoder(monkeypatch) -> None:
+    import torch.nn.functional as F
+
+    from modelpress.zoo import get_entry
+    from modelpress.zoo.text import FolderEntry, embed, sample_sentences
+
+    entry = get_entry("minilm")
+    monkeypatch.setattr(FolderEntry, "FINETUNE_SENTENCES", 256)
+    model = entry.load()
+    torch.manual_seed(0)
+    with torch.no_grad():  # damage one FFN: the embeddings drift from the original's
+        ffn = model.backbone.encoder.layer[2].output.dense
+        ffn.weight.add_(0.05 * torch.randn_like(ffn.weight))
+    held_out = sample_sentences(300)[256:]
+    reference = embed(entry.load(), model.tokenizer, held_out)
+
+    def cosine() -> float:
+        return float(F.cosine_similarity(embed(model, model.tokenizer, held_out), reference).mean())
+
+    before = cosine()
+    entry.finetune(model, epochs=1)
+    assert cosine() > before + 0.002, (before, cosine())
