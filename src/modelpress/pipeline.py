@@ -176,10 +176,11 @@ def _export_all(
         out["onnx"] = export_onnx(model, example, folder / "model.onnx", batch_axes=batch_axes)
         ctx.report.add_pass("export/onnx", time.perf_counter() - start)
     if "pt2" in rec.export:
-        from modelpress.export.inductor import compile_package
+        from modelpress.export.artifact import package_checked
 
         start = time.perf_counter()
-        out["pt2"] = compile_package(model, example, folder / "model.pt2", batch_axes=batch_axes)
+        package_checked(model, example, folder / "model.pt2", batch_axes=batch_axes)
+        out["pt2"] = folder / "model.pt2"
         ctx.report.add_pass("export/pt2", time.perf_counter() - start)
     return out
 

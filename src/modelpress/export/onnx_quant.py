@@ -109,8 +109,12 @@ def export_quantized_onnx(
             batch_axes,
         )
         proto = onnx.load(str(tmp))
-        expected = {n for n, m in layers.items() if embeddings != "float" or not isinstance(m, QEmbedding)}
-        missing = sorted(expected - quantize_graph(proto, layers, embeddings=embeddings, conv=conv))
+        from modelpress.export.onnx_nbits import lower_matmul_nbits
+
+        nbits = lower_matmul_nbits(proto, layers)  # group-wise 2/4/8-bit weight-only QLinear -> MatMulNBits
+        rest = {n: m for n, m in layers.items() if n not in nbits}
+        expected = {n for n, m in rest.items() if embeddings != "float" or not isinstance(m, QEmbedding)}
+        missing = sorted(expected - quantize_graph(proto, rest, embeddings=embeddings, conv=conv))
         if missing:
             raise ExportError(f"no ONNX MatMul/Conv carries the weights of {missing[:5]}; cannot export them as int8")
         add_session_hints(proto)

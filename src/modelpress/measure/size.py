@@ -52,7 +52,12 @@ def artifact_size_bytes(model_or_path: nn.Module | str | os.PathLike[str]) -> in
         with tempfile.TemporaryDirectory(prefix="modelpress-size-") as tmp:
             file = Path(tmp) / "model.safetensors"
             try:
-                save_model(model_or_path, str(file), force_contiguous=True)
+                if any(getattr(getattr(m, "weight_scheme", None), "bits", 8) < 8 for m in model_or_path.modules()):
+                    from modelpress.quant.packed import save_packed
+
+                    save_packed(model_or_path, file)
+                else:
+                    save_model(model_or_path, str(file), force_contiguous=True)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise BadInputError(
                     f"cannot save {type(model_or_path).__name__} as safetensors to measure its size ({e}); "

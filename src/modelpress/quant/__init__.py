@@ -1,5 +1,7 @@
 """Quantization: PTQ (weight-only, dynamic, static), SmoothQuant, QAT and mixed precision from sensitivity."""
 
+from modelpress.quant.awq import AWQConfig
+from modelpress.quant.gptq import GPTQConfig
 from modelpress.quant.modules import ActSpec, QConv, QLinear
 from modelpress.quant.observers import ObserverConfig
 from modelpress.quant.ptq import DynamicQuantConfig, LayerFilter, StaticQuantConfig, WeightOnlyConfig, quantize
@@ -10,7 +12,7 @@ from modelpress.quant.smoothquant import SmoothQuantConfig, smooth
 __all__ = [
     "quantize",
     "WeightOnlyConfig", "DynamicQuantConfig", "StaticQuantConfig", "QATConfig", "MixedPrecisionConfig",
-    "SmoothQuantConfig", "smooth",
+    "SmoothQuantConfig", "smooth", "GPTQConfig", "AWQConfig",
     "ObserverConfig", "LayerFilter",
     "QLinear", "QConv", "ActSpec",
     "prepare_qat", "convert_qat",

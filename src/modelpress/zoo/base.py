@@ -70,6 +70,7 @@ _BUILTIN = {
     "minilm": "modelpress.zoo.minilm",
     "digits-cnn": "modelpress.zoo.digits",
     "silero-vad": "modelpress.zoo.silero",
+    "tiny-lm": "modelpress.zoo.tinylm",
 }
 
 

@@ -1,0 +1,173 @@
+"""GPTQ weight-only quantization (int2–int8, group-wise), calibrated one transformer block at a time.
+
+Each selected Linear layer's input Hessian is accumulated while its block runs on calibration data;
+`primitives.gptq.gptq_quantize` then chooses the integer codes, and the layer becomes a `QLinear`
+holding exactly those codes (float activations). Blocks are processed in order, each on the outputs
+of the already quantized blocks before it (`quant.sequential`).
+
+    >>> qmodel = quantize(model, GPTQConfig(bits=4, group_size=128), data=entry.calibration_data(128))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.core.config import Config
+from modelpress.core.context import Context
+from modelpress.core.errors import BadInputError, ConfigError, DataError
+from modelpress.core.registry import register
+from modelpress.primitives.affine import QuantScheme
+from modelpress.primitives.gptq import gptq_quantize, hessian_update
+from modelpress.quant.modules import ActSpec, QLinear
+from modelpress.quant.ptq import LayerFilter, _check_bits, _set_submodule, _take, select_layers
+from modelpress.quant.sequential import Scope, convert_conv1d, run_sequential
+
+# A language model's output head is commonly kept in float: it is small next to the blocks and sensitive.
+DEFAULT_LAYERS = LayerFilter(exclude=(r"(^|\.)lm_head$",))
+
+
+@dataclass(frozen=True)
+class GPTQConfig(Config):
+    """GPTQ weight-only quantization; `group_size=0` gives one scale per output channel."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    damp: float = 0.01  # fraction of the Hessian's mean diagonal added to its diagonal
+    block_size: int = 128  # columns updated together (lazy batch updates)
+    act_order: bool = True  # process input columns by decreasing Hessian diagonal
+    calibration_batches: int = 32
+    layers: LayerFilter = DEFAULT_LAYERS
+
+    def validate(self) -> None:
+        validate_weight_settings(self.bits, self.group_size, self.calibration_batches)
+        if not 0 < self.damp <= 1:
+            raise ConfigError(f"damp must be in (0, 1], got {self.damp}")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+
+    def weight_scheme(self, bits: int | None = None) -> QuantScheme:
+        return weight_scheme(self.bits if bits is None else bits, self.symmetric, self.group_size)
+
+
+def validate_weight_settings(bits: int, group_size: int, calibration_batches: int) -> None:
+    """Shared checks of the weight-only calibrated configs (GPTQ, AWQ)."""
+    _check_bits(bits, 2, 8)
+    if group_size < 0:
+        raise ConfigError(f"group_size must be >= 1 (or 0 for one scale per output channel), got {group_size}")
+    if calibration_batches < 1:
+        raise ConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
+
+
+def weight_scheme(bits: int, symmetric: bool, group_size: int) -> QuantScheme:
+    if group_size == 0:
+        return QuantScheme(bits, symmetric, "channel", 0)
+    return QuantScheme(bits, symmetric, "group", 0, group_size)
+
+
+def qlinear_from_codes(
+    linear: nn.Linear,
+    scheme: QuantScheme,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    act: ActSpec | None = None,
+) -> QLinear:
+    """A `QLinear` holding the given codes and qparams (in its own layout) instead of rounding `linear`."""
+    layer = QLinear(linear.weight, linear.bias, scheme, act or ActSpec())
+    for name, value in (("weight_q", q), ("weight_scale", scale), ("weight_zero_point", zero_point)):
+        current = getattr(layer, name)
+        if value.shape != current.shape:
+            raise ValueError(f"{name} of shape {tuple(value.shape)} does not fit the layer ({tuple(current.shape)})")
+        setattr(layer, name, value.to(current.dtype).contiguous())
+    return layer
+
+
+def selected_linears(
+    model: nn.Module, layers: LayerFilter, scheme_of: Any, ctx: Context, label: str
+) -> dict[str, nn.Linear]:
+    """The Linear layers a calibrated weight-only pass quantizes; others are warned about and kept float."""
+    chosen: dict[str, nn.Linear] = {}
+    for name, module in select_layers(model, layers, ctx):
+        if not isinstance(module, nn.Linear):
+            ctx.warn(f"skipped {name}: {label} applies to Linear layers, not {type(module).__name__} (kept in float)")
+            continue
+        scheme: QuantScheme = scheme_of(name)
+        if scheme.granularity == "group" and module.in_features % scheme.group_size:
+            ctx.warn(
+                f"skipped {name}: group_size {scheme.group_size} does not divide in_features "
+                f"{module.in_features} (kept in float)"
+            )
+            continue
+        chosen[name] = module
+    if not chosen:
+        raise BadInputError(f"the model has no Linear layers selected by {layers} that {label} can quantize")
+    return chosen
+
+
+def calibration_batches(ctx: Context, n: int, label: str) -> list[Any]:
+    if ctx.data is None:
+        raise DataError(f"{label} needs calibration data: pass data=... (CLI: --data) or use a zoo model")
+    batches = _take(ctx.data, n)
+    if not batches:
+        raise DataError(f"{label} needs calibration data: the calibration set is empty")
+    return batches
+
+
+@register(GPTQConfig)
+def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, int] | None = None) -> nn.Module:
+    start = time.perf_counter()
+    batches = calibration_batches(ctx, cfg.calibration_batches, "GPTQ")
+    converted = convert_conv1d(model)
+
+    def scheme_of(name: str) -> QuantScheme:
+        return cfg.weight_scheme((overrides or {}).get(name, cfg.bits))
+
+    selected = selected_linears(model, cfg.layers, scheme_of, ctx, "GPTQ")
+    losses: dict[str, float] = {}
+
+    def quantize_scope(scope: Scope) -> None:
+        hessians: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in scope.layers}
+        handles = []
+        for name, layer in scope.layers.items():
+
+            def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                hessians[name] = hessian_update(*hessians[name], args[0])
+
+            handles.append(layer.register_forward_pre_hook(hook))
+        try:
+            scope.forward()
+        finally:
+            for h in handles:
+                h.remove()
+        for name, layer in scope.layers.items():
+            h, count = hessians[name]
+            if h is None or count == 0:
+                ctx.warn(f"skipped {name}: it never ran on the calibration data (kept in float)")
+                continue
+            scheme = scheme_of(name)
+            res = gptq_quantize(
+                layer.weight, h, scheme, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order
+            )
+            for note in res.notes:
+                ctx.warn(f"GPTQ {name}: {note}")
+            _set_submodule(model, name, qlinear_from_codes(layer, scheme, res.q, res.scale, res.zero_point))
+            losses[name] = res.loss
+
+    stats = run_sequential(model, batches, selected, quantize_scope, ctx, "GPTQ")
+    ctx.report.add_pass(
+        "quantize/gptq",
+        time.perf_counter() - start,
+        layers=len(losses),
+        bits={n: scheme_of(n).bits for n in losses},
+        group_size=cfg.group_size,
+        loss=losses,
+        conv1d_converted=converted,
+        **stats,
+    )
+    return model

@@ -1,0 +1,191 @@
+"""Sequential calibration: quantize a transformer one block at a time, each block seeing the outputs of
+the blocks before it *as quantized*.
+
+The inputs of the first block are captured by running the model until that block is called (a
+pre-hook records the call and stops the forward). Then, block after block: the block runs on its
+recorded inputs so a quantizer can observe its Linear layers (Hessians for GPTQ, activation statistics
+for AWQ) and replace them, and the quantized block's outputs become the next block's inputs. Peak
+memory is the model plus one block's calibration activations.
+
+The block list is found generically: the largest `nn.ModuleList` of same-typed modules holding Linear
+layers (`model.layers` of Llama-style decoders, `encoder.layer` of BERT, `transformer.h` of GPT-2).
+Models without one are calibrated as a whole; selected Linear layers outside the blocks (a head) are
+calibrated afterwards on the partly quantized model. GPT-2 style `Conv1D` layers (a Linear with its
+weight stored transposed) are turned into `nn.Linear` first.
+
+    >>> def quantize_block(scope: Scope) -> None:   # observe scope.layers while scope.forward() runs
+    ...     ...
+    >>> run_sequential(model, batches, selected, quantize_block, ctx, "GPTQ")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.core.context import Context
+from modelpress.core.errors import DataError
+from modelpress.quant.ptq import _run
+
+# Cache and flags a decoder passes to its blocks; calibration runs each block once, without a KV cache.
+_NO_CACHE = {"past_key_values": None, "past_key_value": None, "layer_past": None, "use_cache": False}
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the forward has reached the first block, nothing further is needed."""
+
+
+@dataclass
+class BlockCall:
+    """One recorded call of a block: `args[0]` is the hidden states, the rest is passed along unchanged."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Scope:
+    """What a quantizer works on: a block (or the whole model), its selected layers, a way to run it."""
+
+    name: str  # the block's qualified name; "" for the whole model
+    module: nn.Module
+    layers: dict[str, nn.Linear]  # qualified name -> selected Linear inside `module`
+    forward: Callable[[], list[torch.Tensor]]  # runs `module` on every calibration input; first outputs
+
+
+BlockQuantizer = Callable[[Scope], None]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D`: y = x @ W + b with W stored (in, out)."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and weight is not None and weight.dim() == 2
+
+
+def convert_conv1d(model: nn.Module) -> list[str]:
+    """Replace transformers' `Conv1D` layers by the equal `nn.Linear`; returns their names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if _is_conv1d(module):
+            k, n = module.weight.shape
+            linear = nn.Linear(k, n, bias=module.bias is not None, dtype=module.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.t())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            names.append(name)
+    return names
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(name, list) of the model's repeated blocks: the largest ModuleList of same-typed modules with Linears."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(b) for b in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The first tensor of a block's or model's output (a tensor, a tuple/list, or a `ModelOutput`)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return first_tensor(next(iter(out.values())))
+    raise DataError(f"cannot find a tensor in the output of type {type(out).__name__}")
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[Any]) -> list[BlockCall]:
+    """Run `model` on each batch until `block` is called; the recorded calls, one per batch."""
+    calls: list[BlockCall] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not args:  # hidden states passed by keyword: make them positional
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("hidden_states"),)
+        kwargs = {k: (_NO_CACHE[k] if k in _NO_CACHE else v) for k, v in kwargs.items()}
+        calls.append(BlockCall(tuple(args), kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                before = len(calls)
+                try:
+                    _run(model, batch)
+                except _Stop:
+                    pass
+                if len(calls) == before:
+                    raise DataError("the model's forward never reached its first block; cannot calibrate sequentially")
+    finally:
+        handle.remove()
+    return calls
+
+
+def _block_forward(block: nn.Module, calls: list[BlockCall]) -> Callable[[], list[torch.Tensor]]:
+    def forward() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [first_tensor(block(*c.args, **c.kwargs)) for c in calls]
+
+    return forward
+
+
+def _model_forward(model: nn.Module, batches: Sequence[Any]) -> Callable[[], list[torch.Tensor]]:
+    def forward() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [first_tensor(_run(model, b)) for b in batches]
+
+    return forward
+
+
+def run_sequential(
+    model: nn.Module,
+    batches: Sequence[Any],
+    selected: dict[str, nn.Linear],
+    quantize_block: BlockQuantizer,
+    ctx: Context,
+    label: str,
+) -> dict[str, Any]:
+    """Calibrate and quantize `selected` layers block by block with `quantize_block`; returns pass stats."""
+    if not batches:
+        raise DataError(f"{label} needs calibration data: the calibration set is empty")
+    found = find_blocks(model)
+    done: set[str] = set()
+    stats: dict[str, Any] = {"blocks": 0, "calibration_batches": len(batches)}
+    if found is None:
+        ctx.warn(f"{label}: no repeated block list found; calibrating all selected layers in one pass")
+    else:
+        prefix, blocks = found
+        stats["block_list"] = prefix
+        calls = capture_block_inputs(model, blocks[0], batches)
+        for i, block in ctx.progress(list(enumerate(blocks)), f"{label} blocks", total=len(blocks)):
+            name = f"{prefix}.{i}" if prefix else str(i)
+            inside = {n: m for n, m in selected.items() if n.startswith(name + ".")}
+            if inside:
+                quantize_block(Scope(name, block, inside, _block_forward(block, calls)))
+                done.update(inside)
+            outputs = _block_forward(block, calls)()  # the quantized block feeds the next one
+            calls = [BlockCall((out, *c.args[1:]), c.kwargs) for out, c in zip(outputs, calls, strict=True)]
+            stats["blocks"] += 1
+        del calls
+    rest = {n: m for n, m in selected.items() if n not in done}
+    if rest:
+        quantize_block(Scope("", model, rest, _model_forward(model, batches)))
+        stats["outside_blocks"] = sorted(rest)
+    return stats

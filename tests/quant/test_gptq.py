@@ -1,0 +1,128 @@
+"""GPTQ pass: config checks, exact codes in QLinear, and quality against round-to-nearest on a trained LM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modelpress.core import ConfigError, Context, DataError
+from modelpress.primitives.affine import QuantScheme, dequantize
+from modelpress.primitives.gptq import gptq_quantize, hessian_update
+from modelpress.quant import LayerFilter, QLinear, WeightOnlyConfig, quantize
+from modelpress.quant.gptq import GPTQConfig, qlinear_from_codes
+from modelpress.zoo.tinylm import SMALL_SPEC, TinyLMEntry, load_tiny_lm, perplexity
+
+NO_HEAD = LayerFilter(exclude=(r"lm_head$",))
+RTN3 = WeightOnlyConfig(bits=3, symmetric=False, granularity="group", group_size=128, layers=NO_HEAD)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one torch thread is as fast on idle cores and far faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(cache_dir):
+    """The small tiny-lm, trained once per session (cached in the session cache dir), and its perplexity."""
+    model = load_tiny_lm(cache_dir, SMALL_SPEC)
+    return model, perplexity(model)
+
+
+def _correlated_batches(n: int = 8, k: int = 64, seed: int = 0) -> list[tuple[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    scale = torch.linspace(0.2, 3.0, k)
+    return [((torch.randn(32, k, generator=g) @ mix) * scale,) for _ in range(n)]
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 9}, "bits must be in \\[2, 8\\], got 9"),
+        ({"bits": 1}, "bits must be in \\[2, 8\\], got 1"),
+        ({"group_size": -1}, "group_size must be >= 1"),
+        ({"damp": 0.0}, "damp must be in \\(0, 1\\]"),
+        ({"block_size": 0}, "block_size must be >= 1"),
+        ({"calibration_batches": 0}, "calibration_batches must be >= 1"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        GPTQConfig(**kwargs)
+
+
+def test_config_round_trips_through_dict():
+    cfg = GPTQConfig(bits=3, group_size=64, act_order=False)
+    assert GPTQConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_qlinear_holds_exactly_the_gptq_codes():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 16)
+    x = _correlated_batches(1)[0][0]
+    h, _ = hessian_update(None, 0, x)
+    scheme = QuantScheme(4, False, "group", group_size=32)
+    res = gptq_quantize(linear.weight, h, scheme)
+    q = qlinear_from_codes(linear, scheme, res.q, res.scale, res.zero_point)
+    assert torch.equal(q.weight_q, res.q)
+    assert torch.equal(q.weight_zero_point, res.zero_point)
+    expected = x @ dequantize(res.q, res.scale, res.zero_point).reshape(16, 64).t() + linear.bias
+    torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="weight_q of shape"):
+        qlinear_from_codes(linear, scheme, res.q[:, :1], res.scale, res.zero_point)
+
+
+def test_gptq_model_output_beats_round_to_nearest():
+    model, data = _mlp(), _correlated_batches()
+    ctx = Context(show_progress=False)
+    with pytest.warns(UserWarning, match="no repeated block list"):
+        gq = quantize(model, GPTQConfig(bits=3, group_size=32), data=data, ctx=ctx)
+    rtn = quantize(model, WeightOnlyConfig(bits=3, symmetric=False, granularity="group", group_size=32))
+    assert all(isinstance(m, QLinear) for m in (gq[0], gq[2]))
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        ref = model(x)
+        gptq_err = (gq(x) - ref).pow(2).mean()
+        rtn_err = (rtn(x) - ref).pow(2).mean()
+    assert gptq_err < 0.8 * rtn_err
+    (record,) = [p for p in ctx.report.passes if p.name == "quantize/gptq"]
+    assert record.stats["layers"] == 2 and set(record.stats["loss"]) == {"0", "2"}
+
+
+def test_layers_that_do_not_fit_are_skipped_with_a_warning():
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8)).eval()
+    ctx = Context(show_progress=False)
+    q = quantize(model, GPTQConfig(group_size=32), data=_correlated_batches(2), ctx=ctx)
+    assert isinstance(q[0], QLinear) and isinstance(q[2], nn.Linear)
+    assert any("group_size 32 does not divide in_features 48" in w for w in ctx.report.warnings)
+
+
+def test_gptq_needs_calibration_data():
+    with pytest.raises(DataError, match="GPTQ needs calibration data"):
+        quantize(_mlp(), GPTQConfig(), ctx=Context(show_progress=False))
+
+
+def test_gptq_on_tiny_lm_loses_less_perplexity_than_round_to_nearest(tiny_lm):
+    model, base = tiny_lm
+    data = TinyLMEntry(SMALL_SPEC).calibration_data(32, 8)
+    ctx = Context(show_progress=False)
+    gq = quantize(model, GPTQConfig(bits=3, group_size=128), data=data, ctx=ctx)
+    rtn = quantize(model, RTN3)
+    gptq_ppl, rtn_ppl = perplexity(gq), perplexity(rtn)
+    assert rtn_ppl > base
+    assert gptq_ppl - base < 0.5 * (rtn_ppl - base)
+    n_linear = 7 * SMALL_SPEC.layers
+    assert sum(isinstance(m, QLinear) for m in gq.modules()) == n_linear  # every block Linear, not the head
+    assert isinstance(gq.lm.lm_head, nn.Linear)
+    (record,) = [p for p in ctx.report.passes if p.name == "quantize/gptq"]
+    assert record.stats["blocks"] == SMALL_SPEC.layers and record.stats["block_list"] == "lm.model.layers"
