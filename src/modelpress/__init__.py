@@ -17,6 +17,7 @@ __all__ = [
     "resolve",
     # compression
     "quantize",
+    "distill",
     "prune",
     "compress",
     # measurement
@@ -46,6 +47,10 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import modelpress` stays fast and the CLI starts quickly.
+    if name == "distill":  # the subpackage itself: modelpress.distill.distill(teacher, student, data, config)
+        import importlib
+
+        return importlib.import_module("modelpress.distill")
     if name in _LAZY:
         import importlib
 

@@ -221,6 +221,82 @@ def compress(
 
 
 @app.command()
+def distill(
+    teacher: Annotated[str, typer.Argument(help="Teacher model spec: zoo name, folder, pkg.mod:factory.")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")],
+    student_layers: Annotated[
+        str | None, typer.Option("--student-layers", help="Teacher layers the student keeps, e.g. 0,3,5.")
+    ] = None,
+    width_ratio: Annotated[
+        float | None, typer.Option("--width-ratio", help="CNN students: share of channels kept, in (0, 1).")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="online (teacher every step) or offline (cached outputs).")] = "offline",
+    epochs: Annotated[int, typer.Option(help="Training epochs.", min=1)] = 3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 2e-4,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the soft targets.")] = 2.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the soft targets vs hard labels, in [0, 1].")] = 0.5,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of hidden-state matching (0: off).")] = 0.0,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Evaluation data, e.g. the STS-B folder (default: found).")
+    ] = None,
+    threads: ThreadsOpt = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes to time.")] = "1,32",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Distill a teacher into a student built from it; write the student's artifacts and report to --out.
+
+    Example: [bold]modelpress distill minilm --student-layers 0,3,5 --out out/minilm-l3[/bold]
+
+    Example: [bold]modelpress distill digits-cnn --width-ratio 0.48 --epochs 30 --lr 5e-3 --out out/d[/bold]
+    """
+    from modelpress.distill import DistillConfig, StudentConfig
+    from modelpress.loading import resolve
+    from modelpress.pipeline import compress as run_compress
+    from modelpress.recipes.recipe import Recipe
+
+    sizes = _parse_batch_sizes(batch_sizes)
+    _quiet_transformers()
+    try:
+        layers = tuple(int(x) for x in student_layers.split(",")) if student_layers else ()
+    except ValueError:
+        raise BadInputError(f"--student-layers must be comma-separated integers, got {student_layers!r}") from None
+    student = StudentConfig.from_dict({"layers": list(layers), "width_ratio": width_ratio})
+    cfg = DistillConfig.from_dict(
+        {
+            "mode": mode,
+            "epochs": epochs,
+            "lr": lr,
+            "temperature": temperature,
+            "alpha": alpha,
+            "hidden_weight": hidden_weight,
+            "student": student.to_dict(),
+        }
+    )
+    rec = Recipe(
+        name="distill", description="knowledge distillation into a student built from the teacher", passes=(cfg,)
+    )
+    if eval_data is not None and not eval_data.exists():
+        raise BadInputError(f"--eval-data {eval_data}: no such file or folder")
+    loaded = resolve(teacher, trust_pickle=trust_pickle)
+    _, report = run_compress(
+        loaded,
+        rec,
+        None,
+        out_dir=output,
+        threads=threads,
+        eval_data=eval_data,
+        batch_sizes=sizes,
+        progress=not as_json,
+        console=out,
+    )
+    if as_json:
+        out.print_json(report.to_json())
+    else:
+        out.print(f"wrote {output}/ (student artifacts, report.json, report.md, recipe.yaml)")
+
+
+@app.command()
 def export(
     model: Annotated[str, typer.Argument(help="Model spec: zoo name, folder, .pt2 program, pkg.mod:factory.")],
     output: Annotated[

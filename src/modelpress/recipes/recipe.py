@@ -46,6 +46,7 @@ class Recipe:
 
 def _register_pass_types() -> None:
     # Config classes register by name on import; recipes may name any of them.
+    import modelpress.distill  # noqa: F401
     import modelpress.prune  # noqa: F401
     import modelpress.quant  # noqa: F401
 

@@ -1,0 +1,212 @@
+"""`distill(teacher, student, data, config)` and the `DistillConfig` recipe pass.
+
+    >>> from modelpress.distill import DistillConfig, StudentConfig, distill
+    >>> result = distill(teacher, None, (X, y), DistillConfig(student=StudentConfig(width_ratio=0.5)))
+    >>> result.student, result.history[-1]["loss"]
+
+In a recipe the incoming model is the teacher and the student is built from it:
+
+    passes:
+      - type: DistillConfig
+        mode: offline
+        student: {layers: [0, 2, 4]}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.core.context import Context
+from modelpress.core.errors import ConfigError, DataError
+from modelpress.core.registry import register
+from modelpress.distill.cache import teacher_cache
+from modelpress.distill.config import DistillConfig, StudentConfig
+from modelpress.distill.data import Batch, Samples, as_samples
+from modelpress.distill.losses import Objective, layer_map
+from modelpress.distill.outputs import Outputs, eager_attention, model_outputs, transformer_blocks
+from modelpress.distill.students import build_student
+from modelpress.distill.trainer import StudentWithObjective, barrier, dist_info, init_distributed, train
+
+
+@dataclass
+class DistillResult:
+    """The trained student (eval mode) and what the run measured."""
+
+    student: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    cache_path: Path | None = None
+
+
+def _pairs(teacher: nn.Module, student: nn.Module, cfg: DistillConfig) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """(student key, teacher key) pairs for hidden / feature / attention terms, and what each model must output."""
+    pairs: list[tuple[str, str]] = []
+    io: dict[str, Any] = {"s_layers": [], "t_layers": [], "s_features": [], "t_features": []}
+    if cfg.hidden_weight > 0 and cfg.features:
+        io["s_features"], io["t_features"] = list(cfg.features), list(cfg.features.values())
+        pairs += [(f"feature.{s}", f"feature.{t}") for s, t in cfg.features.items()]
+    elif cfg.hidden_weight > 0 or cfg.attention_weight > 0:
+        s_blocks, t_blocks = transformer_blocks(student), transformer_blocks(teacher)
+        if s_blocks is None or t_blocks is None:
+            raise ConfigError(
+                "hidden_weight / attention_weight without `features` need transformer teacher and student; "
+                "name the modules to match in `features` (student module: teacher module)"
+            )
+        mapping = layer_map(len(s_blocks), len(t_blocks))
+        if cfg.hidden_weight > 0:
+            io["s_layers"], io["t_layers"] = [s for s, _ in mapping], [t for _, t in mapping]
+            pairs += [(f"hidden.{s}", f"hidden.{t}") for s, t in mapping]
+        if cfg.attention_weight > 0:
+            pairs += [(f"attentions.{s}", f"attentions.{t}") for s, t in mapping]
+    return pairs, io
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module | None = None,
+    data: Any = None,
+    config: DistillConfig | None = None,
+    *,
+    metric: Callable[[nn.Module], float] | None = None,
+    ctx: Context | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    cache_path: str | Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> DistillResult:
+    """Train `student` (built from `teacher` per `config.student` when None) to imitate `teacher` on `data`.
+
+    `data`: a tensor of inputs, `(inputs, labels)`, a list of sentences, a list of batches or `Samples`
+    (default: `ctx.data`). `metric(student)` (higher is better) runs after every epoch for early
+    stopping and best-epoch selection. Offline mode caches teacher outputs at `cache_path` (default:
+    under `ctx.cache_dir/distill`). Run under `torchrun` to train with several processes.
+
+        >>> result = distill(teacher, data=(X, y), config=DistillConfig(student=StudentConfig(width_ratio=0.5)))
+        >>> result.student
+    """
+    cfg = config or DistillConfig()
+    ctx = ctx or Context()
+    if cfg.patience is not None and metric is None:
+        raise ConfigError(f"patience={cfg.patience} stops on a metric: pass metric=... or set patience to null")
+    device = init_distributed()
+    rank, _world = dist_info()
+    samples: Samples = as_samples(data if data is not None else ctx.data, teacher, cfg.max_seq_length)
+    if student is None:
+        student = build_student(teacher, cfg.student or StudentConfig())
+    teacher = teacher.to(device).eval()
+    student = student.to(device)
+    pairs, io = _pairs(teacher, student, cfg)
+    attentions = cfg.attention_weight > 0
+
+    with ctx.threads_scope(), eager_attention(*((teacher, student) if attentions else ())):
+        probe = samples.collate([samples[i] for i in range(min(4, len(samples)))])
+        probe = Batch(probe.index, tuple(t.to(device) for t in probe.inputs), probe.labels)
+        with torch.no_grad():
+            t_probe = model_outputs(teacher, probe, io["t_layers"], io["t_features"], attentions)
+            was_training = student.training
+            s_probe = model_outputs(student.eval(), probe, io["s_layers"], io["s_features"], attentions)
+            student.train(was_training)
+        torch.manual_seed(cfg.seed)  # projections start the same in every process and every run
+        objective = Objective.build(cfg, s_probe, t_probe, pairs)
+
+        cache = None
+        targets: Callable[[Batch], Outputs]
+        if cfg.mode == "offline":
+            path = Path(cache_path) if cache_path is not None else _default_cache(ctx, teacher, samples)
+            progress = ctx.progress if rank == 0 else None
+            if rank == 0:
+                cache = teacher_cache(path, teacher, samples, cfg, io["t_layers"], io["t_features"], progress=progress)
+            barrier()
+            if rank != 0:
+                cache = teacher_cache(path, teacher, samples, cfg, io["t_layers"], io["t_features"], write=False)
+            targets = cache.lookup  # type: ignore[union-attr]
+        else:
+
+            def targets(batch: Batch) -> Outputs:
+                return model_outputs(teacher, batch, io["t_layers"], io["t_features"], attentions)
+
+        unit = StudentWithObjective(student, objective, io["s_layers"], io["s_features"], attentions)
+        res = train(
+            unit,
+            samples,
+            targets,
+            cfg,
+            metric=metric,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=ctx.show_progress,
+            device=device,
+            on_step=on_step,
+        )
+    return DistillResult(
+        student, res.history, res.best_metric, res.steps, res.seconds, res.stopped_early, cache.path if cache else None
+    )
+
+
+def _default_cache(ctx: Context, teacher: nn.Module, samples: Samples) -> Path:
+    # Named by the data only: a changed teacher finds the old file, sees the fingerprint differ and replaces it.
+    return Path(ctx.cache_dir) / "distill" / f"{type(teacher).__name__}-{samples.fingerprint()[:16]}.safetensors"
+
+
+def zoo_training_data(teacher: nn.Module) -> Any | None:
+    """The training set of a recognised zoo teacher, or None.
+
+    digits-cnn: the train split with labels; text encoders: the unique STS-B train sentences (when the
+    STS-B folder is found) followed by sentences from Python's documentation.
+    """
+    from modelpress.zoo.digits import DigitsCNN, load_digits_split
+
+    if isinstance(teacher, DigitsCNN):
+        return load_digits_split("train")
+    if hasattr(teacher, "tokenizer") and hasattr(teacher, "pool"):
+        from modelpress.zoo.stsb import default_stsb_dir, load_split
+        from modelpress.zoo.text import _doc_sentences
+
+        sentences: list[str] = []
+        folder = default_stsb_dir()
+        if folder is not None:
+            sentences += list(dict.fromkeys(s for s1, s2, _ in load_split(folder, "train") for s in (s1, s2)))
+        return sentences + list(_doc_sentences())
+    return None
+
+
+@register(DistillConfig)
+def distill_pass(
+    model: nn.Module, cfg: DistillConfig, ctx: Context, overrides: dict[str, Any] | None = None
+) -> nn.Module:
+    """Recipe pass: `model` is the teacher; the student is built from it per `cfg.student`; returns the student."""
+    start = time.perf_counter()
+    data = zoo_training_data(model) if cfg.train_data == "auto" else None
+    if data is None:
+        data = ctx.data
+    if data is None:
+        raise DataError("distillation needs training data: a zoo teacher, or Context(data=...) / --data")
+    student = build_student(model, cfg.student or StudentConfig())
+    # The context's metric is the reported quality (often a test split): it picks epochs only when asked to.
+    metric = ctx.metric if cfg.patience is not None else None
+    if metric is None and cfg.patience is not None:
+        raise DataError(f"patience={cfg.patience} needs a task metric; this model has none (Context(metric=...))")
+    result = distill(model, student, data, cfg, metric=metric, ctx=ctx)
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    ctx.report.add_pass(
+        "distill",
+        time.perf_counter() - start,
+        mode=cfg.mode,
+        teacher_params=params(model),
+        student_params=params(result.student),
+        steps=result.steps,
+        final_loss=result.history[-1]["loss"] if result.history else None,
+        best_metric=result.best_metric,
+        stopped_early=result.stopped_early,
+    )
+    return result.student

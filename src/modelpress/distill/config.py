@@ -1,0 +1,114 @@
+"""Distillation configs: what the student is, which losses teach it, and how it trains.
+
+>>> cfg = DistillConfig(temperature=4.0, alpha=0.9, epochs=10, student=StudentConfig(width_ratio=0.5))
+>>> cfg = DistillConfig.from_dict({"mode": "offline", "student": {"layers": [0, 2, 4]}})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from modelpress.core.config import Config
+from modelpress.core.errors import ConfigError
+from modelpress.primitives.kd import EMBEDDING_LOSSES
+
+
+@dataclass(frozen=True)
+class StudentConfig(Config):
+    """A student built from the teacher: fewer transformer `layers`, or a narrower CNN (`width_ratio`).
+
+    `layers` lists the teacher layers (0-based) whose weights initialise the student's layers, in
+    order; empty with no `width_ratio` means every other layer (0, 2, 4, ...).
+    """
+
+    layers: tuple[int, ...] = ()
+    width_ratio: float | None = None
+
+    def validate(self) -> None:
+        if self.layers and self.width_ratio is not None:
+            raise ConfigError("student: give either layers (transformers) or width_ratio (CNNs), not both")
+        if any(i < 0 for i in self.layers):
+            raise ConfigError(f"student.layers must be teacher layer indices >= 0, got {list(self.layers)}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"student.layers must not repeat a layer, got {list(self.layers)}")
+        if self.width_ratio is not None and not 0.0 < self.width_ratio < 1.0:
+            raise ConfigError(f"student.width_ratio must be in (0, 1), got {self.width_ratio}")
+
+
+@dataclass(frozen=True)
+class DistillConfig(Config):
+    """Teacher → student training.
+
+    Losses (each term weighted; a weight of 0 switches it off):
+    - logits: `alpha` * T²·KL(teacher_T || student_T) + (1 - alpha) * CE(labels); no labels → KL only.
+    - `embedding_weight`: sentence-embedding matching (`embedding_loss`: cosine, mse, cosine+mse).
+    - `hidden_weight`: hidden-state MSE, through a learned projection when widths differ
+      (transformers: student layer i ↔ teacher layer (i+1)·L_t/L_s; other models: `features`,
+      student module name → teacher module name).
+    - `attention_weight`: KL between attention maps (transformers, online mode only).
+
+    `mode="offline"` runs the teacher once over the data and trains from its outputs cached on disk.
+    """
+
+    mode: Literal["online", "offline"] = "online"
+    temperature: float = 2.0
+    alpha: float = 0.5
+    embedding_weight: float = 1.0
+    embedding_loss: str = "cosine"
+    hidden_weight: float = 0.0
+    attention_weight: float = 0.0
+    features: dict[str, str] = field(default_factory=dict)
+    student: StudentConfig | None = None
+    epochs: int = 3
+    batch_size: int = 32  # global: split across processes under torchrun
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of the total steps with a linear warm-up
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float | None = 1.0
+    patience: int | None = None  # epochs without a better metric before stopping; None: never stop early
+    restore_best: bool = True  # end with the weights of the best-evaluated epoch
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch only
+    seed: int = 0
+    max_seq_length: int = 128  # text: tokens per sentence
+    # Text: batches of similar lengths (sorted within windows of 32 batches, batch order shuffled) pad
+    # less and train faster; each process buckets its own share, so batches differ from a 1-process run.
+    bucket_by_length: bool = False
+    cache_dtype: Literal["float32", "float16"] = "float32"  # offline teacher outputs on disk
+    # Recipe pass only. "auto": a recognised zoo teacher trains on its training set (digits-cnn: train
+    # split with labels; text encoders: STS-B train + Python-doc sentences), other models on the context's data.
+    train_data: Literal["auto", "context"] = "auto"
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        for name in ("embedding_weight", "hidden_weight", "attention_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.embedding_loss not in EMBEDDING_LOSSES:
+            raise ConfigError(
+                f"embedding_loss must be one of {', '.join(EMBEDDING_LOSSES)}, got {self.embedding_loss!r}"
+            )
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"warmup is a fraction of the total steps in [0, 1), got {self.warmup}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be >= 1 or null, got {self.patience}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.max_seq_length < 2:
+            raise ConfigError(f"max_seq_length must be >= 2, got {self.max_seq_length}")
+        if self.mode == "offline" and self.attention_weight > 0:
+            raise ConfigError(
+                f"attention_weight={self.attention_weight} needs mode='online' (attention maps are not cached)"
+            )
