@@ -23,3 +23,17 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("modelpress-cache")
     os.environ["MODELPRESS_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models: one torch thread is as fast on idle cores and far faster on a busy, shared CPU.
+
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

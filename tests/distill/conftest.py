@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -14,9 +13,5 @@ def digits_teacher(cache_dir):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than two, and far faster on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # noqa: ANN001, ANN202 - every distillation test: tiny models, one thread
     yield
-    torch.set_num_threads(before)

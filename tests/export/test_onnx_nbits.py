@@ -14,14 +14,7 @@ from modelpress.primitives.packing import from_unsigned, unpack_bits
 from modelpress.quant import QLinear, WeightOnlyConfig, quantize
 from modelpress.quant.gptq import GPTQConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one torch thread is as fast on idle cores and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp() -> nn.Module:

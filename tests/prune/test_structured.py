@@ -92,7 +92,7 @@ def test_graph_groups_couple_residuals_concat_and_flatten():
     assert groups[("a", "stem")].norms == ["bn"]
     assert ("b",) in groups and groups[("b",)].norms == ["dw"]
     mix_group = groups[("mix",)]
-    (name, offset, idx), = mix_group.consumers
+    ((name, offset, idx),) = mix_group.consumers
     assert name == "fc" and offset == 0 and idx.tolist()[:8] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert ("fc",) in groups and groups[("fc",)].norms == ["ln"]
     assert graph.blocked == {"head": ["reaches the model output"]}

@@ -89,8 +89,9 @@ def test_masks_survive_training_steps():
     ctx = Context(show_progress=False)
     out = prune(model, UnstructuredPruneConfig(sparsity=0.6, permanent=False), ctx=ctx)
     stats = ctx.report.passes[-1].stats
-    assert stats["nonzero_params"] == stats["nonzero_before"] - sum(round(0.6 * m.weight.numel()) for m in (
-        out[0], out[4], out[6]))
+    assert stats["nonzero_params"] == stats["nonzero_before"] - sum(
+        round(0.6 * m.weight.numel()) for m in (out[0], out[4], out[6])
+    )
     masks = {n: get_mask(m).clone() for n, m in out.named_modules() if get_mask(m) is not None}
     assert len(masks) == 3
     opt = torch.optim.AdamW(out.parameters(), lr=0.1, weight_decay=0.1)

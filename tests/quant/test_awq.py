@@ -13,25 +13,13 @@ from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.awq import activation_magnitude, fake_quant_weight, search_clip, search_scale
 from modelpress.quant import LayerFilter, QLinear, WeightOnlyConfig, quantize
 from modelpress.quant.awq import AWQConfig, _fold
-from modelpress.zoo.tinylm import SMALL_SPEC, TinyLMEntry, load_tiny_lm, perplexity
+from modelpress.zoo.tinylm import SMALL_SPEC, TinyLMEntry, perplexity
 
 NO_HEAD = LayerFilter(exclude=(r"lm_head$",))
 RTN3 = WeightOnlyConfig(bits=3, symmetric=False, granularity="group", group_size=128, layers=NO_HEAD)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one torch thread is as fast on idle cores and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(cache_dir):
-    model = load_tiny_lm(cache_dir, SMALL_SPEC)
-    return model, perplexity(model)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(t: int, k: int, outliers: int, seed: int) -> torch.Tensor:

@@ -11,26 +11,13 @@ from modelpress.primitives.affine import QuantScheme, dequantize
 from modelpress.primitives.gptq import gptq_quantize, hessian_update
 from modelpress.quant import LayerFilter, QLinear, WeightOnlyConfig, quantize
 from modelpress.quant.gptq import GPTQConfig, qlinear_from_codes
-from modelpress.zoo.tinylm import SMALL_SPEC, TinyLMEntry, load_tiny_lm, perplexity
+from modelpress.zoo.tinylm import SMALL_SPEC, TinyLMEntry, perplexity
 
 NO_HEAD = LayerFilter(exclude=(r"lm_head$",))
 RTN3 = WeightOnlyConfig(bits=3, symmetric=False, granularity="group", group_size=128, layers=NO_HEAD)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one torch thread is as fast on idle cores and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(cache_dir):
-    """The small tiny-lm, trained once per session (cached in the session cache dir), and its perplexity."""
-    model = load_tiny_lm(cache_dir, SMALL_SPEC)
-    return model, perplexity(model)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _correlated_batches(n: int = 8, k: int = 64, seed: int = 0) -> list[tuple[torch.Tensor]]:

@@ -11,14 +11,7 @@ from modelpress.measure.size import artifact_size_bytes
 from modelpress.quant import QLinear, WeightOnlyConfig, quantize
 from modelpress.quant.packed import load_packed, save_packed
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one torch thread is as fast on idle cores and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> nn.Module:

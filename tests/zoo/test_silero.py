@@ -29,13 +29,7 @@ if importlib.util.find_spec("silero_vad") is None:
     pytest.skip("silero-vad is not installed", allow_module_level=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Per-chunk ops are tiny: one thread avoids stalls on a shared, busy CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # per-chunk ops are tiny
 
 
 @pytest.fixture(scope="module")
