@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -21,15 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from modelpress.core.atomic import atomic_path
 from modelpress.core.context import Context, default_cache_dir
 from modelpress.core.errors import BadInputError, DataError
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
+from modelpress.zoo.weights_cache import load_cached, save_cached
 
 SPLIT_SEED = 0
 TRAIN_SEED = 0
@@ -163,44 +160,17 @@ def _fingerprint() -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _checksum(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _load_cached(path: Path, model: nn.Module) -> bool:
-    """Load weights from `path` into `model`; False (with a warning) if missing or corrupt."""
-    if not path.exists():
-        return False
-    try:
-        with safe_open(path, framework="pt") as f:
-            expected = (f.metadata() or {}).get("sha256")
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        if expected != _checksum(state):
-            raise ValueError("checksum mismatch")
-        model.load_state_dict(state, strict=True)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
-        warnings.warn(f"corrupt digits-cnn cache {path} ({e}); retraining", stacklevel=3)
-        return False
-    return True
-
-
 def load_digits_cnn(cache_dir: Path | None = None, progress: bool = False) -> DigitsCNN:
     """The trained `DigitsCNN`, from the cache if a valid entry exists, else trained and cached."""
     path = Path(cache_dir or default_cache_dir()) / "digits-cnn" / f"{_fingerprint()}.safetensors"
     model = DigitsCNN()
-    if _load_cached(path, model):
+    if load_cached(path, model, "digits-cnn"):
         return model.eval()
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
         torch.manual_seed(TRAIN_SEED)
         model = DigitsCNN()
     train_digits_cnn(model, EPOCHS, TRAIN_SEED, progress=progress)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={"sha256": _checksum(state), "fingerprint": _fingerprint()})
+    save_cached(path, model, _fingerprint())
     return model
 
 

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,15 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from modelpress.core.atomic import atomic_path
 from modelpress.core.context import Context, default_cache_dir
 from modelpress.core.errors import DataError
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
+from modelpress.zoo.weights_cache import load_cached, save_cached
 
 RECIPE_VERSION = 1  # bump when the training code changes in a way the spec does not show
 HELD_OUT = 0.1  # last fraction of the text used for evaluation only
@@ -224,31 +221,6 @@ def train_tiny_lm(model: TinyLM, spec: TinyLMSpec, progress: bool = False, threa
     return model.eval()
 
 
-def _checksum(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _load_cached(path: Path, model: nn.Module) -> bool:
-    """Load weights from `path` into `model`; False (with a warning) if missing or corrupt."""
-    if not path.exists():
-        return False
-    try:
-        with safe_open(path, framework="pt") as f:
-            expected = (f.metadata() or {}).get("sha256")
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        if expected != _checksum(state):
-            raise ValueError("checksum mismatch")
-        model.load_state_dict(state, strict=True)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
-        warnings.warn(f"corrupt tiny-lm cache {path} ({e}); retraining", stacklevel=3)
-        return False
-    return True
-
-
 def cache_path(spec: TinyLMSpec = DEFAULT_SPEC, cache_dir: Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / "tiny-lm" / f"{spec.fingerprint()}.safetensors"
 
@@ -259,12 +231,10 @@ def load_tiny_lm(cache_dir: Path | None = None, spec: TinyLMSpec = DEFAULT_SPEC,
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
         torch.manual_seed(spec.seed)
         model = TinyLM(spec)
-    if _load_cached(path, model):
+    if load_cached(path, model, "tiny-lm"):
         return model.eval()
     train_tiny_lm(model, spec, progress=progress)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={"sha256": _checksum(state), "fingerprint": spec.fingerprint()})
+    save_cached(path, model, spec.fingerprint())
     return model
 
 
