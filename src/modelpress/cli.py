@@ -167,8 +167,18 @@ def demo(
 @app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="Model spec: zoo name, folder, .onnx or .pt2 file, pkg.mod:factory.")],
-    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or YAML file.")],
     output: Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")],
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", "-r", help="Built-in recipe name or YAML file (or --auto).")
+    ] = None,
+    auto: Annotated[
+        bool, typer.Option("--auto", help="Try the built-in recipes; keep the best artifact within --max-drop.")
+    ] = False,
+    max_drop: Annotated[
+        float | None,
+        typer.Option("--max-drop", help="Auto mode: allowed quality drop in the metric's units (STS-B: 0.5)."),
+    ] = None,
+    objective: Annotated[str, typer.Option(help="Auto mode: latency (at the largest batch size) or size.")] = "latency",
     data: Annotated[
         Path | None,
         typer.Option(
@@ -190,6 +200,8 @@ def compress(
     Example: [bold]modelpress compress minilm --recipe int8-smooth --out out/minilm-int8[/bold]
 
     Example: [bold]modelpress compress digits-cnn --recipe int8-static --data calib.npy --out out/digits[/bold]
+
+    Example: [bold]modelpress compress minilm --auto --max-drop 0.5 --out out/minilm-auto[/bold]
     """
     from modelpress.calibration import load_calibration
     from modelpress.loading import resolve
@@ -198,11 +210,25 @@ def compress(
 
     sizes = _parse_batch_sizes(batch_sizes)
     _quiet_transformers()
-    rec = load_recipe(recipe)  # a bad recipe fails before the model loads
+    if auto == (recipe is not None):
+        raise BadInputError("give either --recipe RECIPE or --auto --max-drop X")
+    if auto and max_drop is None:
+        raise BadInputError("--auto needs --max-drop, the allowed quality drop (e.g. 0.5 STS-B points)")
+    rec = load_recipe(recipe) if recipe is not None else None  # a bad recipe fails before the model loads
     if eval_data is not None and not eval_data.exists():
         raise BadInputError(f"--eval-data {eval_data}: no such file or folder")
     loaded = resolve(model, trust_pickle=trust_pickle)
     batches = load_calibration(data, loaded.entry) if data is not None else None
+    if rec is None:
+        from modelpress.auto import auto_compress
+
+        _, report = auto_compress(
+            loaded, max_drop=max_drop, objective=objective, data=batches, out_dir=output, threads=threads,  # type: ignore[arg-type]
+            eval_data=eval_data, batch_sizes=sizes, progress=not as_json, console=out,
+        )  # fmt: skip
+        if as_json:
+            out.print_json(report.to_json())
+        return
     _, report = run_compress(
         loaded,
         rec,

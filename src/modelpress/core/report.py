@@ -83,6 +83,7 @@ class Report:
     environment: dict[str, Any] = field(default_factory=environment)
     warnings: list[str] = field(default_factory=list)
     artifacts: list[ModelStats] = field(default_factory=list)  # every measured form; `compressed` is the fastest
+    auto: dict[str, Any] | None = None  # auto mode: budget, objective, every candidate measured, the choice
 
     def add_pass(self, name: str, seconds: float, **stats: Any) -> None:
         self.passes.append(PassRecord(name, float(seconds), dict(stats)))
@@ -102,6 +103,7 @@ class Report:
             "environment": self.environment,
             "warnings": list(self.warnings),
             "artifacts": [a.to_dict() for a in self.artifacts],
+            **({"auto": self.auto} if self.auto is not None else {}),
         }
 
     @classmethod
@@ -116,6 +118,7 @@ class Report:
             environment=d.get("environment", {}),
             warnings=list(d.get("warnings", [])),
             artifacts=[ModelStats.from_dict(a) for a in d.get("artifacts", [])],
+            auto=d.get("auto"),
         )
 
     def to_json(self) -> str:
@@ -129,6 +132,22 @@ class Report:
         if self.passes:
             lines += ["", "## Passes", "", "| pass | seconds |", "|---|---:|"]
             lines += [f"| {p.name} | {p.seconds:.2f} |" for p in self.passes]
+        if self.auto:
+            lines += [
+                "",
+                f"## Auto mode: {self.auto['objective']} within a quality drop of {self.auto['max_drop']}",
+                "",
+            ]
+            lines += [
+                "| candidate | artifact | quality | drop | p50 ms | size MB | within budget |",
+                "|---|---|---:|---:|---:|---:|---|",
+            ]
+            for c in self.auto["candidates"]:
+                lines.append(
+                    f"| {c['recipe']} | {c['artifact']} | {c['quality']:.4f} | {c['drop']:.4f} | "
+                    f"{c['p50_ms']:.2f} | {c['size_mb']:.2f} | {'yes' if c['within_budget'] else 'no'} |"
+                )
+            lines += ["", f"Chosen: {self.auto['chosen']}"]
         if self.warnings:
             lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
         env = self.environment

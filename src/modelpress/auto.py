@@ -1,0 +1,125 @@
+"""Auto mode: the fastest (or smallest) deployable model within a quality budget, measured on this machine.
+
+Every candidate recipe is applied, exported (`.onnx` and `.pt2`) and measured by `compress` in this
+run; each artifact whose task metric stays within `max_drop` of the original's is eligible, and the
+best one by `objective` wins. The candidate table goes into the report.
+
+    >>> model, report = auto_compress("minilm", max_drop=0.5, out_dir="out/minilm-auto")
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+
+from modelpress.core.atomic import atomic_dir
+from modelpress.core.errors import BadInputError, ConfigError
+from modelpress.core.report import ModelStats, Report
+from modelpress.loading import LoadedModel, resolve
+from modelpress.recipes.recipe import Recipe, load_recipe
+
+# The float model compiled as it is (bf16 ops in the .pt2) is a candidate too: on AMX CPUs it is the
+# strongest anchor, and int8 must beat it to be chosen.
+FLOAT = Recipe(name="float", description="the model as it is, exported", passes=(), export=("onnx", "pt2"))
+DEFAULT_CANDIDATES = ("float", "int8-smooth", "int8-dynamic", "int8-static", "w8")
+Objective = Literal["latency", "size"]
+
+
+def auto_compress(
+    model: str | Path | LoadedModel,
+    *,
+    max_drop: float,
+    objective: Objective = "latency",
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES,
+    data: Any | None = None,
+    out_dir: str | Path,
+    threads: int | None = None,
+    eval_data: Path | None = None,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    repeats: int = 20,
+    progress: bool = True,
+    console: Console | None = None,
+) -> tuple[Any, Report]:
+    """Compress `model` with every candidate recipe and keep the best artifact within `max_drop`.
+
+    `max_drop` is in the units of the model's task metric (STS-B Spearman x100: 0.5 = half a point;
+    accuracy: 0.005 = half a point). `objective` "latency" ranks by p50 at the largest batch size.
+    """
+    from modelpress.pipeline import compress
+
+    if max_drop < 0:
+        raise ConfigError(f"max_drop must be >= 0, got {max_drop}")
+    if objective not in ("latency", "size"):
+        raise ConfigError(f"objective must be latency or size, got {objective!r}")
+    loaded = model if isinstance(model, LoadedModel) else resolve(model)
+    if loaded.entry is None or not loaded.entry.has_quality:
+        raise BadInputError(f"{loaded.spec}: auto mode needs a task metric (a zoo model or --like); none is known")
+    recipes = [FLOAT if name == "float" else load_recipe(name) for name in candidates]
+    rows: list[dict[str, Any]] = []
+    best: tuple[float, Path, str, Report] | None = None
+    with tempfile.TemporaryDirectory(prefix="modelpress-auto.") as work:
+        for rec in recipes:
+            folder = Path(work) / rec.name
+            try:
+                _, report = compress(
+                    loaded, rec, data, out_dir=folder, threads=threads, eval_data=eval_data,
+                    batch_sizes=batch_sizes, repeats=repeats, progress=progress, console=console,
+                )  # fmt: skip
+            except BadInputError as e:  # a recipe that does not apply to this model
+                rows.append({"recipe": rec.name, "artifact": "-", "error": str(e)})
+                continue
+            for stats in report.artifacts:
+                if not stats.artifact:  # the eager model: not a deployable file
+                    continue
+                row = _row(rec.name, stats, report.baseline, max_drop, batch_sizes)
+                rows.append(row)
+                score = row["p50_ms"] if objective == "latency" else row["size_mb"]
+                if row["within_budget"] and (best is None or score < best[0]):
+                    best = (score, folder, row["artifact"], report)
+        if best is None:
+            raise BadInputError(f"no candidate stays within a quality drop of {max_drop}: {_summary(rows)}")
+        _, folder, artifact, report = best
+        report.auto = {
+            "max_drop": max_drop,
+            "objective": objective,
+            "batch_size": max(batch_sizes),
+            "candidates": rows,
+            "chosen": f"{folder.name}: {artifact}",
+        }
+        report.compressed = next(s for s in report.artifacts if s.name == artifact)
+        with atomic_dir(out_dir) as tmp:
+            for item in folder.iterdir():
+                if item.name not in ("report.json", "report.md", "report.html"):
+                    shutil.copy2(item, tmp / item.name)
+            report.write(tmp)
+    if progress:
+        (console or Console()).print(f"auto: chose {report.auto['chosen']} (of {len(rows)} measured artifacts)")
+    return report.compressed, report
+
+
+def _row(
+    recipe: str, stats: ModelStats, base: ModelStats | None, max_drop: float, batch_sizes: tuple[int, ...]
+) -> dict[str, Any]:
+    assert base is not None and base.quality is not None and stats.quality is not None
+    sign = 1.0 if base.quality.higher_is_better else -1.0
+    drop = sign * (base.quality.value - stats.quality.value)
+    lat = stats.latency_ms.get(str(max(batch_sizes)))
+    return {
+        "recipe": recipe,
+        "artifact": stats.name,
+        "quality": stats.quality.value,
+        "drop": drop,
+        "p50_ms": lat.p50 if lat else float("inf"),
+        "size_mb": (stats.size_bytes or 0) / 1e6,
+        "within_budget": drop <= max_drop,
+    }
+
+
+def _summary(rows: list[dict[str, Any]]) -> str:
+    return "; ".join(
+        f"{r['recipe']} {r['artifact']}: " + (r["error"] if "error" in r else f"drop {r['drop']:.4f}") for r in rows
+    )

@@ -1,0 +1,44 @@
+"""Auto mode: every candidate measured here, the best artifact within the quality budget kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modelpress.auto import auto_compress
+from modelpress.cli import main
+from modelpress.core import ConfigError
+from modelpress.core.errors import BadInputError
+
+
+def test_picks_the_fastest_artifact_within_the_budget(tmp_path: Path, cache_dir: Path) -> None:
+    out = tmp_path / "auto"
+    chosen, report = auto_compress(
+        "digits-cnn", max_drop=0.003, candidates=("float", "int8-static"), out_dir=out, threads=2,
+        batch_sizes=(1, 8), repeats=3, progress=False,
+    )  # fmt: skip
+    rows = report.auto["candidates"]
+    assert [(r["recipe"], r["artifact"].split()[0]) for r in rows] == [
+        ("float", "model.onnx"), ("float", "model.pt2"), ("int8-static", "model.onnx"), ("int8-static", "model.pt2"),
+    ]  # fmt: skip
+    eligible = [r for r in rows if r["within_budget"]]
+    fastest = min(eligible, key=lambda r: r["p50_ms"])
+    assert report.auto["chosen"] == f"{fastest['recipe']}: {fastest['artifact']}"
+    assert chosen.name == fastest["artifact"] and fastest["drop"] <= 0.003
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["auto"]["chosen"] == report.auto["chosen"] and (out / "model.onnx").exists()
+    assert "Auto mode" in (out / "report.md").read_text()
+
+
+def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="max_drop must be >= 0, got -1"):
+        auto_compress("digits-cnn", max_drop=-1, out_dir=tmp_path / "a")
+    with pytest.raises(BadInputError, match="auto mode needs a task metric"):
+        auto_compress("loading_factories:tiny_mlp", max_drop=0.1, out_dir=tmp_path / "a")
+    assert main(["compress", "digits-cnn", "--out", str(tmp_path / "b")]) == 2
+    assert "either --recipe RECIPE or --auto" in capsys.readouterr().err
+    assert main(["compress", "digits-cnn", "--auto", "--out", str(tmp_path / "b")]) == 2
+    assert "--auto needs --max-drop" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
