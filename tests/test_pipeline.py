@@ -36,3 +36,17 @@ def test_report_lists_export_warnings_and_keeps_quality(digits_int8: tuple[Path,
         assert artifact["quality"]["value"] >= base - 0.003, artifact["name"]
         assert set(artifact["latency_ms"]) == {"1", "8"}
     assert report["compressed"]["size_bytes"] < report["baseline"]["size_bytes"]
+
+
+def test_existing_output_folder_is_refused_unless_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelpress.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    argv = ["compress", "digits-cnn", "--recipe", "w8", "--out", str(out), "-b", "1", "--json"]
+    assert main(argv) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"  # refused before any work: nothing touched
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "report.json").exists()

@@ -43,14 +43,16 @@ def auto_compress(
     repeats: int = 20,
     progress: bool = True,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> tuple[Any, Report]:
     """Compress `model` with every candidate recipe and keep the best artifact within `max_drop`.
 
     `max_drop` is in the units of the model's task metric (STS-B Spearman x100: 0.5 = half a point;
     accuracy: 0.005 = half a point). `objective` "latency" ranks by p50 at the largest batch size.
     """
-    from modelpress.pipeline import compress
+    from modelpress.pipeline import check_out_dir, compress
 
+    check_out_dir(out_dir, overwrite)
     if max_drop < 0:
         raise ConfigError(f"max_drop must be >= 0, got {max_drop}")
     if objective not in ("latency", "size"):

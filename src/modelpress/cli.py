@@ -39,6 +39,7 @@ DataOpt = Annotated[
     typer.Option("--data", help="Evaluation data, e.g. the STS-B folder for minilm (default: found automatically)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (else refused).")]
 
 
 def _parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -179,6 +180,7 @@ def compress(
         typer.Option("--max-drop", help="Auto mode: allowed quality drop in the metric's units (STS-B: 0.5)."),
     ] = None,
     objective: Annotated[str, typer.Option(help="Auto mode: latency (at the largest batch size) or size.")] = "latency",
+    overwrite: OverwriteOpt = False,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -224,7 +226,7 @@ def compress(
 
         _, report = auto_compress(
             loaded, max_drop=max_drop, objective=objective, data=batches, out_dir=output, threads=threads,  # type: ignore[arg-type]
-            eval_data=eval_data, batch_sizes=sizes, progress=not as_json, console=out,
+            eval_data=eval_data, batch_sizes=sizes, progress=not as_json, console=out, overwrite=overwrite,
         )  # fmt: skip
         if as_json:
             out.print_json(report.to_json())
@@ -239,6 +241,7 @@ def compress(
         batch_sizes=sizes,
         progress=not as_json,
         console=out,
+        overwrite=overwrite,
     )
     if as_json:
         out.print_json(report.to_json())
@@ -268,6 +271,7 @@ def distill(
     threads: ThreadsOpt = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes to time.")] = "1,32",
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Distill a teacher into a student built from it; write the student's artifacts and report to --out.
@@ -315,6 +319,7 @@ def distill(
         batch_sizes=sizes,
         progress=not as_json,
         console=out,
+        overwrite=overwrite,
     )
     if as_json:
         out.print_json(report.to_json())

@@ -32,7 +32,14 @@ def run_demo(
 
     console = console or Console()
     _, report = compress(
-        DEFAULT_MODEL, recipe, out_dir=out_dir, threads=threads, eval_data=data, progress=progress, console=console
+        DEFAULT_MODEL,
+        recipe,
+        out_dir=out_dir,
+        threads=threads,
+        eval_data=data,
+        progress=progress,
+        console=console,
+        overwrite=True,  # the demo's folder is its own: each run replaces the last
     )
     if progress:
         base, best = report.baseline, report.compressed

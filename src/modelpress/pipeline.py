@@ -40,11 +40,14 @@ def compress(
     repeats: int = 20,
     progress: bool = True,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> tuple[nn.Module, Report]:
     """Apply `recipe` to `model`, export its artifacts into `out_dir` and measure everything.
 
-    `data` (calibration / training batches) defaults to the zoo entry's calibration set.
+    `data` (calibration / training batches) defaults to the zoo entry's calibration set. An existing,
+    non-empty `out_dir` is refused before any work unless `overwrite` (it is then replaced atomically).
     """
+    check_out_dir(out_dir, overwrite)
     loaded = model if isinstance(model, LoadedModel) else resolve(model)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if loaded.kind == "onnx":
@@ -90,6 +93,15 @@ def compress(
         rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
         (console or Console()).print(stats_table(rows))
     return compressed, report
+
+
+def check_out_dir(out_dir: str | Path | None, overwrite: bool) -> None:
+    """Refuse to replace an existing output folder (or a file in its place) unless asked to."""
+    if out_dir is None or overwrite:
+        return
+    path = Path(out_dir)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise BadInputError(f"--out {path} exists; pass --overwrite to replace it")
 
 
 def _compress_onnx(

@@ -1,8 +1,8 @@
 """Trained zoo weights cached as safetensors with a checksum: a corrupt file is detected and retrained.
 
-    >>> if not load_cached(path, model, "digits-cnn"):
-    ...     train(model)
-    ...     save_cached(path, model, fingerprint)
+>>> if not load_cached(path, model, "digits-cnn"):
+...     train(model)
+...     save_cached(path, model, fingerprint)
 """
 
 from __future__ import annotations
