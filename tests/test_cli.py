@@ -141,3 +141,16 @@ def test_bench_a_model_that_cannot_take_the_batch_size(capsys, tmp_path):
     torch.export.save(torch.export.export(tiny_mlp(), (torch.randn(2, 4),)), str(path))
     assert main(["bench", str(path), "-b", "3", "--repeats", "2"]) == 2
     assert "cannot run on inputs of shape (3, 4) (batch size 3)" in capsys.readouterr().err
+
+
+def test_sensitivity_lists_every_layer_most_sensitive_first(capsys, cache_dir):
+    import json
+
+    assert main(["sensitivity", "digits-cnn", "--recipe", "w4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    drops = [r["drop"] for r in result["rows"]]
+    # w4 is group-wise: only the Linear classifier is a candidate (the convolutions have no groups)
+    assert [r["layer"] for r in result["rows"]] == ["classifier"] and drops[0] > 0
+    assert result["baseline"] == pytest.approx(1.0)
+    assert main(["sensitivity", "digits-cnn", "--metric", "speed"]) == 2
+    assert "--metric must be fidelity or task" in capsys.readouterr().err

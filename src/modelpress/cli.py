@@ -371,6 +371,65 @@ def export(
 
 
 @app.command()
+def sensitivity(
+    model: Annotated[str, typer.Argument(help="Model spec: zoo name, folder, .pt2 program, pkg.mod:factory.")],
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Recipe whose quantization pass is measured layer by layer.")
+    ] = "w4",
+    metric: Annotated[str, typer.Option(help="fidelity (cosine to the float model) or task (the zoo metric).")] = (
+        "fidelity"
+    ),
+    data: DataOpt = None,
+    threads: ThreadsOpt = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-layer sensitivity: the quality drop when only that layer is quantized, most sensitive first.
+
+    Example: [bold]modelpress sensitivity minilm --recipe int8-static[/bold]
+    """
+    from modelpress.core.context import Context
+    from modelpress.loading import resolve
+    from modelpress.quant.sensitivity import MixedPrecisionConfig, fidelity_metric
+    from modelpress.quant.sensitivity import sensitivity as measure
+    from modelpress.recipes.recipe import load_recipe
+
+    _quiet_transformers()
+    if metric not in ("fidelity", "task"):
+        raise BadInputError(f"--metric must be fidelity or task, got {metric!r}")
+    rec = load_recipe(recipe)
+    cfg = next((p for p in rec.passes if hasattr(p, "weight_scheme") or isinstance(p, MixedPrecisionConfig)), None)
+    if cfg is None:
+        raise BadInputError(f"recipe {recipe} has no quantization pass to measure")
+    cfg = cfg.base if isinstance(cfg, MixedPrecisionConfig) else cfg
+    loaded = resolve(model, trust_pickle=trust_pickle)
+    entry = loaded.entry
+    if entry is None:
+        raise BadInputError(f"{model}: its inputs are unknown; sensitivity needs a zoo model or a model folder")
+    batches = entry.calibration_data(32, 8)
+    if metric == "task":
+        if not entry.has_quality:
+            raise BadInputError(f"{model} has no task metric; use --metric fidelity")
+        score = lambda m: entry.evaluate(m, data).value  # noqa: E731
+    else:
+        score = fidelity_metric(loaded.model, batches[:4])
+    ctx = Context(data=batches, threads=threads, show_progress=not as_json)
+    with ctx.threads_scope():
+        base, rows = measure(loaded.model.eval(), cfg, score, ctx)
+    if as_json:
+        out.print_json(json.dumps({"baseline": base, "rows": [r.__dict__ for r in rows]}))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{loaded.name}: {type(cfg).__name__} one layer at a time ({metric} {base:.4f} unquantized)")
+    for column in ("layer", "params", "quality", "drop"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for r in rows:
+        table.add_row(r.layer, f"{r.params:,}", f"{r.quality:.5f}", f"{r.drop:.5f}")
+    out.print(table)
+
+
+@app.command()
 def recipes(as_json: JsonOpt = False) -> None:
     """List the built-in recipes with a one-line description each.
 
