@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -207,7 +207,6 @@ def compress(
     """
     from modelpress.calibration import load_calibration
     from modelpress.loading import resolve
-    from modelpress.pipeline import compress as run_compress
     from modelpress.recipes.recipe import load_recipe
 
     sizes = _parse_batch_sizes(batch_sizes)
@@ -231,22 +230,31 @@ def compress(
         if as_json:
             out.print_json(report.to_json())
         return
+    _compress_and_print(loaded, rec, batches, output, threads, eval_data, sizes, as_json, overwrite, "model")
+
+
+def _compress_and_print(
+    loaded: Any,
+    rec: Any,
+    batches: Any,
+    output: Path,
+    threads: int | None,
+    eval_data: Path | None,
+    sizes: tuple[int, ...],
+    as_json: bool,
+    overwrite: bool,
+    what: str,
+) -> None:
+    from modelpress.pipeline import compress as run_compress
+
     _, report = run_compress(
-        loaded,
-        rec,
-        batches,
-        out_dir=output,
-        threads=threads,
-        eval_data=eval_data,
-        batch_sizes=sizes,
-        progress=not as_json,
-        console=out,
-        overwrite=overwrite,
-    )
+        loaded, rec, batches, out_dir=output, threads=threads, eval_data=eval_data, batch_sizes=sizes,
+        progress=not as_json, console=out, overwrite=overwrite,
+    )  # fmt: skip
     if as_json:
         out.print_json(report.to_json())
     else:
-        out.print(f"wrote {output}/ (model artifacts, report.json, report.md, report.html, recipe.yaml)")
+        out.print(f"wrote {output}/ ({what} artifacts, report.json, report.md, report.html, recipe.yaml)")
 
 
 @app.command()
@@ -282,7 +290,6 @@ def distill(
     """
     from modelpress.distill import DistillConfig, StudentConfig
     from modelpress.loading import resolve
-    from modelpress.pipeline import compress as run_compress
     from modelpress.recipes.recipe import Recipe
 
     sizes = _parse_batch_sizes(batch_sizes)
@@ -309,22 +316,7 @@ def distill(
     if eval_data is not None and not eval_data.exists():
         raise BadInputError(f"--eval-data {eval_data}: no such file or folder")
     loaded = resolve(teacher, trust_pickle=trust_pickle)
-    _, report = run_compress(
-        loaded,
-        rec,
-        None,
-        out_dir=output,
-        threads=threads,
-        eval_data=eval_data,
-        batch_sizes=sizes,
-        progress=not as_json,
-        console=out,
-        overwrite=overwrite,
-    )
-    if as_json:
-        out.print_json(report.to_json())
-    else:
-        out.print(f"wrote {output}/ (student artifacts, report.json, report.md, recipe.yaml)")
+    _compress_and_print(loaded, rec, None, output, threads, eval_data, sizes, as_json, overwrite, "student")
 
 
 @app.command()

@@ -11,6 +11,7 @@ Each item carries its index, so offline teacher outputs can be looked up by samp
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,16 +35,16 @@ class Batch:
         return self.inputs[1] if len(self.inputs) == 2 and self.inputs[1].dim() == 2 else None
 
 
-class Samples(Dataset):
+class Samples(Dataset, ABC):
     """Base: `samples[i]` is `(i, inputs, label)`; `collate` makes a `Batch`; `fingerprint` hashes the data."""
 
     labels: torch.Tensor | None = None
 
-    def collate(self, items: list[tuple[int, tuple[torch.Tensor, ...], torch.Tensor | None]]) -> Batch:
-        raise NotImplementedError
+    @abstractmethod
+    def collate(self, items: list[tuple[int, tuple[torch.Tensor, ...], torch.Tensor | None]]) -> Batch: ...
 
-    def fingerprint(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def fingerprint(self) -> str: ...
 
 
 class TensorSamples(Samples):
