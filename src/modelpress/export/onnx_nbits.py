@@ -288,13 +288,14 @@ def export_nbits_onnx(
     `embeddings`: large Gather tables stay float, become int8 per row (`onnx_quant`), or 4-bit in
     blocks of 32 (`lower_gather_nbits`), a weight-only choice of the export.
     """
-    from modelpress.export.onnx_quant import _swap_in_float, quantize_graph
+    from modelpress.export.onnx_quant import quantize_graph
+    from modelpress.export.onnx_standins import swap_in_float
 
     inputs = _as_tuple(example_inputs)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (QLinear, QConv))}
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        export_float(model, inputs, tmp, input_names, output_names, True, opset, _swap_in_float, True)
+        export_float(model, inputs, tmp, input_names, output_names, True, opset, swap_in_float, True)
         proto = onnx.load(str(tmp))
         done = lower_matmul_nbits(proto, layers, accuracy_level)
         if embeddings == "int4":

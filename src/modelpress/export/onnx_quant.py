@@ -29,7 +29,6 @@ with that layer's own integers and scales; nothing is re-quantized or re-calibra
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import warnings
@@ -41,7 +40,6 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
@@ -55,6 +53,7 @@ from modelpress.export.onnx import (
     check_parity,
     export_float,
 )
+from modelpress.export.onnx_standins import MIN_EMBEDDING_SIZE, as_lowered, qparams, swap_in_float
 from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,6 @@ MS_DOMAIN = "com.microsoft"
 # 0.9994. Rounding flips cascade through a deep model, so coarse schemes can miss it (MiniLM with dynamic
 # per-tensor activations: ~0.997, also between two correct eager paths); such exports are refused.
 MIN_COSINE = 0.999
-MIN_EMBEDDING_SIZE = 1 << 16  # Gather tables with fewer values stay float (token-type embeddings, ...)
 _TINY = np.float32(np.finfo(np.float32).tiny)  # scale floor: an all-zero row still quantizes to zeros
 
 
@@ -104,7 +102,7 @@ def export_quantized_onnx(
             output_names,
             dynamic_axes,
             opset,
-            _swap_in_float,
+            swap_in_float,
             fuse_attention,
             batch_axes,
         )
@@ -120,95 +118,13 @@ def export_quantized_onnx(
         add_session_hints(proto)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        parity = check_parity(_as_lowered(model, embeddings, conv), tmp, inputs)
+        parity = check_parity(as_lowered(model, embeddings, conv), tmp, inputs)
         if parity["mean_cosine"] < MIN_COSINE:
             raise ExportError(
                 f"the int8 graph does not compute what the quantized model computes: mean cosine "
                 f"{parity['mean_cosine']:.5f} < {MIN_COSINE} (max abs difference {parity['max_abs']:.3g})"
             )
     return out_path
-
-
-def _as_lowered(model: nn.Module, embeddings: str, conv: str) -> nn.Module:
-    """The eager model the graph is meant to compute: as `model`, with the export's own choices applied
-    (float-compute convolutions without their activation quantizer, float tables quantized by the export)."""
-    changes = [
-        name
-        for name, m in model.named_modules()
-        if (conv == "float" and isinstance(m, QConv) and m.act.mode != "none")
-        or (embeddings == "int8" and isinstance(m, nn.Embedding) and m.weight.numel() >= MIN_EMBEDDING_SIZE)
-    ]
-    if not changes:
-        return model
-    lowered = copy.deepcopy(model)
-    for name in changes:
-        m = lowered.get_submodule(name)
-        if isinstance(m, QConv):
-            m.act = ActSpec()
-        else:
-            parent, _, child = name.rpartition(".")
-            setattr(lowered.get_submodule(parent) if parent else lowered, child, QEmbedding(m))
-    return lowered
-
-
-# ---------------------------------------------------------------- float stand-ins
-
-
-class _DequantLinear(nn.Module):
-    """`x @ W_hat + b`, exported as MatMul + Add with `W_hat` (in, out) as the MatMul's initializer."""
-
-    def __init__(self, q: Any) -> None:
-        super().__init__()
-        self.weight_t = nn.Parameter(q.dequantized_weight().t().contiguous(), requires_grad=False)
-        self.bias = None if q.bias is None else nn.Parameter(q.bias.clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(x, self.weight_t.to(x.dtype))
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-
-def _dequant_conv(q: Any) -> nn.Module:
-    conv_type = nn.Conv1d if q.dims == 1 else nn.Conv2d
-    w = q.dequantized_weight()
-    conv = conv_type(q.in_channels, q.out_channels, tuple(w.shape[2:]), q.stride, q.padding, q.dilation, q.groups,
-                     bias=q.bias is not None)  # fmt: skip
-    with torch.no_grad():
-        conv.weight.copy_(w)
-        if q.bias is not None and conv.bias is not None:
-            conv.bias.copy_(q.bias)
-    return conv
-
-
-def _swap_in_float(model: Any) -> None:
-    """Replace quantized layers by float stand-ins; mark attentions whose Q/K/V cannot become one QAttention."""
-    for module in model.modules():
-        projections = [getattr(module, n, None) for n in ("query", "key", "value")]
-        quantized = [isinstance(p, QLinear) for p in projections]
-        if any(quantized) and not (all(quantized) and _qattention_ready(projections)):  # type: ignore[arg-type]
-            module.no_fuse = True  # read by export.onnx._fusable_attention
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (QLinear, QConv, QEmbedding)):
-            parent, _, child = name.rpartition(".")
-            if isinstance(module, QEmbedding):
-                stand_in: nn.Module = nn.Embedding.from_pretrained(
-                    module.dequantized_weight(), padding_idx=module.padding_idx
-                )
-            else:
-                stand_in = _DequantLinear(module) if isinstance(module, QLinear) else _dequant_conv(module)
-            setattr(model.get_submodule(parent) if parent else model, child, stand_in)
-
-
-def _qattention_ready(layers: list[QLinear]) -> bool:
-    """Q, K, V with one input quantization that QAttention takes (8-bit per tensor), or all weight-only."""
-    act = layers[0].act
-    same = all(q.act == act and _qparams(q) == _qparams(layers[0]) for q in layers)
-    per_tensor = act.granularity == "tensor" and act.bits == 8 and not (act.mode == "dynamic" and act.symmetric)
-    channels = all(q.weight_scheme.granularity != "group" and q.weight_scheme.bits <= 8 for q in layers)
-    return same and channels and (act.mode == "none" or per_tensor)
-
-
-def _qparams(q: Any) -> tuple[float, int] | None:
-    return None if q.act_scale is None else (float(q.act_scale), int(q.act_zero_point))
 
 
 # ---------------------------------------------------------------- graph rewrite
@@ -237,7 +153,7 @@ class _Layer:
             scale, zp = np.broadcast_to(scale.reshape(-1), (n_out,)), np.broadcast_to(zp.reshape(-1), (n_out,))
         scale = np.ascontiguousarray(scale, dtype=np.float32)
         w_zp = np.ascontiguousarray(zp, dtype=wq.dtype) if zp.any() else None
-        return cls([name], wq, scale, w_zp, q.act, _qparams(q))
+        return cls([name], wq, scale, w_zp, q.act, qparams(q))
 
     @property
     def integer_act(self) -> bool:
