@@ -43,6 +43,7 @@ _BERT_LIKE = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camemb
 # fp32 parity gate: max abs difference to torch, relative to the output's scale when that exceeds 1. An
 # optimized graph that drifts more than this falls back to the plain one (MiniLM fused: 5.5e-5).
 PARITY_ATOL = 1e-4
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (Attention, MatMulNBits, QAttention, ...)
 # ORT session settings our graphs are measured with, stored in the model's metadata for runtimes to apply.
 # Denormals as zero: the masked attention logits' exp() lands in denormals, which makes softmax ~6x slower.
 SESSION_HINTS = {"session.set_denormal_as_zero": "1"}
@@ -157,7 +158,7 @@ def export_float(
     else:
         axes = _dynamic_axes(model, in_names, out_names) if dynamic_axes is True else dynamic_axes or None
     fused = any(isinstance(m, _FusedSelfAttention) for m in export_model.modules())
-    custom = {"com.microsoft": 1} if fused else None
+    custom = {MS_DOMAIN: 1} if fused else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and legacy-exporter warnings, expected here
@@ -469,6 +470,22 @@ def compare_outputs(
     both_zero = (e.norm(dim=-1) < 1e-12) & (a.norm(dim=-1) < 1e-12)  # equal rows of zeros: cosine 1
     cos = torch.where(both_zero, torch.ones_like(cos), cos)
     return {"max_abs": float((expected - actual).abs().max()), "mean_cosine": float(cos.mean())}
+
+
+def replace_nodes(proto: Any, nodes: list[Any], contrib_ops: bool = True) -> None:
+    """Make `nodes` the graph's nodes after a rewrite: drop initializers nothing reads any more and, when
+    the new nodes use ONNX Runtime's contrib operators, import their domain."""
+    from onnx import helper
+
+    graph = proto.graph
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if contrib_ops and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def _as_tuple(x: Any) -> tuple[Any, ...]:

@@ -34,13 +34,20 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from modelpress.core.atomic import atomic_path
-from modelpress.export.onnx import ExportError, _as_tuple, add_session_hints, check_parity, export_float
+from modelpress.export.onnx import (
+    MS_DOMAIN,
+    ExportError,
+    _as_tuple,
+    add_session_hints,
+    check_parity,
+    export_float,
+    replace_nodes,
+)
 from modelpress.primitives.packing import pack_bits, to_unsigned
 from modelpress.quant.modules import QConv, QLinear
 
 log = logging.getLogger(__name__)
 
-MS_DOMAIN = "com.microsoft"
 MIN_COSINE = 0.999  # the same codes and scales: only float summation order differs from the eager layer
 TABLES_MIN_COSINE = 0.95  # with embedding tables quantized by the export (as onnx_quant.MIN_COSINE)
 CANDIDATE_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -148,14 +155,7 @@ def lower_matmul_nbits(proto: Any, layers: dict[str, Any], accuracy_level: int =
             )
         )
         done.add(name)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    if done and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    replace_nodes(proto, new_nodes, contrib_ops=bool(done))
     return done
 
 
@@ -260,14 +260,7 @@ def lower_gather_nbits(proto: Any, bits: int = 4, block_size: int = 32, min_size
                 quantize_axis=1,
             )
         )
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    if packed and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    replace_nodes(proto, new_nodes, contrib_ops=bool(packed))
     return sorted(packed)
 
 

@@ -45,6 +45,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.export.onnx import (
+    MS_DOMAIN,
     DynamicAxes,
     ExportError,
     ExportWarning,
@@ -52,13 +53,13 @@ from modelpress.export.onnx import (
     add_session_hints,
     check_parity,
     export_float,
+    replace_nodes,
 )
 from modelpress.export.onnx_standins import MIN_EMBEDDING_SIZE, as_lowered, qparams, swap_in_float
 from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear
 
 log = logging.getLogger(__name__)
 
-MS_DOMAIN = "com.microsoft"
 # Parity gate against the eager quantized model (mean cosine over real token positions). MiniLM int8-smooth:
 # 0.9994. Rounding flips cascade through a deep model, so coarse schemes can miss it (MiniLM with dynamic
 # per-tensor activations: ~0.997, also between two correct eager paths); such exports are refused.
@@ -250,11 +251,7 @@ def quantize_graph(
                 done.add(owner)
         else:
             new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    _drop_unused_initializers(graph)
-    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    replace_nodes(proto, new_nodes)
     log.info("int8 graph: %s", dict(Counter(node.op_type for node in graph.node)))
     return done
 
@@ -573,10 +570,3 @@ def _lower_gather(b: _Builder, node: Any, codes: str, scales: str) -> list[Any]:
     mul = b.node("Mul", [cast.output[0], row_scales.output[0]])
     mul.output[0] = node.output[0]
     return [rows, row_scales, cast, mul]
-
-
-def _drop_unused_initializers(graph: Any) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)

@@ -37,14 +37,13 @@ from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.awq import search_clip, search_scale
 from modelpress.quant.gptq import (
     DEFAULT_LAYERS,
-    calibration_batches,
-    selected_linears,
+    prepare_calibrated,
     validate_weight_settings,
     weight_scheme,
 )
 from modelpress.quant.modules import ActSpec, QLinear
 from modelpress.quant.ptq import LayerFilter, _set_submodule
-from modelpress.quant.sequential import Scope, convert_conv1d, run_sequential
+from modelpress.quant.sequential import Scope, run_sequential
 
 # (producer, consumers) paths inside one block whose scale can be folded; first match per producer wins.
 FOLDABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -162,13 +161,8 @@ def _same(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
 @register(AWQConfig)
 def awq(model: nn.Module, cfg: AWQConfig, ctx: Context, overrides: dict[str, int] | None = None) -> nn.Module:
     start = time.perf_counter()
-    batches = calibration_batches(ctx, cfg.calibration_batches, "AWQ")
-    converted = convert_conv1d(model)
-
-    def scheme_of(name: str) -> QuantScheme:
-        return cfg.weight_scheme((overrides or {}).get(name, cfg.bits))
-
-    selected = selected_linears(model, cfg.layers, scheme_of, ctx, "AWQ")
+    prep = prepare_calibrated(model, cfg, ctx, overrides, "AWQ")
+    batches, converted, scheme_of, selected = prep.batches, prep.converted, prep.scheme_of, prep.selected
     per_call = max(1, cfg.max_tokens // len(batches))
     alphas: dict[str, float] = {}
     gains: dict[str, float] = {}  # output MSE with the chosen scale / with s = 1

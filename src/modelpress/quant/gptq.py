@@ -11,6 +11,7 @@ of the already quantized blocks before it (`quant.sequential`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,16 +120,34 @@ def calibration_batches(ctx: Context, n: int, label: str) -> list[Any]:
     return batches
 
 
-@register(GPTQConfig)
-def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, int] | None = None) -> nn.Module:
-    start = time.perf_counter()
-    batches = calibration_batches(ctx, cfg.calibration_batches, "GPTQ")
+@dataclass
+class Prepared:
+    """What a calibrated weight-only pass (GPTQ, AWQ) starts from."""
+
+    batches: list[Any]
+    converted: list[str]  # GPT-2 Conv1D layers turned into nn.Linear
+    scheme_of: Callable[[str], QuantScheme]  # per layer: the config's scheme at its (maybe overridden) bits
+    selected: dict[str, nn.Linear]
+
+
+def prepare_calibrated(
+    model: nn.Module, cfg: Any, ctx: Context, overrides: dict[str, int] | None, label: str
+) -> Prepared:
+    """Calibration batches, Conv1D converted, per-layer schemes and the Linear layers the pass quantizes."""
+    batches = calibration_batches(ctx, cfg.calibration_batches, label)
     converted = convert_conv1d(model)
 
     def scheme_of(name: str) -> QuantScheme:
         return cfg.weight_scheme((overrides or {}).get(name, cfg.bits))
 
-    selected = selected_linears(model, cfg.layers, scheme_of, ctx, "GPTQ")
+    return Prepared(batches, converted, scheme_of, selected_linears(model, cfg.layers, scheme_of, ctx, label))
+
+
+@register(GPTQConfig)
+def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, int] | None = None) -> nn.Module:
+    start = time.perf_counter()
+    prep = prepare_calibrated(model, cfg, ctx, overrides, "GPTQ")
+    batches, converted, scheme_of, selected = prep.batches, prep.converted, prep.scheme_of, prep.selected
     losses: dict[str, float] = {}
 
     def quantize_scope(scope: Scope) -> None:
