@@ -13,11 +13,14 @@ export TRANSFORMERS_OFFLINE := 1
 
 setup: $(STAMP)
 
+# facenet-pytorch is installed only for the MTCNN weights it ships, without its dependencies: its
+# pins (torch<2.3, torchvision) would replace the CPU torch.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[text,speech,dev]" "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[text,speech,vision,dev]" "$(TORCH)"
+	$(PY) -m pip install --quiet --no-deps "facenet-pytorch==2.6.0"
 	$(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
 	touch $(STAMP)
 

@@ -71,6 +71,10 @@ _BUILTIN = {
     "digits-cnn": "modelpress.zoo.digits",
     "silero-vad": "modelpress.zoo.silero",
     "tiny-lm": "modelpress.zoo.tinylm",
+    "mtcnn-pnet": "modelpress.zoo.mtcnn",
+    "mtcnn-rnet": "modelpress.zoo.mtcnn",
+    "mtcnn-onet": "modelpress.zoo.mtcnn",
+    "breast-cancer": "modelpress.zoo.breast_cancer",
 }
 
 
