@@ -27,6 +27,13 @@ def test_picks_the_fastest_artifact_within_the_budget(tmp_path: Path, cache_dir:
     fastest = min(eligible, key=lambda r: r["p50_ms"])
     assert report.auto["chosen"] == f"{fastest['recipe']}: {fastest['artifact']}"
     assert chosen.name == fastest["artifact"] and fastest["drop"] <= 0.003
+    # the budget is checked on the held-out validation split; the test split is what is reported
+    base_val = report.baseline.validation_quality
+    assert base_val is not None and base_val.details["split"] == "val"
+    for r in rows:
+        assert r["drop_split"] == "validation"
+        assert r["drop"] == pytest.approx(base_val.value - r["validation_quality"])
+        assert r["test_drop"] == pytest.approx(report.baseline.quality.value - r["quality"])
     saved = json.loads((out / "report.json").read_text())
     assert saved["auto"]["chosen"] == report.auto["chosen"] and (out / "model.onnx").exists()
     assert "Auto mode" in (out / "report.md").read_text()

@@ -108,13 +108,19 @@ def _row(
 ) -> dict[str, Any]:
     assert base is not None and base.quality is not None and stats.quality is not None
     sign = 1.0 if base.quality.higher_is_better else -1.0
-    drop = sign * (base.quality.value - stats.quality.value)
+    test_drop = sign * (base.quality.value - stats.quality.value)
+    # The budget is checked on the validation split where the model has one; the test split is reported.
+    held_out = base.validation_quality is not None and stats.validation_quality is not None
+    drop = sign * (base.validation_quality.value - stats.validation_quality.value) if held_out else test_drop  # type: ignore[union-attr]
     lat = stats.latency_ms.get(str(max(batch_sizes)))
     return {
         "recipe": recipe,
         "artifact": stats.name,
         "quality": stats.quality.value,
+        "validation_quality": stats.validation_quality.value if held_out else None,  # type: ignore[union-attr]
         "drop": drop,
+        "drop_split": "validation" if held_out else "test",
+        "test_drop": test_drop,
         "p50_ms": lat.p50 if lat else float("inf"),
         "size_mb": (stats.size_bytes or 0) / 1e6,
         "within_budget": drop <= max_drop,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from modelpress.core.registry import apply
 from modelpress.core.report import ModelStats, Report
 from modelpress.loading import LoadedModel, resolve
 from modelpress.recipes.recipe import Recipe, load_recipe
+from modelpress.zoo.base import ZooEntry
 
 
 def compress(
@@ -71,7 +73,7 @@ def compress(
         show_progress=progress,
         report=report,
         train_fn=(lambda m, **kw: entry.finetune(m, **kw)) if entry is not None else None,
-        metric=(lambda m: entry_for_eval.evaluate(m, eval_data).value) if entry_for_eval is not None else None,
+        metric=choice_metric(entry_for_eval, eval_data, report) if entry_for_eval is not None else None,
     )
     compressed = copy.deepcopy(loaded.model).eval()
     with ctx.threads_scope():
@@ -93,6 +95,24 @@ def compress(
         rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
         (console or Console()).print(stats_table(rows))
     return compressed, report
+
+
+def choice_metric(
+    entry: ZooEntry, eval_data: Path | None = None, report: Report | None = None
+) -> Callable[[nn.Module], float]:
+    """The metric passes choose by: the entry's validation split, or (where it has none) its reported one."""
+
+    def metric(model: nn.Module) -> float:
+        quality = entry.validation_quality(model, eval_data)
+        if quality is None:
+            if report is not None:
+                report.warn(
+                    f"{entry.name} has no validation split: choices during compression used the reported metric"
+                )
+            quality = entry.evaluate(model, eval_data)
+        return quality.value
+
+    return metric
 
 
 def check_out_dir(out_dir: str | Path | None, overwrite: bool) -> None:
@@ -258,6 +278,7 @@ def _measure(
         threads=threads,
         repeats=repeats,
         eval_data=eval_data,
+        validation=True,
         progress=progress,
         memory=False,
     )

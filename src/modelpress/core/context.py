@@ -45,7 +45,7 @@ class Context:
     report: Report = field(default_factory=lambda: Report(model="unknown"))
     # Fine-tunes a model in place and returns it (QAT, recovery after pruning); a zoo entry's `finetune`.
     train_fn: Callable[[Any], Any] | None = None
-    # The task metric of a model (higher is better); a zoo entry's `evaluate(...).value`.
+    # The metric passes choose by (higher is better): a zoo entry's validation split where it has one.
     metric: Callable[[Any], float] | None = None
 
     def __post_init__(self) -> None:

@@ -47,6 +47,8 @@ class ModelStats:
     nonzero_params: int | None = None
     latency_ms: dict[str, Latency] = field(default_factory=dict)  # key: batch size as a string
     quality: Quality | None = None
+    # the same metric on a validation split, where choices were made (auto mode, mixed precision)
+    validation_quality: Quality | None = None
     peak_memory_bytes: int | None = None
     throughput: dict[str, Any] | None = None
     artifact: str | None = None
@@ -58,8 +60,9 @@ class ModelStats:
     def from_dict(cls, d: dict[str, Any]) -> ModelStats:
         d = dict(d)
         d["latency_ms"] = {k: Latency(**v) for k, v in (d.get("latency_ms") or {}).items()}
-        if d.get("quality") is not None:
-            d["quality"] = Quality(**d["quality"])
+        for key in ("quality", "validation_quality"):
+            if d.get(key) is not None:
+                d[key] = Quality(**d[key])
         return cls(**d)
 
 
@@ -139,13 +142,19 @@ class Report:
                 "",
             ]
             lines += [
-                "| candidate | artifact | quality | drop | p50 ms | size MB | within budget |",
-                "|---|---|---:|---:|---:|---:|---|",
+                "| candidate | artifact | quality (reported split) | validation | drop (split) | p50 ms | size MB "
+                "| within budget |",
+                "|---|---|---:|---:|---:|---:|---:|---|",
             ]
             for c in self.auto["candidates"]:
+                if "error" in c:
+                    lines.append(f"| {c['recipe']} | - | refused: {c['error']} | | | | | no |")
+                    continue
+                val = "-" if c.get("validation_quality") is None else f"{c['validation_quality']:.4f}"
                 lines.append(
-                    f"| {c['recipe']} | {c['artifact']} | {c['quality']:.4f} | {c['drop']:.4f} | "
-                    f"{c['p50_ms']:.2f} | {c['size_mb']:.2f} | {'yes' if c['within_budget'] else 'no'} |"
+                    f"| {c['recipe']} | {c['artifact']} | {c['quality']:.4f} | {val} | "
+                    f"{c['drop']:.4f} ({c.get('drop_split', 'test')}) | {c['p50_ms']:.2f} | {c['size_mb']:.2f} | "
+                    f"{'yes' if c['within_budget'] else 'no'} |"
                 )
             lines += ["", f"Chosen: {self.auto['chosen']}"]
         if self.warnings:

@@ -192,7 +192,7 @@ def distill_pass(
     if data is None:
         raise DataError("distillation needs training data: a zoo teacher, or Context(data=...) / --data")
     student = build_student(model, cfg.student or StudentConfig())
-    # The context's metric is the reported quality (often a test split): it picks epochs only when asked to.
+    # The context's metric (a validation split where the entry has one) picks epochs only when asked to.
     metric = ctx.metric if cfg.patience is not None else None
     if metric is None and cfg.patience is not None:
         raise DataError(f"patience={cfg.patience} needs a task metric; this model has none (Context(metric=...))")

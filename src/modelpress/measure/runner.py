@@ -60,6 +60,7 @@ def bench(
     repeats: int = 30,
     warmup: int = 5,
     quality: bool = True,
+    validation: bool = False,
     eval_data: Path | None = None,
     throughput: bool = True,
     memory: bool = True,
@@ -72,7 +73,8 @@ def bench(
     with an optional 4th item, the path of the saved artifact whose size is reported. Per model:
     params / non-zero (eager modules), artifact size, peak memory at the largest batch size,
     latency per batch size on `entry.example_inputs(bs)`, throughput over up to
-    512 items of `entry.real_batches(largest bs)`, and `entry.evaluate`. Without an
+    512 items of `entry.real_batches(largest bs)`, and `entry.evaluate` (with `validation`, also
+    `entry.validation_quality`, the split that choices are made on). Without an
     entry only params and size are measured. Named models are loaded one at a time.
 
         >>> bench(["digits-cnn"], batch_sizes=(1, 64), threads=2, quality=False)
@@ -139,6 +141,8 @@ def bench(
             if quality and entry.has_quality:
                 phase("evaluating")
                 stats.quality = entry.evaluate(model, eval_data)
+                if validation:
+                    stats.validation_quality = entry.validation_quality(model, eval_data)
                 bar.advance(task)
             results.append(stats)
             del model  # a named model is dropped before the next one is loaded

@@ -47,6 +47,14 @@ class ZooEntry(ABC):
     def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
         """The task metric of `model`. `data` overrides the default data location where one applies."""
 
+    def validation_quality(self, model: ModelFn, data: Path | None = None) -> Quality | None:
+        """The task metric on a held-out validation split, or None where the entry has none.
+
+        Choices made while compressing (mixed precision, auto mode) look at this split, never at the
+        one `evaluate` reports: choosing on the reported split would overstate the chosen model.
+        """
+        return None
+
     def finetune(self, model: nn.Module, epochs: int = 5, lr: float | None = None) -> nn.Module:
         """Train `model` in place on this entry's training data (QAT, recovery after pruning)."""
         from modelpress.core.errors import NotAvailableError

@@ -199,6 +199,10 @@ class DigitsEntry(ZooEntry):
         X, y = load_digits_split("test")
         return Quality(name="accuracy", value=accuracy(model, X, y), details={"n": len(y)})
 
+    def validation_quality(self, model: ModelFn, data: Path | None = None) -> Quality:
+        X, y = load_digits_split("val")
+        return Quality(name="accuracy", value=accuracy(model, X, y), details={"n": len(y), "split": "val"})
+
     def finetune(self, model: nn.Module, epochs: int = 5, lr: float | None = None) -> nn.Module:
         """A short, deterministic fine-tune on the train split (after quantization or pruning)."""
         return train_digits_cnn(model, epochs=epochs, lr=LR / 3 if lr is None else lr)

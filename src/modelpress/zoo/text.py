@@ -376,18 +376,16 @@ class FolderEntry(ZooEntry):
             sentences = list(dict.fromkeys(s for s1, s2, _ in pairs for s in (s1, s2)))[:n]
         return dynamic_batches(self.model.tokenizer, sentences, batch_size, self.model.max_seq_length)
 
+    def _stsb(self, model: ModelFn, folder: Path, split: str) -> Quality:
+        pairs = load_split(folder, split)
+        value = spearman_score(lambda s: self._embed(model, s), pairs)
+        details = {"split": split, "pairs": len(pairs), "data": str(folder), "metric": "spearman(cosine)*100"}
+        return Quality(name="stsb_spearman", value=value, details=details)
+
     def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
         folder = Path(data) if data is not None else default_stsb_dir()
         if folder is not None:
-            pairs = load_split(folder, "test")
-            value = spearman_score(lambda s: self._embed(model, s), pairs)
-            details = {
-                "split": "test",
-                "pairs": len(pairs),
-                "data": str(folder),
-                "metric": "spearman(cosine)*100",
-            }
-            return Quality(name="stsb_spearman", value=value, details=details)
+            return self._stsb(model, folder, "test")
         sentences = sample_sentences(self.fidelity_sentences)
         if self._reference is None:
             self._reference = self._embed(self._reference_model(), sentences)
@@ -400,3 +398,8 @@ class FolderEntry(ZooEntry):
             "note": "STS-B not found; set MODELPRESS_STSB to measure stsb_spearman",
         }
         return Quality(name="fidelity_cosine", value=float(cos.mean()), details=details)
+
+    def validation_quality(self, model: ModelFn, data: Path | None = None) -> Quality | None:
+        """STS-B dev Spearman; None without STS-B (the fidelity sentences are not a held-out split)."""
+        folder = Path(data) if data is not None else default_stsb_dir()
+        return self._stsb(model, folder, "dev") if folder is not None else None
