@@ -48,4 +48,9 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "either --recipe RECIPE or --auto" in capsys.readouterr().err
     assert main(["compress", "digits-cnn", "--auto", "--out", str(tmp_path / "b")]) == 2
     assert "--auto needs --max-drop" in capsys.readouterr().err
+    args = ["compress", "digits-cnn", "--auto", "--max-drop", "0.01", "--out", str(tmp_path / "b")]
+    assert main([*args, "--candidates", "int8-static,nope"]) == 2
+    assert "'nope'" in capsys.readouterr().err
+    assert main([*args, "--candidates", " , "]) == 2
+    assert "names no recipe" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

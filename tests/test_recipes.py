@@ -39,12 +39,33 @@ def test_builtin_recipes_load_and_round_trip():
         ({"passes": [{"type": "Quantum"}]}, "unknown config type 'Quantum'"),
         ({"passes": [{"type": "DynamicQuantConfig"}], "export": ["tflite"]}, "'export' must be a list of onnx, pt2"),
         (["not", "a", "mapping"], "expected a mapping"),
+        (
+            {"passes": [{"type": "StaticQuantConfig"}, {"type": "StructuredPruneConfig", "ffn_ratio": 0.25}]},
+            "pass 2 (StructuredPruneConfig, prune) comes after pass 1 (StaticQuantConfig, quant)",
+        ),
+        (
+            {"passes": [{"type": "WeightOnlyConfig"}, {"type": "DistillConfig"}]},
+            "add 'order: as-written' to run them as written",
+        ),
+        ({"passes": [{"type": "WeightOnlyConfig"}], "order": "random"}, "'order' must be one of stages, as-written"),
     ],
 )
 def test_bad_recipes_name_the_problem(data, fragment):
     with pytest.raises(ConfigError) as exc:
         parse_recipe(data, "mine")
     assert fragment in str(exc.value)
+
+
+def test_stage_order_can_be_overridden_and_round_trips():
+    data = {"passes": [{"type": "WeightOnlyConfig"}, {"type": "UnstructuredPruneConfig"}], "order": "as-written"}
+    recipe = parse_recipe(data, "mine")
+    assert recipe.order == "as-written" and parse_recipe(recipe.to_dict(), "mine") == recipe
+    prune_distill_quant = [
+        {"type": "StructuredPruneConfig", "ffn_ratio": 0.25},
+        {"type": "DistillConfig"},
+        {"type": "StaticQuantConfig"},
+    ]
+    assert parse_recipe({"passes": prune_distill_quant}, "ok").order == "stages"
 
 
 def test_recipe_files(tmp_path):

@@ -25,7 +25,13 @@ from modelpress.recipes.recipe import Recipe, load_recipe
 # The float model compiled as it is (bf16 ops in the .pt2) is a candidate too: on AMX CPUs it is the
 # strongest anchor, and int8 must beat it to be chosen.
 FLOAT = Recipe(name="float", description="the model as it is, exported", passes=(), export=("onnx", "pt2"))
-DEFAULT_CANDIDATES = ("float", "int8-smooth", "int8-dynamic", "int8-static", "w8")
+# precision x granularity x backend x depth: float (bf16 in the .pt2), int8 per-tensor static / per-token
+# dynamic / SmoothQuant, weight-only int8 and int4 (per group), and distilled students (transformer encoders
+# of 6 layers; other models refuse them and the table says why). Every candidate is exported to ONNX
+# Runtime and AOTInductor.
+DEFAULT_CANDIDATES = (
+    "float", "int8-smooth", "int8-dynamic", "int8-static", "w8", "w4", "distill-l4-int8", "distill-l3-int8",
+)  # fmt: skip
 Objective = Literal["latency", "size"]
 
 

@@ -178,6 +178,10 @@ def compress(
         typer.Option("--max-drop", help="Auto mode: allowed quality drop in the metric's units (STS-B: 0.5)."),
     ] = None,
     objective: Annotated[str, typer.Option(help="Auto mode: latency (at the largest batch size) or size.")] = "latency",
+    candidates: Annotated[
+        str | None,
+        typer.Option("--candidates", help="Auto mode: comma-separated recipes to try (default: every built-in one)."),
+    ] = None,
     overwrite: OverwriteOpt = False,
     data: Annotated[
         Path | None,
@@ -213,6 +217,16 @@ def compress(
         raise BadInputError("give either --recipe RECIPE or --auto --max-drop X")
     if auto and max_drop is None:
         raise BadInputError("--auto needs --max-drop, the allowed quality drop (e.g. 0.5 STS-B points)")
+    if candidates is not None and not auto:
+        raise BadInputError("--candidates goes with --auto")
+    from modelpress.auto import DEFAULT_CANDIDATES
+
+    tried = DEFAULT_CANDIDATES if candidates is None else tuple(c.strip() for c in candidates.split(",") if c.strip())
+    if auto and not tried:
+        raise BadInputError(f"--candidates {candidates!r} names no recipe")
+    for name in tried if candidates is not None else ():  # a bad name fails before any work
+        if name != "float":
+            load_recipe(name)
     rec = load_recipe(recipe) if recipe is not None else None  # a bad recipe fails before the model loads
     if eval_data is not None and not eval_data.exists():
         raise BadInputError(f"--eval-data {eval_data}: no such file or folder")
@@ -222,8 +236,9 @@ def compress(
         from modelpress.auto import auto_compress
 
         _, report = auto_compress(
-            loaded, max_drop=max_drop, objective=objective, data=batches, out_dir=output, threads=threads,  # type: ignore[arg-type]
-            eval_data=eval_data, batch_sizes=sizes, progress=not as_json, console=out, overwrite=overwrite,
+            loaded, max_drop=max_drop, objective=objective, candidates=tried, data=batches, out_dir=output,  # type: ignore[arg-type]
+            threads=threads, eval_data=eval_data, batch_sizes=sizes, progress=not as_json, console=out,
+            overwrite=overwrite,
         )  # fmt: skip
         if as_json:
             out.print_json(report.to_json())

@@ -72,6 +72,17 @@ def test_text_encoder_offline_with_hidden_states(tmp_path: Path) -> None:
     assert res.cache_path is not None and res.history[-1]["loss"] < res.history[0]["loss"]
 
 
+def test_frozen_embeddings_keep_the_teachers_tables(tmp_path: Path) -> None:
+    teacher, samples = tiny_bert(layers=4), token_samples(32)
+    cfg = DistillConfig(mode="offline", epochs=2, batch_size=8, lr=3e-3, freeze_embeddings=True)
+    res = distill(teacher, None, samples, cfg, ctx=QUIET, cache_path=tmp_path / "c.safetensors")
+    t_emb, s_emb = hf_model(teacher).embeddings, hf_model(res.student).embeddings
+    assert torch.equal(s_emb.word_embeddings.weight, t_emb.word_embeddings.weight)
+    assert not torch.equal(hf_model(res.student).encoder.layer[1].output.dense.weight,
+                           hf_model(teacher).encoder.layer[2].output.dense.weight)  # fmt: skip
+    assert s_emb.word_embeddings.weight.requires_grad  # trainable again afterwards
+
+
 def test_empty_data_is_refused() -> None:
     with pytest.raises(DataError, match="empty data set"):
         distill(mlp(32), mlp(8), torch.zeros(0, 8), DistillConfig(), ctx=QUIET)

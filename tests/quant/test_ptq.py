@@ -123,12 +123,36 @@ def test_large_embedding_tables_become_int8_rows():
     with torch.inference_mode():
         rows = qmodel[0](ids)
     # one symmetric scale per row: every looked-up value within half a step of the float one
-    step = qmodel[0].weight_scale[ids].unsqueeze(-1)
+    step = qmodel[0].weight_scale[ids]  # (4, 9, 1)
     assert bool(((rows - model[0](ids).detach()).abs() <= step / 2 + 1e-7).all())
     assert isinstance(quantize(small, DynamicQuantConfig())[0], nn.Embedding)  # 640 values: kept float
     assert isinstance(quantize(model, DynamicQuantConfig(embedding_bits=None))[0], nn.Embedding)
     with pytest.raises(ConfigError, match="embedding_bits must be None \\(float\\) or in \\[2, 8\\], got 12"):
         StaticQuantConfig(embedding_bits=12)
+
+
+def test_four_bit_embedding_groups_are_packed_two_per_byte():
+    from modelpress.quant.modules import QEmbedding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(2048, 64), nn.Linear(64, 8)).eval()
+    ids = torch.randint(0, 2048, (4, 9))
+    emb = quantize(model, DynamicQuantConfig(embedding_bits=4, embedding_group_size=16))[0]
+    assert isinstance(emb, QEmbedding) and emb.packed
+    assert emb.weight_packed.shape == (2048, 32) and emb.weight_packed.dtype == torch.uint8
+    assert emb.weight_scale.shape == (2048, 4)
+    codes = emb.codes()
+    assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+    with torch.inference_mode():
+        rows = emb(ids)
+    # one scale per group of 16: every value within half of its group's step
+    step = emb.weight_scale[ids].repeat_interleave(16, dim=-1)
+    assert bool(((rows - model[0](ids).detach()).abs() <= step / 2 + 1e-6).all())
+    assert torch.equal(rows, emb.dequantized_weight()[ids])
+    with pytest.raises(ConfigError, match="group_size must divide the embedding width 64, got 24"):
+        quantize(model, DynamicQuantConfig(embedding_bits=4, embedding_group_size=24))
+    with pytest.raises(ConfigError, match="embedding_group_size must be >= 2 and needs embedding_bits"):
+        DynamicQuantConfig(embedding_bits=None, embedding_group_size=16)
 
 
 def test_group_size_that_does_not_divide_is_skipped_with_warning():

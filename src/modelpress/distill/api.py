@@ -105,6 +105,11 @@ def distill(
         student = build_student(teacher, cfg.student or StudentConfig())
     teacher = teacher.to(device).eval()
     student = student.to(device)
+    frozen = [m.weight for m in student.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
+    if not cfg.freeze_embeddings:
+        frozen = []
+    for weight in frozen:  # trained no further; trainable again afterwards
+        weight.requires_grad_(False)
     pairs, io = _pairs(teacher, student, cfg)
     attentions = cfg.attention_weight > 0
 
@@ -148,6 +153,8 @@ def distill(
             device=device,
             on_step=on_step,
         )
+    for weight in frozen:
+        weight.requires_grad_(True)
     return DistillResult(
         student, res.history, res.best_metric, res.steps, res.seconds, res.stopped_early, cache.path if cache else None
     )

@@ -60,6 +60,9 @@ class DistillConfig(Config):
     attention_weight: float = 0.0
     features: dict[str, str] = field(default_factory=dict)
     student: StudentConfig | None = None
+    # Embedding tables keep the values they start with (the teacher's): steps skip the largest tensors
+    # (MiniLM: 12M of a 3-layer student's 17M values), and the tables stay shared with the teacher.
+    freeze_embeddings: bool = False
     epochs: int = 3
     batch_size: int = 32  # global: split across processes under torchrun
     lr: float = 1e-3

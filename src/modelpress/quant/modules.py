@@ -189,39 +189,72 @@ def _cast(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
 
 
 class QEmbedding(nn.Module):
-    """An embedding table of integer codes with one symmetric scale per row; only looked-up rows are dequantized.
+    """An embedding table of integer codes with symmetric scales per row (or per group of a row); only the
+    looked-up rows are dequantized.
 
-    Word and position tables are most of a small encoder's size (MiniLM: 12M of 22.7M values), and a
-    per-row int8 table costs no measurable quality there.
+    Word and position tables are most of a small encoder's size (MiniLM: 12M of 22.7M values). A
+    per-row int8 table costs no measurable quality there; at 4 bits or fewer the codes are stored two
+    to a byte (`weight_packed`, offset by 8), which halves the table again.
     """
 
-    weight_q: torch.Tensor
     weight_scale: torch.Tensor
 
-    def __init__(self, embedding: nn.Embedding, bits: int = 8) -> None:
+    def __init__(self, embedding: nn.Embedding, bits: int = 8, group_size: int | None = None) -> None:
         super().__init__()
         if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
             raise ConfigError("embeddings with max_norm, scale_grad_by_freq or sparse gradients are not supported")
         weight = embedding.weight.detach().float()
         if not torch.isfinite(weight).all():
             raise ValueError("cannot quantize an embedding whose weight has non-finite values")
-        self.weight_scheme = QuantScheme(bits, True, "channel")  # axis 0: one scale per row
         self.num_embeddings, self.embedding_dim = weight.shape
+        if group_size is not None and (group_size < 1 or self.embedding_dim % group_size):
+            raise ConfigError(
+                f"embedding group_size must divide the embedding width {self.embedding_dim}, got {group_size}"
+            )
+        self.group_size = group_size or self.embedding_dim
+        # one scale per row is a group as wide as the row
+        self.weight_scheme = QuantScheme(bits, True, "group", 0, self.group_size)
         self.padding_idx = embedding.padding_idx
         qt = quantize_tensor(weight, self.weight_scheme)
-        self.register_buffer("weight_q", qt.q)  # (V, D)
-        self.register_buffer("weight_scale", qt.scale.float().reshape(-1))  # (V,)
+        codes = qt.q.reshape(self.num_embeddings, self.embedding_dim)
+        self.register_buffer("weight_scale", qt.scale.float().reshape(self.num_embeddings, -1))  # (V, groups)
+        self.packed = bits <= 4 and self.embedding_dim % 2 == 0
+        if self.packed:
+            u = (codes.to(torch.int16) + 8).to(torch.uint8)  # [-8, 7] -> [0, 15]
+            self.register_buffer("weight_packed", u[:, 0::2] | (u[:, 1::2] << 4))  # (V, D/2), low nibble first
+        else:
+            self.register_buffer("weight_q", codes)  # (V, D)
+
+    def codes(self) -> torch.Tensor:
+        """The (V, D) int8 codes, unpacked."""
+        if not self.packed:
+            return self.weight_q
+        return _unpack_nibbles(self.weight_packed).to(torch.int8)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight_q)  # (..., D) integer codes
-        scale = F.embedding(ids, self.weight_scale[:, None])  # (..., 1)
-        return rows.to(scale.dtype) * scale
+        table = self.weight_packed if self.packed else self.weight_q
+        rows = F.embedding(ids, table)
+        if self.packed:
+            rows = _unpack_nibbles(rows)
+        scale = F.embedding(ids, self.weight_scale)  # (..., groups)
+        groups = scale.shape[-1]
+        out = rows.to(scale.dtype).reshape(*rows.shape[:-1], groups, -1) * scale.unsqueeze(-1)
+        return out.reshape(*rows.shape[:-1], self.embedding_dim)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight_q.float() * self.weight_scale[:, None]
+        codes = self.codes().float().reshape(self.num_embeddings, self.weight_scale.shape[1], -1)
+        return (codes * self.weight_scale.unsqueeze(-1)).reshape(self.num_embeddings, self.embedding_dim)
 
     def weight_bits(self) -> int:
         return self.weight_scheme.bits
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, weight=int{self.weight_scheme.bits} sym per-row"
+        per = "per-row" if self.group_size == self.embedding_dim else f"per-group({self.group_size})"
+        packed = ", two per byte" if self.packed else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight=int{self.weight_scheme.bits} sym {per}{packed}"
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(..., D/2) uint8, low nibble first -> (..., D) codes (int16, offset 8 removed)."""
+    low, high = packed & 15, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2).to(torch.int16) - 8

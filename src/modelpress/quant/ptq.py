@@ -67,12 +67,13 @@ class WeightOnlyConfig(Config):
     granularity: Literal["tensor", "channel", "group"] = "channel"
     group_size: int = 128
     embedding_bits: int | None = None  # large embedding tables as integers too (one scale per row)
+    embedding_group_size: int | None = None  # values per embedding scale along a row; None: one per row
     fold_bn: bool = True
     layers: LayerFilter = LayerFilter()
 
     def validate(self) -> None:
         _check_bits(self.bits, 2, 8)
-        _check_embedding_bits(self.embedding_bits)
+        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.symmetric, self.granularity, 0, self.group_size)
@@ -87,12 +88,13 @@ class DynamicQuantConfig(Config):
     act_symmetric: bool = False
     per_channel: bool = True
     embedding_bits: int | None = 8  # large embedding tables as int8 with one scale per row; None: float
+    embedding_group_size: int | None = None  # values per embedding scale along a row; None: one per row
     fold_bn: bool = True
     layers: LayerFilter = LayerFilter(exclude=())
 
     def validate(self) -> None:
         _check_bits(self.bits, 2, 8)
-        _check_embedding_bits(self.embedding_bits)
+        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
@@ -113,11 +115,12 @@ class StaticQuantConfig(Config):
     # GELU-output input has outliers a static per-tensor scale cannot cover).
     dynamic_layers: tuple[str, ...] = ()
     embedding_bits: int | None = 8  # large embedding tables as int8 with one scale per row; None: float
+    embedding_group_size: int | None = None  # values per embedding scale along a row; None: one per row
     layers: LayerFilter = LayerFilter()
 
     def validate(self) -> None:
         _check_bits(self.bits, 2, 8)
-        _check_embedding_bits(self.embedding_bits)
+        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
         if self.calibration_batches < 1:
             raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
 
@@ -125,9 +128,13 @@ class StaticQuantConfig(Config):
         return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
 
 
-def _check_embedding_bits(bits: int | None) -> None:
+def _check_embedding_bits(bits: int | None, group_size: int | None) -> None:
     if bits is not None and not 2 <= bits <= 8:
         raise ConfigError(f"embedding_bits must be None (float) or in [2, 8], got {bits}")
+    if group_size is not None and (bits is None or group_size < 2):
+        raise ConfigError(
+            f"embedding_group_size must be >= 2 and needs embedding_bits, got {group_size} with embedding_bits {bits}"
+        )
 
 
 def _check_bits(bits: int, lo: int, hi: int) -> None:
@@ -188,7 +195,9 @@ def _plan(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dic
     embedding_bits = getattr(cfg, "embedding_bits", None)
     for name, module in select_layers(model, cfg.layers, ctx, embeddings=embedding_bits is not None):
         if isinstance(module, nn.Embedding):
-            plans.append(LayerPlan(name, module, QuantScheme(embedding_bits, True, "channel"), ActSpec()))
+            group = getattr(cfg, "embedding_group_size", None)
+            scheme = QuantScheme(embedding_bits, True, "group", 0, group or module.embedding_dim)
+            plans.append(LayerPlan(name, module, scheme, ActSpec()))
             continue
         bits = (overrides or {}).get(name, cfg.bits)
         layer_act = act
@@ -213,7 +222,7 @@ def _swap(model: nn.Module, plans: Sequence[LayerPlan]) -> None:
     for plan in plans:
         m = plan.module
         if isinstance(m, nn.Embedding):
-            new: nn.Module = QEmbedding(m, plan.weight.bits)
+            new: nn.Module = QEmbedding(m, plan.weight.bits, plan.weight.group_size)
         elif isinstance(m, nn.Linear):
             new = QLinear.from_float(m, plan.weight, plan.act, plan.act_range)
         else:

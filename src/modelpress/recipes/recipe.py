@@ -23,7 +23,11 @@ from modelpress.core.config import Config
 from modelpress.core.errors import ConfigError
 
 EXPORTS = ("onnx", "pt2")
-_KEYS = {"description", "passes", "export"}
+_KEYS = {"description", "passes", "export", "order"}
+ORDERS = ("stages", "as-written")
+# Passes come in stages, prune -> distill -> quantize; a quantized layer can be neither pruned nor
+# distilled, so a prune or distill pass after a quantization pass is refused unless `order: as-written`.
+_STAGE_RANK = {"prune": 0, "distill": 0, "quant": 1}
 
 
 @dataclass(frozen=True)
@@ -32,13 +36,17 @@ class Recipe:
     description: str
     passes: tuple[Config, ...]
     export: tuple[str, ...] = EXPORTS
+    order: str = "stages"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "description": self.description,
             "passes": [p.to_dict() for p in self.passes],
             "export": list(self.export),
         }
+        if self.order != "stages":
+            d["order"] = self.order
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -77,7 +85,29 @@ def parse_recipe(data: Any, name: str) -> Recipe:
     export = data.get("export", list(EXPORTS))
     if not isinstance(export, list) or any(e not in EXPORTS for e in export):
         raise ConfigError(f"recipe {name}: 'export' must be a list of {', '.join(EXPORTS)}, got {export!r}")
-    return Recipe(name, str(data.get("description", "")), tuple(configs), tuple(export))
+    order = data.get("order", "stages")
+    if order not in ORDERS:
+        raise ConfigError(f"recipe {name}: 'order' must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "stages":
+        _check_stages(configs, name)
+    return Recipe(name, str(data.get("description", "")), tuple(configs), tuple(export), order)
+
+
+def _stage(cfg: Config) -> str:
+    return type(cfg).__module__.split(".")[1]  # modelpress.<prune|distill|quant>...
+
+
+def _check_stages(configs: list[Config], name: str) -> None:
+    for i, later in enumerate(configs):
+        for j, earlier in enumerate(configs[:i]):
+            a, b = _stage(earlier), _stage(later)
+            if _STAGE_RANK.get(a, 0) > _STAGE_RANK.get(b, 0):
+                raise ConfigError(
+                    f"recipe {name}: pass {i + 1} ({type(later).__name__}, {b}) comes after pass {j + 1} "
+                    f"({type(earlier).__name__}, {a}): quantized layers can be neither pruned nor distilled. "
+                    "Put the passes in stage order (prune, distill, then quantize), or add 'order: as-written' "
+                    "to run them as written"
+                )
 
 
 def load_recipe(spec: str | Path) -> Recipe:

@@ -7,6 +7,10 @@ and compressed. One call scores one chunk: 64 samples of context followed by 512
     >>> model = load_silero_vad()
     >>> probs = stream_probs(model, wav)  # wav (B, N) at 16 kHz -> (B, ceil(N / 512))
 
+The zoo entry evaluates on real speech synthesized by espeak-ng and mixed with noise
+(`zoo.speech_data`), against the fp32 model's decisions and the ground-truth speech segments;
+where espeak-ng is not installed it falls back to a synthetic vowel-like signal.
+
 The package is located without importing it: `import silero_vad` calls
 `torch.set_num_threads(1)` for the whole process.
 """
@@ -27,6 +31,7 @@ from torch import nn
 from modelpress.core.errors import DataError, ModelLoadError
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
+from modelpress.zoo.speech_data import SpeechClip, espeak_available, synthesize_speech
 
 SAMPLE_RATE = 16000
 CHUNK = 512  # new samples per step
@@ -215,8 +220,9 @@ def _syllable(rng: np.random.Generator, seconds: float, f0: float) -> np.ndarray
 def speech_like_signal(seconds: float = 20.0, seed: int = 0) -> torch.Tensor:
     """A deterministic 16 kHz test signal (N,): utterances of vowel-like syllables between pauses.
 
-    No real speech ships offline, so this stands in: the packaged model scores the syllables as
-    speech and the pauses (silence, low noise) as non-speech, with transitions in between.
+    It stands in for real speech where espeak-ng is not installed, and feeds export and timing
+    (no synthesizer needed): the packaged model scores the syllables as speech and the pauses
+    (silence, low noise) as non-speech, with transitions in between.
     """
     rng = np.random.default_rng(seed)
     total = int(seconds * SAMPLE_RATE)
@@ -261,9 +267,57 @@ def vad_agreement(probs: torch.Tensor, reference: torch.Tensor) -> Quality:
     )
 
 
+def vad_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Speech decisions (`probs` > 0.5) against ground-truth frame `labels`: F1, precision, recall, accuracy."""
+    pred, labels = probs > THRESHOLD, labels.bool()
+    tp = int((pred & labels).sum())
+    fp, fn = int((pred & ~labels).sum()), int((~pred & labels).sum())
+    return {
+        "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+        "precision": tp / max(tp + fp, 1),
+        "recall": tp / max(tp + fn, 1),
+        "accuracy": float((pred == labels).float().mean()),
+    }
+
+
 def _reference_probs(wav: torch.Tensor) -> torch.Tensor:
     """The packaged TorchScript model's chunk probabilities of `wav` (N,) -> (n_chunks,)."""
     return load_reference().audio_forward(wav[None], SAMPLE_RATE)[0]
+
+
+_REFERENCE_CACHE: dict[tuple, torch.Tensor] = {}  # evaluation audio's parameters -> reference probabilities
+
+
+def _cached_reference(key: tuple, wav: torch.Tensor) -> torch.Tensor:
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = _reference_probs(wav)
+    return _REFERENCE_CACHE[key]
+
+
+def speech_clip(seconds: float, seed: int, snr_db: float | None = 10.0, noise: str = "pink") -> SpeechClip | None:
+    """Real synthesized speech (`zoo.speech_data`), or None when espeak-ng is not installed."""
+    if not espeak_available():
+        return None
+    return synthesize_speech(seconds, seed, snr_db, noise)
+
+
+def evaluate_clip(model: ModelFn, clip: SpeechClip, reference: torch.Tensor | None = None) -> Quality:
+    """Frame agreement of `model` with the fp32 model on `clip`, with both scored against its ground truth.
+
+    `value` is the agreement (`vad_agreement`); details add `f1`, `precision`, `recall` and
+    `accuracy` of `model` against the speech segments, and the fp32 model's as `reference_*`.
+    """
+    if reference is None:
+        reference = _reference_probs(clip.wav)
+    probs = stream_probs(model, clip.wav[None])[0]
+    labels = clip.frame_labels(CHUNK)
+    quality = vad_agreement(probs, reference)
+    quality.details.update(vad_scores(probs, labels))
+    quality.details.update({f"reference_{k}": v for k, v in vad_scores(reference, labels).items()})
+    quality.details["labelled_speech_fraction"] = float(labels.float().mean())
+    quality.details["audio"] = clip.description
+    quality.details["audio_source"] = "espeak-ng"
+    return quality
 
 
 class SileroEntry(ZooEntry):
@@ -272,13 +326,19 @@ class SileroEntry(ZooEntry):
     task = "voice-activity"
     input_names = ("x", "state")
 
+    # Evaluation, validation and calibration audio: espeak-ng speech (different sentences, voices and
+    # noise for each seed), or the synthetic `speech_like_signal` where espeak-ng is not installed.
     eval_seconds = 20.0
     eval_seed = 0
+    eval_snr_db = 10.0
+    eval_noise = "pink"
+    validation_seed = 2
     calibration_seed = 1  # a different signal from evaluation
+    calibration_snr_db = 20.0
+    calibration_noise = "white"
 
     def __init__(self) -> None:
         self._model: SileroVAD | None = None
-        self._reference_probs: torch.Tensor | None = None
 
     def load(self, cache_dir: Path | None = None) -> nn.Module:
         # Weights come from the installed package; nothing is trained or cached.
@@ -292,14 +352,20 @@ class SileroEntry(ZooEntry):
     batch_axes = (0, 1)  # x (B, 576), state (2, B, 128)
 
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
+        # The synthetic signal: export and timing need no speech synthesizer.
         chunks = _chunks(speech_like_signal(10.0, self.calibration_seed))  # (n_chunks, 576)
         x = chunks[torch.arange(batch_size) % len(chunks)]  # repeats if batch_size > n_chunks
         return x, torch.zeros(2, batch_size, HIDDEN)
 
+    def _signal(self, seconds: float, seed: int, snr_db: float, noise: str) -> torch.Tensor:
+        clip = speech_clip(seconds, seed, snr_db, noise)
+        return clip.wav if clip is not None else speech_like_signal(seconds, seed)
+
     def calibration_data(self, n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
-        """`n` chunks of the calibration signal with the recurrent state the model had there."""
+        """`n` chunks of the calibration audio with the recurrent state the model had there."""
         seconds = max(10.0, 2 * n * CHUNK / SAMPLE_RATE)
-        chunks = _chunks(speech_like_signal(seconds, self.calibration_seed))  # (n_chunks, 576)
+        wav = self._signal(seconds, self.calibration_seed, self.calibration_snr_db, self.calibration_noise)
+        chunks = _chunks(wav)  # (n_chunks, 576)
         states = [torch.zeros(2, 1, HIDDEN)]
         with torch.no_grad():
             for chunk in chunks[:-1]:
@@ -310,28 +376,43 @@ class SileroEntry(ZooEntry):
         state = torch.cat([states[i] for i in picks.tolist()], dim=1)  # (2, n, 128)
         return [(x[i : i + batch_size], state[:, i : i + batch_size]) for i in range(0, n, batch_size)]
 
-    def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
-        """Frame-level agreement (threshold 0.5) with the packaged TorchScript model.
-
-        The audio is the synthetic `speech_like_signal`, or the 16 kHz mono PCM16 WAV `data`.
-        """
-        if data is None:
-            wav = speech_like_signal(self.eval_seconds, self.eval_seed)
-            if self._reference_probs is None:
-                self._reference_probs = _reference_probs(wav)
-            reference = self._reference_probs
-        else:
-            wav = read_wav(data)
-            if wav.numel() < CHUNK:
-                raise DataError(f"{data}: need at least {CHUNK} samples, got {wav.numel()}")
-            reference = _reference_probs(wav)
+    def _quality(self, model: ModelFn, seed: int) -> Quality:
+        clip = speech_clip(self.eval_seconds, seed, self.eval_snr_db, self.eval_noise)
+        if clip is not None:
+            key = ("espeak-ng", self.eval_seconds, seed, self.eval_snr_db, self.eval_noise)
+            return evaluate_clip(model, clip, _cached_reference(key, clip.wav))
+        wav = speech_like_signal(self.eval_seconds, seed)
+        reference = _cached_reference(("synthetic", self.eval_seconds, seed), wav)
         quality = vad_agreement(stream_probs(model, wav[None])[0], reference)
-        quality.details["audio"] = "synthetic" if data is None else str(data)
+        quality.details["audio"] = "synthetic vowel-like signal (espeak-ng is not installed)"
+        quality.details["audio_source"] = "synthetic"
         return quality
 
+    def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
+        """Frame-level agreement (threshold 0.5) with the packaged fp32 model.
+
+        The audio is 20 s of espeak-ng speech in pink noise at 10 dB SNR, also scored against its
+        ground-truth speech segments (F1, accuracy); without espeak-ng, the synthetic
+        `speech_like_signal`; or the 16 kHz mono PCM16 WAV `data`. `details["audio"]` says which.
+        """
+        if data is None:
+            return self._quality(model, self.eval_seed)
+        wav = read_wav(data)
+        if wav.numel() < CHUNK:
+            raise DataError(f"{data}: need at least {CHUNK} samples, got {wav.numel()}")
+        quality = vad_agreement(stream_probs(model, wav[None])[0], _reference_probs(wav))
+        quality.details["audio"] = str(data)
+        quality.details["audio_source"] = "wav"
+        return quality
+
+    def validation_quality(self, model: ModelFn, data: Path | None = None) -> Quality | None:
+        """The same metric on other speech (another seed), for choices made while compressing."""
+        return self._quality(model, self.validation_seed) if data is None else None
+
     def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Chunks of the evaluation signal, each with a zero state (throughput, not streaming)."""
-        chunks = _chunks(speech_like_signal(self.eval_seconds, self.eval_seed))  # (n_chunks, 576)
+        """Chunks of the evaluation audio, each with a zero state (throughput, not streaming)."""
+        wav = self._signal(self.eval_seconds, self.eval_seed, self.eval_snr_db, self.eval_noise)
+        chunks = _chunks(wav)  # (n_chunks, 576)
         for i in range(0, len(chunks), batch_size):
             x = chunks[i : i + batch_size]
             yield x, torch.zeros(2, len(x), HIDDEN)
