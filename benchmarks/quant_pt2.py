@@ -22,6 +22,8 @@ rounds disturbed by other processes are repeated, see quant_onnx.LoadGate):
   - `ours-sq-bf16ffn2`: as ours-sq-dyn with FFN2 kept in bf16.
   - `recipe-int8-smooth`: the built-in `int8-smooth` recipe applied by its passes, as `compress`
     does (SmoothQuant folded into the LayerNorms, static MSE ranges, FFN2 of layers 0-2 per token).
+  - `recipe-distill-l4-int8`, `recipe-distill-l3-int8`: the built-in recipes that distil MiniLM to 4 /
+    3 layers first (the student is trained once and cached, see quant_onnx.build_recipe).
   `-at` suffix (`--autotune`, for ours-static and ours-sq-mixed): the same packaged with
   `autotune=True` (Inductor's C++ int8 GEMM templates where they beat oneDNN).
 Per row: p50 latency at batch 1 and 32 (seq 128) as a ratio to torch fp32, size, build time (compile),
@@ -56,7 +58,8 @@ from quant_onnx import LoadGate, build_recipe, interleaved_latency  # noqa: E402
 BATCHES = (1, 32)
 CALIBRATION_SENTENCES = 128
 OURS = (
-    "ours-bf16", "ours-static", "ours-sq-mixed", "ours-sq-dyn", "ours-sq-tok", "ours-sq-bf16ffn2", "recipe-int8-smooth"
+    "ours-bf16", "ours-static", "ours-sq-mixed", "ours-sq-dyn", "ours-sq-tok", "ours-sq-bf16ffn2", "recipe-int8-smooth",
+    "recipe-distill-l4-int8", "recipe-distill-l3-int8",
 )  # fmt: skip
 SENSITIVE_FFN2 = ("layer.0.", "layer.1.", "layer.2.")  # FFN2 inputs that static ranges cannot hold
 
