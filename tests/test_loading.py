@@ -43,7 +43,7 @@ def test_factory_with_weights_that_do_not_fit(tmp_path):
         ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
         ("loading_factories:missing", "has no callable 'missing'"),
         ("loading_factories:not_a_module", "returned str, expected a torch.nn.Module"),
-        ("bert-huge", "no such file or folder (not a zoo name either; zoo: digits-cnn, minilm, silero-vad"),
+        ("bert-huge", "no such file or folder (not a zoo name either; zoo: breast-cancer, digits-cnn, minilm"),
         ("/nonexistent/model.onnx", "no such file or folder"),
         ("", "empty model spec"),
     ],
