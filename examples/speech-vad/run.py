@@ -45,7 +45,10 @@ RECIPE = "speech-ondevice"
 DEFAULT_OUT = Path("modelpress-out/speech-vad")
 MARKER = "speech-vad"  # results.json "example": a folder holding it is this script's own, replaced freely
 FIRST_SEED = 100  # the zoo entry's evaluation, validation and calibration audio use seeds 0-2
-AGREEMENT_TOL = 0.99  # the recipe's promise: at least this fraction of frames decided as by fp32
+# The recipe's promise: at least this fraction of frames decided as by fp32, over all the audio and at
+# each SNR (at 0 dB many frames sit near the threshold, and even 8-bit weights alone flip ~1% of them).
+AGREEMENT_TOL = 0.99
+AGREEMENT_TOL_PER_SNR = 0.985
 
 
 def _positive_int(text: str) -> int:
@@ -261,7 +264,7 @@ def run(
                     "speech_fraction": [float(clip.frame_labels(CHUNK).float().mean()) for clip in clips],
                 },
                 "threshold": THRESHOLD,
-                "agreement_tolerance": AGREEMENT_TOL,
+                "agreement_tolerance": {"all": AGREEMENT_TOL, "per_snr": AGREEMENT_TOL_PER_SNR},
                 "bits": {"fp32": layer_bits(model), RECIPE: layer_bits(compressed)},
                 "rows": rows,
                 "warnings": report.warnings + export_warnings,
