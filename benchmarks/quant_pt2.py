@@ -23,7 +23,7 @@ rounds disturbed by other processes are repeated, see quant_onnx.LoadGate):
   - `recipe-int8-smooth`: the built-in `int8-smooth` recipe applied by its passes, as `compress`
     does (SmoothQuant folded into the LayerNorms, static MSE ranges, FFN2 of layers 0-2 per token).
   - `recipe-distill-l4-int8`, `recipe-distill-l3-int8`: the built-in recipes that distil MiniLM to 4 /
-    3 layers first (the student is trained once and cached, see quant_onnx.build_recipe).
+    3 layers first (the student is trained once and reused, see quant_onnx.build_recipe).
   `-at` suffix (`--autotune`, for ours-static and ours-sq-mixed): the same packaged with
   `autotune=True` (Inductor's C++ int8 GEMM templates where they beat oneDNN).
 Per row: p50 latency at batch 1 and 32 (seq 128) as a ratio to torch fp32, size, build time (compile),

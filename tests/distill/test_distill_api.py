@@ -37,13 +37,13 @@ def test_digits_distillation_on_unlabelled_images_beats_labels_only(digits_teach
     assert acc_kd >= acc_labels + 0.03, (acc_kd, acc_labels)
 
 
-def test_recipe_pass_builds_the_student_from_the_teacher(digits_teacher: torch.nn.Module) -> None:
+def test_recipe_pass_builds_the_student_from_the_teacher(digits_teacher: torch.nn.Module, tmp_path: Path) -> None:
     cfg = Config.from_dict(
         {"type": "DistillConfig", "epochs": 4, "lr": 3e-3, "temperature": 3.0, "alpha": 0.7, "batch_size": 64,
          "student": {"width_ratio": 0.48}}
     )  # fmt: skip
     report = Report(model="digits-cnn")
-    ctx = Context(show_progress=False, report=report)
+    ctx = Context(show_progress=False, report=report, cache_dir=tmp_path)
     student = apply(digits_teacher, cfg, ctx)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(student) <= n(digits_teacher) / 4
@@ -51,6 +51,19 @@ def test_recipe_pass_builds_the_student_from_the_teacher(digits_teacher: torch.n
     assert accuracy(student, Xt, yt) >= 0.95 * accuracy(digits_teacher, Xt, yt)
     record = report.passes[-1]
     assert record.name == "distill" and record.stats["student_params"] == n(student)
+
+    # the same recipe again reuses the trained student; a damaged file is trained again, with a warning
+    saved = Path(record.stats["saved_student"])
+    again = apply(digits_teacher, cfg, ctx)
+    assert report.passes[-1].stats["reused_student"] == str(saved)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), student.state_dict().values(), strict=True))
+    saved.write_bytes(b"not safetensors")
+    with pytest.warns(UserWarning, match="could not be read"):
+        apply(digits_teacher, cfg, ctx)
+    assert "steps" in report.passes[-1].stats and saved.stat().st_size > 1000
+    other = Config.from_dict({**cfg.to_dict(), "epochs": 3})
+    apply(digits_teacher, other, ctx)
+    assert "reused_student" not in report.passes[-1].stats
 
 
 def test_text_encoder_online_with_hidden_and_attention_losses() -> None:

@@ -14,6 +14,8 @@ In a recipe the incoming model is the teacher and the student is built from it:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from modelpress.core.atomic import atomic_path
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
 from modelpress.core.registry import register
-from modelpress.distill.cache import teacher_cache
+from modelpress.distill.cache import teacher_cache, weights_fingerprint
 from modelpress.distill.config import DistillConfig, StudentConfig
 from modelpress.distill.data import Batch, Samples, as_samples
 from modelpress.distill.losses import Objective, layer_map
@@ -203,8 +208,26 @@ def distill_pass(
     metric = ctx.metric if cfg.patience is not None else None
     if metric is None and cfg.patience is not None:
         raise DataError(f"patience={cfg.patience} needs a task metric; this model has none (Context(metric=...))")
-    result = distill(model, student, data, cfg, metric=metric, ctx=ctx)
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    samples = as_samples(data, model, cfg.max_seq_length)
+    # Without a metric the trained student depends only on the teacher, the data and the settings: a
+    # run of the same recipe reuses it (delete the file to train again).
+    saved = _student_path(ctx, model, samples, cfg) if metric is None else None
+    if saved is not None and saved.is_file():
+        try:
+            student.load_state_dict(load_file(str(saved)))
+        except (RuntimeError, OSError, SafetensorError) as e:
+            ctx.warn(f"distill: the saved student {saved} could not be read ({e}); training again")
+        else:
+            ctx.report.add_pass(
+                "distill", time.perf_counter() - start, mode=cfg.mode, teacher_params=params(model),
+                student_params=params(student), reused_student=str(saved),
+            )  # fmt: skip
+            return student.eval()
+    result = distill(model, student, samples, cfg, metric=metric, ctx=ctx)
+    if saved is not None:
+        with atomic_path(saved) as tmp:
+            save_file({k: v.contiguous() for k, v in result.student.state_dict().items()}, str(tmp))
     ctx.report.add_pass(
         "distill",
         time.perf_counter() - start,
@@ -215,5 +238,13 @@ def distill_pass(
         final_loss=result.history[-1]["loss"] if result.history else None,
         best_metric=result.best_metric,
         stopped_early=result.stopped_early,
+        saved_student=str(saved) if saved is not None else None,
     )
     return result.student
+
+
+def _student_path(ctx: Context, teacher: nn.Module, samples: Samples, cfg: DistillConfig) -> Path:
+    h = hashlib.sha256(weights_fingerprint(teacher).encode())
+    h.update(samples.fingerprint().encode())
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    return Path(ctx.cache_dir) / "distill" / "students" / f"{type(teacher).__name__}-{h.hexdigest()[:20]}.safetensors"
