@@ -56,7 +56,8 @@ def test_recipe_pass_builds_the_student_from_the_teacher(digits_teacher: torch.n
     saved = Path(record.stats["saved_student"])
     again = apply(digits_teacher, cfg, ctx)
     assert report.passes[-1].stats["reused_student"] == str(saved)
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), student.state_dict().values(), strict=True))
+    pairs = zip(again.state_dict().values(), student.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     saved.write_bytes(b"not safetensors")
     with pytest.warns(UserWarning, match="could not be read"):
         apply(digits_teacher, cfg, ctx)
