@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,24 @@ def test_sensitivity_lists_every_layer_most_sensitive_first(capsys, cache_dir):
     assert result["baseline"] == pytest.approx(1.0)
     assert main(["sensitivity", "digits-cnn", "--metric", "speed"]) == 2
     assert "--metric must be fidelity or task" in capsys.readouterr().err
+
+
+def test_ctrl_c_mid_run_leaves_no_output(tmp_path: Path) -> None:
+    """SIGINT while the artifacts are being written: exit 130, a message, and no folder or partial left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "modelpress.cli", "compress", "digits-cnn", "--recipe", "int8-static",
+           "--out", str(out), "--threads", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*.partial")):  # the temporary output folder exists: work is under way
+        assert proc.poll() is None and time.monotonic() < deadline, "compress ended before it was interrupted"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in stderr
+    assert list(tmp_path.iterdir()) == []

@@ -488,7 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode typer returns an exit code instead of raising (Ctrl-C: 130).
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                err.print("interrupted: nothing was written")
+            return code
     except BadInputError as e:
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         return 2
@@ -499,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print("interrupted: nothing was written")
         return 130
     except Exception as e:
         # typer ships its own click: recognise its exceptions by shape, not by class.
