@@ -75,7 +75,7 @@ def auto_compress(
             try:
                 _, report = compress(
                     loaded, rec, data, out_dir=folder, threads=threads, eval_data=eval_data,
-                    batch_sizes=batch_sizes, repeats=repeats, progress=progress, console=console,
+                    batch_sizes=batch_sizes, repeats=repeats, progress=progress, console=console, validation=True,
                 )  # fmt: skip
             except BadInputError as e:  # a recipe that does not apply to this model
                 rows.append({"recipe": rec.name, "artifact": "-", "error": str(e)})

@@ -43,11 +43,13 @@ def compress(
     progress: bool = True,
     console: Console | None = None,
     overwrite: bool = False,
+    validation: bool = False,
 ) -> tuple[nn.Module, Report]:
     """Apply `recipe` to `model`, export its artifacts into `out_dir` and measure everything.
 
     `data` (calibration / training batches) defaults to the zoo entry's calibration set. An existing,
     non-empty `out_dir` is refused before any work unless `overwrite` (it is then replaced atomically).
+    `validation` also scores every measured form on the model's validation split (auto mode's budget).
     """
     check_out_dir(out_dir, overwrite)
     loaded = model if isinstance(model, LoadedModel) else resolve(model)
@@ -87,7 +89,10 @@ def compress(
         artifacts = _export(compressed, example, rec, tmp, ctx, entry.batch_axes if entry is not None else None)
         report.parity = _parity(loaded.model, compressed, artifacts, example, threads) if artifacts else None
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
-        _measure(loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir)
+        _measure(
+            loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir,
+            validation,
+        )  # fmt: skip
         report.write(tmp)
     if progress:
         from modelpress.measure import stats_table
@@ -254,6 +259,7 @@ def _measure(
     repeats: int,
     progress: bool,
     final_dir: str | Path,
+    validation: bool,
 ) -> None:
     from modelpress.export.runtime import AotiModel, OnnxModel
     from modelpress.measure import bench
@@ -278,7 +284,7 @@ def _measure(
         threads=threads,
         repeats=repeats,
         eval_data=eval_data,
-        validation=True,
+        validation=validation,
         progress=progress,
         memory=False,
     )
