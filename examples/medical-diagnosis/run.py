@@ -25,7 +25,6 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_dir
 from modelpress.core.context import Context
-from modelpress.core.errors import BadInputError, ModelpressError
 from modelpress.core.registry import apply
 from modelpress.core.report import Report
 from modelpress.export.onnx import export_onnx
@@ -35,54 +34,18 @@ from modelpress.recipes.recipe import load_recipe
 from modelpress.zoo.base import get_entry
 from modelpress.zoo.breast_cancer import evaluate_split
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import base_parser, check_out, exit_code, layer_bits, parse
+
 RECIPE = "medical-mixed"
 DEFAULT_OUT = Path("modelpress-out/medical-diagnosis")
 MARKER = "medical-diagnosis"  # results.json "example": a folder holding it is this script's own, replaced freely
+LAYERS = (nn.Linear,)  # the float layers whose bit width the results report
 METRICS = {"accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity", "auc": "AUC"}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="torch and ONNX Runtime threads (default 1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder of other content")
-    return parser.parse_args(argv)
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder that is not an earlier result of this script, unless `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} is a file; give a folder")
-    if overwrite or not out.exists() or not any(out.iterdir()):
-        return
-    try:
-        own = json.loads((out / "results.json").read_text(encoding="utf-8")).get("example") == MARKER
-    except (OSError, ValueError, AttributeError):
-        own = False
-    if not own:
-        raise BadInputError(f"--out {out} exists and holds other files; pass --overwrite to replace it")
-
-
-def layer_bits(model: nn.Module) -> dict[str, int]:
-    """Weight bit width of every Linear layer: the quantized layers' own scheme, 32 for float ones."""
-    bits = {}
-    for name, module in model.named_modules():
-        scheme = getattr(module, "weight_scheme", None)
-        if scheme is not None:
-            bits[name] = int(scheme.bits)
-        elif isinstance(module, nn.Linear):
-            bits[name] = 32
-    return bits
+    return parse(base_parser(__doc__, DEFAULT_OUT), argv)
 
 
 def row(label: str, model_fn: Any, size_bytes: int, artifact: str, bits: dict[str, int]) -> dict[str, Any]:
@@ -124,7 +87,7 @@ def run(
     out: Path, threads: int, overwrite: bool = False, console: Console | None = None
 ) -> tuple[dict[str, Any], nn.Module]:
     """Compress, export and measure into `out` (atomically); returns results.json's content and the model."""
-    check_out(out, overwrite)
+    check_out(out, overwrite, MARKER)
     torch.set_num_threads(threads)
     entry = get_entry("breast-cancer")
     model = entry.load()
@@ -148,7 +111,7 @@ def run(
         fp32_onnx = export_onnx(model, example, tmp / "model-fp32.onnx")
         q_onnx = export_onnx(compressed, example, tmp / "model.onnx")
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        fp32_bits, q_bits = layer_bits(model), layer_bits(compressed)
+        fp32_bits, q_bits = layer_bits(model, LAYERS), layer_bits(compressed, LAYERS)
         rows = [
             row("fp32 (eager)", model, artifact_size_bytes(model), "safetensors", fp32_bits),
             row(
@@ -197,15 +160,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # bad arguments: argparse prints the usage and the problem, exit 2
-    try:
-        run(args.out, args.threads, args.overwrite)
-    except BadInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ModelpressError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(lambda: run(args.out, args.threads, args.overwrite))
 
 
 if __name__ == "__main__":

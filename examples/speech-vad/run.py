@@ -32,7 +32,6 @@ from torch import nn
 import modelpress
 from modelpress.core.atomic import atomic_dir
 from modelpress.core.environment import environment
-from modelpress.core.errors import BadInputError, ModelpressError
 from modelpress.export.onnx import export_onnx
 from modelpress.export.runtime import OnnxModel
 from modelpress.measure.size import artifact_size_bytes
@@ -41,24 +40,18 @@ from modelpress.zoo.base import ModelFn, get_entry
 from modelpress.zoo.silero import CHUNK, SAMPLE_RATE, THRESHOLD, stream_probs, vad_scores
 from modelpress.zoo.speech_data import NOISES, SpeechClip, synthesize_speech
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import base_parser, check_out, exit_code, layer_bits, parse, positive_int
+
 RECIPE = "speech-ondevice"
 DEFAULT_OUT = Path("modelpress-out/speech-vad")
 MARKER = "speech-vad"  # results.json "example": a folder holding it is this script's own, replaced freely
+LAYERS = (nn.Linear, nn.Conv1d)  # the float layers whose bit width the results report
 FIRST_SEED = 100  # the zoo entry's evaluation, validation and calibration audio use seeds 0-2
 # The recipe's promise: at least this fraction of frames decided as by fp32, over all the audio and at
 # each SNR (at 0 dB many frames sit near the threshold, and even 8-bit weights alone flip ~1% of them).
 AGREEMENT_TOL = 0.99
 AGREEMENT_TOL_PER_SNR = 0.985
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _snrs(text: str) -> tuple[float, ...]:
@@ -88,41 +81,12 @@ def _seconds(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="torch and ONNX Runtime threads (default 1)")
+    parser = base_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--snr", type=_snrs, default=(20.0, 10.0, 5.0, 0.0), help="SNRs in dB, one clip each")
     parser.add_argument("--noise", choices=NOISES, default="pink", help="noise mixed with the speech (default pink)")
     parser.add_argument("--seconds", type=_seconds, default=60.0, help="length of each clip (default 60)")
-    parser.add_argument("--repeats", type=_positive_int, default=3, help="timed passes over the audio (default 3)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder of other content")
-    return parser.parse_args(argv)
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder that is not an earlier result of this script, unless `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} is a file; give a folder")
-    if overwrite or not out.exists() or not any(out.iterdir()):
-        return
-    try:
-        own = json.loads((out / "results.json").read_text(encoding="utf-8")).get("example") == MARKER
-    except (OSError, ValueError, AttributeError):
-        own = False
-    if not own:
-        raise BadInputError(f"--out {out} exists and holds other files; pass --overwrite to replace it")
-
-
-def layer_bits(model: nn.Module) -> dict[str, int]:
-    """Weight bit width of every Conv1d / Linear layer: the quantized layers' own scheme, 32 for float ones."""
-    bits = {}
-    for name, module in model.named_modules():
-        scheme = getattr(module, "weight_scheme", None)
-        if scheme is not None:
-            bits[name] = int(scheme.bits)
-        elif isinstance(module, (nn.Linear, nn.Conv1d)):
-            bits[name] = 32
-    return bits
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the audio (default 3)")
+    return parse(parser, argv)
 
 
 def stream(model_fns: list[ModelFn], clips: list[SpeechClip], repeats: int) -> list[tuple[list[torch.Tensor], float]]:
@@ -224,7 +188,7 @@ def run(
     console: Console | None = None,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Synthesize, compress, export and measure into `out` (atomically); returns results.json's content and model."""
-    check_out(out, overwrite)
+    check_out(out, overwrite, MARKER)
     clips = [synthesize_speech(seconds, FIRST_SEED + i, snr, noise) for i, snr in enumerate(snrs)]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -265,7 +229,7 @@ def run(
                 },
                 "threshold": THRESHOLD,
                 "agreement_tolerance": {"all": AGREEMENT_TOL, "per_snr": AGREEMENT_TOL_PER_SNR},
-                "bits": {"fp32": layer_bits(model), RECIPE: layer_bits(compressed)},
+                "bits": {"fp32": layer_bits(model, LAYERS), RECIPE: layer_bits(compressed, LAYERS)},
                 "rows": rows,
                 "warnings": report.warnings + export_warnings,
                 "repeats": repeats,
@@ -292,15 +256,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # bad arguments: argparse prints the usage and the problem, exit 2
-    try:
-        run(args.out, args.threads, args.snr, args.noise, args.seconds, args.repeats, args.overwrite)
-    except BadInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ModelpressError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(
+        lambda: run(args.out, args.threads, args.snr, args.noise, args.seconds, args.repeats, args.overwrite)
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from torch import nn
 from modelpress.core.atomic import atomic_dir, atomic_path
 from modelpress.core.context import Context
 from modelpress.core.environment import environment
-from modelpress.core.errors import BadInputError, ModelpressError
 from modelpress.core.registry import apply
 from modelpress.core.report import Report
 from modelpress.export.artifact import PT2_MIN_COSINE, package_checked
@@ -42,6 +41,9 @@ from modelpress.measure.size import artifact_size_bytes
 from modelpress.recipes.recipe import Recipe, load_recipe
 from modelpress.zoo.base import get_entry
 from modelpress.zoo.mtcnn import detect_faces, frames, match_detections, normalize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import base_parser, check_out, exit_code, parse, positive_int
 
 RECIPE = "vision-realtime"
 DEFAULT_OUT = Path("modelpress-out/vision-realtime")
@@ -56,37 +58,10 @@ TIMED_FRAMES = ("astronaut", "camera", "faces-grid")  # the 512 x 512 frames the
 NETS = ("pnet", "rnet", "onet")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="torch and ONNX Runtime threads (default 1)")
-    parser.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per frame (default 20)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder of other content")
-    return parser.parse_args(argv)
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder that is not an earlier result of this script, unless `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} is a file; give a folder")
-    if overwrite or not out.exists() or not any(out.iterdir()):
-        return
-    try:
-        own = json.loads((out / "results.json").read_text(encoding="utf-8")).get("example") == MARKER
-    except (OSError, ValueError, AttributeError):
-        own = False
-    if not own:
-        raise BadInputError(f"--out {out} exists and holds other files; pass --overwrite to replace it")
+    parser = base_parser(__doc__, DEFAULT_OUT)
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed runs per frame (default 20)")
+    return parse(parser, argv)
 
 
 # ---------------------------------------------------------------- compression and export
@@ -371,7 +346,7 @@ def run(
     out: Path, threads: int, repeats: int = 20, overwrite: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
     """Compress, export and measure into `out` (atomically); returns results.json's content."""
-    check_out(out, overwrite)
+    check_out(out, overwrite, MARKER)
     recipe = load_recipe(RECIPE)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -417,15 +392,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # bad arguments: argparse prints the usage and the problem, exit 2
-    try:
-        run(args.out, args.threads, args.repeats, args.overwrite)
-    except BadInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ModelpressError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(lambda: run(args.out, args.threads, args.repeats, args.overwrite))
 
 
 if __name__ == "__main__":

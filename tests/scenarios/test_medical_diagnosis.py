@@ -8,9 +8,8 @@ layer really holds integer codes of the bit width the results report.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +24,8 @@ from modelpress.quant import QLinear
 from modelpress.zoo.base import get_entry
 from modelpress.zoo.breast_cancer import evaluate_split, load_breast_cancer_split
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "medical-diagnosis" / "run.py"
+EXAMPLE = "medical-diagnosis"  # examples/medical-diagnosis/run.py, loaded by the `example` fixture (conftest.py)
 AUC_TOL = 0.005  # ROC AUC may move by at most this much; accuracy and sensitivity may not drop at all
-
-
-def _load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("medical_diagnosis_run", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def example() -> Any:
-    return _load_example()
 
 
 @pytest.fixture(scope="module")
@@ -143,27 +128,13 @@ def test_outputs_are_complete(outcome: tuple) -> None:
 
 
 @pytest.mark.parametrize("args", [["--threads", "0"], ["--threads", "two"], ["--bogus"]])
-def test_bad_arguments_exit_2(example: Any, args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        example.main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
+def test_bad_arguments_exit_2(usage_error: Callable[[list[str]], str], args: list[str]) -> None:
+    err = usage_error(args)
     assert ("positive integer" in err) if "--threads" in args else ("unrecognized arguments" in err)
 
 
-def test_bad_out_is_refused_and_left_untouched(
-    example: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    file = tmp_path / "results.txt"
-    file.write_text("keep me")
-    assert example.main(["--out", str(file)]) == 2
-    assert "is a file" in capsys.readouterr().err and file.read_text() == "keep me"
-    foreign = tmp_path / "theirs"
-    foreign.mkdir()
-    (foreign / "notes.md").write_text("keep me")
-    assert example.main(["--out", str(foreign)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert [p.name for p in foreign.iterdir()] == ["notes.md"]
+def test_bad_out_is_refused_and_left_untouched(refuses_bad_out: Callable[[], None]) -> None:
+    refuses_bad_out()
 
 
 def test_a_failed_run_leaves_nothing_behind(

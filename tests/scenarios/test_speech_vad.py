@@ -14,7 +14,7 @@ import importlib.util
 import json
 import math
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from modelpress.zoo.speech_data import espeak_available, synthesize_speech
 if importlib.util.find_spec("silero_vad") is None:
     pytest.skip("silero-vad is not installed", allow_module_level=True)
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "speech-vad" / "run.py"
+EXAMPLE = "speech-vad"  # examples/speech-vad/run.py, loaded by the `example` fixture (conftest.py)
 AGREEMENT_TOL = 0.99  # fraction of frames whose speech decision matches fp32's, over all the audio
 AGREEMENT_TOL_PER_SNR = 0.985  # ... and at each SNR (down to 0 dB, where many frames sit near the threshold)
 F1_TOL = 0.01  # F1 against the ground truth may drop by at most this much
@@ -48,20 +48,6 @@ def espeak() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("espeak-ng is not installed; CI needs it (.ci/run installs it)")
         pytest.skip("espeak-ng is not installed")
-
-
-def _load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("speech_vad_run", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def example() -> Any:
-    return _load_example()
 
 
 @pytest.fixture(scope="module")
@@ -208,26 +194,18 @@ def test_outputs_are_complete(outcome: tuple) -> None:
         (["--bogus"], "unrecognized arguments"),
     ],
 )
-def test_bad_arguments_exit_2(example: Any, args: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        example.main(args)
-    assert exc.value.code == 2
-    assert fragment in capsys.readouterr().err
+def test_bad_arguments_exit_2(usage_error: Callable[[list[str]], str], args: list[str], fragment: str) -> None:
+    assert fragment in usage_error(args)
 
 
 def test_bad_out_and_missing_espeak_are_refused_and_leave_nothing(
-    example: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    refuses_bad_out: Callable[[], None],
+    example: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    file = tmp_path / "results.txt"
-    file.write_text("keep me")
-    assert example.main(["--out", str(file)]) == 2
-    assert "is a file" in capsys.readouterr().err and file.read_text() == "keep me"
-    foreign = tmp_path / "theirs"
-    foreign.mkdir()
-    (foreign / "notes.md").write_text("keep me")
-    assert example.main(["--out", str(foreign)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert [p.name for p in foreign.iterdir()] == ["notes.md"]
+    refuses_bad_out()  # leaves results.txt and theirs/ in tmp_path
     monkeypatch.setattr(speech_data, "ESPEAK", "espeak-ng-not-installed")
     assert example.main(["--out", str(tmp_path / "new")]) == 2
     assert "apt-get install espeak-ng" in capsys.readouterr().err

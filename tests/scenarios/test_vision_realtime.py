@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +30,10 @@ from modelpress.recipes.recipe import load_recipe
 from modelpress.zoo import mtcnn
 from modelpress.zoo.base import get_entry
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vision-realtime" / "run.py"
+EXAMPLE = "vision-realtime"  # examples/vision-realtime/run.py, loaded by the `example` fixture (conftest.py)
 HAS_WEIGHTS = importlib.util.find_spec("facenet_pytorch") is not None
 needs_weights = pytest.mark.skipif(not HAS_WEIGHTS, reason=f"MTCNN weights absent ({mtcnn.INSTALL})")
 NETS = ("pnet", "rnet", "onet")
-
-
-def _load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("vision_realtime_run", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def example() -> Any:
-    return _load_example()
 
 
 @pytest.fixture(scope="module")
@@ -169,27 +155,13 @@ def test_nms_and_matching() -> None:
 
 
 @pytest.mark.parametrize("args", [["--threads", "0"], ["--repeats", "x"], ["--bogus"]])
-def test_bad_arguments_exit_2(example: Any, args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        example.main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
+def test_bad_arguments_exit_2(usage_error: Callable[[list[str]], str], args: list[str]) -> None:
+    err = usage_error(args)
     assert ("positive integer" in err) if args[0] != "--bogus" else ("unrecognized arguments" in err)
 
 
-def test_bad_out_is_refused_and_left_untouched(
-    example: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    file = tmp_path / "results.txt"
-    file.write_text("keep me")
-    assert example.main(["--out", str(file)]) == 2
-    assert "is a file" in capsys.readouterr().err and file.read_text() == "keep me"
-    foreign = tmp_path / "theirs"
-    foreign.mkdir()
-    (foreign / "notes.md").write_text("keep me")
-    assert example.main(["--out", str(foreign)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert [p.name for p in foreign.iterdir()] == ["notes.md"]
+def test_bad_out_is_refused_and_left_untouched(refuses_bad_out: Callable[[], None]) -> None:
+    refuses_bad_out()
 
 
 def test_a_failed_run_leaves_nothing_behind(example: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

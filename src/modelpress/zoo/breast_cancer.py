@@ -17,8 +17,6 @@ ROC AUC ranks samples by the predicted probability of malignancy.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -28,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.core.context import Context, default_cache_dir
+from modelpress.core.context import default_cache_dir
 from modelpress.core.errors import BadInputError, DataError
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
+from modelpress.zoo.training import as_logits, recipe_fingerprint, train_classifier
 from modelpress.zoo.weights_cache import load_cached, save_cached
 
 SPLIT_SEED = 0
@@ -101,13 +100,6 @@ def load_breast_cancer_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(X.copy()), torch.from_numpy(y.copy())
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """Logits from whatever a model callable returns: a tensor, a tuple/list, or numpy."""
-    if isinstance(out, tuple | list):
-        out = out[0]
-    return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
-
-
 def diagnostic_metrics(model_fn: ModelFn, X: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> dict[str, Any]:
     """Accuracy, sensitivity, specificity and ROC AUC of `model_fn` (any callable returning logits).
 
@@ -118,7 +110,7 @@ def diagnostic_metrics(model_fn: ModelFn, X: torch.Tensor, y: torch.Tensor, batc
     chunks = []
     with torch.no_grad():
         for i in range(0, len(y), batch_size):
-            chunks.append(_logits(model_fn(X[i : i + batch_size])).detach().float().cpu())
+            chunks.append(as_logits(model_fn(X[i : i + batch_size])).detach().float().cpu())
     logits = torch.cat(chunks)  # (N, 2)
     if logits.ndim != 2 or logits.shape != (len(y), 2):
         raise DataError(f"expected logits of shape ({len(y)}, 2) from the model, got {tuple(logits.shape)}")
@@ -166,42 +158,34 @@ def train_breast_cancer_mlp(
     Returns the model in eval mode.
     """
     X, y = train_set if train_set is not None else load_breast_cancer_split("train")
-    gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(y) // batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-    ctx = Context(threads=threads, show_progress=progress)
-    model.train()
-    with ctx.threads_scope():
-        for _ in ctx.progress(range(epochs), "training breast-cancer"):
-            order = torch.randperm(len(y), generator=gen)
-            for i in range(0, len(y), batch_size):
-                idx = order[i : i + batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model(X[idx]), y[idx]).backward()
-                opt.step()
-                sched.step()
-    return model.eval()
+    return train_classifier(
+        model,
+        X,
+        y,
+        epochs=epochs,
+        seed=seed,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        label="breast-cancer",
+        params=[p for p in model.parameters() if p.requires_grad],
+        progress=progress,
+        threads=threads,
+    )
 
 
 def _fingerprint() -> str:
     """Hash of everything that determines the trained weights; part of the cache file name."""
-    recipe = {
-        "version": RECIPE_VERSION,
-        "arch": repr(BreastCancerMLP()),
-        "split": {"seed": SPLIT_SEED, "fractions": [0.6, 0.2, 0.2], "standardize": "train mean/std"},
-        "train": {
-            "epochs": EPOCHS,
-            "seed": TRAIN_SEED,
-            "lr": LR,
-            "batch_size": BATCH_SIZE,
-            "weight_decay": WEIGHT_DECAY,
-            "optimizer": "AdamW+OneCycle",
-        },
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return recipe_fingerprint(
+        RECIPE_VERSION,
+        BreastCancerMLP(),
+        {"seed": SPLIT_SEED, "fractions": [0.6, 0.2, 0.2], "standardize": "train mean/std"},
+        epochs=EPOCHS,
+        seed=TRAIN_SEED,
+        lr=LR,
+        batch_size=BATCH_SIZE,
+        weight_decay=WEIGHT_DECAY,
+    )
 
 
 def _fresh_model() -> BreastCancerMLP:

@@ -11,21 +11,19 @@ every conv gives Conv-BN folding and channel pruning real work to do.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from modelpress.core.context import Context, default_cache_dir
+from modelpress.core.context import default_cache_dir
 from modelpress.core.errors import BadInputError, DataError
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
+from modelpress.zoo.training import as_logits, recipe_fingerprint, train_classifier
 from modelpress.zoo.weights_cache import load_cached, save_cached
 
 SPLIT_SEED = 0
@@ -87,19 +85,12 @@ def load_digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(X.copy()), torch.from_numpy(y.copy())
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """Logits from whatever a model callable returns: a tensor, a tuple/list, or numpy."""
-    if isinstance(out, tuple | list):
-        out = out[0]
-    return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
-
-
 def accuracy(model_fn: ModelFn, X: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of `model_fn` (any callable returning logits) on `X`, `y`."""
     correct = 0
     with torch.no_grad():
         for i in range(0, len(y), batch_size):
-            pred = _logits(model_fn(X[i : i + batch_size])).argmax(dim=-1)
+            pred = as_logits(model_fn(X[i : i + batch_size])).argmax(dim=-1)
             correct += int((pred.cpu() == y[i : i + batch_size]).sum())
     return correct / len(y)
 
@@ -123,41 +114,33 @@ def train_digits_cnn(
     Returns the model in eval mode.
     """
     X, y = train_set if train_set is not None else load_digits_split("train")
-    gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(y) // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-    ctx = Context(threads=threads, show_progress=progress)
-    model.train()
-    with ctx.threads_scope():
-        for _ in ctx.progress(range(epochs), "training digits-cnn"):
-            order = torch.randperm(len(y), generator=gen)
-            for i in range(0, len(y), batch_size):
-                idx = order[i : i + batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model(X[idx]), y[idx]).backward()
-                opt.step()
-                sched.step()
-    return model.eval()
+    return train_classifier(
+        model,
+        X,
+        y,
+        epochs=epochs,
+        seed=seed,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        label="digits-cnn",
+        progress=progress,
+        threads=threads,
+    )
 
 
 def _fingerprint() -> str:
     """Hash of everything that determines the trained weights; part of the cache file name."""
-    recipe = {
-        "version": RECIPE_VERSION,
-        "arch": repr(DigitsCNN()),
-        "split": {"seed": SPLIT_SEED, "fractions": [0.7, 0.15, 0.15], "scale": 1 / 16},
-        "train": {
-            "epochs": EPOCHS,
-            "seed": TRAIN_SEED,
-            "lr": LR,
-            "batch_size": BATCH_SIZE,
-            "weight_decay": WEIGHT_DECAY,
-            "optimizer": "AdamW+OneCycle",
-        },
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return recipe_fingerprint(
+        RECIPE_VERSION,
+        DigitsCNN(),
+        {"seed": SPLIT_SEED, "fractions": [0.7, 0.15, 0.15], "scale": 1 / 16},
+        epochs=EPOCHS,
+        seed=TRAIN_SEED,
+        lr=LR,
+        batch_size=BATCH_SIZE,
+        weight_decay=WEIGHT_DECAY,
+    )
 
 
 def load_digits_cnn(cache_dir: Path | None = None, progress: bool = False) -> DigitsCNN:
