@@ -47,6 +47,28 @@ def test_page_embeds_every_plot_as_png() -> None:
     assert "a &lt;test&gt; recipe" in page and "skipped conv3" in page and "http" not in page
 
 
+def test_auto_mode_candidates_are_plotted_and_tabled() -> None:
+    r = report()
+    row = {"drop_split": "validation", "test_drop": 0.0, "validation_quality": 0.98, "quality": 0.98}
+    r.auto = {
+        "max_drop": 0.01, "objective": "latency", "batch_size": 32, "chosen": "int8: model.onnx",
+        "candidates": [
+            {**row, "recipe": "float", "artifact": "model.onnx", "drop": 0.0, "p50_ms": 30.0, "size_mb": 10.0,
+             "within_budget": True},
+            {**row, "recipe": "int8", "artifact": "model.onnx", "drop": 0.004, "p50_ms": 12.0, "size_mb": 3.0,
+             "within_budget": True},
+            {**row, "recipe": "w2", "artifact": "model.onnx", "drop": 0.05, "p50_ms": 9.0, "size_mb": 1.0,
+             "within_budget": False},
+            {"recipe": "distill-l3-int8", "artifact": "-", "error": "not a transformer"},
+        ],
+    }  # fmt: skip
+    page = render_html(r)
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 6
+    assert "Auto mode: every candidate against the quality budget" in page
+    assert "<h2>Auto mode: latency within a quality drop of 0.01</h2>" in page
+    assert "refused: not a transformer" in page and "chosen: <b>int8: model.onnx</b>" in page
+
+
 def test_write_puts_html_beside_json(tmp_path: Path) -> None:
     paths = report().write(tmp_path)
     assert [p.name for p in paths] == ["report.json", "report.md", "report.html"]

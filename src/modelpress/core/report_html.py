@@ -73,6 +73,36 @@ def _tradeoff(rows: list[ModelStats], cost: str, batch: str | None = None) -> st
     return _png(fig)
 
 
+def _candidates(auto: dict[str, Any]) -> str | None:
+    """Auto mode: every measured candidate, drop against latency (or size), the budget and the choice."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in auto.get("candidates", []) if "error" not in r]
+    if len(rows) < 2:
+        return None
+    cost = "size_mb" if auto.get("objective") == "size" else "p50_ms"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for ok, color, label in ((True, "tab:green", "within budget"), (False, "tab:red", "over budget")):
+        pts = [(r[cost], r["drop"]) for r in rows if r["within_budget"] == ok]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, zorder=3)
+    for r in rows:
+        chosen = f"{r['recipe']}: {r['artifact']}" == auto.get("chosen")
+        label = f"{r['recipe']} {r['artifact'].split()[0]}" + (" (chosen)" if chosen else "")
+        ax.annotate(label, (r[cost], r["drop"]), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                    weight="bold" if chosen else "normal")  # fmt: skip
+    ax.axhline(auto["max_drop"], color="tab:orange", linestyle="--", label=f"budget {auto['max_drop']}")
+    xs = [r[cost] for r in rows]
+    if max(xs) > 20 * min(xs):
+        ax.set_xscale("log")
+    split = rows[0].get("drop_split", "test")
+    ax.set_xlabel(f"p50 latency at batch {auto.get('batch_size')} (ms)" if cost == "p50_ms" else "size on disk (MB)")
+    ax.set_ylabel(f"quality drop ({split} split)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return _png(fig)
+
+
 def _per_layer(values: dict[str, float], title: str, xlabel: str) -> str:
     import matplotlib.pyplot as plt
 
@@ -122,6 +152,8 @@ def render_html(report: Report) -> str:
             figures.append((f"Quality against latency, batch {batch}", png))
     if (png := _tradeoff(rows, "size")) is not None:
         figures.append(("Quality against size", png))
+    if report.auto and (png := _candidates(report.auto)) is not None:
+        figures.append(("Auto mode: every candidate against the quality budget", png))
     figures += _layer_charts(report)
     esc = html.escape
     parts = [
@@ -138,6 +170,12 @@ def render_html(report: Report) -> str:
         parts.append(f"<p>recipe <b>{esc(str(name))}</b>: {esc(str(description))}</p>")
     if rows:
         parts.append(_table(stats_table_markdown(rows)))
+    if report.auto:
+        lines = report.to_markdown().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("## Auto mode"))
+        table = [line for line in lines[start + 1 :] if line.startswith("|")]
+        parts.append(f"<h2>{esc(lines[start][3:])}</h2>" + _table(table))
+        parts.append(f"<p>chosen: <b>{esc(str(report.auto.get('chosen')))}</b></p>")
     for title, png in figures:
         img = f'<img alt="{esc(title)}" src="data:image/png;base64,{png}">'
         parts.append(f"<figure>{img}<figcaption>{esc(title)}</figcaption></figure>")
