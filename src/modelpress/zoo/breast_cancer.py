@@ -17,7 +17,6 @@ ROC AUC ranks samples by the predicted probability of malignancy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ from torch import nn
 from modelpress.core.context import default_cache_dir
 from modelpress.core.errors import BadInputError, DataError
 from modelpress.core.report import Quality
-from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
-from modelpress.zoo.training import as_logits, recipe_fingerprint, train_classifier
+from modelpress.zoo.base import ModelFn, register_entry
+from modelpress.zoo.training import SplitEntry, as_logits, recipe_fingerprint, train_classifier
 from modelpress.zoo.weights_cache import load_cached, save_cached
 
 SPLIT_SEED = 0
@@ -210,7 +209,7 @@ def load_breast_cancer_mlp(cache_dir: Path | None = None, progress: bool = False
     return model
 
 
-class BreastCancerEntry(ZooEntry):
+class BreastCancerEntry(SplitEntry):
     name = "breast-cancer"
     description = "MLP diagnosing malignant tumours from scikit-learn's breast-cancer measurements (trained locally)"
     task = "tabular-classification"
@@ -219,15 +218,8 @@ class BreastCancerEntry(ZooEntry):
     def load(self, cache_dir: Path | None = None) -> nn.Module:
         return load_breast_cancer_mlp(cache_dir)
 
-    def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
-        X, _ = load_breast_cancer_split("test")
-        reps = -(-batch_size // len(X))
-        return (X.repeat(reps, 1)[:batch_size],)  # (batch_size, 30)
-
-    def calibration_data(self, n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
-        X, _ = load_breast_cancer_split("train")
-        X = X[:n]
-        return [(X[i : i + batch_size],) for i in range(0, len(X), batch_size)]
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_breast_cancer_split(name)  # measurements (N, 30)
 
     def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
         """Test-split accuracy; sensitivity, specificity and AUC (positive = malignant) in `details`."""
@@ -244,11 +236,6 @@ class BreastCancerEntry(ZooEntry):
     def finetune(self, model: nn.Module, epochs: int = 5, lr: float | None = None) -> nn.Module:
         """A short, deterministic fine-tune on the train split (after quantization or pruning)."""
         return train_breast_cancer_mlp(model, epochs=epochs, lr=LR / 3 if lr is None else lr)
-
-    def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        X, _ = load_breast_cancer_split("test")
-        for i in range(0, len(X), batch_size):
-            yield (X[i : i + batch_size],)
 
 
 register_entry("breast-cancer", BreastCancerEntry)

@@ -11,7 +11,6 @@ every conv gives Conv-BN folding and channel pruning real work to do.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from torch import nn
 from modelpress.core.context import default_cache_dir
 from modelpress.core.errors import BadInputError, DataError
 from modelpress.core.report import Quality
-from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
-from modelpress.zoo.training import as_logits, recipe_fingerprint, train_classifier
+from modelpress.zoo.base import ModelFn, register_entry
+from modelpress.zoo.training import SplitEntry, as_logits, recipe_fingerprint, train_classifier
 from modelpress.zoo.weights_cache import load_cached, save_cached
 
 SPLIT_SEED = 0
@@ -157,7 +156,7 @@ def load_digits_cnn(cache_dir: Path | None = None, progress: bool = False) -> Di
     return model
 
 
-class DigitsEntry(ZooEntry):
+class DigitsEntry(SplitEntry):
     name = "digits-cnn"
     description = "small BatchNorm CNN on scikit-learn's 8x8 digits (trained locally, cached)"
     task = "image-classification"
@@ -166,15 +165,8 @@ class DigitsEntry(ZooEntry):
     def load(self, cache_dir: Path | None = None) -> nn.Module:
         return load_digits_cnn(cache_dir)
 
-    def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
-        X, _ = load_digits_split("test")
-        reps = -(-batch_size // len(X))
-        return (X.repeat(reps, 1, 1, 1)[:batch_size],)  # (batch_size, 1, 8, 8)
-
-    def calibration_data(self, n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
-        X, _ = load_digits_split("train")
-        X = X[:n]
-        return [(X[i : i + batch_size],) for i in range(0, len(X), batch_size)]
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_digits_split(name)  # images (N, 1, 8, 8)
 
     def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
         if data is not None:
@@ -189,11 +181,6 @@ class DigitsEntry(ZooEntry):
     def finetune(self, model: nn.Module, epochs: int = 5, lr: float | None = None) -> nn.Module:
         """A short, deterministic fine-tune on the train split (after quantization or pruning)."""
         return train_digits_cnn(model, epochs=epochs, lr=LR / 3 if lr is None else lr)
-
-    def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        X, _ = load_digits_split("test")
-        for i in range(0, len(X), batch_size):
-            yield (X[i : i + batch_size],)
 
 
 register_entry("digits-cnn", DigitsEntry)

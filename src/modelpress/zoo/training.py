@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from modelpress.core.context import Context
+from modelpress.zoo.base import ZooEntry
 
 OPTIMIZER = "AdamW+OneCycle"
 
@@ -89,3 +91,28 @@ def recipe_fingerprint(
         },
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SplitEntry(ZooEntry):
+    """A zoo entry whose data are fixed train / val / test tensors: inputs, calibration and batches from them.
+
+    Subclasses give `split(name) -> (X, y)` and the metric (`evaluate`, `validation_quality`).
+    """
+
+    @abstractmethod
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of the "train", "val" or "test" split."""
+
+    def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
+        X, _ = self.split("test")
+        reps = -(-batch_size // len(X))
+        return (X.repeat(reps, *[1] * (X.dim() - 1))[:batch_size],)  # (batch_size, ...)
+
+    def calibration_data(self, n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
+        X = self.split("train")[0][:n]
+        return [(X[i : i + batch_size],) for i in range(0, len(X), batch_size)]
+
+    def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        X, _ = self.split("test")
+        for i in range(0, len(X), batch_size):
+            yield (X[i : i + batch_size],)
