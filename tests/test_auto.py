@@ -13,7 +13,19 @@ from modelpress.core import ConfigError
 from modelpress.core.errors import BadInputError
 
 
-def test_picks_the_fastest_artifact_within_the_budget(tmp_path: Path, cache_dir: Path) -> None:
+def test_picks_the_fastest_artifact_within_the_budget(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelpress.measure
+
+    measured: list[str] = []
+    real_bench = modelpress.measure.bench
+
+    def bench(specs, **kw):  # noqa: ANN001, ANN003, ANN202 - records which models were measured
+        measured.extend(s[0] for s in specs)
+        return real_bench(specs, **kw)
+
+    monkeypatch.setattr(modelpress.measure, "bench", bench)
     out = tmp_path / "auto"
     chosen, report = auto_compress(
         "digits-cnn", max_drop=0.003, candidates=("float", "int8-static"), out_dir=out, threads=2,
@@ -34,6 +46,7 @@ def test_picks_the_fastest_artifact_within_the_budget(tmp_path: Path, cache_dir:
         assert r["drop_split"] == "validation"
         assert r["drop"] == pytest.approx(base_val.value - r["validation_quality"])
         assert r["test_drop"] == pytest.approx(report.baseline.quality.value - r["quality"])
+    assert measured.count("digits-cnn (original)") == 1  # the original is measured once per run
     saved = json.loads((out / "report.json").read_text())
     assert saved["auto"]["chosen"] == report.auto["chosen"] and (out / "model.onnx").exists()
     assert "Auto mode" in (out / "report.md").read_text()

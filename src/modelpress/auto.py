@@ -68,6 +68,7 @@ def auto_compress(
         raise BadInputError(f"{loaded.spec}: auto mode needs a task metric (a zoo model or --like); none is known")
     recipes = [FLOAT if name == "float" else load_recipe(name) for name in candidates]
     rows: list[dict[str, Any]] = []
+    baseline: ModelStats | None = None  # the original, measured with the first candidate only
     best: tuple[float, Path, str, Report] | None = None
     with tempfile.TemporaryDirectory(prefix="modelpress-auto.") as work:
         for rec in recipes:
@@ -76,10 +77,12 @@ def auto_compress(
                 _, report = compress(
                     loaded, rec, data, out_dir=folder, threads=threads, eval_data=eval_data,
                     batch_sizes=batch_sizes, repeats=repeats, progress=progress, console=console, validation=True,
+                    baseline=baseline,
                 )  # fmt: skip
             except BadInputError as e:  # a recipe that does not apply to this model
                 rows.append({"recipe": rec.name, "artifact": "-", "error": str(e)})
                 continue
+            baseline = report.baseline
             for stats in report.artifacts:
                 if not stats.artifact:  # the eager model: not a deployable file
                     continue

@@ -44,12 +44,14 @@ def compress(
     console: Console | None = None,
     overwrite: bool = False,
     validation: bool = False,
+    baseline: ModelStats | None = None,
 ) -> tuple[nn.Module, Report]:
     """Apply `recipe` to `model`, export its artifacts into `out_dir` and measure everything.
 
     `data` (calibration / training batches) defaults to the zoo entry's calibration set. An existing,
     non-empty `out_dir` is refused before any work unless `overwrite` (it is then replaced atomically).
-    `validation` also scores every measured form on the model's validation split (auto mode's budget).
+    `validation` also scores every measured form on the model's validation split (auto mode's budget);
+    `baseline`: the original's figures measured earlier in this run (auto mode measures it once).
     """
     check_out_dir(out_dir, overwrite)
     loaded = model if isinstance(model, LoadedModel) else resolve(model)
@@ -91,7 +93,7 @@ def compress(
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
         _measure(
             loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir,
-            validation,
+            validation, baseline,
         )  # fmt: skip
         report.write(tmp)
     if progress:
@@ -260,6 +262,7 @@ def _measure(
     progress: bool,
     final_dir: str | Path,
     validation: bool,
+    baseline: ModelStats | None = None,
 ) -> None:
     from modelpress.export.runtime import AotiModel, OnnxModel
     from modelpress.measure import bench
@@ -268,7 +271,7 @@ def _measure(
     entry = loaded.entry
     if entry is None:
         return
-    specs: list[Any] = [(f"{loaded.name} (original)", loaded.model, entry, loaded.path)]
+    specs: list[Any] = [] if baseline is not None else [(f"{loaded.name} (original)", loaded.model, entry, loaded.path)]
     specs.append(
         (f"{loaded.name} ({report.recipe['name'] if report.recipe else 'compressed'}, eager)", compressed, entry)
     )
@@ -288,6 +291,8 @@ def _measure(
         progress=progress,
         memory=False,
     )
+    if baseline is not None:
+        stats.insert(0, baseline)
     params = count_params(compressed)
     for s in stats[2:]:
         s.params, s.nonzero_params = params
