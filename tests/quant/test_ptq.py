@@ -191,3 +191,15 @@ def test_dynamic_per_token_beats_per_tensor_with_an_outlier_token():
     per_tensor = quantize(model, DynamicQuantConfig(act_granularity="tensor"))
     ref = model(x)
     assert sqnr_db(ref[1:], per_token(x)[1:]) > sqnr_db(ref[1:], per_tensor(x)[1:]) + 10
+
+
+def test_layers_targeted_by_type_with_an_ignore_list():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.Linear(16, 4)).eval()
+    only_linear = LayerFilter(types=("Linear",), exclude=("^3$",))
+    qmodel = quantize(model, WeightOnlyConfig(layers=only_linear))
+    assert isinstance(qmodel[0], nn.Conv2d) and isinstance(qmodel[2], QLinear) and isinstance(qmodel[3], nn.Linear)
+    assert isinstance(quantize(model, WeightOnlyConfig(layers=LayerFilter(types=("Conv2d",))))[0], QConv)
+    with pytest.raises(ConfigError, match="layer types are class names such as 'Linear' or 'Conv2d', got 'nn.Linear'"):
+        LayerFilter(types=("nn.Linear",))
+    with pytest.raises(BadInputError, match="no quantizable layers selected"):
+        quantize(model, WeightOnlyConfig(layers=LayerFilter(types=("LSTM",))))

@@ -34,7 +34,7 @@ def weight_layers(model: nn.Module, layer_filter: LayerFilter, ctx: Context | No
     chosen: dict[str, nn.Module] = {}
     skipped: dict[str, list[str]] = {}
     for name, m in model.named_modules():
-        if not name or not layer_filter.selects(name):
+        if not name or not layer_filter.selects(name, type(m).__name__):
             continue
         if isinstance(m, WEIGHT_LAYERS):
             chosen[name] = m

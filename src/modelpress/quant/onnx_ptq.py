@@ -53,7 +53,7 @@ def weighted_nodes(proto: Any, layers: LayerFilter) -> list[str]:
     out = []
     for node in proto.graph.node:
         weighted = node.op_type in (*QUANTIZABLE_OPS, "Attention") and any(i in inits for i in node.input[1:2])
-        if weighted and layers.selects(node.name):
+        if weighted and layers.selects(node.name, node.op_type):
             out.append(node.name)
     return out
 
@@ -239,7 +239,7 @@ def _weight_only_4bit(src: Path, out: Path, cfg: WeightOnlyConfig) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     proto = onnx.load(str(src))
-    exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and not cfg.layers.selects(n.name)]
+    exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and not cfg.layers.selects(n.name, n.op_type)]
     quantizer = MatMulNBitsQuantizer(
         proto, block_size=cfg.group_size, is_symmetric=cfg.symmetric, nodes_to_exclude=exclude
     )

@@ -40,10 +40,14 @@ MIN_EMBEDDING_VALUES = 1 << 16  # smaller tables (e.g. token types) stay float: 
 
 @dataclass(frozen=True)
 class LayerFilter(Config):
-    """Which layers a pass touches: regexes on qualified module names (`re.search`)."""
+    r"""Which layers a pass touches: regexes on qualified module names (`re.search`), optionally only some types.
+
+        >>> LayerFilter(include=(r"encoder\.",), exclude=(r"classifier",), types=("Linear",))
+    """
 
     include: tuple[str, ...] = ()  # empty: every supported layer
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()  # the ignore list: never touched, whatever else matches
+    types: tuple[str, ...] = ()  # module class names ("Linear", "Conv2d"; ONNX: op types); empty: every type
 
     def validate(self) -> None:
         for pattern in (*self.include, *self.exclude):
@@ -51,8 +55,14 @@ class LayerFilter(Config):
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"bad layer pattern {pattern!r}: {e}") from None
+        for kind in self.types:
+            if not isinstance(kind, str) or not kind.isidentifier():
+                raise ConfigError(f"layer types are class names such as 'Linear' or 'Conv2d', got {kind!r}")
 
-    def selects(self, name: str) -> bool:
+    def selects(self, name: str, kind: str | None = None) -> bool:
+        """Whether the layer called `name`, of class (or ONNX op type) `kind`, is selected."""
+        if self.types and kind is not None and kind not in self.types:
+            return False
         if self.include and not any(re.search(p, name) for p in self.include):
             return False
         return not any(re.search(p, name) for p in self.exclude)
@@ -164,7 +174,7 @@ def select_layers(
     """
     chosen, skipped = [], {}
     for name, module in model.named_modules():
-        if not name or not layer_filter.selects(name):
+        if not name or not layer_filter.selects(name, type(module).__name__):
             continue
         if isinstance(module, nn.Embedding) and embeddings:
             if module.weight.numel() >= MIN_EMBEDDING_VALUES:

@@ -209,7 +209,7 @@ def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: Context, override
     start = time.perf_counter()
     if ctx.data is None:
         raise DataError("SmoothQuant needs calibration data: pass data=... (CLI: --data) or use a zoo model")
-    groups = [g for g in find_groups(model) if all(cfg.layers.selects(n) for n, _ in g.linears)]
+    groups = [g for g in find_groups(model) if all(cfg.layers.selects(n, type(m).__name__) for n, m in g.linears)]
     if not groups:  # e.g. a CNN under the int8-smooth recipe: the next pass quantizes it unsmoothed
         ctx.warn(
             "SmoothQuant found no normalization → Linear groups to rescale (it supports BERT-style post-LN "
