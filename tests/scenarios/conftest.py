@@ -43,22 +43,27 @@ def usage_error(example: ModuleType, capsys: pytest.CaptureFixture[str]) -> Call
 
 
 @pytest.fixture
-def refuses_bad_out(example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[[], None]:
-    """Check that `example.main` refuses, with exit 2, a file and a foreign non-empty folder as --out in `tmp_path`.
+def refuses_bad_out(
+    example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> Callable[[], tuple[str, str]]:
+    """Give `example.main` a file and a foreign non-empty folder as --out in `tmp_path`; both must exit 2 and
+    stay untouched. Returns the two error messages.
 
-    Leaves `tmp_path` holding the file `results.txt` and the folder `theirs`, both untouched.
+    Leaves `tmp_path` holding the file `results.txt` and the folder `theirs`.
     """
 
-    def check() -> None:
+    def attempt() -> tuple[str, str]:
         file = tmp_path / "results.txt"
         file.write_text("keep me")
         assert example.main(["--out", str(file)]) == 2
-        assert "is a file" in capsys.readouterr().err and file.read_text() == "keep me"
+        file_err = capsys.readouterr().err
+        assert file.read_text() == "keep me"
         foreign = tmp_path / "theirs"
         foreign.mkdir()
         (foreign / "notes.md").write_text("keep me")
         assert example.main(["--out", str(foreign)]) == 2
-        assert "--overwrite" in capsys.readouterr().err
+        foreign_err = capsys.readouterr().err
         assert [p.name for p in foreign.iterdir()] == ["notes.md"]
+        return file_err, foreign_err
 
-    return check
+    return attempt

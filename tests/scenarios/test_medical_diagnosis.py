@@ -133,8 +133,9 @@ def test_bad_arguments_exit_2(usage_error: Callable[[list[str]], str], args: lis
     assert ("positive integer" in err) if "--threads" in args else ("unrecognized arguments" in err)
 
 
-def test_bad_out_is_refused_and_left_untouched(refuses_bad_out: Callable[[], None]) -> None:
-    refuses_bad_out()
+def test_bad_out_is_refused_and_left_untouched(refuses_bad_out: Callable[[], tuple[str, str]]) -> None:
+    file_err, foreign_err = refuses_bad_out()
+    assert "is a file" in file_err and "--overwrite" in foreign_err
 
 
 def test_a_failed_run_leaves_nothing_behind(

@@ -199,13 +199,14 @@ def test_bad_arguments_exit_2(usage_error: Callable[[list[str]], str], args: lis
 
 
 def test_bad_out_and_missing_espeak_are_refused_and_leave_nothing(
-    refuses_bad_out: Callable[[], None],
+    refuses_bad_out: Callable[[], tuple[str, str]],
     example: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    refuses_bad_out()  # leaves results.txt and theirs/ in tmp_path
+    file_err, foreign_err = refuses_bad_out()  # leaves results.txt and theirs/ in tmp_path
+    assert "is a file" in file_err and "--overwrite" in foreign_err
     monkeypatch.setattr(speech_data, "ESPEAK", "espeak-ng-not-installed")
     assert example.main(["--out", str(tmp_path / "new")]) == 2
     assert "apt-get install espeak-ng" in capsys.readouterr().err
