@@ -42,7 +42,7 @@ MIN_EMBEDDING_VALUES = 1 << 16  # smaller tables (e.g. token types) stay float: 
 class LayerFilter(Config):
     r"""Which layers a pass touches: regexes on qualified module names (`re.search`), optionally only some types.
 
-        >>> LayerFilter(include=(r"encoder\.",), exclude=(r"classifier",), types=("Linear",))
+    >>> LayerFilter(include=(r"encoder\.",), exclude=(r"classifier",), types=("Linear",))
     """
 
     include: tuple[str, ...] = ()  # empty: every supported layer
