@@ -28,6 +28,7 @@ from modelpress.primitives.affine import (
     quantize_tensor,
     reduce_range,
 )
+from modelpress.primitives.packing import pack_int4_pairs, unpack_int4_pairs
 
 ActMode = Literal["none", "static", "dynamic"]
 
@@ -219,9 +220,8 @@ class QEmbedding(nn.Module):
         codes = qt.q.reshape(self.num_embeddings, self.embedding_dim)
         self.register_buffer("weight_scale", qt.scale.float().reshape(self.num_embeddings, -1))  # (V, groups)
         self.packed = bits <= 4 and self.embedding_dim % 2 == 0
-        if self.packed:
-            u = (codes.to(torch.int16) + 8).to(torch.uint8)  # [-8, 7] -> [0, 15]
-            self.register_buffer("weight_packed", u[:, 0::2] | (u[:, 1::2] << 4))  # (V, D/2), low nibble first
+        if self.packed:  # [-8, 7] -> [0, 15], two per byte, low nibble first: (V, D/2)
+            self.register_buffer("weight_packed", pack_int4_pairs((codes.to(torch.int16) + 8).to(torch.uint8)))
         else:
             self.register_buffer("weight_q", codes)  # (V, D)
 
@@ -229,13 +229,13 @@ class QEmbedding(nn.Module):
         """The (V, D) int8 codes, unpacked."""
         if not self.packed:
             return self.weight_q
-        return _unpack_nibbles(self.weight_packed).to(torch.int8)
+        return (unpack_int4_pairs(self.weight_packed).to(torch.int16) - 8).to(torch.int8)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.weight_packed if self.packed else self.weight_q
         rows = F.embedding(ids, table)
         if self.packed:
-            rows = _unpack_nibbles(rows)
+            rows = unpack_int4_pairs(rows).to(torch.int16) - 8
         scale = F.embedding(ids, self.weight_scale)  # (..., groups)
         groups = scale.shape[-1]
         out = rows.to(scale.dtype).reshape(*rows.shape[:-1], groups, -1) * scale.unsqueeze(-1)
@@ -252,9 +252,3 @@ class QEmbedding(nn.Module):
         per = "per-row" if self.group_size == self.embedding_dim else f"per-group({self.group_size})"
         packed = ", two per byte" if self.packed else ""
         return f"{self.num_embeddings}, {self.embedding_dim}, weight=int{self.weight_scheme.bits} sym {per}{packed}"
-
-
-def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """(..., D/2) uint8, low nibble first -> (..., D) codes (int16, offset 8 removed)."""
-    low, high = packed & 15, packed >> 4
-    return torch.stack((low, high), dim=-1).flatten(-2).to(torch.int16) - 8
