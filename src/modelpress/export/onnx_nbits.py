@@ -43,6 +43,7 @@ from modelpress.export.onnx import (
     export_float,
     replace_nodes,
 )
+from modelpress.export.onnx_tables import gather_block_quantized, gather_table
 from modelpress.primitives.packing import pack_bits, to_unsigned
 from modelpress.quant.modules import QConv, QLinear
 
@@ -231,34 +232,25 @@ def lower_gather_nbits(proto: Any, bits: int = 4, block_size: int = 32, min_size
     packed: dict[str, tuple[str, str]] = {}
     new_nodes = []
     for node in graph.node:
-        t = inits.get(node.input[0]) if node.op_type == "Gather" else None
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        fits = t is not None and t.data_type == 1 and len(t.dims) == 2 and axis == 0
-        if not fits or int(np.prod(t.dims)) < min_size or t.dims[1] % block_size:
+        row_gather = node.op_type == "Gather" and all(a.i == 0 for a in node.attribute if a.name == "axis")
+        name = node.input[0] if row_gather else ""
+        if name and name not in packed and (array := gather_table(inits, node, min_size)) is not None:
+            if array.shape[1] % block_size == 0:
+                table = torch.from_numpy(array.copy())  # (V, H)
+                qt = quantize_tensor(table, scheme)
+                codes = pack_bits(to_unsigned(qt.q, scheme), bits).reshape(table.shape[0], -1)  # (V, H * bits / 8)
+                scales = qt.scale.reshape(table.shape[0], -1)  # (V, H / block)
+                stem = f"{name}.q{bits}"
+                graph.initializer.extend([numpy_helper.from_array(codes.numpy(), f"{stem}.data"),
+                                          numpy_helper.from_array(scales.numpy(), f"{stem}.scales")])  # fmt: skip
+                packed[name] = (f"{stem}.data", f"{stem}.scales")
+        if name not in packed:
             new_nodes.append(node)
             continue
-        if t.name not in packed:
-            table = torch.from_numpy(numpy_helper.to_array(t).copy())  # (V, H)
-            qt = quantize_tensor(table, scheme)
-            codes = pack_bits(to_unsigned(qt.q, scheme), bits).reshape(table.shape[0], -1)  # (V, H * bits / 8)
-            scales = qt.scale.reshape(table.shape[0], -1)  # (V, H / block)
-            stem = f"{t.name}.q{bits}"
-            graph.initializer.extend([numpy_helper.from_array(codes.numpy(), f"{stem}.data"),
-                                      numpy_helper.from_array(scales.numpy(), f"{stem}.scales")])  # fmt: skip
-            packed[t.name] = (f"{stem}.data", f"{stem}.scales")
-        data, scales_name = packed[t.name]
+        data, scales_name = packed[name]
+        gbq_name = f"{node.name or name}.q{bits}"
         new_nodes.append(
-            helper.make_node(
-                "GatherBlockQuantized",
-                [data, node.input[1], scales_name],
-                list(node.output),
-                name=f"{node.name or t.name}.q{bits}",
-                domain=MS_DOMAIN,
-                bits=bits,
-                block_size=block_size,
-                gather_axis=0,
-                quantize_axis=1,
-            )
+            gather_block_quantized([data, node.input[1], scales_name], node.output[0], bits, block_size, gbq_name)
         )
     replace_nodes(proto, new_nodes, contrib_ops=bool(packed))
     return sorted(packed)

@@ -239,7 +239,7 @@ def quantize_graph(
                 b, node, _Layer.from_module(name, layers[name]), list(inits[node.input[1]].dims), conv
             )
             done.add(name)
-        elif embeddings != "float" and node.op_type == "Gather" and (table := gather_table(inits, node)) is not None:
+        elif embeddings != "float" and (table := gather_table(inits, node)) is not None:
             owner = table_keys.get(_key(table))
             if owner is None and embeddings != "int8":
                 new_nodes.append(node)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from modelpress.export.onnx import MS_DOMAIN, ExportError
 from modelpress.export.onnx_standins import MIN_EMBEDDING_SIZE
@@ -20,13 +20,22 @@ if TYPE_CHECKING:
     from modelpress.export.onnx_quant import _Builder
 
 
-def gather_table(inits: dict[str, Any], node: Any) -> np.ndarray | None:
-    """The float (V, D) table a row Gather reads, if it has at least MIN_EMBEDDING_SIZE values."""
-    t = inits.get(node.input[0])
+def gather_table(inits: dict[str, Any], node: Any, min_size: int = MIN_EMBEDDING_SIZE) -> np.ndarray | None:
+    """The float (V, D) table a row Gather reads, if it has at least `min_size` values."""
+    t = inits.get(node.input[0]) if node.op_type == "Gather" else None
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    if t is None or t.data_type != 1 or len(t.dims) != 2 or axis != 0 or np.prod(t.dims) < MIN_EMBEDDING_SIZE:
+    if t is None or t.data_type != 1 or len(t.dims) != 2 or axis != 0 or np.prod(t.dims) < min_size:
         return None
     return numpy_helper.to_array(t)
+
+
+def gather_block_quantized(inputs: list[str], output: str, bits: int, block: int, name: str | None = None) -> Any:
+    """ONNX Runtime's `GatherBlockQuantized` over (V, D) unsigned codes (zero point 2^(bits-1)) and (V, D / block)
+    scales: `inputs` = [codes, ids, scales]."""
+    return helper.make_node(
+        "GatherBlockQuantized", inputs, [output], name=name, domain=MS_DOMAIN, bits=bits, block_size=block,
+        gather_axis=0, quantize_axis=1,
+    )  # fmt: skip
 
 
 def integer_table(b: _Builder, table: np.ndarray, q: QEmbedding | None) -> tuple[str, str, tuple[int, int] | None]:
@@ -67,12 +76,7 @@ def lower_gather(b: _Builder, node: Any, codes: str, scales: str, blocks: tuple[
     """Gather the integer rows and their scales, then dequantize only the gathered rows."""
     if blocks is not None:
         block, bits = blocks
-        gbq = b.node(
-            "GatherBlockQuantized", [codes, node.input[1], scales], domain=MS_DOMAIN, bits=bits,
-            block_size=block, gather_axis=0, quantize_axis=1,
-        )  # fmt: skip
-        gbq.output[0] = node.output[0]
-        return [gbq]
+        return [gather_block_quantized([codes, node.input[1], scales], node.output[0], bits, block, b.name("gbq"))]
     rows = b.node("Gather", [codes, node.input[1]], axis=0)
     row_scales = b.node("Gather", [scales, node.input[1]], axis=0)
     cast = b.node("Cast", [rows.output[0]], to=1)
