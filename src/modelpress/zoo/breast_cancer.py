@@ -30,7 +30,7 @@ from modelpress.core.errors import BadInputError, DataError
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, register_entry
 from modelpress.zoo.training import SplitEntry, as_logits, recipe_fingerprint, train_classifier
-from modelpress.zoo.weights_cache import load_cached, save_cached
+from modelpress.zoo.weights_cache import load_or_train
 
 SPLIT_SEED = 0
 TRAIN_SEED = 0
@@ -200,13 +200,11 @@ def _fresh_model() -> BreastCancerMLP:
 def load_breast_cancer_mlp(cache_dir: Path | None = None, progress: bool = False) -> BreastCancerMLP:
     """The trained `BreastCancerMLP`, from the cache if a valid entry exists, else trained and cached."""
     path = Path(cache_dir or default_cache_dir()) / "breast-cancer" / f"{_fingerprint()}.safetensors"
-    model = BreastCancerMLP()
-    if load_cached(path, model, "breast-cancer"):
-        return model.eval()
-    model = _fresh_model()
-    train_breast_cancer_mlp(model, EPOCHS, TRAIN_SEED, progress=progress)
-    save_cached(path, model, _fingerprint())
-    return model
+
+    def train(model: BreastCancerMLP) -> None:
+        train_breast_cancer_mlp(model, EPOCHS, TRAIN_SEED, progress=progress)
+
+    return load_or_train(path, _fresh_model, train, _fingerprint(), "breast-cancer")
 
 
 class BreastCancerEntry(SplitEntry):

@@ -23,7 +23,7 @@ from modelpress.core.errors import BadInputError, DataError
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, register_entry
 from modelpress.zoo.training import SplitEntry, as_logits, recipe_fingerprint, train_classifier
-from modelpress.zoo.weights_cache import load_cached, save_cached
+from modelpress.zoo.weights_cache import load_or_train
 
 SPLIT_SEED = 0
 TRAIN_SEED = 0
@@ -145,15 +145,16 @@ def _fingerprint() -> str:
 def load_digits_cnn(cache_dir: Path | None = None, progress: bool = False) -> DigitsCNN:
     """The trained `DigitsCNN`, from the cache if a valid entry exists, else trained and cached."""
     path = Path(cache_dir or default_cache_dir()) / "digits-cnn" / f"{_fingerprint()}.safetensors"
-    model = DigitsCNN()
-    if load_cached(path, model, "digits-cnn"):
-        return model.eval()
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-        torch.manual_seed(TRAIN_SEED)
-        model = DigitsCNN()
-    train_digits_cnn(model, EPOCHS, TRAIN_SEED, progress=progress)
-    save_cached(path, model, _fingerprint())
-    return model
+
+    def build() -> DigitsCNN:
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(TRAIN_SEED)
+            return DigitsCNN()
+
+    def train(model: DigitsCNN) -> None:
+        train_digits_cnn(model, EPOCHS, TRAIN_SEED, progress=progress)
+
+    return load_or_train(path, build, train, _fingerprint(), "digits-cnn")
 
 
 class DigitsEntry(SplitEntry):

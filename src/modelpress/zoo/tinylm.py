@@ -34,7 +34,7 @@ from modelpress.core.context import Context, default_cache_dir
 from modelpress.core.errors import DataError
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
-from modelpress.zoo.weights_cache import load_cached, save_cached
+from modelpress.zoo.weights_cache import load_or_train
 
 RECIPE_VERSION = 1  # bump when the training code changes in a way the spec does not show
 HELD_OUT = 0.1  # last fraction of the text used for evaluation only
@@ -227,15 +227,16 @@ def cache_path(spec: TinyLMSpec = DEFAULT_SPEC, cache_dir: Path | None = None) -
 
 def load_tiny_lm(cache_dir: Path | None = None, spec: TinyLMSpec = DEFAULT_SPEC, progress: bool = False) -> TinyLM:
     """The trained `TinyLM` for `spec`, from the cache if a valid entry exists, else trained and cached."""
-    path = cache_path(spec, cache_dir)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-        torch.manual_seed(spec.seed)
-        model = TinyLM(spec)
-    if load_cached(path, model, "tiny-lm"):
-        return model.eval()
-    train_tiny_lm(model, spec, progress=progress)
-    save_cached(path, model, spec.fingerprint())
-    return model
+
+    def build() -> TinyLM:
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(spec.seed)
+            return TinyLM(spec)
+
+    def train(model: TinyLM) -> None:
+        train_tiny_lm(model, spec, progress=progress)
+
+    return load_or_train(cache_path(spec, cache_dir), build, train, spec.fingerprint(), "tiny-lm")
 
 
 class TinyLMEntry(ZooEntry):

@@ -1,15 +1,15 @@
 """Trained zoo weights cached as safetensors with a checksum: a corrupt file is detected and retrained.
 
->>> if not load_cached(path, model, "digits-cnn"):
-...     train(model)
-...     save_cached(path, model, fingerprint)
+>>> model = load_or_train(path, build, train, fingerprint, "digits-cnn")   # cached weights, else trained
 """
 
 from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modelpress.core.atomic import atomic_path
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def checksum(state: dict[str, torch.Tensor]) -> str:
@@ -50,3 +52,15 @@ def save_cached(path: Path, model: nn.Module, fingerprint: str) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata={"sha256": checksum(state), "fingerprint": fingerprint})
+
+
+def load_or_train(path: Path, build: Callable[[], M], train: Callable[[M], object], fingerprint: str, label: str) -> M:
+    """`build()`'s model with the weights cached at `path` when they are valid; else a new `build()` trained by
+    `train` (in place) and cached. `build` must be deterministic (seeded), so a retrain gives the same weights."""
+    model = build()
+    if load_cached(path, model, label):
+        return model.eval()
+    model = build()  # a failed load may have left some tensors replaced
+    train(model)
+    save_cached(path, model, fingerprint)
+    return model
