@@ -20,6 +20,7 @@ weight stored transposed) are turned into `nn.Linear` first.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +32,31 @@ from modelpress.core.context import Context
 from modelpress.core.errors import DataError
 from modelpress.quant.ptq import _run
 
-# Cache and flags a decoder passes to its blocks; calibration runs each block once, without a KV cache.
-_NO_CACHE = {"past_key_values": None, "past_key_value": None, "layer_past": None, "use_cache": False}
+# Keywords under which decoders hand their blocks a KV cache (transformers 5 names it `cache`). A recorded
+# call keeps none: a block runs several times on the same call (observe, quantize, feed forward), and a live
+# cache would make every later run attend to the keys of the earlier ones. `cache_position` is kept: it is
+# a tensor of positions, inert without a cache.
+_CACHE_KEYS = frozenset({"past_key_values", "past_key_value", "layer_past", "cache"})
+
+
+def _is_cache(value: Any) -> bool:
+    """A KV cache object: a transformers `Cache`, or anything that looks like one (`update`, `get_seq_length`)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return False
+    cache_utils = sys.modules.get("transformers.cache_utils")  # a transformers cache implies it is imported
+    cache_type = getattr(cache_utils, "Cache", None)
+    if isinstance(cache_type, type) and isinstance(value, cache_type):
+        return True
+    return callable(getattr(value, "update", None)) and callable(getattr(value, "get_seq_length", None))
+
+
+def _without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block call that runs without a KV cache: cache keywords and cache objects dropped, `use_cache=False`."""
+    args = tuple(None if _is_cache(a) else a for a in args)  # GPT-2 passes its cache positionally
+    kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KEYS and not _is_cache(v)}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 class _Stop(Exception):
@@ -118,8 +142,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[A
         if not args:  # hidden states passed by keyword: make them positional
             kwargs = dict(kwargs)
             args = (kwargs.pop("hidden_states"),)
-        kwargs = {k: (_NO_CACHE[k] if k in _NO_CACHE else v) for k, v in kwargs.items()}
-        calls.append(BlockCall(tuple(args), kwargs))
+        calls.append(BlockCall(*_without_cache(tuple(args), kwargs)))
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
