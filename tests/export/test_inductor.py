@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpress.export.inductor import (
-    SplitResidualAdds,
+    PostGradPasses,
     TracedQLinear,
     compile_model,
     compile_package,
@@ -150,7 +150,7 @@ def _binary_qlinear_graph(post_op: str, output_dtype: torch.dtype) -> torch.fx.G
 
 def test_residual_adds_leave_the_int8_gemm() -> None:
     graph = _binary_qlinear_graph("sum", torch.bfloat16)
-    SplitResidualAdds()(graph)
+    PostGradPasses()(graph)
     calls = [n for n in graph.nodes if n.op == "call_function"]
     assert [n.target for n in calls] == [torch.ops.onednn.qlinear_pointwise.default, torch.ops.aten.add.Tensor]
     gemm, add = calls
@@ -160,7 +160,7 @@ def test_residual_adds_leave_the_int8_gemm() -> None:
 
 def test_quantized_output_keeps_its_fused_add() -> None:
     graph = _binary_qlinear_graph("sum", torch.uint8)  # int8 output: the add must stay inside the GEMM
-    SplitResidualAdds()(graph)
+    PostGradPasses()(graph)
     targets = [n.target for n in graph.nodes if n.op == "call_function"]
     assert targets == [torch.ops.onednn.qlinear_pointwise.binary]
 

@@ -1,4 +1,24 @@
-"""What a measurement ran on: library versions, CPU model and features, thread count."""
+"""What a measurement ran on: library versions, CPU model and capabilities, thread count.
+
+`cpu_capabilities()` reads the CPU's flags and the caps a user (or a benchmark) set on the kernel
+libraries, and says what the fast paths can use:
+
+- `int8`: the int8 GEMM unit oneDNN runs: `amx` (AMX tiles, signed and unsigned int8 sources),
+  `avx512_vnni` / `avx_vnni` (VNNI dot products: unsigned int8 sources; a signed source needs
+  weights packed with a compensation term), `avx2` (16-bit multiply-adds, unsigned int8 sources
+  too) or `none`;
+- `bf16`: `amx`, `avx512_bf16` (native bf16 dot products) or `none` (bf16 is converted to fp32
+  around every op: slower than fp32);
+- `aten`: the vector width of ATen's own kernels (`avx512`, `avx2`, `default`).
+
+`ONEDNN_MAX_CPU_ISA` caps oneDNN (e.g. `AVX512_CORE_VNNI` hides AMX, `AVX2` hides AVX-512) and
+`ATEN_CPU_CAPABILITY` caps ATen; both are read once per process, before the first kernel runs, so
+a capped run starts a new process with them set (benchmarks/cpu_matrix.py does).
+
+    >>> caps = cpu_capabilities()
+    >>> caps["int8"], caps["bf16"]
+    ('avx512_vnni', 'avx512_bf16')
+"""
 
 from __future__ import annotations
 
@@ -8,31 +28,157 @@ import platform
 from functools import lru_cache
 from typing import Any
 
+from modelpress.core.errors import BadInputError
+
 _PACKAGES = ("torch", "onnx", "onnxruntime", "transformers", "numpy", "modelpress")
-_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+_CPU_FLAGS = (
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+# oneDNN's ISA names in increasing order; a cap hides every feature introduced after it.
+_ONEDNN_ISA = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+    "ALL",
+)
+# the first oneDNN ISA level at which each flag is used
+_FLAG_LEVEL = {
+    "avx2": "AVX2",
+    "avx_vnni": "AVX2_VNNI",
+    "avx512f": "AVX512_CORE",
+    "avx512bw": "AVX512_CORE",
+    "avx512_vnni": "AVX512_CORE_VNNI",
+    "avx512_bf16": "AVX512_CORE_BF16",
+    "avx512_fp16": "AVX512_CORE_FP16",
+    "amx_tile": "AVX512_CORE_AMX",
+    "amx_int8": "AVX512_CORE_AMX",
+    "amx_bf16": "AVX512_CORE_AMX",
+}
+FEATURES = ("amx_int8", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+
+
+def _read_cpuinfo() -> tuple[str, set[str], str]:
+    """(model name, flags, "family F model M") of the first CPU in /proc/cpuinfo."""
+    name = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    ids: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    name = value.strip()
+                elif key in ("cpu family", "model"):
+                    ids[key] = value.strip()
+                elif key == "flags":
+                    flags = set(value.split())
+                elif not line.strip() and flags:
+                    break
+    except OSError:
+        pass
+    family = f"family {ids['cpu family']} model {ids['model']}" if len(ids) == 2 else ""
+    return name, flags, family
+
+
+def _onednn_cap() -> str | None:
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if not value:
+        return None
+    value = value.strip().upper()
+    return value if value in _ONEDNN_ISA else None
+
+
+def _aten_capability() -> str:
+    try:
+        import torch
+
+        return str(torch.backends.cpu.get_cpu_capability()).lower()
+    except Exception:  # pragma: no cover - torch without the query
+        return os.environ.get("ATEN_CPU_CAPABILITY", "unknown").lower()
 
 
 @lru_cache(maxsize=1)
 def cpu_info() -> dict[str, Any]:
-    """CPU model name, logical cores and the SIMD/matrix features that decide kernel choice."""
-    name = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name") and ":" in line:
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and ":" in line:
-                    flags = set(line.split(":", 1)[1].split())
-                if flags and name:
-                    break
-    except OSError:
-        pass
+    """CPU model name, logical cores, the hardware's SIMD/matrix flags and what the kernels may use."""
+    name, flags, family = _read_cpuinfo()
+    hardware = [f for f in _CPU_FLAGS if f in flags]
+    cap = _onednn_cap()
+    limit = _ONEDNN_ISA.index(cap) if cap else len(_ONEDNN_ISA)
+    usable = {f for f in hardware if _ONEDNN_ISA.index(_FLAG_LEVEL[f]) <= limit}
+    if "amx_int8" in usable and "amx_tile" in usable:
+        int8 = "amx"
+    elif "avx512_vnni" in usable:
+        int8 = "avx512_vnni"
+    elif "avx_vnni" in usable:
+        int8 = "avx_vnni"
+    elif "avx2" in usable:
+        int8 = "avx2"
+    else:
+        int8 = "none"
+    if "amx_bf16" in usable and "amx_tile" in usable:
+        bf16 = "amx"
+    elif "avx512_bf16" in usable:
+        bf16 = "avx512_bf16"
+    else:
+        bf16 = "none"
     return {
         "model": name,
+        "family": family,
         "logical_cores": os.cpu_count(),
-        "features": [f for f in _CPU_FLAGS if f in flags],
+        "features": hardware,
+        "onednn_max_isa": cap,
+        "usable": sorted(usable),
+        "int8": int8,
+        "bf16": bf16,
+        "aten": _aten_capability(),
     }
+
+
+def cpu_capabilities() -> dict[str, Any]:
+    """`cpu_info()`: what the int8 / bf16 fast paths may use on this CPU under the current caps."""
+    return cpu_info()
+
+
+def has_feature(feature: str) -> bool:
+    """Whether the kernels may use `feature` (one of FEATURES) on this CPU under the current caps."""
+    if feature not in FEATURES:
+        raise BadInputError(f"unknown CPU feature {feature!r}; known: {', '.join(FEATURES)}")
+    return feature in cpu_info()["usable"]
+
+
+def require_feature(feature: str, what: str) -> None:
+    """Refuse `what` (e.g. "the AMX int8 lowering") where the CPU lacks `feature`: a clear error, exit 2."""
+    if not has_feature(feature):
+        info = cpu_info()
+        capped = f", capped at ONEDNN_MAX_CPU_ISA={info['onednn_max_isa']}" if info["onednn_max_isa"] else ""
+        usable = ", ".join(info["usable"]) or "none of " + ", ".join(FEATURES)
+        raise BadInputError(
+            f"{what} needs the CPU feature {feature}, which this CPU ({info['model']}{capped}) does not offer; "
+            f"it has: {usable}"
+        )
 
 
 def versions() -> dict[str, str]:

@@ -27,6 +27,7 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from modelpress.core.atomic import atomic_path
+from modelpress.core.environment import cpu_info
 from modelpress.export.onnx import ExportWarning
 from modelpress.quant import kernels
 from modelpress.quant.modules import QLinear
@@ -91,14 +92,19 @@ def prepare(model: nn.Module, bf16: bool = True) -> nn.Module:
 AUTOTUNE_CONFIGS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
-def inductor_configs(extra: dict[str, Any] | None = None, autotune: bool = False) -> dict[str, Any]:
+def inductor_configs(
+    extra: dict[str, Any] | None = None, autotune: bool = False, signed_int8: bool | None = None
+) -> dict[str, Any]:
     """Inductor settings of the int8 lowering: freezing (weights become constants, int8 patterns are
-    prepacked at compile time), `SizesFromInputs` and `SplitResidualAdds`, optionally the autotuned
-    GEMM templates, plus `extra` overrides."""
+    prepacked at compile time), `SizesFromInputs`, `SplitResidualAdds` and, where int8 GEMMs need
+    unsigned sources (`signed_int8` False; default: every CPU without AMX), `UnsignedTokenCodes`;
+    optionally the autotuned GEMM templates, plus `extra` overrides."""
+    if signed_int8 is None:
+        signed_int8 = cpu_info()["int8"] == "amx"
     return {
         "freezing": True,
         "joint_custom_pre_pass": SizesFromInputs(),
-        "post_grad_custom_pre_pass": SplitResidualAdds(),
+        "post_grad_custom_pre_pass": PostGradPasses(unsigned_sources=not signed_int8),
         **(AUTOTUNE_CONFIGS if autotune else {}),
         **(extra or {}),
     }
@@ -254,19 +260,59 @@ class SizesFromInputs(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
-class SplitResidualAdds(CustomGraphPass):
-    """Undo Inductor's fusion of a residual add into an int8 GEMM with float output (a post-grad pass).
+class PostGradPasses(CustomGraphPass):
+    """The post-grad passes of the int8 lowering, in order.
 
-    oneDNN runs `qlinear_pointwise.binary` (add post-op on a bf16 tensor) ~1.8x slower than the
-    plain GEMM on this AMX CPU (MiniLM, 4096x384x384: 1.98 vs 1.12 ms), while the add costs nothing
-    in the LayerNorm kernel that reads the GEMM output next anyway.
+    `_split_residual_adds`: undo Inductor's fusion of a residual add into an int8 GEMM with float
+    output. oneDNN runs `qlinear_pointwise.binary` (add post-op on a bf16 tensor) ~1.8x slower than
+    the plain GEMM on an AMX CPU (MiniLM, 4096x384x384: 1.98 vs 1.12 ms), while the add costs
+    nothing in the LayerNorm kernel that reads the GEMM output next anyway.
+
+    `_unsigned_token_codes` (with `unsigned_sources`): Inductor lowers a per-token layer
+    (`_int_mm` on signed int8 codes) to `qlinear_pointwise` with a signed source and a weight
+    packed for unsigned ones. AMX multiplies signed sources natively; VNNI and AVX2 do not, and
+    oneDNN then runs its reference kernel: ~1 s for one MiniLM FFN GEMM at batch 1, a .pt2 100x
+    slower than the fp32 model. The pass feeds the GEMM the same codes shifted into the unsigned
+    range with source zero point 128: the integer products are unchanged, and the VNNI kernel runs.
     """
+
+    def __init__(self, unsigned_sources: bool = False) -> None:
+        self.unsigned_sources = unsigned_sources
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         _split_residual_adds(graph)
+        if self.unsigned_sources:
+            _unsigned_token_codes(graph)
 
     def uuid(self) -> Any:
-        return get_hash_for_files((__file__,))
+        return (get_hash_for_files((__file__,)), self.unsigned_sources)
+
+
+
+
+def _unsigned_token_codes(graph: torch.fx.Graph) -> int:
+    """Shift signed int8 GEMM sources (source zero point 0) into uint8 with zero point 128; returns the count."""
+    qlinear = torch.ops.onednn.qlinear_pointwise
+    count = 0
+    for node in list(graph.nodes):
+        if node.target not in (qlinear, qlinear.default):
+            continue
+        qx, x_zp = node.args[0], node.args[2]
+        val = qx.meta.get("val") if isinstance(qx, torch.fx.Node) else None
+        if val is None or val.dtype != torch.int8 or x_zp != 0:
+            continue
+        with graph.inserting_before(node):
+            wide = graph.call_function(torch.ops.prims.convert_element_type.default, (qx, torch.int32))
+            shifted = graph.call_function(torch.ops.aten.add.Tensor, (wide, 128))
+            codes = graph.call_function(torch.ops.prims.convert_element_type.default, (shifted, torch.uint8))
+        wide.meta["val"] = val.to(torch.int32)
+        shifted.meta["val"] = wide.meta["val"] + 128
+        codes.meta["val"] = val.to(torch.uint8)
+        for new in (wide, shifted, codes):
+            new.meta.setdefault("tensor_meta", None)
+        node.args = (codes, node.args[1], 128, *node.args[3:])
+        count += 1
+    return count
 
 
 def _split_residual_adds(graph: torch.fx.Graph) -> None:

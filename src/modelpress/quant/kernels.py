@@ -28,6 +28,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.core.environment import cpu_info
 from modelpress.primitives.affine import qparams_from_range, quantize, reduce_range
 
 _qd = torch.ops.quantized_decomposed
@@ -107,20 +108,31 @@ def _int8_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         else:
             scale, zp = qparams_from_range(*reduce_range(x2d, scheme), scheme)
         q = quantize(x2d.float(), scale, zp, scheme)  # (M, K) uint8 (asym) or int8 (sym)
+        q, shift = _source_codes(q)
         y = torch.ops.onednn.qlinear_pointwise(
-            q, float(scale), int(zp), p.weight, p.scale, p.zero_point, bias, 1.0, 0, out_dtype, "none", [], ""
+            q, float(scale), int(zp) + shift, p.weight, p.scale, p.zero_point, bias, 1.0, 0, out_dtype, "none", [], ""
         )
         return y.reshape(*x.shape[:-1], module.out_features)
     # per token: integer GEMM with unit source scale, then each row's scale (and zero point)
     scale, zp = qparams_from_range(*reduce_range(x2d, scheme), scheme)  # (M, 1) each
-    q = quantize(x2d.float(), scale, zp, scheme)
+    q, shift = _source_codes(quantize(x2d.float(), scale, zp, scheme))
     acc = torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 0, p.weight, p.scale, p.zero_point, None, 1.0, 0, torch.float32, "none", [], ""
+        q, 1.0, shift, p.weight, p.scale, p.zero_point, None, 1.0, 0, torch.float32, "none", [], ""
     )  # (M, N) = (q @ w.T) * w_scale
     if not scheme.symmetric:
         acc = acc - zp.float() * p.scaled_colsum
     y = acc * scale if bias is None else torch.addcmul(bias, acc, scale)
     return y.to(out_dtype).reshape(*x.shape[:-1], module.out_features)
+
+
+def _source_codes(q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The GEMM's source codes and the zero-point shift they carry: signed int8 codes as they are where
+    the CPU multiplies signed sources natively (AMX), else shifted by 128 into uint8 (VNNI and AVX2
+    multiply unsigned by signed bytes; for a signed source oneDNN falls back to a reference kernel
+    ~100x slower). The shift is exact: the kernel subtracts the zero point before multiplying."""
+    if q.dtype != torch.int8 or cpu_info()["int8"] == "amx":
+        return q, 0
+    return (q.to(torch.int16) + 128).to(torch.uint8), 128
 
 
 def _weight_only(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
