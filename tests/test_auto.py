@@ -35,7 +35,7 @@ def test_picks_the_fastest_artifact_within_the_budget(
     assert [(r["recipe"], r["artifact"].split()[0]) for r in rows] == [
         ("float", "model.onnx"), ("float", "model.pt2"), ("int8-static", "model.onnx"), ("int8-static", "model.pt2"),
     ]  # fmt: skip
-    eligible = [r for r in rows if r["within_budget"]]
+    eligible = [r for r in rows if r["within_budget"] and not r["slower_than_original"]]
     fastest = min(eligible, key=lambda r: r["p50_ms"])
     assert report.auto["chosen"] == f"{fastest['recipe']}: {fastest['artifact']}"
     assert chosen.name == fastest["artifact"] and fastest["drop"] <= 0.003

@@ -50,3 +50,30 @@ def test_existing_output_folder_is_refused_unless_overwrite(tmp_path: Path, caps
     assert (out / "keep.txt").read_text() == "mine"  # refused before any work: nothing touched
     assert main([*argv, "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+
+
+def test_the_speed_gate_stops_what_runs_past_its_limit(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelpress.measure.gate as gate
+    import modelpress.measure.runner as runner
+
+    def tiny(reference, factor=gate.SPEED_LIMIT_FACTOR):  # noqa: ANN001, ANN202 - every call overruns
+        return {bs: 1e-6 for bs in reference.latency_ms}
+
+    monkeypatch.setattr(gate, "call_limits", tiny)
+    monkeypatch.setattr(runner, "call_limits", tiny)
+    out = tmp_path / "gated"
+    _, report = compress("digits-cnn", "w8", out_dir=out, threads=2, batch_sizes=(1, 8), repeats=3, progress=False)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["baseline"]["speed_gate"] is None and set(saved["baseline"]["latency_ms"]) == {"1", "8"}
+    names = [a["name"] for a in saved["artifacts"]]
+    assert names == ["digits-cnn (w8, eager)", "model.onnx (ONNX Runtime)", "model.pt2 (AOTInductor)"]
+    for a in saved["artifacts"]:
+        assert a["speed_gate"]["status"] == "stopped", a["name"]
+        assert a["latency_ms"] == {} and a["quality"] is None  # nothing more was run on it
+    assert saved["artifacts"][1]["size_bytes"] > 0  # the stopped file is still described
+    stops = [w for w in saved["warnings"] if "stopped" in w]
+    assert len(stops) == 3 and "limit (the original takes" in stops[1]
+    assert any("no artifact is faster than the original" in w for w in saved["warnings"])
+    assert "STOPPED (bs1" in (out / "report.md").read_text()

@@ -1,8 +1,9 @@
 """Auto mode: the fastest (or smallest) deployable model within a quality budget, measured on this machine.
 
 Every candidate recipe is applied, exported (`.onnx` and `.pt2`) and measured by `compress` in this
-run; each artifact whose task metric stays within `max_drop` of the original's is eligible, and the
-best one by `objective` wins. The candidate table goes into the report.
+run; each artifact whose task metric stays within `max_drop` of the original's, and which the
+speed gate did not flag as slower than the original, is eligible; the best one by `objective`
+wins. The candidate table goes into the report.
 
     >>> model, report = auto_compress("minilm", max_drop=0.5, out_dir="out/minilm-auto")
 """
@@ -86,13 +87,23 @@ def auto_compress(
             for stats in report.artifacts:
                 if not stats.artifact:  # the eager model: not a deployable file
                     continue
+                gate = stats.speed_gate or {}
+                if gate.get("status") == "stopped":  # the speed gate stopped it: no figures to rank
+                    rows.append({"recipe": rec.name, "artifact": stats.name, "error": gate["message"]})
+                    continue
                 row = _row(rec.name, stats, report.baseline, max_drop, batch_sizes)
+                # an artifact slower than the original is never chosen, whatever its quality
+                row["slower_than_original"] = gate.get("status") == "slower"
                 rows.append(row)
                 score = row["p50_ms"] if objective == "latency" else row["size_mb"]
-                if row["within_budget"] and (best is None or score < best[0]):
+                eligible = row["within_budget"] and not row["slower_than_original"]
+                if eligible and (best is None or score < best[0]):
                     best = (score, folder, row["artifact"], report)
         if best is None:
-            raise BadInputError(f"no candidate stays within a quality drop of {max_drop}: {_summary(rows)}")
+            raise BadInputError(
+                f"no candidate stays within a quality drop of {max_drop} at a speed above the original's: "
+                f"{_summary(rows)}"
+            )
         _, folder, artifact, report = best
         report.auto = {
             "max_drop": max_drop,
@@ -138,5 +149,8 @@ def _row(
 
 def _summary(rows: list[dict[str, Any]]) -> str:
     return "; ".join(
-        f"{r['recipe']} {r['artifact']}: " + (r["error"] if "error" in r else f"drop {r['drop']:.4f}") for r in rows
+        f"{r['recipe']} {r['artifact']}: "
+        + (r["error"] if "error" in r else f"drop {r['drop']:.4f}")
+        + (" (slower than the original)" if r.get("slower_than_original") else "")
+        for r in rows
     )

@@ -26,6 +26,8 @@ from modelpress.core.errors import BadInputError, NotAvailableError
 from modelpress.core.registry import apply
 from modelpress.core.report import ModelStats, Report
 from modelpress.loading import LoadedModel, resolve
+from modelpress.measure.gate import gate_message, stopped_stats
+from modelpress.measure.size import artifact_size_bytes
 from modelpress.recipes.recipe import Recipe, load_recipe
 from modelpress.zoo.base import ZooEntry
 
@@ -64,19 +66,21 @@ def compress(
         )
     entry = loaded.entry
     entry_for_eval = entry if entry is not None and entry.has_quality else None
+    report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
     if data is None and entry is not None:
         try:
             data = entry.calibration_data(128, 8)
         except NotAvailableError:  # an entry with synthetic inputs only: the passes ask for --data if they need it
             data = None
-    report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
+        else:
+            _record_data(report, entry, "calibration", count=sum(len(batch[0]) for batch in data))
     ctx = Context(
         data=data,
         eval_data=eval_data,
         threads=threads,
         show_progress=progress,
         report=report,
-        train_fn=(lambda m, **kw: entry.finetune(m, **kw)) if entry is not None else None,
+        train_fn=_train_fn(entry, report) if entry is not None else None,
         metric=choice_metric(entry_for_eval, eval_data, report) if entry_for_eval is not None else None,
     )
     compressed = copy.deepcopy(loaded.model).eval()
@@ -95,6 +99,10 @@ def compress(
             loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir,
             validation, baseline,
         )  # fmt: skip
+        if entry_for_eval is not None:
+            _record_data(report, entry_for_eval, "evaluation", data=eval_data)
+            if validation:
+                _record_data(report, entry_for_eval, "validation", data=eval_data)
         report.write(tmp)
     if progress:
         from modelpress.measure import stats_table
@@ -111,6 +119,8 @@ def choice_metric(
 
     def metric(model: nn.Module) -> float:
         quality = entry.validation_quality(model, eval_data)
+        if quality is not None and report is not None:
+            _record_data(report, entry, "validation", data=eval_data)
         if quality is None:
             if report is not None:
                 report.warn(
@@ -120,6 +130,22 @@ def choice_metric(
         return quality.value
 
     return metric
+
+
+def _record_data(report: Report, entry: ZooEntry, use: str, **kw: Any) -> None:
+    """Name in the report the data `use` ran on, where the entry says (see `ZooEntry.data_record`)."""
+    if use not in report.data and (record := entry.data_record(use, **kw)) is not None:
+        report.data[use] = record
+
+
+def _train_fn(entry: ZooEntry, report: Report) -> Callable[..., nn.Module]:
+    """The entry's `finetune`, its training data named in the report."""
+
+    def train(model: nn.Module, **kw: Any) -> nn.Module:
+        _record_data(report, entry, "training")
+        return entry.finetune(model, **kw)
+
+    return train
 
 
 def check_out_dir(out_dir: str | Path | None, overwrite: bool) -> None:
@@ -159,18 +185,23 @@ def _compress_onnx(
         stats = quantize_onnx(loaded.path, tmp / "model.onnx", rec.passes[0], data, ctx)
         report.parity = {"onnx": {"mean_cosine_to_original": stats.get("fidelity")}}
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
-        specs = [
-            (f"{loaded.name} (original)", loaded.model, loaded.entry, loaded.path),
-            (
-                "model.onnx (ONNX Runtime)",
-                OnnxModel(tmp / "model.onnx", threads=threads),
-                loaded.entry,
-                tmp / "model.onnx",
-            ),
-        ]
-        rows = bench(specs, batch_sizes=batch_sizes, threads=threads, repeats=repeats, progress=progress, memory=False)
-        rows[1].artifact = str(Path(out_dir) / "model.onnx")
-        report.baseline, report.artifacts, report.compressed = rows[0], rows[1:], rows[1]
+        common: dict[str, Any] = dict(
+            batch_sizes=batch_sizes, threads=threads, repeats=repeats, progress=progress, memory=False
+        )
+        original = (f"{loaded.name} (original)", loaded.model, loaded.entry, loaded.path)
+        base = bench([original], **common)[0]
+        name, path = "model.onnx (ONNX Runtime)", tmp / "model.onnx"
+        result = _probe("onnx", path, loaded.entry, batch_sizes, base, threads) if loaded.entry else None
+        if result is not None and result.stopped is not None:
+            row = stopped_stats(name, path, result, base)
+            row.size_bytes = artifact_size_bytes(path)
+        else:
+            row = bench([(name, OnnxModel(path, threads=threads), loaded.entry, path)], **common, reference=base)[0]
+        row.artifact = str(Path(out_dir) / "model.onnx")
+        if (message := gate_message(row)) is not None:
+            report.warn(message)
+        rows = [base, row]
+        report.baseline, report.artifacts, report.compressed = base, [row], row
         report.write(tmp)
     if progress:
         from modelpress.measure import stats_table
@@ -264,6 +295,7 @@ def _measure(
     validation: bool,
     baseline: ModelStats | None = None,
 ) -> None:
+    """The original first, then the speed gate's probe of each artifact, then every form that passed it."""
     from modelpress.export.runtime import AotiModel, OnnxModel
     from modelpress.measure import bench
     from modelpress.measure.size import count_params
@@ -271,36 +303,62 @@ def _measure(
     entry = loaded.entry
     if entry is None:
         return
-    specs: list[Any] = [] if baseline is not None else [(f"{loaded.name} (original)", loaded.model, entry, loaded.path)]
-    specs.append(
-        (f"{loaded.name} ({report.recipe['name'] if report.recipe else 'compressed'}, eager)", compressed, entry)
-    )
-    if "onnx" in artifacts:
-        specs.append(
-            ("model.onnx (ONNX Runtime)", OnnxModel(artifacts["onnx"], threads=threads), entry, artifacts["onnx"])
-        )
-    if "pt2" in artifacts:
-        specs.append(("model.pt2 (AOTInductor)", AotiModel(artifacts["pt2"]), entry, artifacts["pt2"]))
-    stats = bench(
-        specs,
-        batch_sizes=batch_sizes,
-        threads=threads,
-        repeats=repeats,
-        eval_data=eval_data,
-        validation=validation,
-        progress=progress,
-        memory=False,
-    )
-    if baseline is not None:
-        stats.insert(0, baseline)
+    common: dict[str, Any] = dict(
+        batch_sizes=batch_sizes, threads=threads, repeats=repeats, eval_data=eval_data, validation=validation,
+        progress=progress, memory=False,
+    )  # fmt: skip
+    if baseline is None:
+        baseline = bench([(f"{loaded.name} (original)", loaded.model, entry, loaded.path)], **common)[0]
+    label = report.recipe["name"] if report.recipe else "compressed"
+    specs: list[Any] = [(f"{loaded.name} ({label}, eager)", compressed, entry)]
+    stopped: dict[str, ModelStats] = {}
+    runtimes = {"onnx": ("model.onnx (ONNX Runtime)", lambda p: OnnxModel(p, threads=threads)),
+                "pt2": ("model.pt2 (AOTInductor)", AotiModel)}  # fmt: skip
+    for kind, (name, load) in runtimes.items():
+        if kind not in artifacts:
+            continue
+        result = _probe(kind, artifacts[kind], entry, batch_sizes, baseline, threads)
+        if result is not None and result.stopped is not None:
+            stopped[name] = stopped_stats(name, artifacts[kind], result, baseline)
+            stopped[name].size_bytes = artifact_size_bytes(artifacts[kind])
+            continue
+        specs.append((name, load(artifacts[kind]), entry, artifacts[kind]))
+    measured = bench(specs, **common, reference=baseline)
     params = count_params(compressed)
-    for s in stats[2:]:
+    for s in [*measured[1:], *stopped.values()]:
         s.params, s.nonzero_params = params
         s.artifact = str(Path(final_dir) / Path(s.artifact).name) if s.artifact else None
-    report.baseline = stats[0]
-    report.artifacts = stats[1:]
-    deployable = stats[2:] or stats[1:]
-    report.compressed = min(deployable, key=lambda s: _p50(s, max(batch_sizes)))
+    order = [spec[0] for spec in specs] + list(stopped)
+    rows = sorted([*measured, *stopped.values()], key=lambda s: order.index(s.name))
+    for s in rows:
+        if (message := gate_message(s)) is not None:
+            report.warn(message)
+    report.baseline = baseline
+    report.artifacts = rows
+    deployable = [s for s in rows if s.artifact] or rows
+    passed = [s for s in deployable if (s.speed_gate or {}).get("status") == "ok"]
+    if not passed:
+        report.warn("no artifact is faster than the original on this CPU: the fastest measured form is reported")
+    report.compressed = min(passed or [s for s in deployable if s.latency_ms] or rows,
+                            key=lambda s: _p50(s, max(batch_sizes)))  # fmt: skip
+
+
+def _probe(
+    kind: str,
+    path: Path,
+    entry: ZooEntry,
+    batch_sizes: tuple[int, ...],
+    baseline: ModelStats,
+    threads: int | None,
+) -> Any:
+    """The speed gate's out-of-process run of one artifact (None when the original has no timings)."""
+    from modelpress.measure.gate import call_limits, probe
+
+    limits = call_limits(baseline)
+    if not all(str(bs) in limits for bs in batch_sizes):
+        return None
+    inputs = {str(bs): tuple(entry.example_inputs(bs)) for bs in batch_sizes}
+    return probe(kind, path, inputs, limits, threads)
 
 
 def _p50(stats: ModelStats, batch_size: int) -> float:

@@ -3,7 +3,8 @@
 `Report.to_dict()` is the report.json contract of shared/DESIGN.md:
 `model`, `recipe`, `baseline` / `compressed` (each `size_bytes`, `params`, `nonzero_params`,
 `latency_ms` per batch size with `p50`/`p90`, `quality` with `name`/`value`), `passes`,
-`parity`, `environment`, plus `warnings` (skipped layers and the like).
+`parity`, `environment`, plus `warnings` (skipped layers and the like) and `data`: what each step
+ran on (`training`, `calibration`, `validation`, `evaluation`: each `source`, `split`, `count`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class ModelStats:
     peak_memory_bytes: int | None = None
     throughput: dict[str, Any] | None = None
     artifact: str | None = None
+    # the speed gate against the original measured in the same run (measure/gate.py): status ok / slower /
+    # stopped, speedup per batch size, and the message shown wherever the row is
+    speed_gate: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +91,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     artifacts: list[ModelStats] = field(default_factory=list)  # every measured form; `compressed` is the fastest
     auto: dict[str, Any] | None = None  # auto mode: budget, objective, every candidate measured, the choice
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)  # per use: source, split, count
 
     def add_pass(self, name: str, seconds: float, **stats: Any) -> None:
         self.passes.append(PassRecord(name, float(seconds), dict(stats)))
@@ -106,6 +111,7 @@ class Report:
             "environment": self.environment,
             "warnings": list(self.warnings),
             "artifacts": [a.to_dict() for a in self.artifacts],
+            "data": self.data,
             **({"auto": self.auto} if self.auto is not None else {}),
         }
 
@@ -122,6 +128,7 @@ class Report:
             warnings=list(d.get("warnings", [])),
             artifacts=[ModelStats.from_dict(a) for a in d.get("artifacts", [])],
             auto=d.get("auto"),
+            data=dict(d.get("data") or {}),
         )
 
     def to_json(self) -> str:
@@ -132,6 +139,11 @@ class Report:
         lines = [f"# modelpress report: {self.model}", ""]
         if rows:
             lines += stats_table_markdown(rows)
+        if self.data:
+            lines += ["", "## Data", "", "| step | source | split | count |", "|---|---|---|---:|"]
+            for use, d in self.data.items():
+                count = f"{d['count']} {d.get('unit', '')}".strip() if d.get("count") is not None else "-"
+                lines.append(f"| {use} | {d.get('source', '-')} | {d.get('split', '-')} | {count} |")
         if self.passes:
             lines += ["", "## Passes", "", "| pass | seconds |", "|---|---:|"]
             lines += [f"| {p.name} | {p.seconds:.2f} |" for p in self.passes]
@@ -154,7 +166,8 @@ class Report:
                 lines.append(
                     f"| {c['recipe']} | {c['artifact']} | {c['quality']:.4f} | {val} | "
                     f"{c['drop']:.4f} ({c.get('drop_split', 'test')}) | {c['p50_ms']:.2f} | {c['size_mb']:.2f} | "
-                    f"{'yes' if c['within_budget'] else 'no'} |"
+                    f"{'yes' if c['within_budget'] else 'no'}"
+                    f"{' (slower than the original: not eligible)' if c.get('slower_than_original') else ''} |"
                 )
             lines += ["", f"Chosen: {self.auto['chosen']}"]
         if self.warnings:
@@ -186,7 +199,10 @@ class Report:
 def stats_table_markdown(rows: list[ModelStats]) -> list[str]:
     """A side-by-side Markdown table of several models' figures."""
     batches = sorted({b for r in rows for b in r.latency_ms}, key=int)
-    head = ["model", "size (MB)", "params", "non-zero"] + [f"p50 ms @bs{b}" for b in batches] + ["quality"]
+    gated = any(r.speed_gate for r in rows)
+    head = ["model", "size (MB)", "params", "non-zero"] + [f"p50 ms @bs{b}" for b in batches]
+    head += ["vs original"] if gated else []
+    head += ["quality"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -196,6 +212,18 @@ def stats_table_markdown(rows: list[ModelStats]) -> list[str]:
             f"{r.nonzero_params:,}" if r.nonzero_params is not None else "-",
         ]
         cells += [f"{r.latency_ms[b].p50:.2f}" if b in r.latency_ms else "-" for b in batches]
+        cells += [speed_cell(r, batches)] if gated else []
         cells.append(f"{r.quality.name} {r.quality.value:.4f}" if r.quality else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def speed_cell(stats: ModelStats, batches: list[str]) -> str:
+    """The speed gate in a table cell: speedups per batch size, "SLOWER" or "STOPPED" when flagged."""
+    gate = stats.speed_gate
+    if not gate:
+        return "-"
+    if gate.get("status") == "stopped":
+        return f"STOPPED (bs{gate.get('batch_size')} > {gate.get('limit_s', 0):.1f} s)"
+    ratios = "/".join(f"{gate['speedup'][b]:.3g}x" for b in batches if b in gate.get("speedup", {}))
+    return f"SLOWER {ratios}" if gate.get("status") == "slower" else ratios

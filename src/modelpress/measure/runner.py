@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ from torch import nn
 from modelpress.core.atomic import atomic_write_text
 from modelpress.core.environment import environment as current_environment
 from modelpress.core.errors import BadInputError
-from modelpress.core.report import ModelStats
+from modelpress.core.report import ModelStats, speed_cell
 from modelpress.export.runtime import OnnxModel
+from modelpress.measure.gate import call_limits, verdict
 from modelpress.measure.latency import measure_latency, measure_throughput, threads_scope
 from modelpress.measure.memory import peak_memory
 from modelpress.measure.size import artifact_size_bytes, count_onnx_params, count_params
@@ -66,6 +68,7 @@ def bench(
     memory: bool = True,
     progress: bool = True,
     resolve: Resolver | None = None,
+    reference: ModelStats | None = None,
 ) -> list[ModelStats]:
     """Measure each model in turn, all with the same `threads` (default: `torch.get_num_threads()`).
 
@@ -76,6 +79,11 @@ def bench(
     512 items of `entry.real_batches(largest bs)`, and `entry.evaluate` (with `validation`, also
     `entry.validation_quality`, the split that choices are made on). Without an
     entry only params and size are measured. Named models are loaded one at a time.
+
+    `reference` (the original, measured earlier in this run) turns on the speed gate
+    (`measure/gate.py`): a model whose first call at a batch size runs past the limit derived from
+    the reference is not measured further (`speed_gate` status "stopped"), and every model's medians
+    are compared with the reference's (`speed_gate` status "ok" or "slower", with the speedups).
 
         >>> bench(["digits-cnn"], batch_sizes=(1, 64), threads=2, quality=False)
         [ModelStats(name='digits-cnn', size_bytes=..., latency_ms={'1': Latency(...), '64': ...}, ...)]
@@ -124,16 +132,26 @@ def bench(
                 phase(f"peak memory @bs{largest}")
                 stats.peak_memory_bytes = peak_memory(model, _runnable_inputs(model, entry, largest, name), threads)
                 bar.advance(task)
+            limits = call_limits(reference) if reference is not None else {}
             for bs in batch_sizes:
                 phase(f"latency @bs{bs}")
+                start = time.perf_counter()
+                inputs = _runnable_inputs(model, entry, bs, name)
+                first = time.perf_counter() - start
+                limit = limits.get(str(bs))
+                if limit is not None and first > 2 * limit:  # the warm-up call's limit, as in the probe
+                    stats.speed_gate = _stopped_in_process(name, bs, first, 2 * limit, reference)
+                    break
                 stats.latency_ms[str(bs)] = measure_latency(
-                    model,
-                    _runnable_inputs(model, entry, bs, name),
-                    warmup=warmup,
-                    repeats=repeats,
-                    threads=threads,
+                    model, inputs, warmup=warmup, repeats=repeats, threads=threads
                 )
                 bar.advance(task)
+            if stats.speed_gate is not None:  # stopped: nothing more is run on it
+                bar.advance(task, steps - 2 - len(stats.latency_ms) - memory)
+                results.append(stats)
+                continue
+            if reference is not None:
+                stats.speed_gate = verdict(stats, reference)
             if throughput:
                 phase(f"throughput @bs{largest}")
                 stats.throughput = _throughput(model, entry, largest, threads)
@@ -147,6 +165,19 @@ def bench(
             results.append(stats)
             del model  # a named model is dropped before the next one is loaded
     return results
+
+
+def _stopped_in_process(
+    name: str, bs: int, seconds: float, limit: float, reference: ModelStats | None
+) -> dict[str, Any]:
+    orig = reference.latency_ms[str(bs)].p50 if reference is not None and str(bs) in reference.latency_ms else 0.0
+    return {
+        "status": "stopped",
+        "batch_size": str(bs),
+        "limit_s": limit,
+        "message": f"{name}: stopped, its first call at batch {bs} took {seconds:.1f} s, past the {limit:.1f} s "
+        f"limit (the original takes {orig:.1f} ms): not measured further",
+    }
 
 
 def _resolve(spec: ModelSpec, resolve: Resolver) -> tuple[str, ModelFn, ZooEntry | None, str | Path | None]:
@@ -204,6 +235,9 @@ def stats_table(stats: Sequence[ModelStats]) -> Table:
         table.add_column(head, justify="right", no_wrap=True)
     for b in batches:
         table.add_column(f"bs{b} p50/p90 ms", justify="right", no_wrap=True)
+    gated = any(s.speed_gate for s in stats)
+    if gated:
+        table.add_column("vs original", no_wrap=True)
     table.add_column("items/s", justify="right", no_wrap=True)
     table.add_column("mem +MB", justify="right", no_wrap=True)
     table.add_column("quality", no_wrap=True)
@@ -221,6 +255,7 @@ def stats_table(stats: Sequence[ModelStats]) -> Table:
             _count(s.params),
             _count(s.nonzero_params),
             *(f"{s.latency_ms[b].p50:.2f}/{s.latency_ms[b].p90:.2f}" if b in s.latency_ms else "-" for b in batches),
+            *([speed_cell(s, batches)] if gated else []),
             num(tp.get("items_per_s"), ",.1f"),
             num(s.peak_memory_bytes, ".1f", 1e6),
             f"{s.quality.name} {s.quality.value:.4f}" if s.quality else "-",

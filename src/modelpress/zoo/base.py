@@ -61,6 +61,14 @@ class ZooEntry(ABC):
 
         raise NotAvailableError(f"zoo entry {self.name!r} has no fine-tuning loop yet")
 
+    def data_record(self, use: str, count: int | None = None, data: Path | None = None) -> dict[str, Any] | None:
+        """Where the data of `use` comes from, for the report: `source`, `split`, `count`; None where unsaid.
+
+        `use`: "training" or "calibration" (`count`: how many samples were taken), "validation" or
+        "evaluation" (`data`: the folder given for the task metric).
+        """
+        return None
+
     def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]] | None:
         """Batches of real inputs for throughput measurement (text: dynamic padding); None if n/a."""
         return None

@@ -1,0 +1,26 @@
+"""Skip markers for tests that need (or must not have) a CPU feature, named in the skip reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelpress.core.environment import cpu_info, has_feature
+
+
+def needs(feature: str) -> pytest.MarkDecorator:
+    """Skip unless the kernels may use `feature` here (e.g. "amx_int8", "avx512_vnni")."""
+    return pytest.mark.skipif(not has_feature(feature), reason=f"needs the CPU feature {feature} ({_here()})")
+
+
+def lacks(feature: str) -> pytest.MarkDecorator:
+    """Skip where the kernels may use `feature`: the test is about CPUs without it."""
+    return pytest.mark.skipif(has_feature(feature), reason=f"about CPUs without {feature} ({_here()})")
+
+
+def int8_unit() -> str:
+    return cpu_info()["int8"]
+
+
+def _here() -> str:
+    info = cpu_info()
+    return f"this CPU: {info['model']}, usable: {', '.join(info['usable']) or 'none'}"
