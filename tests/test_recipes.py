@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from cpu_features import lacks
 from modelpress.cli import main
 from modelpress.core import ConfigError
 from modelpress.quant import DynamicQuantConfig, MixedPrecisionConfig, StaticQuantConfig, WeightOnlyConfig
@@ -101,3 +104,33 @@ def test_cli_compress_bad_recipe_and_data(capsys, tmp_path):
     )
     assert "is empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_lowering_options_are_checked_and_kept(tmp_path):
+    from modelpress.core.errors import ConfigError
+
+    text = "passes: [{type: WeightOnlyConfig, bits: 8}]\nlowering: {pt2_float: fp32, int8_sources: auto}\n"
+    (tmp_path / "r.yaml").write_text(text)
+    rec = load_recipe(tmp_path / "r.yaml")
+    assert rec.lowering_option("pt2_float") == "fp32" and rec.lowering_option("int8_sources") == "auto"
+    assert rec.to_dict()["lowering"] == {"pt2_float": "fp32"}
+    for bad, message in (
+        ("{pt2_float: fp8}", "lowering pt2_float: 'fp8' is not allowed; choose one of auto, bf16, fp32"),
+        ("{gemm: amx}", "unknown lowering key 'gemm'; allowed: pt2_float, int8_sources"),
+        ("[bf16]", "'lowering' must be a mapping"),
+    ):
+        (tmp_path / "bad.yaml").write_text(f"passes: [{{type: WeightOnlyConfig, bits: 8}}]\nlowering: {bad}\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_recipe(tmp_path / "bad.yaml")
+
+
+@lacks("amx_int8")
+def test_an_amx_only_lowering_is_refused_on_a_cpu_without_amx(tmp_path, capsys):
+    from modelpress.cli import main
+
+    recipe = tmp_path / "signed.yaml"
+    recipe.write_text("passes: [{type: DynamicQuantConfig}]\nlowering: {int8_sources: signed}\n")
+    out = tmp_path / "out"
+    assert main(["compress", "digits-cnn", "--recipe", str(recipe), "--out", str(out)]) == 2
+    assert "needs the CPU feature amx_int8" in capsys.readouterr().err
+    assert not out.exists()

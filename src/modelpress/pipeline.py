@@ -58,6 +58,10 @@ def compress(
     check_out_dir(out_dir, overwrite)
     loaded = model if isinstance(model, LoadedModel) else resolve(model)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if "pt2" in rec.export:  # an explicit lowering this CPU cannot run is refused before any work
+        from modelpress.export.inductor import choose_lowering
+
+        choose_lowering(rec.lowering_option("pt2_float"), rec.lowering_option("int8_sources"))
     if loaded.kind == "onnx":
         return _compress_onnx(loaded, rec, data, out_dir, threads, batch_sizes, repeats, progress, console)
     if not isinstance(loaded.model, nn.Module):
@@ -247,11 +251,21 @@ def _export_all(
         ctx.report.add_pass("export/onnx", time.perf_counter() - start)
     if "pt2" in rec.export:
         from modelpress.export.artifact import package_checked
+        from modelpress.export.inductor import choose_lowering
 
+        lowering = choose_lowering(rec.lowering_option("pt2_float"), rec.lowering_option("int8_sources"))
         start = time.perf_counter()
-        package_checked(model, example, folder / "model.pt2", batch_axes=batch_axes)
+        parity = package_checked(
+            model, example, folder / "model.pt2", batch_axes=batch_axes, bf16=lowering["bf16"],
+            signed_int8=lowering["signed_int8"],
+        )  # fmt: skip
         out["pt2"] = folder / "model.pt2"
-        ctx.report.add_pass("export/pt2", time.perf_counter() - start)
+        float_ops = "bf16" if parity.get("bf16") else "fp32"
+        int8_sources = "signed" if lowering["signed_int8"] else "unsigned"
+        ctx.report.add_pass(
+            "export/pt2", time.perf_counter() - start, float_ops=float_ops, int8_sources=int8_sources,
+            chosen_for=lowering["why"],
+        )  # fmt: skip
     return out
 
 

@@ -34,7 +34,7 @@ def export_artifact(
     trust_pickle: bool = False,
     opset: int = 17,
     optimize: bool = True,
-    bf16: bool = True,
+    bf16: bool | None = None,
 ) -> dict[str, Any]:
     """Export `model` (a spec as for `load_model`, or a module) to `out_path`; returns the parity figures.
 
@@ -52,6 +52,10 @@ def export_artifact(
 
         export_onnx(module, inputs, out, opset=opset, optimize=optimize, batch_axes=batch_axes)  # gated inside
         return {"artifact": str(out), **check_parity(module, out, inputs)}
+    if bf16 is None:  # bf16 float ops where the CPU has bf16 dot products
+        from modelpress.export.inductor import choose_lowering
+
+        bf16 = choose_lowering()["bf16"]
     return {"artifact": str(out), **_export_pt2(module, inputs, out, bf16, batch_axes)}
 
 
@@ -90,6 +94,7 @@ def package_checked(
     *,
     bf16: bool = True,
     batch_axes: tuple[int, ...] | None = None,
+    signed_int8: bool | None = None,
 ) -> dict[str, float]:
     """Compile `module` into an AOTInductor package at `path` and check it against the module.
 
@@ -106,7 +111,7 @@ def package_checked(
         expected = _first(module(*inputs)).float()
     positions = real_positions(inputs, expected)
     for attempt_bf16 in (True, False) if bf16 else (False,):
-        compile_package(module, inputs, path, bf16=attempt_bf16, batch_axes=batch_axes)
+        compile_package(module, inputs, path, bf16=attempt_bf16, batch_axes=batch_axes, signed_int8=signed_int8)
         with torch.inference_mode():
             actual = _first(AotiModel(path)(*inputs)).float()
         parity = compare_outputs(expected, actual, positions)

@@ -92,6 +92,31 @@ def prepare(model: nn.Module, bf16: bool = True) -> nn.Module:
 AUTOTUNE_CONFIGS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
+def choose_lowering(pt2_float: str = "auto", int8_sources: str = "auto") -> dict[str, Any]:
+    """The .pt2 lowering for this CPU: `bf16` float ops and `signed_int8` GEMM sources, with the reason.
+
+    "auto" picks per capability: bf16 float ops where the CPU has bf16 dot products (AMX or
+    AVX-512 BF16; elsewhere bf16 is converted around every op and runs slower than fp32), signed
+    int8 sources only on AMX (see `PostGradPasses`). An explicit choice this CPU cannot run fast is
+    refused with the missing feature named (`BadInputError`, exit 2).
+    """
+    from modelpress.core.environment import require_feature
+
+    info = cpu_info()
+    if pt2_float == "bf16" and info["bf16"] == "none":
+        require_feature("avx512_bf16", "bf16 float ops in the .pt2 (lowering pt2_float: bf16)")
+    if int8_sources == "signed":
+        require_feature("amx_int8", "the signed-source int8 GEMM lowering (int8_sources: signed)")
+    bf16 = pt2_float == "bf16" or (pt2_float == "auto" and info["bf16"] != "none")
+    signed = int8_sources == "signed" or (int8_sources == "auto" and info["int8"] == "amx")
+    return {
+        "bf16": bf16,
+        "signed_int8": signed,
+        "why": f"CPU int8 unit {info['int8']}, bf16 unit {info['bf16']}"
+        + (f" (capped at {info['onednn_max_isa']})" if info["onednn_max_isa"] else ""),
+    }
+
+
 def inductor_configs(
     extra: dict[str, Any] | None = None, autotune: bool = False, signed_int8: bool | None = None
 ) -> dict[str, Any]:
@@ -144,6 +169,7 @@ def compile_package(
     autotune: bool = False,
     extra_configs: dict[str, Any] | None = None,
     batch_axes: tuple[int, ...] | None = None,
+    signed_int8: bool | None = None,
 ) -> Path:
     """Export, lower and package `model` into an AOTInductor `.pt2` at `out_path` (written atomically).
 
@@ -152,10 +178,10 @@ def compile_package(
     (non-quantized) ops in bf16; quantized layers run int8 GEMMs with bf16 (else fp32) outputs.
     Batch (from 1) and sequence axes are dynamic unless switched off. `autotune` lets Inductor
     pick its C++ GEMM templates where they beat oneDNN (slower compile); `extra_configs`
-    overrides any Inductor setting.
+    overrides any Inductor setting. `signed_int8`: keep signed int8 GEMM sources (default: on AMX only).
     """
     out = Path(out_path)
-    configs = inductor_configs(extra_configs, autotune)
+    configs = inductor_configs(extra_configs, autotune, signed_int8)
     with atomic_path(out) as tmp, torch.no_grad():
         try:
             _package(model, example_inputs, tmp, dynamic_batch, dynamic_seq, bf16, configs, batch_axes)
@@ -286,8 +312,6 @@ class PostGradPasses(CustomGraphPass):
 
     def uuid(self) -> Any:
         return (get_hash_for_files((__file__,)), self.unsigned_sources)
-
-
 
 
 def _unsigned_token_codes(graph: torch.fx.Graph) -> int:

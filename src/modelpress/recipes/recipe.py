@@ -23,7 +23,13 @@ from modelpress.core.config import Config
 from modelpress.core.errors import ConfigError
 
 EXPORTS = ("onnx", "pt2")
-_KEYS = {"description", "passes", "export", "order"}
+_KEYS = {"description", "passes", "export", "order", "lowering"}
+# How the .pt2 is lowered; "auto" picks per CPU capability (core/environment.py), an explicit value the
+# CPU cannot run fast is refused before any work (exit 2).
+LOWERING = {
+    "pt2_float": ("auto", "bf16", "fp32"),  # float ops of the .pt2: bf16 where the CPU has bf16 dot products
+    "int8_sources": ("auto", "signed", "unsigned"),  # int8 GEMM source codes: signed only on AMX
+}
 ORDERS = ("stages", "as-written")
 # Passes come in stages, prune -> distill -> quantize; a quantized layer can be neither pruned nor
 # distilled, so a prune or distill pass after a quantization pass is refused unless `order: as-written`.
@@ -37,6 +43,7 @@ class Recipe:
     passes: tuple[Config, ...]
     export: tuple[str, ...] = EXPORTS
     order: str = "stages"
+    lowering: tuple[tuple[str, str], ...] = ()  # (key, value) pairs of LOWERING set by the recipe
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -46,7 +53,13 @@ class Recipe:
         }
         if self.order != "stages":
             d["order"] = self.order
+        if self.lowering:
+            d["lowering"] = dict(self.lowering)
         return d
+
+    def lowering_option(self, key: str) -> str:
+        """The recipe's value for a LOWERING key, "auto" where it says nothing."""
+        return dict(self.lowering).get(key, "auto")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -90,7 +103,21 @@ def parse_recipe(data: Any, name: str) -> Recipe:
         raise ConfigError(f"recipe {name}: 'order' must be one of {', '.join(ORDERS)}, got {order!r}")
     if order == "stages":
         _check_stages(configs, name)
-    return Recipe(name, str(data.get("description", "")), tuple(configs), tuple(export), order)
+    lowering = _parse_lowering(data.get("lowering", {}), name)
+    return Recipe(name, str(data.get("description", "")), tuple(configs), tuple(export), order, lowering)
+
+
+def _parse_lowering(value: Any, name: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"recipe {name}: 'lowering' must be a mapping of {', '.join(LOWERING)}, got {value!r}")
+    for key, choice in value.items():
+        if key not in LOWERING:
+            raise ConfigError(f"recipe {name}: unknown lowering key {key!r}; allowed: {', '.join(LOWERING)}")
+        if choice not in LOWERING[key]:
+            raise ConfigError(
+                f"recipe {name}: lowering {key}: {choice!r} is not allowed; choose one of {', '.join(LOWERING[key])}"
+            )
+    return tuple((k, str(v)) for k, v in value.items() if v != "auto")
 
 
 def _stage(cfg: Config) -> str:
