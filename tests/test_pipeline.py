@@ -14,7 +14,10 @@ from modelpress.recipes.recipe import load_recipe
 @pytest.fixture(scope="module")
 def digits_int8(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("compress") / "digits"
-    _, report = compress("digits-cnn", "int8-static", out_dir=out, threads=2, batch_sizes=(1, 8), repeats=3)
+    # keep_slower: both artifacts are checked here even where the tiny CNN's eager model is faster
+    _, report = compress(
+        "digits-cnn", "int8-static", out_dir=out, threads=2, batch_sizes=(1, 8), repeats=3, keep_slower=True
+    )
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -72,8 +75,14 @@ def test_the_speed_gate_stops_what_runs_past_its_limit(
     for a in saved["artifacts"]:
         assert a["speed_gate"]["status"] == "stopped", a["name"]
         assert a["latency_ms"] == {} and a["quality"] is None  # nothing more was run on it
-    assert saved["artifacts"][1]["size_bytes"] > 0  # the stopped file is still described
+    assert saved["artifacts"][1]["size_bytes"] > 0  # the stopped file is still described...
+    assert not (out / "model.onnx").exists() and not (out / "model.pt2").exists()  # ...but not written
+    assert saved["artifacts"][2]["speed_gate"]["written"] is False and saved["artifacts"][2]["artifact"] is None
     stops = [w for w in saved["warnings"] if "stopped" in w]
-    assert len(stops) == 3 and "limit (the original takes" in stops[1]
+    assert len(stops) == 3 and "limit (the original takes" in stops[1] and stops[1].endswith("--keep-slower keeps it)")
     assert any("no artifact is faster than the original" in w for w in saved["warnings"])
     assert "STOPPED (bs1" in (out / "report.md").read_text()
+
+    kept = tmp_path / "kept"
+    compress("digits-cnn", "w8", out_dir=kept, threads=2, batch_sizes=(1,), repeats=2, progress=False, keep_slower=True)
+    assert (kept / "model.onnx").exists() and (kept / "model.pt2").exists()

@@ -78,7 +78,7 @@ def auto_compress(
                 _, report = compress(
                     loaded, rec, data, out_dir=folder, threads=threads, eval_data=eval_data,
                     batch_sizes=batch_sizes, repeats=repeats, progress=progress, console=console, validation=True,
-                    baseline=baseline,
+                    baseline=baseline, keep_slower=True,
                 )  # fmt: skip
             except BadInputError as e:  # a recipe that does not apply to this model
                 rows.append({"recipe": rec.name, "artifact": "-", "error": str(e)})
@@ -114,13 +114,18 @@ def auto_compress(
         }
         report.compressed = next(s for s in report.artifacts if s.name == artifact)
         with atomic_dir(out_dir) as tmp:
-            for item in folder.iterdir():
-                if item.name not in ("report.json", "report.md", "report.html"):
+            flagged = {Path(s.artifact).name for s in report.artifacts if s.artifact and _flagged(s)}
+            for item in folder.iterdir():  # the chosen candidate's files, less those the speed gate flagged
+                if item.name not in ("report.json", "report.md", "report.html", *flagged):
                     shutil.copy2(item, tmp / item.name)
             report.write(tmp)
     if progress:
         (console or Console()).print(f"auto: chose {report.auto['chosen']} (of {len(rows)} measured artifacts)")
     return report.compressed, report
+
+
+def _flagged(stats: ModelStats) -> bool:
+    return (stats.speed_gate or {}).get("status") in ("slower", "stopped")
 
 
 def _row(

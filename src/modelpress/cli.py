@@ -197,6 +197,9 @@ def compress(
     threads: ThreadsOpt = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes to time.")] = "1,32",
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    keep_slower: Annotated[
+        bool, typer.Option("--keep-slower", help="Write artifacts measured slower than the original too.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Compress a model with a recipe; write model.onnx, model.pt2, report.json/md and the recipe to --out.
@@ -243,7 +246,9 @@ def compress(
         if as_json:
             out.print_json(report.to_json())
         return
-    _compress_and_print(loaded, rec, batches, output, threads, eval_data, sizes, as_json, overwrite, "model")
+    _compress_and_print(
+        loaded, rec, batches, output, threads, eval_data, sizes, as_json, overwrite, "model", keep_slower
+    )
 
 
 def _compress_and_print(
@@ -257,12 +262,13 @@ def _compress_and_print(
     as_json: bool,
     overwrite: bool,
     what: str,
+    keep_slower: bool = False,
 ) -> None:
     from modelpress.pipeline import compress as run_compress
 
     _, report = run_compress(
         loaded, rec, batches, out_dir=output, threads=threads, eval_data=eval_data, batch_sizes=sizes,
-        progress=not as_json, console=out, overwrite=overwrite,
+        progress=not as_json, console=out, overwrite=overwrite, keep_slower=keep_slower,
     )  # fmt: skip
     if as_json:
         out.print_json(report.to_json())

@@ -47,6 +47,7 @@ def compress(
     overwrite: bool = False,
     validation: bool = False,
     baseline: ModelStats | None = None,
+    keep_slower: bool = False,
 ) -> tuple[nn.Module, Report]:
     """Apply `recipe` to `model`, export its artifacts into `out_dir` and measure everything.
 
@@ -54,6 +55,8 @@ def compress(
     non-empty `out_dir` is refused before any work unless `overwrite` (it is then replaced atomically).
     `validation` also scores every measured form on the model's validation split (auto mode's budget);
     `baseline`: the original's figures measured earlier in this run (auto mode measures it once).
+    An artifact the speed gate finds slower than the original (or stops) is not written unless
+    `keep_slower`; its row and the reason stay in the report.
     """
     check_out_dir(out_dir, overwrite)
     loaded = model if isinstance(model, LoadedModel) else resolve(model)
@@ -103,6 +106,8 @@ def compress(
             loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir,
             validation, baseline,
         )  # fmt: skip
+        if not keep_slower:
+            _drop_slower(report, artifacts)
         if entry_for_eval is not None:
             _record_data(report, entry_for_eval, "evaluation", data=eval_data)
             if validation:
@@ -355,6 +360,21 @@ def _measure(
         report.warn("no artifact is faster than the original on this CPU: the fastest measured form is reported")
     report.compressed = min(passed or [s for s in deployable if s.latency_ms] or rows,
                             key=lambda s: _p50(s, max(batch_sizes)))  # fmt: skip
+
+
+def _drop_slower(report: Report, artifacts: dict[str, Path]) -> None:
+    """Delete the artifacts the speed gate flagged from the output folder; their rows say why."""
+    written = {path.name: path for path in artifacts.values()}
+    for row in report.artifacts:
+        gate = row.speed_gate or {}
+        name = Path(row.artifact).name if row.artifact else None
+        if gate.get("status") in ("slower", "stopped") and name in written:
+            written[name].unlink(missing_ok=True)
+            gate["written"] = False
+            row.artifact = None
+            report.warnings = [w for w in report.warnings if w != gate["message"]]
+            gate["message"] += " - not written (keep_slower / --keep-slower keeps it)"
+            report.warn(gate["message"])
 
 
 def _probe(
