@@ -1,6 +1,6 @@
 """The report: what compression gained and what it cost, measured in one run.
 
-`Report.to_dict()` is the report.json contract of shared/DESIGN.md:
+`Report.to_dict()` is the report.json contract of docs/DESIGN.md:
 `model`, `recipe`, `baseline` / `compressed` (each `size_bytes`, `params`, `nonzero_params`,
 `latency_ms` per batch size with `p50`/`p90`, `quality` with `name`/`value`), `passes`,
 `parity`, `environment`, plus `warnings` (skipped layers and the like) and `data`: what each step
@@ -173,11 +173,14 @@ class Report:
         if self.warnings:
             lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
         env = self.environment
+        cpu = env.get("cpu", {})
         lines += [
             "",
             "## Environment",
             "",
-            f"- CPU: {env.get('cpu', {}).get('model')} ({', '.join(env.get('cpu', {}).get('features', []))})",
+            f"- CPU: {cpu.get('model')} {cpu.get('family', '')} ({', '.join(cpu.get('features', []))}); "
+            f"int8 unit {cpu.get('int8', '?')}, bf16 unit {cpu.get('bf16', '?')}"
+            + (f", capped at ONEDNN_MAX_CPU_ISA={cpu['onednn_max_isa']}" if cpu.get("onednn_max_isa") else ""),
             f"- threads: {env.get('threads')}",
             f"- versions: {', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items())}",
         ]
