@@ -23,10 +23,10 @@ from modelpress.core.report import ModelStats, Report
 from modelpress.loading import LoadedModel, resolve
 from modelpress.recipes.recipe import Recipe, load_recipe
 
-# The float model compiled as it is (bf16 ops in the .pt2) is a candidate too: on AMX CPUs it is the
-# strongest anchor, and int8 must beat it to be chosen.
+# The float model compiled as it is (bf16 ops in the .pt2 where the CPU has bf16 dot products) is a
+# candidate too: on AMX CPUs it is the strongest anchor, and int8 must beat it to be chosen.
 FLOAT = Recipe(name="float", description="the model as it is, exported", passes=(), export=("onnx", "pt2"))
-# precision x granularity x backend x depth: float (bf16 in the .pt2), int8 per-tensor static / per-token
+# precision x granularity x backend x depth: float (bf16 in the .pt2 where native), int8 per-tensor static / per-token
 # dynamic / SmoothQuant, weight-only int8 and int4 (per group), and distilled students (transformer encoders
 # of 6 layers; other models refuse them and the table says why). Every candidate is exported to ONNX
 # Runtime and AOTInductor.

@@ -122,7 +122,7 @@ def inductor_configs(
 ) -> dict[str, Any]:
     """Inductor settings of the int8 lowering: freezing (weights become constants, int8 patterns are
     prepacked at compile time), `SizesFromInputs`, `SplitResidualAdds` and, where int8 GEMMs need
-    unsigned sources (`signed_int8` False; default: every CPU without AMX), `UnsignedTokenCodes`;
+    unsigned sources (`signed_int8` False; default: every CPU without AMX), the unsigned-source pass;
     optionally the autotuned GEMM templates, plus `extra` overrides."""
     if signed_int8 is None:
         signed_int8 = cpu_info()["int8"] == "amx"
