@@ -29,6 +29,7 @@ def test_report_json_has_the_contract_keys_and_round_trips(tmp_path):
         parity={"max_abs": 1e-5},
     )
     report.add_pass("quantize", 1.25, layers=3)
+    report.data["calibration"] = {"source": "digits", "split": "train", "count": 64}
     report.warn("skipped conv3")
     report.warn("skipped conv3")  # listed once
     paths = report.write(tmp_path)
@@ -50,6 +51,8 @@ def test_report_json_has_the_contract_keys_and_round_trips(tmp_path):
     assert Report.from_dict(data).to_dict() == report.to_dict()
     md = paths[1].read_text()
     assert "| fp32 | 0.00 | 10 | 8 | 1.00 | 10.00 | accuracy 0.9700 |" in md
+    assert data["data"] == {"calibration": {"source": "digits", "split": "train", "count": 64}}
+    assert "| calibration | digits | train | 64 |" in md
 
 
 def test_context_threads_scope_restores_and_validates():

@@ -174,22 +174,25 @@ def zoo_training_data(teacher: nn.Module) -> Any | None:
     """The training set of a recognised zoo teacher, or None.
 
     digits-cnn: the train split with labels; text encoders: the unique STS-B train sentences (when the
-    STS-B folder is found) followed by sentences from Python's documentation.
+    STS-B folder is found) followed by the train split of Python's documentation sentences (never the
+    validation and test splits their fidelity is measured on).
     """
+    return _zoo_training(teacher)[0]
+
+
+def _zoo_training(teacher: nn.Module) -> tuple[Any | None, dict[str, Any] | None]:
+    """`zoo_training_data(teacher)` and the report's record of it (source, split, count)."""
     from modelpress.zoo.digits import DigitsCNN, load_digits_split
 
     if isinstance(teacher, DigitsCNN):
-        return load_digits_split("train")
+        data = load_digits_split("train")
+        return data, {"source": "scikit-learn digits", "split": "train", "count": len(data[1])}
     if hasattr(teacher, "tokenizer") and hasattr(teacher, "pool"):
-        from modelpress.zoo.stsb import default_stsb_dir, load_split
-        from modelpress.zoo.text import _doc_sentences
+        from modelpress.zoo.text import training_corpus, training_record
 
-        sentences: list[str] = []
-        folder = default_stsb_dir()
-        if folder is not None:
-            sentences += list(dict.fromkeys(s for s1, s2, _ in load_split(folder, "train") for s in (s1, s2)))
-        return sentences + list(_doc_sentences())
-    return None
+        sentences, parts = training_corpus()
+        return sentences, training_record(len(sentences), parts)
+    return None, None
 
 
 @register(DistillConfig)
@@ -198,7 +201,7 @@ def distill_pass(
 ) -> nn.Module:
     """Recipe pass: `model` is the teacher; the student is built from it per `cfg.student`; returns the student."""
     start = time.perf_counter()
-    data = zoo_training_data(model) if cfg.train_data == "auto" else None
+    data, record = _zoo_training(model) if cfg.train_data == "auto" else (None, None)
     if data is None:
         data = ctx.data
     if data is None:
@@ -210,6 +213,10 @@ def distill_pass(
         raise DataError(f"patience={cfg.patience} needs a task metric; this model has none (Context(metric=...))")
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     samples = as_samples(data, model, cfg.max_seq_length)
+    ctx.report.data["training"] = record or {
+        "source": "the run's data (--data, else calibration)",
+        "count": len(samples),
+    }
     # Without a metric the trained student depends only on the teacher, the data and the settings: a
     # run of the same recipe reuses it (delete the file to train again).
     saved = _student_path(ctx, model, samples, cfg) if metric is None else None

@@ -31,12 +31,14 @@ def default_stsb_dir() -> Path | None:
     """
     if env := os.environ.get("MODELPRESS_STSB"):
         return Path(env).expanduser()
+    return next((folder for folder in stsb_search_paths() if (folder / "sts-test.csv").is_file()), None)
+
+
+def stsb_search_paths() -> list[Path]:
+    """Where `default_stsb_dir` looks without `$MODELPRESS_STSB`: `../shared/data/stsb` beside the working
+    directory, then beside the source tree."""
     repo = Path(__file__).resolve().parents[3]  # src/modelpress/zoo/stsb.py -> repository root
-    for root in (Path.cwd(), repo):
-        folder = (root / ".." / "shared" / "data" / "stsb").resolve()
-        if (folder / "sts-test.csv").is_file():
-            return folder
-    return None
+    return list(dict.fromkeys((root / ".." / "shared" / "data" / "stsb").resolve() for root in (Path.cwd(), repo)))
 
 
 def load_split(folder: str | Path, split: str) -> list[Pair]:

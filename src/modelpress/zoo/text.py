@@ -12,6 +12,7 @@ same `embed` works on the eager model, an ONNX Runtime session or a compiled pac
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import random
 import re
@@ -281,15 +282,73 @@ def _doc_sentences() -> tuple[str, ...]:
     return tuple(out)
 
 
-def sample_sentences(n: int) -> list[str]:
-    """`n` real English sentences from Python's bundled documentation (offline, no data set needed).
+DOC_SOURCE = "Python documentation (pydoc_data.topics)"
+# Disjoint splits of the documentation sentences: training and calibration take "train", choices
+# made while compressing "validation", the reported fidelity "test".
+DOC_SPLITS = ("train", "validation", "test")
 
-    Deterministic for a given Python version (the docs differ slightly between versions).
+
+def _doc_split_of(sentence: str) -> str:
+    # By a hash of the sentence itself: each split is a broad sample of the docs, and a sentence keeps
+    # its split across Python versions (whose docs differ slightly). One in five each for test and validation.
+    bucket = int.from_bytes(hashlib.sha256(sentence.encode("utf-8")).digest()[:8], "big") % 5
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+@functools.cache
+def doc_split(split: str) -> tuple[str, ...]:
+    """The sentences of one of the disjoint `DOC_SPLITS` of Python's documentation, in a fixed mixed order."""
+    if split not in DOC_SPLITS:
+        raise DataError(f"the documentation split must be one of {DOC_SPLITS}, got {split!r}")
+    return tuple(s for s in _doc_sentences() if _doc_split_of(s) == split)
+
+
+def sample_sentences(n: int, split: str = "test") -> list[str]:
+    """The first `n` sentences of a split of Python's bundled documentation (offline, no data set needed).
+
+    The default is the held-out test split, so a measurement never sees a training sentence; training and
+    calibration ask for `split="train"`. Deterministic for a given Python version (the docs differ slightly).
     """
-    sentences = _doc_sentences()
+    sentences = doc_split(split)
     if not 0 <= n <= len(sentences):
-        raise DataError(f"sample_sentences can give 0..{len(sentences)} sentences, asked for {n}")
+        raise DataError(f"sample_sentences can give 0..{len(sentences)} {split} sentences, asked for {n}")
     return list(sentences[:n])
+
+
+def training_corpus() -> tuple[list[str], list[tuple[str, int]]]:
+    """Every sentence a text encoder may train or calibrate on, and where they come from.
+
+    The unique STS-B train sentences (when the STS-B folder is found; less the few that also occur in
+    STS-B dev or test), then the documentation's train split: never a sentence any metric is measured
+    on. The second value lists `(source, count)` in order.
+    """
+    sentences: list[str] = []
+    parts: list[tuple[str, int]] = []
+    folder = default_stsb_dir()
+    if folder is not None:
+        held_out = {s for split in ("dev", "test") for s1, s2, _ in load_split(folder, split) for s in (s1, s2)}
+        train = dict.fromkeys(s for s1, s2, _ in load_split(folder, "train") for s in (s1, s2))
+        stsb = [s for s in train if s not in held_out]
+        sentences += stsb
+        parts.append((f"STS-B ({folder})", len(stsb)))
+    docs = list(doc_split("train"))
+    sentences += docs
+    parts.append((DOC_SOURCE, len(docs)))
+    return sentences, parts
+
+
+def training_record(count: int, parts: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """The report's record of the first `count` sentences of `training_corpus()`: sources (train splits), counts."""
+    if parts is None:
+        parts = training_corpus()[1]
+    taken: dict[str, int] = {}
+    left = count
+    for source, n in parts:
+        if left > 0:
+            taken[source] = min(n, left)
+            left -= taken[source]
+    record: dict[str, Any] = {"source": " + ".join(taken), "split": "train", "count": count}
+    return {**record, "parts": taken} if len(taken) > 1 else record
 
 
 # ---------------------------------------------------------------- zoo entry for any text encoder
@@ -299,7 +358,9 @@ class FolderEntry(ZooEntry):
     """A `TextEncoder` as a zoo entry: real-sentence inputs, STS-B or fidelity as its metric.
 
     The metric is STS-B test Spearman when an STS-B folder is found, else the mean cosine
-    similarity to this entry's fp32 model on sample sentences (`fidelity_cosine`).
+    similarity to this entry's fp32 model on held-out documentation sentences (`fidelity_cosine` on
+    the test split; choices use the validation split). Training and calibration sentences come from
+    STS-B train and the documentation's train split only (`training_corpus`).
     """
 
     task = "text-embedding"
@@ -311,7 +372,7 @@ class FolderEntry(ZooEntry):
         self._model = model
         self.name = name
         self.description = self.description or "text encoder (token states; mean/CLS pooling)"
-        self._reference: torch.Tensor | None = None
+        self._reference: dict[str, torch.Tensor] = {}  # fp32 embeddings of each fidelity split
 
     def load(self, cache_dir: Path | None = None) -> TextEncoder:
         if self._model is None:
@@ -342,18 +403,14 @@ class FolderEntry(ZooEntry):
         return enc["input_ids"].long(), enc["attention_mask"].long()
 
     def _train_sentences(self, n: int) -> list[str]:
-        folder = default_stsb_dir()
-        if folder is None:
-            return sample_sentences(n)
-        unique = dict.fromkeys(s for s1, s2, _ in load_split(folder, "train") for s in (s1, s2))
-        return list(unique)[:n]
+        return training_corpus()[0][:n]
 
     # Sentences per recovery epoch: ~4 minutes of MiniLM training on 2 cores.
     FINETUNE_SENTENCES = 4096
 
     def finetune(self, model: nn.Module, epochs: int = 1, lr: float | None = None) -> nn.Module:
         """Recovery after pruning: match the original model's sentence embeddings on real training sentences
-        (STS-B train when present, else Python docs; never test sentences)."""
+        (STS-B train when present, else the documentation's train split; never a held-out sentence)."""
         from modelpress.prune.recovery import distill_text_encoder
 
         sentences = self._train_sentences(self.FINETUNE_SENTENCES)
@@ -362,7 +419,7 @@ class FolderEntry(ZooEntry):
         )
 
     def calibration_data(self, n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
-        """`n` real sentences (STS-B train when present, else Python docs) in padded batches."""
+        """`n` real sentences (STS-B train when present, else the documentation's train split), padded per batch."""
         sentences = self._train_sentences(n)
         return list(dynamic_batches(self.model.tokenizer, sentences, batch_size, self.model.max_seq_length))
 
@@ -370,7 +427,7 @@ class FolderEntry(ZooEntry):
         """`n` real sentences in order (STS-B dev when present, else Python docs), dynamically padded."""
         folder = default_stsb_dir()
         if folder is None:
-            sentences = sample_sentences(min(n, len(_doc_sentences())))
+            sentences = list(_doc_sentences()[:n])  # throughput only: any real sentences do
         else:
             pairs = load_split(folder, "dev")
             sentences = list(dict.fromkeys(s for s1, s2, _ in pairs for s in (s1, s2)))[:n]
@@ -382,24 +439,49 @@ class FolderEntry(ZooEntry):
         details = {"split": split, "pairs": len(pairs), "data": str(folder), "metric": "spearman(cosine)*100"}
         return Quality(name="stsb_spearman", value=value, details=details)
 
-    def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
-        folder = Path(data) if data is not None else default_stsb_dir()
-        if folder is not None:
-            return self._stsb(model, folder, "test")
-        sentences = sample_sentences(self.fidelity_sentences)
-        if self._reference is None:
-            self._reference = self._embed(self._reference_model(), sentences)
-        cos = F.cosine_similarity(self._embed(model, sentences), self._reference, dim=-1)
+    def fidelity_set(self, split: str = "test") -> list[str]:
+        """The held-out documentation sentences fidelity is measured on (`test`: reported; `validation`: choices)."""
+        return sample_sentences(min(self.fidelity_sentences, len(doc_split(split))), split)
+
+    def _fidelity(self, model: ModelFn, split: str) -> Quality:
+        sentences = self.fidelity_set(split)
+        if split not in self._reference:
+            self._reference[split] = self._embed(self._reference_model(), sentences)
+        cos = F.cosine_similarity(self._embed(model, sentences), self._reference[split], dim=-1)
         details = {
+            "split": split,
             "sentences": len(sentences),
-            "source": "pydoc_data.topics (Python docs)",
+            "source": DOC_SOURCE,
+            "held_out": "disjoint from the train split every training and calibration sentence comes from",
             "reference": f"{self.name} fp32",
             "min_cosine": float(cos.min()),
             "note": "STS-B not found; set MODELPRESS_STSB to measure stsb_spearman",
         }
         return Quality(name="fidelity_cosine", value=float(cos.mean()), details=details)
 
-    def validation_quality(self, model: ModelFn, data: Path | None = None) -> Quality | None:
-        """STS-B dev Spearman; None without STS-B (the fidelity sentences are not a held-out split)."""
+    def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
+        """STS-B test Spearman; without STS-B, mean cosine to the fp32 model on the documentation's test split."""
         folder = Path(data) if data is not None else default_stsb_dir()
-        return self._stsb(model, folder, "dev") if folder is not None else None
+        return self._stsb(model, folder, "test") if folder is not None else self._fidelity(model, "test")
+
+    def validation_quality(self, model: ModelFn, data: Path | None = None) -> Quality:
+        """STS-B dev Spearman; without STS-B, fidelity on the documentation's validation split."""
+        folder = Path(data) if data is not None else default_stsb_dir()
+        return self._stsb(model, folder, "dev") if folder is not None else self._fidelity(model, "validation")
+
+    def data_record(self, use: str, count: int | None = None, data: Path | None = None) -> dict[str, Any] | None:
+        """Where this entry's `use` data comes from (see `ZooEntry.data_record`)."""
+        if use in ("training", "calibration"):
+            if count is None:  # training: `finetune`
+                count = min(self.FINETUNE_SENTENCES, len(training_corpus()[0]))
+            return training_record(count)
+        if use not in ("evaluation", "validation"):
+            return None
+        folder = Path(data) if data is not None else default_stsb_dir()
+        if folder is not None:
+            split = "test" if use == "evaluation" else "dev"
+            pairs = len(load_split(folder, split))
+            return {"source": f"STS-B ({folder})", "split": split, "count": pairs, "unit": "sentence pairs"}
+        split = "test" if use == "evaluation" else "validation"
+        n = len(self.fidelity_set(split))
+        return {"source": DOC_SOURCE, "split": split, "count": n, "unit": "sentences", "metric": "fidelity_cosine"}
