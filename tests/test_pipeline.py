@@ -86,3 +86,29 @@ def test_the_speed_gate_stops_what_runs_past_its_limit(
     kept = tmp_path / "kept"
     compress("digits-cnn", "w8", out_dir=kept, threads=2, batch_sizes=(1,), repeats=2, progress=False, keep_slower=True)
     assert (kept / "model.onnx").exists() and (kept / "model.pt2").exists()
+
+
+def test_an_artifact_its_parity_gate_refuses_leaves_the_others(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelpress.export.onnx as onnx_export
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise onnx_export.ExportError("the int8 graph does not compute what the quantized model computes: test")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", refuse)
+    out = tmp_path / "one"
+    _, report = compress("digits-cnn", "w8", out_dir=out, threads=2, batch_sizes=(1,), repeats=2, progress=False,
+                         keep_slower=True)  # fmt: skip
+    assert (out / "model.pt2").exists() and not (out / "model.onnx").exists()
+    assert "model.onnx not written: the int8 graph does not compute" in " ".join(report.warnings)
+    assert [a.name for a in report.artifacts] == ["digits-cnn (w8, eager)", "model.pt2 (AOTInductor)"]
+    monkeypatch.setattr(onnx_export, "export_onnx", refuse)
+    with pytest.raises(onnx_export.ExportError, match="model.onnx: the int8 graph"):
+        compress("digits-cnn", load_recipe_with_export("onnx"), out_dir=tmp_path / "none", progress=False)
+
+
+def load_recipe_with_export(*kinds: str):  # noqa: ANN201 - the w8 recipe exporting only `kinds`
+    import dataclasses
+
+    return dataclasses.replace(load_recipe("w8"), export=kinds)

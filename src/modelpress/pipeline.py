@@ -247,31 +247,50 @@ def _export_all(
         if rec.export:
             ctx.warn("no example inputs are known for this model: artifacts were not exported")
         return {}
+    from modelpress.export.onnx import ExportError
+
     out: dict[str, Path] = {}
+    refused: dict[str, str] = {}
     if "onnx" in rec.export:
         from modelpress.export.onnx import export_onnx
 
         start = time.perf_counter()
-        out["onnx"] = export_onnx(model, example, folder / "model.onnx", batch_axes=batch_axes)
-        ctx.report.add_pass("export/onnx", time.perf_counter() - start)
+        try:
+            out["onnx"] = export_onnx(model, example, folder / "model.onnx", batch_axes=batch_axes)
+        except ExportError as e:  # its parity gate refused it: the other artifacts are still written
+            refused["onnx"] = str(e)
+        stats = {"refused": refused["onnx"]} if "onnx" in refused else {}
+        ctx.report.add_pass("export/onnx", time.perf_counter() - start, **stats)
     if "pt2" in rec.export:
-        from modelpress.export.artifact import package_checked
-        from modelpress.export.inductor import choose_lowering
-
-        lowering = choose_lowering(rec.lowering_option("pt2_float"), rec.lowering_option("int8_sources"))
-        start = time.perf_counter()
-        parity = package_checked(
-            model, example, folder / "model.pt2", batch_axes=batch_axes, bf16=lowering["bf16"],
-            signed_int8=lowering["signed_int8"],
-        )  # fmt: skip
-        out["pt2"] = folder / "model.pt2"
-        float_ops = "bf16" if parity.get("bf16") else "fp32"
-        int8_sources = "signed" if lowering["signed_int8"] else "unsigned"
-        ctx.report.add_pass(
-            "export/pt2", time.perf_counter() - start, float_ops=float_ops, int8_sources=int8_sources,
-            chosen_for=lowering["why"],
-        )  # fmt: skip
+        try:
+            out |= _export_pt2(model, example, rec, folder, ctx, batch_axes)
+        except ExportError as e:
+            refused["pt2"] = str(e)
+    for kind, why in refused.items():
+        ctx.report.warn(f"model.{kind} not written: {why}")
+    if refused and not out:
+        raise ExportError("; ".join(f"model.{kind}: {why}" for kind, why in refused.items()))
     return out
+
+
+def _export_pt2(
+    model: nn.Module, example: tuple, rec: Recipe, folder: Path, ctx: Context, batch_axes: tuple[int, ...] | None
+) -> dict[str, Path]:
+    """The AOTInductor package, lowered as this CPU (or the recipe's `lowering`) asks; the choice is reported."""
+    from modelpress.export.artifact import package_checked
+    from modelpress.export.inductor import choose_lowering
+
+    lowering = choose_lowering(rec.lowering_option("pt2_float"), rec.lowering_option("int8_sources"))
+    start = time.perf_counter()
+    parity = package_checked(
+        model, example, folder / "model.pt2", batch_axes=batch_axes, bf16=lowering["bf16"],
+        signed_int8=lowering["signed_int8"],
+    )  # fmt: skip
+    ctx.report.add_pass(
+        "export/pt2", time.perf_counter() - start, float_ops="bf16" if parity.get("bf16") else "fp32",
+        int8_sources="signed" if lowering["signed_int8"] else "unsigned", chosen_for=lowering["why"],
+    )  # fmt: skip
+    return {"pt2": folder / "model.pt2"}
 
 
 def _parity(
