@@ -110,7 +110,11 @@ def probe(
                     current = msg["batch_size"]
                     deadline = limits[current] * (2 if msg["warmup"] else 1)
                 elif msg["event"] == "call":
-                    timed.setdefault(msg["batch_size"], []).append(msg["ms"])
+                    if msg["ms"] / 1e3 > deadline:  # it finished, but past its limit (lines can lag behind)
+                        result.stopped, result.limit_s = msg["batch_size"], deadline
+                        break
+                    if not msg["warmup"]:
+                        timed.setdefault(msg["batch_size"], []).append(msg["ms"])
         finally:
             _kill(child)
             errors.close()

@@ -41,9 +41,7 @@ def main(argv: list[str]) -> int:
                 _emit(event="next", batch_size=bs, warmup=i == 0)
                 start = time.perf_counter()
                 model(*args)
-                ms = (time.perf_counter() - start) * 1e3
-                if i > 0:
-                    _emit(event="call", batch_size=bs, ms=ms)
+                _emit(event="call", batch_size=bs, ms=(time.perf_counter() - start) * 1e3, warmup=i == 0)
     return 0
 
 
