@@ -206,9 +206,7 @@ def main() -> None:
             print(f"[{cap}] oneDNN int8 GEMM kernel: {result['kernels'][cap]}", flush=True)
             cmd = [sys.executable, __file__, "--worker", cap, "--threads", str(args.threads), "--repeats",
                    str(args.repeats), "--workdir", work, "--pairs", *args.pairs]  # fmt: skip
-            proc = subprocess.Popen(
-                cmd, env={**os.environ, **CAPS[cap]}, stdout=subprocess.PIPE, text=True, bufsize=1
-            )
+            proc = subprocess.Popen(cmd, env={**os.environ, **CAPS[cap]}, stdout=subprocess.PIPE, text=True, bufsize=1)
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith("RESULT "):

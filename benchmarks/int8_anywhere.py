@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quant_onnx import LoadGate, OrtFn, build_anchor, build_recipe, interleaved_latency  # noqa: E402
+from quant_onnx import LoadGate, OrtFn, build_anchor, build_recipe, interleaved_latency, record_batch  # noqa: E402
 
 BATCHES = (1, 32)
 ANCHORS = ("torch-bf16", "compile-bf16", "compile-bf16-max", "torch-qdyn", "ort-fp32", "ort-int8-dyn", "ort-int8-pc")
@@ -172,12 +172,7 @@ def main() -> None:
             {row: (lambda fn=fn, inputs=inputs: fn(*inputs)) for row, fn in fns.items()},
             args.rounds if bs == 1 else max(3, args.rounds // 2), 5 if bs == 1 else 1, gate,
         )  # fmt: skip
-        rounds[f"bs{bs}"] = {"quiet": gate.quiet, "noisy": gate.noisy}
-        base = lat["torch-fp32"]["p50"]
-        for row, v in lat.items():
-            results[row][f"bs{bs}"] = {**v, "speedup_p50": base / v["p50"]}
-        print(f"batch {bs} ({gate.quiet} quiet rounds, {gate.noisy} noisy): "
-              + ", ".join(f"{r} {base / v['p50']:.2f}x" for r, v in lat.items()), flush=True)  # fmt: skip
+        record_batch(results, rounds, bs, lat, gate)
 
     sentences = sample_sentences(256)
 

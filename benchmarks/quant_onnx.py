@@ -267,6 +267,23 @@ class LoadGate:
                 return
 
 
+def record_batch(
+    results: dict[str, dict[str, Any]],
+    rounds: dict[str, Any],
+    bs: int,
+    lat: dict[str, dict[str, float]],
+    gate: LoadGate,
+    base_row: str = "torch-fp32",
+) -> None:
+    """Store one batch size's latencies with their ratio to `base_row`, count its rounds, print a line."""
+    rounds[f"bs{bs}"] = {"quiet": gate.quiet, "noisy": gate.noisy}
+    base = lat[base_row]["p50"]
+    for row, v in lat.items():
+        results[row][f"bs{bs}"] = {**v, "speedup_p50": base / v["p50"]}
+    figures = ", ".join(f"{r} {v['p50']:.1f} ms ({base / v['p50']:.2f}x)" for r, v in lat.items())
+    print(f"batch {bs} ({gate.quiet} quiet rounds, {gate.noisy} noisy): {figures}", flush=True)
+
+
 def interleaved_latency(
     fns: dict[str, Callable[[], Any]], rounds: int, per_round: int, gate: LoadGate
 ) -> dict[str, dict[str, float]]:
@@ -369,12 +386,7 @@ def main() -> None:
         fns |= {row: (lambda s=s, inputs=inputs: s(*inputs)) for row, s in sessions.items()}
         gate = LoadGate(max_foreign=args.max_foreign)
         lat = interleaved_latency(fns, args.rounds if bs == 1 else max(3, args.rounds // 2), 5 if bs == 1 else 1, gate)
-        rounds[f"bs{bs}"] = {"quiet": gate.quiet, "noisy": gate.noisy}
-        base = lat["torch-fp32"]["p50"]
-        for row, v in lat.items():
-            results[row][f"bs{bs}"] = {**v, "speedup_p50": base / v["p50"]}
-        print(f"batch {bs} ({gate.quiet} quiet rounds, {gate.noisy} noisy): " +
-              ", ".join(f"{r} {v['p50']:.1f} ms" for r, v in lat.items()), flush=True)  # fmt: skip
+        record_batch(results, rounds, bs, lat, gate)
 
     if not args.no_quality:
         sentences = sample_sentences(256)

@@ -53,7 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quant_onnx import LoadGate, build_recipe, interleaved_latency  # noqa: E402
+from quant_onnx import LoadGate, build_recipe, interleaved_latency, record_batch  # noqa: E402
 
 BATCHES = (1, 32)
 CALIBRATION_SENTENCES = 128
@@ -297,12 +297,7 @@ def main() -> None:
             5 if bs == 1 else 1,
             gate,
         )
-        rounds[f"bs{bs}"] = {"quiet": gate.quiet, "noisy": gate.noisy}
-        base = lat["torch-fp32"]["p50"]
-        for row, v in lat.items():
-            results[row][f"bs{bs}"] = {**v, "speedup_p50": base / v["p50"]}
-        print(f"batch {bs} ({gate.quiet} quiet rounds, {gate.noisy} noisy): "
-              + ", ".join(f"{r} {v['p50']:.1f} ms" for r, v in lat.items()), flush=True)  # fmt: skip
+        record_batch(results, rounds, bs, lat, gate)
 
     if not args.no_quality:
         sentences = sample_sentences(256)
