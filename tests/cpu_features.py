@@ -17,10 +17,18 @@ def lacks(feature: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(has_feature(feature), reason=f"about CPUs without {feature} ({_here()})")
 
 
-def int8_unit() -> str:
-    return cpu_info()["int8"]
-
-
 def _here() -> str:
     info = cpu_info()
     return f"this CPU: {info['model']}, usable: {', '.join(info['usable']) or 'none'}"
+
+
+def _exact() -> bool:
+    from modelpress.quant.kernels import int8_gemm_exact
+
+    return int8_gemm_exact()
+
+
+# oneDNN's int8 GEMM is exact only with VNNI or AMX; elsewhere int8-activation layers run their reference path
+needs_exact_int8 = pytest.mark.skipif(
+    not _exact(), reason=f"needs an exact int8 GEMM (VNNI or AMX; AVX2 saturates in int16) ({_here()})"
+)

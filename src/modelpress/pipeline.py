@@ -94,6 +94,7 @@ def compress(
     with ctx.threads_scope():
         for cfg in rec.passes:
             compressed = apply(compressed, cfg, ctx)
+    _warn_inexact_int8(compressed, report)
 
     if out_dir is None:
         return compressed, report
@@ -119,6 +120,21 @@ def compress(
         rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
         (console or Console()).print(stats_table(rows))
     return compressed, report
+
+
+def _warn_inexact_int8(model: nn.Module, report: Report) -> None:
+    """Say so where int8-activation layers compute in float because this CPU's int8 GEMM would saturate."""
+    from modelpress.quant import kernels
+    from modelpress.quant.modules import QLinear
+
+    if kernels.int8_gemm_exact():
+        return
+    if any(isinstance(m, QLinear) and m.act.mode != "none" for m in model.modules()):
+        report.warn(
+            f"this CPU's int8 unit is {report.environment.get('cpu', {}).get('int8')} (no VNNI or AMX): oneDNN's int8 "
+            "GEMM would saturate, so layers with int8 activations compute in float on their int8-stored weights "
+            "in the eager model and the .pt2 (the .onnx runs ONNX Runtime's own kernels)"
+        )
 
 
 def choice_metric(

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpu_features import int8_unit, lacks
+from cpu_features import lacks, needs_exact_int8
 from modelpress.export.inductor import (
     PostGradPasses,
     TracedQLinear,
@@ -73,6 +73,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=-1)
 
 
+@needs_exact_int8
 @pytest.mark.parametrize(("batch", "seq"), [(1, 7), (3, 21)])
 def test_package_matches_eager_quantized_model(packaged, batch: int, seq: int) -> None:
     model, path, _ = packaged
@@ -88,6 +89,7 @@ def test_package_matches_eager_quantized_model(packaged, batch: int, seq: int) -
         assert _cosine(out, ref).min() >= 0.999
 
 
+@needs_exact_int8
 def test_package_runs_int8_kernels_with_fused_gelu(packaged) -> None:
     _, path, _ = packaged
     kernels = package_kernels(path)
@@ -98,6 +100,7 @@ def test_package_runs_int8_kernels_with_fused_gelu(packaged) -> None:
     assert kernels.get("post_op:gelu") == 1, kernels  # GELU fused although the model reads .shape
 
 
+@needs_exact_int8
 def test_package_loads_through_the_runtime_wrapper(packaged) -> None:
     model, path, _ = packaged
     inputs = _inputs(2, 9)
@@ -115,6 +118,7 @@ def test_user_model_is_not_mutated(packaged) -> None:
     assert isinstance(model.up, QLinear) and not model._forward_hooks
 
 
+@needs_exact_int8
 def test_prepare_swaps_int8_layers_and_keeps_the_function() -> None:
     model = TinyEncoder().eval()
     prepared = prepare(model, bf16=False)
@@ -126,6 +130,7 @@ def test_prepare_swaps_int8_layers_and_keeps_the_function() -> None:
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@needs_exact_int8
 def test_compile_model_matches_eager_in_fp32() -> None:
     from torch._dynamo.utils import counters
 
@@ -194,8 +199,6 @@ def test_deepcopy_keeps_user_model_usable_after_packaging(packaged) -> None:
         torch.testing.assert_close(clone(*inputs)[0], model(*inputs)[0])
 
 
-needs_int8_unit = pytest.mark.skipif(int8_unit() == "none", reason="needs an int8 GEMM unit (AVX2, VNNI or AMX)")
-
 _RUN_WITH_VERBOSE_ONEDNN = """
 import sys, torch
 from modelpress.export.runtime import AotiModel
@@ -234,7 +237,7 @@ def _package_with(tmp_path: Path, unsigned: bool) -> tuple[Path, TinyEncoder]:
     return path, model
 
 
-@needs_int8_unit
+@needs_exact_int8
 def test_unsigned_sources_keep_every_int8_gemm_on_a_fast_kernel(tmp_path: Path) -> None:
     path, model = _package_with(tmp_path, unsigned=True)
     ids, mask = _inputs(3, 12)
@@ -246,7 +249,7 @@ def test_unsigned_sources_keep_every_int8_gemm_on_a_fast_kernel(tmp_path: Path) 
 
 
 @pytest.mark.slow
-@needs_int8_unit
+@needs_exact_int8
 @lacks("amx_int8")
 def test_signed_sources_fall_back_to_the_reference_kernel_without_amx(tmp_path: Path) -> None:
     # The root cause the unsigned lowering removes: seen with oneDNN in torch 2.13 on AVX-512 VNNI

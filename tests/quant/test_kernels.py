@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from cpu_features import needs_exact_int8
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant import kernels
 from modelpress.quant.modules import ActSpec, QLinear
@@ -48,6 +49,7 @@ def _assert_matches(out: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=rel * float(ref.abs().max()))
 
 
+@needs_exact_int8
 @pytest.mark.parametrize("name", list(ACTS))
 @pytest.mark.parametrize("shape", [(3, 17, 96), (5, 96), (1, 96)])
 def test_int8_activation_kernels_match_reference(name: str, shape: tuple[int, ...]) -> None:
@@ -57,6 +59,7 @@ def test_int8_activation_kernels_match_reference(name: str, shape: tuple[int, ..
     _assert_matches(_run(module, x), _reference(module, x), rel=1e-5)
 
 
+@needs_exact_int8
 @pytest.mark.parametrize("name", ["static-asym", "dynamic-token-sym"])
 def test_bf16_inputs_give_bf16_outputs_close_to_reference(name: str) -> None:
     module = _qlinear(ACTS[name])
@@ -91,6 +94,7 @@ def test_no_kernel_where_none_fits(wscheme: QuantScheme, act: ActSpec) -> None:
     assert module(x).shape == (2, 80)  # the module still runs, on the reference path
 
 
+@needs_exact_int8
 def test_sub_byte_symmetric_weights_run_on_the_int8_kernel() -> None:
     module = _qlinear(
         ActSpec("dynamic", granularity="token"), QuantScheme(bits=4, symmetric=True, granularity="channel")
@@ -99,6 +103,7 @@ def test_sub_byte_symmetric_weights_run_on_the_int8_kernel() -> None:
     _assert_matches(_run(module, x), _reference(module, x), rel=1e-5)
 
 
+@needs_exact_int8
 def test_module_forward_uses_the_kernel() -> None:
     module = _qlinear(ACTS["static-asym"])
     x = torch.randn(4, 96)
@@ -108,6 +113,7 @@ def test_module_forward_uses_the_kernel() -> None:
     assert spy.call_count == 1
 
 
+@needs_exact_int8
 def test_packed_weight_follows_weight_updates_and_stays_out_of_copies() -> None:
     module = _qlinear(ACTS["dynamic-tensor-sym"])
     other = _qlinear(ACTS["dynamic-tensor-sym"], seed=1)
@@ -128,6 +134,7 @@ def test_inputs_that_need_gradients_take_the_reference_path() -> None:
     assert x.grad is not None
 
 
+@needs_exact_int8
 @pytest.mark.parametrize("name", list(ACTS))
 def test_decomposed_form_matches_reference(name: str) -> None:
     """The traced (Inductor pattern) form computes the same function, run eagerly."""
@@ -137,3 +144,17 @@ def test_decomposed_form_matches_reference(name: str) -> None:
         out = kernels.decomposed_linear(module, x)
     assert out is not None
     _assert_matches(out, _reference(module, x), rel=1e-4)
+
+
+def test_without_vnni_or_amx_int8_activation_layers_run_their_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    # oneDNN's AVX2 int8 GEMM saturates u8 x s8 pairs in int16: those layers compute in float instead
+    from modelpress.core import environment
+
+    avx2 = {**environment.cpu_info(), "int8": "avx2"}
+    monkeypatch.setattr(kernels, "cpu_info", lambda: avx2)
+    static = _qlinear(ACTS["static-asym"])
+    x = torch.randn(4, 96)
+    assert kernels.linear(static, x) is None and not kernels.decomposed_linear_applies(static)
+    torch.testing.assert_close(static(x), _reference(static, x))
+    weight_only = _qlinear(ActSpec("none"))
+    assert kernels.linear(weight_only, x[:1]) is not None  # weight-only int8 does not go through that GEMM
