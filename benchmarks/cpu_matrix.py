@@ -59,10 +59,11 @@ PAIRS = (
 _PROBE_GEMM = """
 import torch
 from modelpress.primitives.affine import QuantScheme
+from modelpress.quant import kernels
 from modelpress.quant.modules import ActSpec, QLinear
 layer = QLinear.from_float(torch.nn.Linear(256, 256), QuantScheme(8, True, "channel"), ActSpec("dynamic"))
-with torch.inference_mode():
-    layer(torch.randn(64, 256))
+with torch.inference_mode():  # oneDNN's int8 GEMM itself, whether or not modelpress uses it on this CPU
+    kernels._int8_linear(layer, torch.randn(64, 256))
 """
 
 
