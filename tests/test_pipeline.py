@@ -112,3 +112,25 @@ def load_recipe_with_export(*kinds: str):  # noqa: ANN201 - the w8 recipe export
     import dataclasses
 
     return dataclasses.replace(load_recipe("w8"), export=kinds)
+
+
+def test_the_report_says_where_int8_activations_compute_in_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from modelpress.core.environment import cpu_info
+    from modelpress.core.report import Report
+    from modelpress.pipeline import _warn_inexact_int8
+    from modelpress.primitives.affine import QuantScheme
+    from modelpress.quant import kernels
+    from modelpress.quant.modules import ActSpec, QLinear
+
+    scheme = QuantScheme(8, True, "channel")
+    static = torch.nn.Sequential(QLinear.from_float(torch.nn.Linear(8, 4), scheme, ActSpec("static"), (-1.0, 1.0)))
+    weight_only = torch.nn.Sequential(QLinear.from_float(torch.nn.Linear(8, 4), scheme, ActSpec("none")))
+    avx2 = {**cpu_info(), "int8": "avx2"}
+    monkeypatch.setattr(kernels, "cpu_info", lambda: avx2)
+    report = Report(model="m", environment={"cpu": avx2})
+    _warn_inexact_int8(weight_only, report)
+    assert report.warnings == []  # weight-only int8 does not use the saturating GEMM
+    _warn_inexact_int8(static, report)
+    assert len(report.warnings) == 1 and "int8 unit is avx2 (no VNNI or AMX)" in report.warnings[0]
