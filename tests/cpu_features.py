@@ -23,7 +23,7 @@ def _here() -> str:
 
 
 def _exact() -> bool:
-    from modelpress.quant.kernels import int8_gemm_exact
+    from modelpress.core.environment import int8_gemm_exact
 
     return int8_gemm_exact()
 

@@ -117,18 +117,17 @@ def load_recipe_with_export(*kinds: str):  # noqa: ANN201 - the w8 recipe export
 def test_the_report_says_where_int8_activations_compute_in_float(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from modelpress.core.environment import cpu_info
+    from modelpress.core import environment
     from modelpress.core.report import Report
     from modelpress.pipeline import _warn_inexact_int8
     from modelpress.primitives.affine import QuantScheme
-    from modelpress.quant import kernels
     from modelpress.quant.modules import ActSpec, QLinear
 
     scheme = QuantScheme(8, True, "channel")
     static = torch.nn.Sequential(QLinear.from_float(torch.nn.Linear(8, 4), scheme, ActSpec("static"), (-1.0, 1.0)))
     weight_only = torch.nn.Sequential(QLinear.from_float(torch.nn.Linear(8, 4), scheme, ActSpec("none")))
-    avx2 = {**cpu_info(), "int8": "avx2"}
-    monkeypatch.setattr(kernels, "cpu_info", lambda: avx2)
+    avx2 = {**environment.cpu_info(), "int8": "avx2"}
+    monkeypatch.setattr(environment, "cpu_info", lambda: avx2)
     report = Report(model="m", environment={"cpu": avx2})
     _warn_inexact_int8(weight_only, report)
     assert report.warnings == []  # weight-only int8 does not use the saturating GEMM

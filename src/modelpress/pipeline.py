@@ -27,7 +27,6 @@ from modelpress.core.registry import apply
 from modelpress.core.report import ModelStats, Report
 from modelpress.loading import LoadedModel, resolve
 from modelpress.measure.gate import gate_message, stopped_stats
-from modelpress.measure.size import artifact_size_bytes
 from modelpress.recipes.recipe import Recipe, load_recipe
 from modelpress.zoo.base import ZooEntry
 
@@ -61,10 +60,8 @@ def compress(
     check_out_dir(out_dir, overwrite)
     loaded = model if isinstance(model, LoadedModel) else resolve(model)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if "pt2" in rec.export:  # an explicit lowering this CPU cannot run is refused before any work
-        from modelpress.export.inductor import choose_lowering
-
-        choose_lowering(rec.lowering_option("pt2_float"), rec.lowering_option("int8_sources"))
+    # chosen (and an explicit lowering this CPU cannot run refused) before any work
+    lowering = _lowering(rec) if "pt2" in rec.export else None
     if loaded.kind == "onnx":
         return _compress_onnx(loaded, rec, data, out_dir, threads, batch_sizes, repeats, progress, console)
     if not isinstance(loaded.model, nn.Module):
@@ -100,15 +97,14 @@ def compress(
         return compressed, report
     example = entry.example_inputs(2) if entry is not None else None
     with atomic_dir(out_dir) as tmp:
-        artifacts = _export(compressed, example, rec, tmp, ctx, entry.batch_axes if entry is not None else None)
+        axes = entry.batch_axes if entry is not None else None
+        artifacts = _export(compressed, example, rec, tmp, ctx, axes, lowering)
         report.parity = _parity(loaded.model, compressed, artifacts, example, threads) if artifacts else None
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
         _measure(
             loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir,
-            validation, baseline,
+            validation, baseline, keep_slower,
         )  # fmt: skip
-        if not keep_slower:
-            _drop_slower(report, artifacts)
         if entry_for_eval is not None:
             _record_data(report, entry_for_eval, "evaluation", data=eval_data)
             if validation:
@@ -124,10 +120,10 @@ def compress(
 
 def _warn_inexact_int8(model: nn.Module, report: Report) -> None:
     """Say so where int8-activation layers compute in float because this CPU's int8 GEMM would saturate."""
-    from modelpress.quant import kernels
+    from modelpress.core.environment import int8_gemm_exact
     from modelpress.quant.modules import QLinear
 
-    if kernels.int8_gemm_exact():
+    if int8_gemm_exact():
         return
     if any(isinstance(m, QLinear) and m.act.mode != "none" for m in model.modules()):
         report.warn(
@@ -215,16 +211,9 @@ def _compress_onnx(
         )
         original = (f"{loaded.name} (original)", loaded.model, loaded.entry, loaded.path)
         base = bench([original], **common)[0]
-        name, path = "model.onnx (ONNX Runtime)", tmp / "model.onnx"
-        result = _probe("onnx", path, loaded.entry, batch_sizes, base, threads) if loaded.entry else None
-        if result is not None and result.stopped is not None:
-            row = stopped_stats(name, path, result, base)
-            row.size_bytes = artifact_size_bytes(path)
-        else:
-            row = bench([(name, OnnxModel(path, threads=threads), loaded.entry, path)], **common, reference=base)[0]
+        (row,) = _gated_bench([], {"onnx": tmp / "model.onnx"}, loaded.entry, base, common)
         row.artifact = str(Path(out_dir) / "model.onnx")
-        if (message := gate_message(row)) is not None:
-            report.warn(message)
+        _report_gate(report, [row], {})  # the one graph asked for is written even when flagged
         rows = [base, row]
         report.baseline, report.artifacts, report.compressed = base, [row], row
         report.write(tmp)
@@ -242,12 +231,13 @@ def _export(
     folder: Path,
     ctx: Context,
     batch_axes: tuple[int, ...] | None = None,
+    lowering: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     from modelpress.export.onnx import ExportWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
-        out = _export_all(model, example, rec, folder, ctx, batch_axes)
+        out = _export_all(model, example, rec, folder, ctx, batch_axes, lowering)
     for w in caught:
         if issubclass(w.category, ExportWarning):
             ctx.report.warn(str(w.message))
@@ -257,7 +247,13 @@ def _export(
 
 
 def _export_all(
-    model: nn.Module, example: tuple | None, rec: Recipe, folder: Path, ctx: Context, batch_axes: tuple[int, ...] | None
+    model: nn.Module,
+    example: tuple | None,
+    rec: Recipe,
+    folder: Path,
+    ctx: Context,
+    batch_axes: tuple[int, ...] | None,
+    lowering: dict[str, Any] | None,
 ) -> dict[str, Path]:
     if example is None:
         if rec.export:
@@ -279,7 +275,7 @@ def _export_all(
         ctx.report.add_pass("export/onnx", time.perf_counter() - start, **stats)
     if "pt2" in rec.export:
         try:
-            out |= _export_pt2(model, example, rec, folder, ctx, batch_axes)
+            out |= _export_pt2(model, example, folder, ctx, batch_axes, lowering or _lowering(rec))
         except ExportError as e:
             refused["pt2"] = str(e)
     for kind, why in refused.items():
@@ -289,14 +285,24 @@ def _export_all(
     return out
 
 
-def _export_pt2(
-    model: nn.Module, example: tuple, rec: Recipe, folder: Path, ctx: Context, batch_axes: tuple[int, ...] | None
-) -> dict[str, Path]:
-    """The AOTInductor package, lowered as this CPU (or the recipe's `lowering`) asks; the choice is reported."""
-    from modelpress.export.artifact import package_checked
+def _lowering(rec: Recipe) -> dict[str, Any]:
+    """The .pt2 lowering for this CPU and the recipe's `lowering` options (`choose_lowering`)."""
     from modelpress.export.inductor import choose_lowering
 
-    lowering = choose_lowering(rec.lowering_option("pt2_float"), rec.lowering_option("int8_sources"))
+    return choose_lowering(rec.lowering_option("pt2_float"), rec.lowering_option("int8_sources"))
+
+
+def _export_pt2(
+    model: nn.Module,
+    example: tuple,
+    folder: Path,
+    ctx: Context,
+    batch_axes: tuple[int, ...] | None,
+    lowering: dict[str, Any],
+) -> dict[str, Path]:
+    """The AOTInductor package, lowered as `lowering` says; the choice is reported."""
+    from modelpress.export.artifact import package_checked
+
     start = time.perf_counter()
     parity = package_checked(
         model, example, folder / "model.pt2", batch_axes=batch_axes, bf16=lowering["bf16"],
@@ -348,9 +354,9 @@ def _measure(
     final_dir: str | Path,
     validation: bool,
     baseline: ModelStats | None = None,
+    keep_slower: bool = False,
 ) -> None:
-    """The original first, then the speed gate's probe of each artifact, then every form that passed it."""
-    from modelpress.export.runtime import AotiModel, OnnxModel
+    """The original first, then every form through the speed gate; flagged artifacts are deleted unless kept."""
     from modelpress.measure import bench
     from modelpress.measure.size import count_params
 
@@ -364,29 +370,12 @@ def _measure(
     if baseline is None:
         baseline = bench([(f"{loaded.name} (original)", loaded.model, entry, loaded.path)], **common)[0]
     label = report.recipe["name"] if report.recipe else "compressed"
-    specs: list[Any] = [(f"{loaded.name} ({label}, eager)", compressed, entry)]
-    stopped: dict[str, ModelStats] = {}
-    runtimes = {"onnx": ("model.onnx (ONNX Runtime)", lambda p: OnnxModel(p, threads=threads)),
-                "pt2": ("model.pt2 (AOTInductor)", AotiModel)}  # fmt: skip
-    for kind, (name, load) in runtimes.items():
-        if kind not in artifacts:
-            continue
-        result = _probe(kind, artifacts[kind], entry, batch_sizes, baseline, threads)
-        if result is not None and result.stopped is not None:
-            stopped[name] = stopped_stats(name, artifacts[kind], result, baseline)
-            stopped[name].size_bytes = artifact_size_bytes(artifacts[kind])
-            continue
-        specs.append((name, load(artifacts[kind]), entry, artifacts[kind]))
-    measured = bench(specs, **common, reference=baseline)
+    rows = _gated_bench([(f"{loaded.name} ({label}, eager)", compressed, entry)], artifacts, entry, baseline, common)
     params = count_params(compressed)
-    for s in [*measured[1:], *stopped.values()]:
+    for s in rows[1:]:
         s.params, s.nonzero_params = params
         s.artifact = str(Path(final_dir) / Path(s.artifact).name) if s.artifact else None
-    order = [spec[0] for spec in specs] + list(stopped)
-    rows = sorted([*measured, *stopped.values()], key=lambda s: order.index(s.name))
-    for s in rows:
-        if (message := gate_message(s)) is not None:
-            report.warn(message)
+    _report_gate(report, rows, {} if keep_slower else {path.name: path for path in artifacts.values()})
     report.baseline = baseline
     report.artifacts = rows
     deployable = [s for s in rows if s.artifact] or rows
@@ -397,19 +386,45 @@ def _measure(
                             key=lambda s: _p50(s, max(batch_sizes)))  # fmt: skip
 
 
-def _drop_slower(report: Report, artifacts: dict[str, Path]) -> None:
-    """Delete the artifacts the speed gate flagged from the output folder; their rows say why."""
-    written = {path.name: path for path in artifacts.values()}
-    for row in report.artifacts:
-        gate = row.speed_gate or {}
+_RUNTIME_NAMES = {"onnx": "model.onnx (ONNX Runtime)", "pt2": "model.pt2 (AOTInductor)"}
+
+
+def _gated_bench(
+    in_process: list[Any],
+    artifacts: dict[str, Path],
+    entry: ZooEntry | None,
+    baseline: ModelStats,
+    common: dict[str, Any],
+) -> list[ModelStats]:
+    """The in-process forms, then each artifact, measured against `baseline` through the speed gate: an
+    artifact is probed in a child process first, and one the probe stopped is never loaded here."""
+    from modelpress.export.runtime import AotiModel, OnnxModel
+    from modelpress.measure import bench
+
+    threads = common["threads"]
+    specs, stopped = list(in_process), []
+    for kind, path in artifacts.items():
+        name = _RUNTIME_NAMES[kind]
+        result = _probe(kind, path, entry, common["batch_sizes"], baseline, threads) if entry is not None else None
+        if result is not None and result.stopped is not None:
+            stopped.append(stopped_stats(name, path, result, baseline))
+            continue
+        specs.append((name, OnnxModel(path, threads=threads) if kind == "onnx" else AotiModel(path), entry, path))
+    return [*bench(specs, **common, reference=baseline), *stopped]
+
+
+def _report_gate(report: Report, rows: list[ModelStats], deletable: dict[str, Path]) -> None:
+    """Warn of every form the speed gate flagged; delete the flagged files named in `deletable` (by file name)."""
+    for row in rows:
+        message, gate = gate_message(row), row.speed_gate
+        if message is None or gate is None:
+            continue
         name = Path(row.artifact).name if row.artifact else None
-        if gate.get("status") in ("slower", "stopped") and name in written:
-            written[name].unlink(missing_ok=True)
-            gate["written"] = False
-            row.artifact = None
-            report.warnings = [w for w in report.warnings if w != gate["message"]]
-            gate["message"] += " - not written (keep_slower / --keep-slower keeps it)"
-            report.warn(gate["message"])
+        if name in deletable:
+            deletable[name].unlink(missing_ok=True)
+            gate["written"], row.artifact = False, None
+            message = gate["message"] = message + " - not written (keep_slower / --keep-slower keeps it)"
+        report.warn(message)
 
 
 def _probe(

@@ -151,7 +151,7 @@ def test_without_vnni_or_amx_int8_activation_layers_run_their_reference(monkeypa
     from modelpress.core import environment
 
     avx2 = {**environment.cpu_info(), "int8": "avx2"}
-    monkeypatch.setattr(kernels, "cpu_info", lambda: avx2)
+    monkeypatch.setattr(environment, "cpu_info", lambda: avx2)
     static = _qlinear(ACTS["static-asym"])
     x = torch.randn(4, 96)
     assert kernels.linear(static, x) is None and not kernels.decomposed_linear_applies(static)

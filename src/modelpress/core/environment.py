@@ -1,6 +1,6 @@
 """What a measurement ran on: library versions, CPU model and capabilities, thread count.
 
-`cpu_capabilities()` reads the CPU's flags and the caps a user (or a benchmark) set on the kernel
+`cpu_info()` reads the CPU's flags and the caps a user (or a benchmark) set on the kernel
 libraries, and says what the fast paths can use:
 
 - `int8`: the int8 GEMM unit oneDNN runs: `amx` (AMX tiles, signed and unsigned int8 sources),
@@ -15,9 +15,10 @@ libraries, and says what the fast paths can use:
 `ATEN_CPU_CAPABILITY` caps ATen; both are read once per process, before the first kernel runs, so
 a capped run starts a new process with them set (benchmarks/cpu_matrix.py does).
 
-    >>> caps = cpu_capabilities()
-    >>> caps["int8"], caps["bf16"]
+    >>> cpu_info()["int8"], cpu_info()["bf16"]
     ('avx512_vnni', 'avx512_bf16')
+
+`int8_signed_native()` and `int8_gemm_exact()` are the two facts the int8 lowering is chosen by.
 """
 
 from __future__ import annotations
@@ -31,18 +32,6 @@ from typing import Any
 from modelpress.core.errors import BadInputError
 
 _PACKAGES = ("torch", "onnx", "onnxruntime", "transformers", "numpy", "modelpress")
-_CPU_FLAGS = (
-    "avx2",
-    "avx_vnni",
-    "avx512f",
-    "avx512bw",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-)
 # oneDNN's ISA names in increasing order; a cap hides every feature introduced after it.
 _ONEDNN_ISA = (
     "SSE41",
@@ -76,6 +65,7 @@ _FLAG_LEVEL = {
     "amx_int8": "AVX512_CORE_AMX",
     "amx_bf16": "AVX512_CORE_AMX",
 }
+_CPU_FLAGS = tuple(_FLAG_LEVEL)  # the flags recorded, in this order
 FEATURES = ("amx_int8", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 
 
@@ -157,9 +147,20 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
-def cpu_capabilities() -> dict[str, Any]:
-    """`cpu_info()`: what the int8 / bf16 fast paths may use on this CPU under the current caps."""
-    return cpu_info()
+def int8_signed_native() -> bool:
+    """Whether the int8 unit multiplies signed sources natively (AMX); VNNI and AVX2 take unsigned ones."""
+    return cpu_info()["int8"] == "amx"
+
+
+def int8_gemm_exact() -> bool:
+    """Whether oneDNN's int8 GEMMs compute exact integer products on this CPU: AMX or VNNI.
+
+    Without VNNI (AVX2's `vpmaddubsw`) each pair of uint8 x int8 products is summed in int16 with
+    saturation: measured under `ONEDNN_MAX_CPU_ISA=AVX2`, errors up to 0.86 on a layer whose exact
+    output agrees to 1e-5. Layers with int8 activations then run their reference path (a float GEMM
+    on the dequantized weight), in eager mode and in the `.pt2`; the speed gate measures the result.
+    """
+    return cpu_info()["int8"] in ("amx", "avx512_vnni", "avx_vnni")
 
 
 def has_feature(feature: str) -> bool:

@@ -27,7 +27,7 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from modelpress.core.atomic import atomic_path
-from modelpress.core.environment import cpu_info
+from modelpress.core.environment import cpu_info, int8_signed_native
 from modelpress.export.onnx import ExportWarning
 from modelpress.quant import kernels
 from modelpress.quant.modules import QLinear
@@ -108,7 +108,7 @@ def choose_lowering(pt2_float: str = "auto", int8_sources: str = "auto") -> dict
     if int8_sources == "signed":
         require_feature("amx_int8", "the signed-source int8 GEMM lowering (int8_sources: signed)")
     bf16 = pt2_float == "bf16" or (pt2_float == "auto" and info["bf16"] != "none")
-    signed = int8_sources == "signed" or (int8_sources == "auto" and info["int8"] == "amx")
+    signed = int8_sources == "signed" or (int8_sources == "auto" and int8_signed_native())
     return {
         "bf16": bf16,
         "signed_int8": signed,
@@ -125,7 +125,7 @@ def inductor_configs(
     unsigned sources (`signed_int8` False; default: every CPU without AMX), the unsigned-source pass;
     optionally the autotuned GEMM templates, plus `extra` overrides."""
     if signed_int8 is None:
-        signed_int8 = cpu_info()["int8"] == "amx"
+        signed_int8 = int8_signed_native()
     return {
         "freezing": True,
         "joint_custom_pre_pass": SizesFromInputs(),

@@ -14,7 +14,7 @@ original's median there (`SPEED_LIMIT_FACTOR` times it, at least `MIN_CALL_LIMIT
   batch size is flagged ("slower than the original: X ms against Y ms at batch 32") in the CLI
   table, report.json / md / html and `--json`; auto mode never chooses a flagged artifact.
 
-    >>> limits = call_limits(baseline)                      # {"1": 1.0, "32": 5.8} seconds
+    >>> limits = call_limits(baseline)                      # {"1": 5.0, "32": 5.8} seconds
     >>> result = probe("pt2", "out/model.pt2", {1: x1, 32: x32}, limits, threads=2)
     >>> result.stopped, result.ms
 """
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from modelpress.core.report import ModelStats
+from modelpress.measure.size import artifact_size_bytes
 
 SPEED_LIMIT_FACTOR = 10.0  # a call may take this many times the original's median...
 MIN_CALL_LIMIT_S = 5.0  # ...and at least this long (a busy machine stalls a call for a second or two)
@@ -133,16 +134,27 @@ def _kill(child: subprocess.Popen[str]) -> None:
         child.stdout.close()
 
 
-def stopped_stats(name: str, artifact: str | Path | None, result: ProbeResult, reference: ModelStats) -> ModelStats:
-    """The row of an artifact the gate stopped: no latency, the reason in `speed_gate`."""
-    bs = result.stopped or ""
-    orig = reference.latency_ms[bs].p50 if bs in reference.latency_ms else float("nan")
+def stopped_gate(
+    name: str, batch_size: str, limit_s: float, reference: ModelStats | None, took_s: float | None = None
+) -> dict[str, Any]:
+    """The `speed_gate` of a form stopped at `batch_size` (`took_s`: how long its one in-process call took)."""
+    ref = reference.latency_ms.get(batch_size) if reference is not None else None
+    call = (
+        f"a call at batch {batch_size} ran past" if took_s is None
+        else f"its first call at batch {batch_size} took {took_s:.1f} s, past"
+    )  # fmt: skip
     message = (
-        f"{name}: stopped, a call at batch {bs} ran past the {result.limit_s:.1f} s limit "
-        f"(the original takes {orig:.1f} ms): not measured, not deployable here"
+        f"{name}: stopped, {call} the {limit_s:.1f} s limit "
+        f"(the original takes {ref.p50 if ref else float('nan'):.1f} ms): not measured further"
     )
-    stats = ModelStats(name=name, artifact=None if artifact is None else str(artifact))
-    stats.speed_gate = {"status": "stopped", "batch_size": bs, "limit_s": result.limit_s, "message": message}
+    return {"status": "stopped", "batch_size": batch_size, "limit_s": limit_s, "message": message}
+
+
+def stopped_stats(name: str, artifact: Path, result: ProbeResult, reference: ModelStats) -> ModelStats:
+    """The row of an artifact the probe stopped: its size, no latency, the reason in `speed_gate`."""
+    assert result.stopped is not None and result.limit_s is not None
+    stats = ModelStats(name=name, artifact=str(artifact), size_bytes=artifact_size_bytes(artifact))
+    stats.speed_gate = stopped_gate(name, result.stopped, result.limit_s, reference)
     return stats
 
 

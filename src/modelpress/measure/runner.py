@@ -33,7 +33,7 @@ from modelpress.core.environment import environment as current_environment
 from modelpress.core.errors import BadInputError
 from modelpress.core.report import ModelStats, speed_cell
 from modelpress.export.runtime import OnnxModel
-from modelpress.measure.gate import call_limits, verdict
+from modelpress.measure.gate import call_limits, stopped_gate, verdict
 from modelpress.measure.latency import measure_latency, measure_throughput, threads_scope
 from modelpress.measure.memory import peak_memory
 from modelpress.measure.size import artifact_size_bytes, count_onnx_params, count_params
@@ -140,7 +140,7 @@ def bench(
                 first = time.perf_counter() - start
                 limit = limits.get(str(bs))
                 if limit is not None and first > 2 * limit:  # the warm-up call's limit, as in the probe
-                    stats.speed_gate = _stopped_in_process(name, bs, first, 2 * limit, reference)
+                    stats.speed_gate = stopped_gate(name, str(bs), 2 * limit, reference, took_s=first)
                     break
                 stats.latency_ms[str(bs)] = measure_latency(
                     model, inputs, warmup=warmup, repeats=repeats, threads=threads
@@ -165,19 +165,6 @@ def bench(
             results.append(stats)
             del model  # a named model is dropped before the next one is loaded
     return results
-
-
-def _stopped_in_process(
-    name: str, bs: int, seconds: float, limit: float, reference: ModelStats | None
-) -> dict[str, Any]:
-    orig = reference.latency_ms[str(bs)].p50 if reference is not None and str(bs) in reference.latency_ms else 0.0
-    return {
-        "status": "stopped",
-        "batch_size": str(bs),
-        "limit_s": limit,
-        "message": f"{name}: stopped, its first call at batch {bs} took {seconds:.1f} s, past the {limit:.1f} s "
-        f"limit (the original takes {orig:.1f} ms): not measured further",
-    }
 
 
 def _resolve(spec: ModelSpec, resolve: Resolver) -> tuple[str, ModelFn, ZooEntry | None, str | Path | None]:

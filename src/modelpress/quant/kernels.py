@@ -28,7 +28,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.core.environment import cpu_info
+from modelpress.core.environment import int8_gemm_exact, int8_signed_native
 from modelpress.primitives.affine import qparams_from_range, quantize, reduce_range
 
 _qd = torch.ops.quantized_decomposed
@@ -47,17 +47,6 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if act.mode != "none" and act.bits > 8:
         return f"int{act.bits} activations (need ≤ 8 bits)"
     return None
-
-
-def int8_gemm_exact() -> bool:
-    """Whether oneDNN's int8 GEMMs compute exact integer products on this CPU: AMX or VNNI.
-
-    Without VNNI (AVX2's `vpmaddubsw`) each pair of uint8 x int8 products is summed in int16 with
-    saturation: measured under `ONEDNN_MAX_CPU_ISA=AVX2`, errors up to 0.86 on a layer whose exact
-    output agrees to 1e-5. Layers with int8 activations then run their reference path (a float GEMM
-    on the dequantized weight), in eager mode and in the `.pt2`; the speed gate measures the result.
-    """
-    return cpu_info()["int8"] in ("amx", "avx512_vnni", "avx_vnni")
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -143,7 +132,7 @@ def _source_codes(q: torch.Tensor) -> tuple[torch.Tensor, int]:
     the CPU multiplies signed sources natively (AMX), else shifted by 128 into uint8 (VNNI and AVX2
     multiply unsigned by signed bytes; for a signed source oneDNN falls back to a reference kernel
     ~100x slower). The shift is exact: the kernel subtracts the zero point before multiplying."""
-    if q.dtype != torch.int8 or cpu_info()["int8"] == "amx":
+    if q.dtype != torch.int8 or int8_signed_native():
         return q, 0
     return (q.to(torch.int16) + 128).to(torch.uint8), 128
 
