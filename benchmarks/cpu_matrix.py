@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -177,10 +176,6 @@ def table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _cpu_slug(model: str, family: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", f"{model} {family}".lower()).strip("-")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--caps", nargs="*", default=list(CAPS), choices=list(CAPS))
@@ -199,7 +194,10 @@ def main() -> None:
     from modelpress.core.environment import cpu_info
 
     info = cpu_info()
-    out = args.out or Path(__file__).parent / "results" / _cpu_slug(info["model"], info["family"]) / "cpu_matrix.json"
+    sys.path.insert(0, str(Path(__file__).parent))
+    from quant_onnx import cpu_results_dir
+
+    out = args.out or cpu_results_dir(info) / "cpu_matrix.json"
     result: dict[str, Any] = {"cpu": info, "caps": {}, "kernels": {}}
     with tempfile.TemporaryDirectory(prefix="cpu_matrix.") as work:
         for cap in args.caps:

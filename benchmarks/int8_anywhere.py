@@ -27,7 +27,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -42,7 +41,15 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quant_onnx import LoadGate, OrtFn, build_anchor, build_recipe, interleaved_latency, record_batch  # noqa: E402
+from quant_onnx import (  # noqa: E402
+    LoadGate,
+    OrtFn,
+    build_anchor,
+    build_recipe,
+    cpu_results_dir,
+    interleaved_latency,
+    record_batch,
+)
 
 BATCHES = (1, 32)
 ANCHORS = ("torch-bf16", "compile-bf16", "compile-bf16-max", "torch-qdyn", "ort-fp32", "ort-int8-dyn", "ort-int8-pc")
@@ -190,7 +197,7 @@ def main() -> None:
 
     env = environment(args.threads)
     info = env["cpu"]
-    out = args.out or Path(__file__).parent / "results" / _slug(info) / "int8_anywhere.json"
+    out = args.out or cpu_results_dir(info) / "int8_anywhere.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"results": results, "rounds": rounds, "lowering": lowering, "environment": env},
                               indent=2) + "\n")  # fmt: skip
@@ -199,10 +206,6 @@ def main() -> None:
     print(f"\nCPU: {info['model']} ({info['family']}; {', '.join(info['features'])}), threads {env['threads']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     print(f"written to {out}")
-
-
-def _slug(info: dict[str, Any]) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", f"{info['model']} {info.get('family', '')}".lower()).strip("-")
 
 
 def table(results: dict[str, dict[str, Any]]) -> list[str]:

@@ -42,6 +42,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -265,6 +266,16 @@ class LoadGate:
             total1, idle1 = _cpu_jiffies()
             if 1 - (idle1 - idle0) / max(total1 - total0, 1) <= 0.05:
                 return
+
+
+def cpu_results_dir(info: dict[str, Any] | None = None) -> Path:
+    """results/<cpu model and family>/: one folder per CPU, so no table mixes two CPUs' figures."""
+    if info is None:
+        from modelpress.core.environment import cpu_info
+
+        info = cpu_info()
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{info['model']} {info.get('family', '')}".lower()).strip("-")
+    return Path(__file__).parent / "results" / slug
 
 
 def record_batch(
