@@ -13,3 +13,7 @@ def tiny_mlp() -> nn.Module:
 
 def not_a_module() -> str:
     return "hello"
+
+
+def raises() -> nn.Module:
+    raise ValueError("no such width: 7")

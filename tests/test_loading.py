@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loading_factories import tiny_mlp
-from modelpress.core import ModelLoadError, UnsafePickleError
+from modelpress.core import ModelLoadError, UnsafePickleError, UntrustedCodeError
 from modelpress.export.runtime import OnnxModel
 from modelpress.loading import load_model, resolve
 
@@ -72,7 +72,9 @@ def test_corrupt_onnx_file(tmp_path):
 def test_torch_export_program(tmp_path, reference):
     path = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(tiny_mlp(), (X,)), str(path))
-    loaded = resolve(path)
+    with pytest.raises(UntrustedCodeError, match="is a torch.export program: loading it unpickles"):
+        resolve(path)
+    loaded = resolve(path, trust_code=True)
     assert loaded.kind == "torch-export"
     torch.testing.assert_close(loaded.model(X), reference(X))
 
@@ -80,7 +82,9 @@ def test_torch_export_program(tmp_path, reference):
 def test_torchscript_archive(tmp_path, reference):
     path = tmp_path / "m.pt"
     torch.jit.save(torch.jit.trace(tiny_mlp(), (X,)), str(path))
-    loaded = resolve(path)
+    with pytest.raises(UntrustedCodeError, match="is a TorchScript archive"):
+        resolve(path)
+    loaded = resolve(path, trust_code=True)
     assert loaded.kind == "torchscript"
     torch.testing.assert_close(loaded.model(X), reference(X))
 
@@ -88,11 +92,13 @@ def test_torchscript_archive(tmp_path, reference):
 def test_pickled_module_needs_trust(tmp_path, reference):
     path = tmp_path / "full.pt"
     torch.save(tiny_mlp(), str(path))
-    with pytest.raises(UnsafePickleError, match="--trust-pickle"):
+    with pytest.raises(UnsafePickleError, match="--trust-code"):
         resolve(path)
-    loaded = resolve(path, trust_pickle=True)
+    loaded = resolve(path, trust_code=True)
     assert loaded.kind == "pickle"
     torch.testing.assert_close(loaded.model(X), reference(X))
+    with pytest.warns(DeprecationWarning, match="trust_pickle is deprecated"):
+        assert resolve(path, trust_pickle=True).kind == "pickle"  # the old name means the same
 
 
 def test_state_dict_file_asks_for_architecture(tmp_path):
@@ -139,7 +145,9 @@ def test_aoti_package(tmp_path, reference):
 
     program = torch.export.export(tiny_mlp(), (X,))
     path = aoti_compile_and_package(program, package_path=str(tmp_path / "m.pt2"))
-    loaded = resolve(path)
+    with pytest.raises(UntrustedCodeError, match="is an AOTInductor package: loading it runs the compiled library"):
+        resolve(path)
+    loaded = resolve(path, trust_code=True)
     assert loaded.kind == "aoti" and isinstance(loaded.model, AotiModel)
     torch.testing.assert_close(loaded.model(X), reference(X), atol=1e-5, rtol=1e-5)
 
@@ -157,5 +165,21 @@ def test_onnx_inputs_are_derived_from_the_graph(tmp_path):
 def test_export_program_keeps_its_example_shapes(tmp_path):
     path = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(tiny_mlp(), (X,)), str(path))
-    entry = resolve(path).entry
+    entry = resolve(path, trust_code=True).entry
     assert entry is not None and entry.example_inputs(5)[0].shape == (5, 4)
+
+
+def test_factory_that_raises_names_the_factory_and_the_error(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match=r"factory 'loading_factories:raises' raised ValueError: no such width"):
+        resolve("loading_factories:raises")
+    (tmp_path / "broken_factory_module.py").write_text("raise RuntimeError('half-written module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="raised RuntimeError: half-written module"):
+        resolve("broken_factory_module:build")
+
+
+def test_weights_file_that_needs_code_is_refused(tmp_path):
+    path = tmp_path / "full.pt"
+    torch.save({"model": tiny_mlp()}, str(path))  # a pickled module inside: needs arbitrary pickle
+    with pytest.raises(UnsafePickleError, match="full.pt is a pickle"):
+        load_model("loading_factories:tiny_mlp", weights=path)

@@ -51,8 +51,14 @@ def test_existing_output_folder_is_refused_unless_overwrite(tmp_path: Path, caps
     assert main(argv) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"  # refused before any work: nothing touched
-    assert main([*argv, "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+    assert main([*argv, "--overwrite"]) == 2  # a folder modelpress did not write is never replaced
+    assert "not written by modelpress" in capsys.readouterr().err.replace("\n", " ")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert main(argv) == 0  # an empty folder takes the output
+    first = (out / "report.json").read_text()
+    assert main([*argv, "--overwrite"]) == 0  # a folder modelpress wrote is replaced
+    assert (out / ".modelpress").is_file() and (out / "report.json").read_text() != first
 
 
 def test_the_speed_gate_stops_what_runs_past_its_limit(

@@ -10,6 +10,7 @@ wins. The candidate table goes into the report.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from modelpress.core.atomic import atomic_dir
 from modelpress.core.errors import BadInputError, ConfigError
+from modelpress.core.outputs import check_output
 from modelpress.core.report import ModelStats, Report
 from modelpress.loading import LoadedModel, resolve
 from modelpress.recipes.recipe import Recipe, load_recipe
@@ -36,6 +38,16 @@ DEFAULT_CANDIDATES = (
 Objective = Literal["latency", "size"]
 
 
+def check_max_drop(max_drop: float) -> None:
+    """Refuse a quality budget that is not a finite number >= 0 (NaN would compare false with every drop)."""
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop):
+        raise ConfigError(
+            f"max_drop must be a finite number >= 0 (the allowed quality drop in the metric's units), got {max_drop}"
+        )
+    if max_drop < 0:
+        raise ConfigError(f"max_drop must be >= 0, got {max_drop}")
+
+
 def auto_compress(
     model: str | Path | LoadedModel,
     *,
@@ -51,27 +63,30 @@ def auto_compress(
     progress: bool = True,
     console: Console | None = None,
     overwrite: bool = False,
+    trust_code: bool = False,
 ) -> tuple[Any, Report]:
     """Compress `model` with every candidate recipe and keep the best artifact within `max_drop`.
 
     `max_drop` is in the units of the model's task metric (STS-B Spearman x100: 0.5 = half a point;
     accuracy: 0.005 = half a point). `objective` "latency" ranks by p50 at the largest batch size.
     """
-    from modelpress.pipeline import check_out_dir, compress
+    from modelpress.pipeline import claim_out_dir, compress, input_paths
 
-    check_out_dir(out_dir, overwrite)
-    if max_drop < 0:
-        raise ConfigError(f"max_drop must be >= 0, got {max_drop}")
+    check_output(out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(model, eval_data))
+    check_max_drop(max_drop)
     if objective not in ("latency", "size"):
         raise ConfigError(f"objective must be latency or size, got {objective!r}")
-    loaded = model if isinstance(model, LoadedModel) else resolve(model)
+    loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code)
     if loaded.entry is None or not loaded.entry.has_quality:
         raise BadInputError(f"{loaded.spec}: auto mode needs a task metric (a zoo model or --like); none is known")
     recipes = [FLOAT if name == "float" else load_recipe(name) for name in candidates]
     rows: list[dict[str, Any]] = []
     baseline: ModelStats | None = None  # the original, measured with the first candidate only
     best: tuple[float, Path, str, Report] | None = None
-    with tempfile.TemporaryDirectory(prefix="modelpress-auto.") as work:
+    with (
+        claim_out_dir(out_dir, overwrite, loaded, eval_data),
+        tempfile.TemporaryDirectory(prefix="modelpress-auto.") as work,
+    ):
         for rec in recipes:
             folder = Path(work) / rec.name
             try:

@@ -1,12 +1,21 @@
 """Calibration data from a user's file: sentences for text models, tensors for everything else.
 
-- `.txt`: one sentence per line, tokenized by the model's tokenizer (text models only);
+- `.txt`: one sentence per line (UTF-8), tokenized by the model's tokenizer (text models only);
 - `.npy` / `.safetensors` / `.pt` (weights only): input tensors, first dimension = samples.
   A `.safetensors` file with several tensors feeds them positionally, in key order.
+
+A data file is data: one that needs pickle (`np.load(allow_pickle=True)`, `torch.load(weights_only=False)`)
+is refused, never trusted. Every problem is a `DataError` (exit code 2) naming the file: unreadable or
+corrupt bytes, non-finite values, too few samples for the recipe (`check_calibration_size`).
+
+    >>> batches = load_calibration("calib.npy", batch_size=8)
+    >>> check_calibration_size(batches, load_recipe("int8-static"), "calib.npy")
 """
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,31 +23,48 @@ import numpy as np
 import torch
 
 from modelpress.core.errors import DataError
+from modelpress.trust import check_not_special
+
+# Static activation ranges, SmoothQuant scales and GPTQ/AWQ statistics from fewer samples than this
+# describe the samples, not the inputs (the built-in sets hold 128).
+MIN_CALIBRATION_SAMPLES = 16
+_CALIBRATED = {
+    "StaticQuantConfig": "calibrates int8 activation ranges",
+    "SmoothQuantConfig": "calibrates SmoothQuant scales",
+    "GPTQConfig": "calibrates GPTQ on layer inputs",
+    "AWQConfig": "calibrates AWQ scales on layer inputs",
+}
 
 
 def load_calibration(path: str | Path, entry: Any | None = None, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
     """Batches of real inputs read from `path` (see the module docstring for the formats)."""
     path = Path(path)
+    check_not_special(path, "calibration data", DataError)
     if not path.is_file():
         raise DataError(f"calibration data {path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return _sentences(path, entry, batch_size)
     if suffix == ".npy":
-        tensors = [torch.from_numpy(np.load(path, allow_pickle=False))]
+        tensors = [_npy(path)]
     elif suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        loaded = load_file(str(path))
+        try:
+            loaded = load_file(str(path))
+        except Exception as e:  # SafetensorError, OSError...: the bytes are no safetensors file
+            raise DataError(f"calibration data {path} is not a valid safetensors file: {e}") from None
         tensors = [loaded[k] for k in sorted(loaded)]
     elif suffix in (".pt", ".pth"):
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = _torch_tensors(path)
         tensors = list(obj) if isinstance(obj, (tuple, list)) else [obj]
     else:
         raise DataError(f"calibration data {path}: unsupported suffix {suffix!r}; use .txt, .npy, .safetensors or .pt")
     if not tensors or any(not isinstance(t, torch.Tensor) for t in tensors):
         raise DataError(f"calibration data {path} must hold tensors")
-    n = tensors[0].shape[0] if tensors[0].dim() else 0
+    if any(t.dim() == 0 for t in tensors):
+        raise DataError(f"calibration data {path} holds a scalar; the first dimension must be the samples")
+    n = tensors[0].shape[0]
     if n == 0:
         raise DataError(f"calibration data {path} is empty")
     if any(t.shape[0] != n for t in tensors):
@@ -46,7 +72,67 @@ def load_calibration(path: str | Path, entry: Any | None = None, batch_size: int
             f"calibration data {path}: tensors disagree on the number of samples "
             f"({', '.join(str(t.shape[0]) for t in tensors)})"
         )
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point() or t.is_complex())
+    if bad:
+        raise DataError(
+            f"calibration data {path} holds {bad} non-finite values (NaN or inf); calibration needs finite inputs"
+        )
     return [tuple(t[i : i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
+
+
+def check_calibration_size(batches: Sequence[tuple[torch.Tensor, ...]], recipe: Any, source: str | Path) -> None:
+    """Refuse calibration data too small for a pass of `recipe` that calibrates on it (`DataError`).
+
+    Static int8 activations, SmoothQuant, GPTQ and AWQ need `MIN_CALIBRATION_SAMPLES` samples;
+    other passes take any amount. `source` names the data in the message (e.g. the --data file).
+    """
+    samples = sum(len(batch[0]) for batch in batches)
+    if samples >= MIN_CALIBRATION_SAMPLES:
+        return
+    for cfg in _passes(recipe.passes):
+        what = _CALIBRATED.get(type(cfg).__name__)
+        if what is not None:
+            raise DataError(
+                f"calibration data {source} holds {samples} sample{'s' if samples != 1 else ''}; recipe "
+                f"{recipe.name} {what} ({type(cfg).__name__}) and needs at least {MIN_CALIBRATION_SAMPLES}"
+            )
+
+
+def _passes(passes: Sequence[Any]) -> list[Any]:
+    """The passes, with the base pass of a mixed-precision search in place of the search."""
+    return [p.base if type(p).__name__ == "MixedPrecisionConfig" else p for p in passes]
+
+
+def _npy(path: Path) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise DataError(
+                f"calibration data {path} holds Python objects (it needs pickle); "
+                "a data file never needs code: save numeric arrays with numpy.save"
+            ) from None
+        raise DataError(f"calibration data {path} is not a valid .npy file: {e}") from None
+    except Exception as e:  # EOFError (a zero-byte file), tokenize.TokenError (a damaged header), OSError...
+        raise DataError(f"calibration data {path} is not a valid .npy file: {type(e).__name__}: {e}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive behind an .npy name
+        raise DataError(f"calibration data {path} is not a .npy array ({type(array).__name__})")
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array.astype(array.dtype.newbyteorder("="), copy=False)))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"calibration data {path}: arrays of {array.dtype} cannot be model inputs ({e})") from None
+
+
+def _torch_tensors(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(
+            f"calibration data {path} is not a weights-only file of tensors (it needs arbitrary pickle, "
+            "which can run code); a data file never needs code: save the tensors as .npy or .safetensors"
+        ) from None
+    except Exception as e:  # RuntimeError, EOFError...: a truncated or corrupt file
+        raise DataError(f"calibration data {path} is not a valid PyTorch file: {type(e).__name__}: {e}") from None
 
 
 def _sentences(path: Path, entry: Any | None, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
@@ -54,7 +140,11 @@ def _sentences(path: Path, entry: Any | None, batch_size: int) -> list[tuple[tor
 
     if not isinstance(entry, FolderEntry):
         raise DataError(f"calibration data {path} is text, but the model is not a text encoder with a tokenizer")
-    sentences = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"calibration data {path} is not UTF-8 text: {e}") from None
+    sentences = [line.strip() for line in text.splitlines() if line.strip()]
     if not sentences:
         raise DataError(f"calibration data {path} has no sentences")
     model = entry.model

@@ -6,8 +6,10 @@ Exit codes: 0 success, 2 bad input (the message names the bad value and what is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,9 +32,23 @@ err = Console(stderr=True)
 if not out.is_terminal:
     out.width = max(out.width, 160)  # side-by-side tables stay readable in logs and pipes
 
+
+def _check_threads_option(value: int | None) -> int | None:
+    """--threads: at most the CPUs this process may use, checked as the command line is read."""
+    from modelpress.core.environment import check_threads
+
+    return check_threads(value)
+
+
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option("--threads", "-t", help="Torch / ONNX Runtime threads (default: all cores).", min=1),
+    typer.Option(
+        "--threads",
+        "-t",
+        help="Torch / ONNX Runtime threads, at most the CPUs this process may use (default: all cores).",
+        min=1,
+        callback=_check_threads_option,
+    ),
 ]
 DataOpt = Annotated[
     Path | None,
@@ -40,6 +56,36 @@ DataOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (else refused).")]
+TrustCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Load files that run code when loaded (pickles, .pt2 programs and packages, TorchScript, "
+        "folders with custom code); only from a source you trust.",
+    ),
+]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", hidden=True, help="Deprecated: --trust-code.")]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option("--weights", help="Weights for a package.module:factory model (.safetensors or weights-only .pt)."),
+]
+
+
+def _trust(trust_code: bool, trust_pickle: bool) -> bool:
+    if trust_pickle:
+        err.print("[yellow]--trust-pickle is deprecated; use --trust-code[/yellow]")
+    return trust_code or trust_pickle
+
+
+def _check_data(path: Path | None, option: str) -> None:
+    """A data path given on the command line exists and is a file or folder (a FIFO or device would block)."""
+    from modelpress.trust import check_not_special
+
+    if path is None:
+        return
+    check_not_special(path, option, BadInputError)
+    if not path.exists():
+        raise BadInputError(f"{option} {path}: no such file or folder")
 
 
 def _parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -49,6 +95,10 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
         raise BadInputError(f"--batch-sizes must be comma-separated positive integers, got {text!r}") from None
     if not sizes or any(s < 1 for s in sizes):
         raise BadInputError(f"--batch-sizes must be comma-separated positive integers, got {text!r}")
+    from modelpress.measure.latency import MAX_BATCH_SIZE
+
+    if max(sizes) > MAX_BATCH_SIZE:
+        raise BadInputError(f"--batch-sizes must each be at most {MAX_BATCH_SIZE}, got {max(sizes)}")
     return sizes
 
 
@@ -64,6 +114,7 @@ def bench(
     data: DataOpt = None,
     quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Evaluate each model's task metric.")] = True,
     output: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the results as JSON here.")] = None,
+    overwrite: OverwriteOpt = False,
     like: Annotated[
         str | None,
         typer.Option(
@@ -80,10 +131,14 @@ def bench(
             "(e.g. 1,3,32,32); repeat for several inputs.",
         ),
     ] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    weights: WeightsOpt = None,
+    trust_code: TrustCodeOpt = False,
+    trust_pickle: TrustPickleOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure models side by side: size, params, latency per batch size, throughput, memory, quality.
+
+    --weights goes into the one package.module:factory model among MODELS.
 
     Example: [bold]modelpress bench minilm digits-cnn --batch-sizes 1,32 --threads 2[/bold]
 
@@ -93,11 +148,21 @@ def bench(
     from modelpress.loading import resolve
     from modelpress.measure import bench as run_bench
     from modelpress.measure import stats_table, write_json
+    from modelpress.measure.latency import check_runs
 
     sizes = _parse_batch_sizes(batch_sizes)
+    check_runs(repeats, warmup)  # before any model loads
     _quiet_transformers()
-    if data is not None and not data.exists():
-        raise BadInputError(f"--data {data}: no such file or folder")
+    _check_data(data, "--data")
+    trusted = _trust(trust_code, trust_pickle)
+    from modelpress.loading import is_factory_spec
+
+    factories = {m for m in models if is_factory_spec(m)}
+    if weights is not None and len(factories) != 1:
+        raise BadInputError(
+            f"--weights goes into one package.module:factory model; {len(factories)} of the models given are "
+            "factories (bench the others without --weights, or compare weights with one factory per run)"
+        )
 
     from modelpress.zoo import get_entry
     from modelpress.zoo.generic import ShapeEntry
@@ -106,7 +171,7 @@ def bench(
     shape_entry = ShapeEntry.from_shape_text(input_shape) if input_shape else None
 
     def _resolve(spec: str):  # noqa: ANN202
-        loaded = resolve(spec, trust_pickle=trust_pickle)
+        loaded = resolve(spec, weights=weights if spec in factories else None, trust_code=trusted)
         entry = loaded.entry
         if like_entry is not None and (entry is None or not entry.has_quality):
             entry = like_entry
@@ -120,6 +185,10 @@ def bench(
             )
         return loaded.name, loaded.model, entry, loaded.path
 
+    if output is not None:  # a bad --out fails before minutes of measuring
+        from modelpress.core.outputs import check_output
+
+        check_output(output, kind="file", overwrite=overwrite, inputs=models, suffixes=(".json",))
     # Resolve every spec up front so a bad one fails before minutes of measuring.
     resolved = [_resolve(m) for m in models]
     stats = run_bench(
@@ -134,7 +203,10 @@ def bench(
     )
     env = environment(threads)
     if output is not None:
-        write_json(stats, output, env)
+        from modelpress.core.outputs import claim_output
+
+        with claim_output(output, kind="file", overwrite=overwrite, inputs=models, suffixes=(".json",)):
+            write_json(stats, output, env)
     if as_json:
         out.print_json(json.dumps({"environment": env, "models": [s.to_dict() for s in stats]}))
     else:
@@ -196,7 +268,9 @@ def compress(
     ] = None,
     threads: ThreadsOpt = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes to time.")] = "1,32",
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    weights: WeightsOpt = None,
+    trust_code: TrustCodeOpt = False,
+    trust_pickle: TrustPickleOpt = False,
     keep_slower: Annotated[
         bool, typer.Option("--keep-slower", help="Write artifacts measured slower than the original too.")
     ] = False,
@@ -222,8 +296,10 @@ def compress(
         raise BadInputError("--auto needs --max-drop, the allowed quality drop (e.g. 0.5 STS-B points)")
     if candidates is not None and not auto:
         raise BadInputError("--candidates goes with --auto")
-    from modelpress.auto import DEFAULT_CANDIDATES
+    from modelpress.auto import DEFAULT_CANDIDATES, check_max_drop
 
+    if max_drop is not None:
+        check_max_drop(max_drop)  # before the model loads
     tried = DEFAULT_CANDIDATES if candidates is None else tuple(c.strip() for c in candidates.split(",") if c.strip())
     if auto and not tried:
         raise BadInputError(f"--candidates {candidates!r} names no recipe")
@@ -231,10 +307,16 @@ def compress(
         if name != "float":
             load_recipe(name)
     rec = load_recipe(recipe) if recipe is not None else None  # a bad recipe fails before the model loads
-    if eval_data is not None and not eval_data.exists():
-        raise BadInputError(f"--eval-data {eval_data}: no such file or folder")
-    loaded = resolve(model, trust_pickle=trust_pickle)
+    _check_data(data, "--data")
+    _check_data(eval_data, "--eval-data")
+    _check_out_folder(output, overwrite, model, data, eval_data, recipe)
+    loaded = resolve(model, weights=weights, trust_code=_trust(trust_code, trust_pickle))
     batches = load_calibration(data, loaded.entry) if data is not None else None
+    if batches is not None:  # too few samples for a calibrating pass: refused before any work
+        from modelpress.calibration import check_calibration_size
+
+        for checked in [rec] if rec is not None else [load_recipe(n) for n in tried if n != "float"]:
+            check_calibration_size(batches, checked, data)
     if rec is None:
         from modelpress.auto import auto_compress
 
@@ -249,6 +331,13 @@ def compress(
     _compress_and_print(
         loaded, rec, batches, output, threads, eval_data, sizes, as_json, overwrite, "model", keep_slower
     )
+
+
+def _check_out_folder(output: Path, overwrite: bool, *inputs: Any) -> None:
+    """Refuse a bad --out (see core.outputs) before the model loads; inputs named by path are protected."""
+    from modelpress.core.outputs import check_output
+
+    check_output(output, kind="folder", overwrite=overwrite, inputs=inputs)
 
 
 def _compress_and_print(
@@ -297,7 +386,9 @@ def distill(
     ] = None,
     threads: ThreadsOpt = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes to time.")] = "1,32",
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    weights: WeightsOpt = None,
+    trust_code: TrustCodeOpt = False,
+    trust_pickle: TrustPickleOpt = False,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -332,9 +423,9 @@ def distill(
     rec = Recipe(
         name="distill", description="knowledge distillation into a student built from the teacher", passes=(cfg,)
     )
-    if eval_data is not None and not eval_data.exists():
-        raise BadInputError(f"--eval-data {eval_data}: no such file or folder")
-    loaded = resolve(teacher, trust_pickle=trust_pickle)
+    _check_data(eval_data, "--eval-data")
+    _check_out_folder(output, overwrite, teacher, eval_data)
+    loaded = resolve(teacher, weights=weights, trust_code=_trust(trust_code, trust_pickle))
     _compress_and_print(loaded, rec, None, output, threads, eval_data, sizes, as_json, overwrite, "student")
 
 
@@ -352,7 +443,10 @@ def export(
     optimize: Annotated[
         bool, typer.Option("--optimize/--no-optimize", help="Fuse attention / apply ORT's offline optimizer.")
     ] = True,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    weights: WeightsOpt = None,
+    trust_code: TrustCodeOpt = False,
+    trust_pickle: TrustPickleOpt = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a model to ONNX (for ONNX Runtime) or an AOTInductor .pt2, checked against the model.
@@ -370,7 +464,14 @@ def export(
 
         inputs = tuple(ShapeEntry.from_shape_text(input_shape).example_inputs(2))
     parity = export_artifact(
-        model, output, example_inputs=inputs, trust_pickle=trust_pickle, opset=opset, optimize=optimize
+        model,
+        output,
+        example_inputs=inputs,
+        weights=weights,
+        trust_code=_trust(trust_code, trust_pickle),
+        opset=opset,
+        optimize=optimize,
+        overwrite=overwrite,
     )
     if as_json:
         out.print_json(json.dumps(parity))
@@ -392,7 +493,9 @@ def sensitivity(
     ),
     data: DataOpt = None,
     threads: ThreadsOpt = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading arbitrary pickles.")] = False,
+    weights: WeightsOpt = None,
+    trust_code: TrustCodeOpt = False,
+    trust_pickle: TrustPickleOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Per-layer sensitivity: the quality drop when only that layer is quantized, most sensitive first.
@@ -413,7 +516,8 @@ def sensitivity(
     if cfg is None:
         raise BadInputError(f"recipe {recipe} has no quantization pass to measure")
     cfg = cfg.base if isinstance(cfg, MixedPrecisionConfig) else cfg
-    loaded = resolve(model, trust_pickle=trust_pickle)
+    _check_data(data, "--data")
+    loaded = resolve(model, weights=weights, trust_code=_trust(trust_code, trust_pickle))
     entry = loaded.entry
     if entry is None:
         raise BadInputError(f"{model}: its inputs are unknown; sensitivity needs a zoo model or a model folder")
@@ -488,18 +592,59 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every `finally` cleans up what the run started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_SIGNALS_RECEIVED: list[int] = []
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    _SIGNALS_RECEIVED.append(signum)  # typer turns the exception into exit code 130: keep which signal it was
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _clean_exit_on_signals() -> Any:
+    """SIGTERM and SIGHUP clean up like SIGINT (temporary folders, locks, child processes) while the CLI runs."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted() -> int:
+    """The exit code of a run stopped by a signal (Ctrl-C: 130, SIGTERM: 143, SIGHUP: 129)."""
+    err.print("interrupted: nothing was written")
+    return 128 + int(_SIGNALS_RECEIVED[-1] if _SIGNALS_RECEIVED else signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; maps errors to exit codes 2 (bad input) and 1 (internal)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with _clean_exit_on_signals():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         # Outside standalone mode typer returns an exit code instead of raising (Ctrl-C: 130).
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
-            if code == 130:
-                err.print("interrupted: nothing was written")
-            return code
+            return _interrupted() if code == 130 else code
     except BadInputError as e:
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         return 2
@@ -510,15 +655,14 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
-        err.print("interrupted: nothing was written")
-        return 130
+        return _interrupted()
     except Exception as e:
         # typer ships its own click: recognise its exceptions by shape, not by class.
         name = type(e).__name__
         if name == "Exit":
             return int(getattr(e, "exit_code", 0))
         if name == "Abort":
-            return 130
+            return _interrupted()
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # UsageError, BadParameter, NoSuchOption...
             e.show()
             return int(e.exit_code)

@@ -3,11 +3,13 @@
 A spec is a zoo name (`minilm`, `digits-cnn`, `silero-vad`), a Hugging Face model folder, a
 sentence-transformers folder, an `.onnx` file, a `.pt2` file (a `torch.export` program or an
 AOTInductor package), a TorchScript archive, or `package.module:factory`. Weights load only
-through safetensors or `torch.load(weights_only=True)`; a file that needs arbitrary pickle
-loading is refused unless `trust_pickle=True`.
+through safetensors or `torch.load(weights_only=True)`. A file that runs code when loaded (an
+arbitrary pickle, a `.pt2`, TorchScript, a folder with custom code; see `modelpress.trust`) is
+refused before it is opened unless `trust_code=True`.
 
     >>> model = load_model("digits-cnn")
     >>> model = load_model("mypkg.models:build", weights="ckpt.safetensors")
+    >>> model = load_model("out/model.pt2", trust_code=True)   # a .pt2 runs code: only from a trusted source
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import importlib
 import pickle
 import re
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from modelpress.core.errors import ModelLoadError, UnsafePickleError
+from modelpress import trust
+from modelpress.core.errors import BadInputError, ModelLoadError
 from modelpress.export.runtime import AotiModel, OnnxModel
 from modelpress.zoo.base import ZooEntry, get_entry, zoo_names
 from modelpress.zoo.generic import ShapeEntry
@@ -43,6 +45,9 @@ SpecKind = Literal[
 ]
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+# What torch's weights-only unpickler says of a pickle that names a class or function it does not allow
+# (rather than of bytes that are no pickle at all).
+_NEEDS_CODE = re.compile(r"global|reduce|unsupported class", re.IGNORECASE)
 
 
 @dataclass
@@ -65,18 +70,30 @@ def spec_help() -> str:
     )
 
 
+def is_factory_spec(spec: str | Path | nn.Module) -> bool:
+    """Whether `spec` reads as `package.module:factory` (and names no existing file)."""
+    return isinstance(spec, str) and bool(_FACTORY.match(spec.strip())) and not Path(spec.strip()).exists()
+
+
 def resolve(
     spec: str | Path | nn.Module,
     *,
     weights: str | Path | None = None,
+    trust_code: bool = False,
     trust_pickle: bool = False,
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Resolve `spec` to a model; raises `ModelLoadError` (exit code 2 on the CLI) for bad specs."""
+    """Resolve `spec` to a model; raises `ModelLoadError` (exit code 2 on the CLI) for bad specs.
+
+    `weights` (a `.safetensors` or weights-only `.pt` state dict) goes into a module or a factory's
+    model. `trust_code=True` allows files that run code when loaded (`UntrustedCodeError` without it);
+    `trust_pickle` is its deprecated name.
+    """
+    trust_code = trust.trust_flag(trust_code, trust_pickle)
     if isinstance(spec, nn.Module):
         model = spec
         if weights is not None:
-            _load_weights_into(model, Path(weights), trust_pickle)
+            _load_weights_into(model, Path(weights), trust_code)
         return LoadedModel(type(spec).__name__, type(spec).__name__, "module", model)
     text = str(spec).strip()
     if not text:
@@ -92,7 +109,7 @@ def resolve(
     if _FACTORY.match(text) and not path.exists():
         model = _from_factory(text)
         if weights is not None:
-            _load_weights_into(model, Path(weights), trust_pickle)
+            _load_weights_into(model, Path(weights), trust_code)
         return LoadedModel(text, text.rsplit(":", 1)[1], "factory", model.eval())
 
     if not path.exists():
@@ -102,13 +119,15 @@ def resolve(
         raise ModelLoadError(f"model spec {text!r}: no such file or folder{hint}; expected {spec_help()}")
     if weights is not None:
         raise ModelLoadError(f"--weights applies to package.module:factory specs, not to {text!r}")
-    return _from_path(path, trust_pickle)
+    trust.check_not_special(path, "model")
+    return _from_path(path, trust_code)
 
 
 def load_model(
     spec: str | Path | nn.Module,
     *,
     weights: str | Path | None = None,
+    trust_code: bool = False,
     trust_pickle: bool = False,
 ) -> nn.Module | OnnxModel:
     """Load the model named by `spec` (see the module docstring for the accepted forms).
@@ -116,19 +135,19 @@ def load_model(
     >>> model = load_model("minilm")            # TextEncoder: (input_ids, attention_mask) -> token states
     >>> onnx_model = load_model("model.onnx")   # ONNX Runtime session with the same call signature
     """
-    return resolve(spec, weights=weights, trust_pickle=trust_pickle).model
+    return resolve(spec, weights=weights, trust_code=trust.trust_flag(trust_code, trust_pickle)).model
 
 
-def _from_path(path: Path, trust_pickle: bool) -> LoadedModel:
+def _from_path(path: Path, trust_code: bool) -> LoadedModel:
     spec = str(path)
     if path.is_dir():
         from modelpress.zoo import text
 
         if (path / "modules.json").is_file():
-            model = text.load_sentence_transformers_folder(path, trust_pickle=trust_pickle)
+            model = text.load_sentence_transformers_folder(path, trust_code=trust_code)
             return LoadedModel(spec, path.name, "sentence-transformers", model, text.FolderEntry(model), path)
         if (path / "config.json").is_file():
-            model = text.load_hf_folder(path, trust_pickle=trust_pickle)
+            model = text.load_hf_folder(path, trust_code=trust_code)
             return LoadedModel(spec, path.name, "hf-folder", model, text.FolderEntry(model), path)
         raise ModelLoadError(
             f"folder {spec} is neither a Hugging Face model (no config.json) "
@@ -144,21 +163,24 @@ def _from_path(path: Path, trust_pickle: bool) -> LoadedModel:
             f"{spec} holds weights only; give the architecture as package.module:factory "
             f"and pass the file as --weights {spec}"
         )
-    if zipfile.is_zipfile(path):
-        names = zipfile.ZipFile(path).namelist()
-        if any("/data/aotinductor/" in n for n in names):
-            return LoadedModel(spec, path.name, "aoti", AotiModel(path), None, path)
-        if any(n.endswith("models/model.json") for n in names):
-            program_module, shapes = _load_exported(path)
-            return LoadedModel(spec, path.name, "torch-export", program_module, shapes, path)
-        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
-            try:
-                module = torch.jit.load(str(path), map_location="cpu")
-            except Exception as e:
-                raise ModelLoadError(f"cannot load TorchScript archive {spec}: {e}") from None
-            return LoadedModel(spec, path.name, "torchscript", module.eval(), None, path)
-    if suffix in _PICKLE_SUFFIXES or zipfile.is_zipfile(path):
-        obj = _torch_load(path, trust_pickle)
+    # Classified by member names before anything in the archive is read: each loader below runs code.
+    archive = trust.archive_kind(path)
+    if archive == "aoti":
+        trust.require_trust(path, trust.AOTI, trust_code)
+        return LoadedModel(spec, path.name, "aoti", AotiModel(path), None, path)
+    if archive == "torch-export":
+        trust.require_trust(path, trust.TORCH_EXPORT, trust_code)
+        program_module, shapes = _load_exported(path)
+        return LoadedModel(spec, path.name, "torch-export", program_module, shapes, path)
+    if archive == "torchscript":
+        trust.require_trust(path, trust.TORCHSCRIPT, trust_code)
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise ModelLoadError(f"cannot load TorchScript archive {spec}: {e}") from None
+        return LoadedModel(spec, path.name, "torchscript", module.eval(), None, path)
+    if suffix in _PICKLE_SUFFIXES or archive == "zip":
+        obj = _torch_load(path, trust_code)
         if isinstance(obj, nn.Module):
             return LoadedModel(spec, path.name, "pickle", obj.eval(), None, path)
         raise ModelLoadError(
@@ -191,26 +213,31 @@ def _from_factory(text: str) -> nn.Module:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ModelLoadError(f"cannot import module {module_name!r} for factory spec {text!r}: {e}") from None
+    except Exception as e:  # the module itself fails: a bug in the user's code, not in modelpress
+        raise ModelLoadError(
+            f"importing module {module_name!r} for factory spec {text!r} raised {type(e).__name__}: {e}"
+        ) from e
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelLoadError(f"{module_name!r} has no callable {attr!r} (factory spec {text!r})")
-    model = factory()
+    try:
+        model = factory()
+    except BadInputError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"factory {text!r} raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"factory {text!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model
 
 
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
+def _torch_load(path: Path, trust_code: bool) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # garbage bytes, not a pickle that names classes
+        if not _needs_code(path, e):  # garbage bytes, not a pickle that names classes
             raise ModelLoadError(f"cannot read {path}: not a valid PyTorch checkpoint") from None
-        if not trust_pickle:
-            raise UnsafePickleError(
-                f"{path} needs arbitrary pickle loading, which can run any code; "
-                "refused. Re-run with --trust-pickle (trust_pickle=True) only if you trust its source"
-            ) from None
+        trust.require_trust(path, trust.PICKLE, trust_code)
         unsafe_reason = e
     except Exception as e:
         raise ModelLoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
@@ -220,7 +247,18 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise ModelLoadError(f"cannot read {path} even as a trusted pickle: {e} ({unsafe_reason})") from None
 
 
-def _load_weights_into(model: nn.Module, path: Path, trust_pickle: bool) -> None:
+def _needs_code(path: Path, error: pickle.UnpicklingError) -> bool:
+    """Whether a weights-only load failed on a real pickle that names objects, not on garbage bytes."""
+    reason = str(error).split("WeightsUnpickler error:", 1)[-1]
+    if _NEEDS_CODE.search(reason):
+        return True
+    with open(path, "rb") as f:  # a plain pickle (protocol 2+) that torch's weights-only reader cannot parse
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _load_weights_into(model: nn.Module, path: Path, trust_code: bool) -> None:
+    trust.check_not_special(path, "weights file")
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -231,12 +269,12 @@ def _load_weights_into(model: nn.Module, path: Path, trust_pickle: bool) -> None
         except Exception as e:
             raise ModelLoadError(f"cannot read safetensors file {path}: {e}") from None
     else:
-        state = _torch_load(path, trust_pickle)
+        state = _torch_load(path, trust_code)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise ModelLoadError(f"{path} does not hold a state dict (got {type(state).__name__})")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:  # AttributeError/TypeError: values that are no tensors
         raise ModelLoadError(f"weights in {path} do not fit the model: {e}") from None

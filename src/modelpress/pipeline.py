@@ -9,6 +9,7 @@ folder is written atomically: a failed run leaves no half-written artifact behin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -19,10 +20,12 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
+from modelpress.calibration import check_calibration_size
 from modelpress.core.atomic import atomic_dir
 from modelpress.core.context import Context
 from modelpress.core.environment import environment
 from modelpress.core.errors import BadInputError, NotAvailableError
+from modelpress.core.outputs import check_output, claim_output, estimate_bytes
 from modelpress.core.registry import apply
 from modelpress.core.report import ModelStats, Report
 from modelpress.loading import LoadedModel, resolve
@@ -47,6 +50,7 @@ def compress(
     validation: bool = False,
     baseline: ModelStats | None = None,
     keep_slower: bool = False,
+    trust_code: bool = False,
 ) -> tuple[nn.Module, Report]:
     """Apply `recipe` to `model`, export its artifacts into `out_dir` and measure everything.
 
@@ -55,67 +59,72 @@ def compress(
     `validation` also scores every measured form on the model's validation split (auto mode's budget);
     `baseline`: the original's figures measured earlier in this run (auto mode measures it once).
     An artifact the speed gate finds slower than the original (or stops) is not written unless
-    `keep_slower`; its row and the reason stay in the report.
+    `keep_slower`; its row and the reason stay in the report. `trust_code` allows a model spec that
+    runs code when loaded (see `modelpress.trust`).
     """
-    check_out_dir(out_dir, overwrite)
-    loaded = model if isinstance(model, LoadedModel) else resolve(model)
+    if out_dir is not None:  # a bad --out fails before the model loads
+        check_output(out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(model, eval_data))
+    loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if data is not None:  # too few samples for a calibrating pass fails before any work
+        check_calibration_size(data, rec, "data")
     # chosen (and an explicit lowering this CPU cannot run refused) before any work
     lowering = _lowering(rec) if "pt2" in rec.export else None
-    if loaded.kind == "onnx":
-        return _compress_onnx(loaded, rec, data, out_dir, threads, batch_sizes, repeats, progress, console)
-    if not isinstance(loaded.model, nn.Module):
-        raise BadInputError(
-            f"{loaded.spec}: a {loaded.kind} artifact cannot be compressed; give a PyTorch or ONNX model"
+    with claim_out_dir(out_dir, overwrite, loaded, eval_data):
+        if loaded.kind == "onnx":
+            return _compress_onnx(loaded, rec, data, out_dir, threads, batch_sizes, repeats, progress, console)
+        if not isinstance(loaded.model, nn.Module):
+            raise BadInputError(
+                f"{loaded.spec}: a {loaded.kind} artifact cannot be compressed; give a PyTorch or ONNX model"
+            )
+        entry = loaded.entry
+        entry_for_eval = entry if entry is not None and entry.has_quality else None
+        report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
+        if data is None and entry is not None:
+            try:
+                data = entry.calibration_data(128, 8)
+            except NotAvailableError:  # an entry with synthetic inputs only: the passes ask for --data if they need it
+                data = None
+            else:
+                _record_data(report, entry, "calibration", count=sum(len(batch[0]) for batch in data))
+        ctx = Context(
+            data=data,
+            eval_data=eval_data,
+            threads=threads,
+            show_progress=progress,
+            report=report,
+            train_fn=_train_fn(entry, report) if entry is not None else None,
+            metric=choice_metric(entry_for_eval, eval_data, report) if entry_for_eval is not None else None,
         )
-    entry = loaded.entry
-    entry_for_eval = entry if entry is not None and entry.has_quality else None
-    report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
-    if data is None and entry is not None:
-        try:
-            data = entry.calibration_data(128, 8)
-        except NotAvailableError:  # an entry with synthetic inputs only: the passes ask for --data if they need it
-            data = None
-        else:
-            _record_data(report, entry, "calibration", count=sum(len(batch[0]) for batch in data))
-    ctx = Context(
-        data=data,
-        eval_data=eval_data,
-        threads=threads,
-        show_progress=progress,
-        report=report,
-        train_fn=_train_fn(entry, report) if entry is not None else None,
-        metric=choice_metric(entry_for_eval, eval_data, report) if entry_for_eval is not None else None,
-    )
-    compressed = copy.deepcopy(loaded.model).eval()
-    with ctx.threads_scope():
-        for cfg in rec.passes:
-            compressed = apply(compressed, cfg, ctx)
-    _warn_inexact_int8(compressed, report)
+        compressed = copy.deepcopy(loaded.model).eval()
+        with ctx.threads_scope():
+            for cfg in rec.passes:
+                compressed = apply(compressed, cfg, ctx)
+        _warn_inexact_int8(compressed, report)
 
-    if out_dir is None:
+        if out_dir is None:
+            return compressed, report
+        example = entry.example_inputs(2) if entry is not None else None
+        with atomic_dir(out_dir) as tmp:
+            axes = entry.batch_axes if entry is not None else None
+            artifacts = _export(compressed, example, rec, tmp, ctx, axes, lowering)
+            report.parity = _parity(loaded.model, compressed, artifacts, example, threads) if artifacts else None
+            (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
+            _measure(
+                loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir,
+                validation, baseline, keep_slower,
+            )  # fmt: skip
+            if entry_for_eval is not None:
+                _record_data(report, entry_for_eval, "evaluation", data=eval_data)
+                if validation:
+                    _record_data(report, entry_for_eval, "validation", data=eval_data)
+            report.write(tmp)
+        if progress:
+            from modelpress.measure import stats_table
+
+            rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
+            (console or Console()).print(stats_table(rows))
         return compressed, report
-    example = entry.example_inputs(2) if entry is not None else None
-    with atomic_dir(out_dir) as tmp:
-        axes = entry.batch_axes if entry is not None else None
-        artifacts = _export(compressed, example, rec, tmp, ctx, axes, lowering)
-        report.parity = _parity(loaded.model, compressed, artifacts, example, threads) if artifacts else None
-        (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
-        _measure(
-            loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir,
-            validation, baseline, keep_slower,
-        )  # fmt: skip
-        if entry_for_eval is not None:
-            _record_data(report, entry_for_eval, "evaluation", data=eval_data)
-            if validation:
-                _record_data(report, entry_for_eval, "validation", data=eval_data)
-        report.write(tmp)
-    if progress:
-        from modelpress.measure import stats_table
-
-        rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
-        (console or Console()).print(stats_table(rows))
-    return compressed, report
 
 
 def _warn_inexact_int8(model: nn.Module, report: Report) -> None:
@@ -169,13 +178,25 @@ def _train_fn(entry: ZooEntry, report: Report) -> Callable[..., nn.Module]:
     return train
 
 
-def check_out_dir(out_dir: str | Path | None, overwrite: bool) -> None:
-    """Refuse to replace an existing output folder (or a file in its place) unless asked to."""
-    if out_dir is None or overwrite:
-        return
-    path = Path(out_dir)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise BadInputError(f"--out {path} exists; pass --overwrite to replace it")
+def input_paths(model: Any, *more: Path | None) -> tuple[Any, ...]:
+    """The input paths an output may not overwrite: a model given as a path, data files."""
+    spec = model.path if isinstance(model, LoadedModel) else model if isinstance(model, (str, Path)) else None
+    return (spec, *more)
+
+
+def claim_out_dir(
+    out_dir: str | Path | None, overwrite: bool, loaded: LoadedModel, eval_data: Path | None
+) -> contextlib.AbstractContextManager[Any]:
+    """Hold `out_dir` for the run (see `core.outputs`); nothing to hold when nothing is written."""
+    if out_dir is None:
+        return contextlib.nullcontext()
+    if loaded.kind == "onnx" and loaded.path is not None:
+        need = 2 * loaded.path.stat().st_size + 32 * 2**20
+    else:
+        need = estimate_bytes(loaded.model)
+    return claim_output(
+        out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(loaded, eval_data), need_bytes=need
+    )
 
 
 def _compress_onnx(

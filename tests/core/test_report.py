@@ -91,5 +91,9 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
         with atomic_dir(out) as tmp:
             (tmp / "b.txt").write_text("2")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".modelpress", "a.txt"]  # the marker: modelpress wrote it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_dir(out) as tmp:  # success: the new content takes the old one's place in one step
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == [".modelpress", "c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -178,12 +178,51 @@ def test_pickle_weights_load_only_as_plain_tensors(tiny_bert: Path, tiny: TextEn
     torch.testing.assert_close(load_hf_folder(tmp_path)(ids, mask), tiny(ids, mask))
 
     torch.save({**full, "payload": _Payload()}, tmp_path / "pytorch_model.bin")  # needs arbitrary pickle
-    with pytest.raises(UnsafePickleError, match="trust_pickle"):
+    with pytest.raises(UnsafePickleError, match="pytorch_model.bin is a pickle .* --trust-code"):
         load_hf_folder(tmp_path)
 
 
 class _Payload:
     """A non-tensor object: loading it would need arbitrary pickle."""
+
+
+def test_weights_with_more_layers_than_the_config_are_refused(tmp_path: Path) -> None:
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=6, num_attention_heads=2, intermediate_size=32
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": 4}))
+    with pytest.raises(ModelLoadError, match=r"do not fit its config.json: 32 weights .*'encoder.layer.4."):
+        load_hf_folder(tmp_path)
+
+
+def test_weights_of_a_task_model_load_without_their_head(tiny_bert: Path, tiny: TextEncoder, tmp_path: Path) -> None:
+    shutil.copytree(tiny_bert, tmp_path, dirs_exist_ok=True)
+    config = transformers.BertConfig.from_pretrained(tiny_bert)
+    masked_lm = transformers.BertForMaskedLM(config)
+    masked_lm.bert.load_state_dict(transformers.BertModel.from_pretrained(tiny_bert).state_dict(), strict=False)
+    masked_lm.save_pretrained(tmp_path)  # bert.* plus the cls.* head transformers drops on purpose
+    ids, mask = next(dynamic_batches(tiny.tokenizer, ["The head is not part of the encoder."], 1, 16))
+    torch.testing.assert_close(load_hf_folder(tmp_path)(ids, mask), tiny(ids, mask))
+
+
+@pytest.mark.parametrize(
+    ("modules", "fragment"),
+    [
+        ("not json at all", "is not valid JSON"),
+        ('{"type": "sentence_transformers.models.Transformer"}', "must hold a list of modules"),
+        ('["sentence_transformers.models.Transformer"]', "must hold a list of modules"),
+        ('[{"path": "", "type": 7}]', "must hold a list of modules"),
+        ('[{"path": "../..", "type": "sentence_transformers.models.Transformer"}]', "leaves the model folder"),
+        ('[{"path": "", "type": "sentence_transformers.models.Dense"}]', "unsupported sentence-transformers module"),
+    ],
+)
+def test_malformed_modules_json_is_refused(tiny_bert: Path, tmp_path: Path, modules: str, fragment: str) -> None:
+    folder = _st_folder(tmp_path, tiny_bert, "", "mean", False)
+    (folder / "modules.json").write_text(modules)
+    with pytest.raises(ModelLoadError, match=fragment):
+        load_sentence_transformers_folder(folder)
 
 
 @pytest.mark.parametrize(("subfolder", "pooling", "normalize"), [("", "mean", True), ("0_Transformer", "cls", False)])

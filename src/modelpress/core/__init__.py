@@ -11,6 +11,7 @@ from modelpress.core.errors import (
     NotAvailableError,
     UnknownConfigError,
     UnsafePickleError,
+    UntrustedCodeError,
 )
 from modelpress.core.registry import PASSES, Registry, apply, register
 from modelpress.core.report import Latency, ModelStats, PassRecord, Quality, Report
@@ -35,6 +36,7 @@ __all__ = [
     "UnknownConfigError",
     "ModelLoadError",
     "UnsafePickleError",
+    "UntrustedCodeError",
     "DataError",
     "NotAvailableError",
 ]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from modelpress.core.errors import BadInputError
+from modelpress.core.environment import check_threads
 from modelpress.core.report import Report
 
 T = TypeVar("T")
@@ -49,8 +49,7 @@ class Context:
     metric: Callable[[Any], float] | None = None
 
     def __post_init__(self) -> None:
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise BadInputError(f"threads must be a positive integer, got {self.threads!r}")
+        check_threads(self.threads)
 
     def warn(self, message: str) -> None:
         """Record a warning the report lists (e.g. a skipped layer)."""

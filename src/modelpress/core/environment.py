@@ -182,6 +182,33 @@ def require_feature(feature: str, what: str) -> None:
         )
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the OS keeps one, else every CPU."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity masks (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None, current: int | None = None) -> int | None:
+    """`threads` as given if it is None or a count in [1, usable_cpus()]; else `BadInputError` (exit 2).
+
+    Threads beyond the CPUs only wait for each other, and make every timing meaningless. `current`,
+    the count already in effect (e.g. `torch.get_num_threads()`), is accepted as it is: keeping it
+    changes nothing.
+    """
+    if threads is None or (threads == current and not isinstance(threads, bool)):
+        return threads
+    cpus = usable_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise BadInputError(f"threads must be a positive integer, got {threads!r} (allowed: 1..{cpus} on this machine)")
+    if threads > cpus:
+        raise BadInputError(
+            f"threads must be at most {cpus}, the CPUs this process may use (allowed: 1..{cpus}), got {threads}"
+        )
+    return threads
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in _PACKAGES:

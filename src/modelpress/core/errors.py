@@ -23,8 +23,13 @@ class ModelLoadError(BadInputError):
     """A model spec cannot be resolved or its file cannot be read."""
 
 
-class UnsafePickleError(ModelLoadError):
-    """A file needs arbitrary pickle loading and the user did not allow it."""
+class UntrustedCodeError(ModelLoadError):
+    """A file would run code when loaded (a pickle, a .pt2, TorchScript, custom model code) and the
+    user did not allow it (`--trust-code`, `trust_code=True`); see `modelpress.trust`."""
+
+
+class UnsafePickleError(UntrustedCodeError):
+    """A file needs arbitrary pickle loading and the user did not allow it (an `UntrustedCodeError`)."""
 
 
 class DataError(BadInputError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from modelpress.core.config import Config
+from modelpress.core.config import MAX_EPOCHS, Config, check_at_most, check_seed
 from modelpress.core.errors import ConfigError
 from modelpress.primitives.kd import EMBEDDING_LOSSES
 
@@ -97,6 +97,7 @@ class DistillConfig(Config):
             )
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        check_at_most(self, "epochs", MAX_EPOCHS, "training epochs")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
@@ -111,6 +112,7 @@ class DistillConfig(Config):
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.max_seq_length < 2:
             raise ConfigError(f"max_seq_length must be >= 2, got {self.max_seq_length}")
+        check_seed(self)
         if self.mode == "offline" and self.attention_weight > 0:
             raise ConfigError(
                 f"attention_weight={self.attention_weight} needs mode='online' (attention maps are not cached)"

@@ -18,6 +18,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.errors import BadInputError
+from modelpress.core.outputs import check_output, claim_output, estimate_bytes
 from modelpress.export.onnx import ExportError, compare_outputs, real_positions
 
 SUFFIXES = (".onnx", ".pt2")
@@ -31,22 +32,40 @@ def export_artifact(
     *,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
     batch_axes: tuple[int, ...] | None = None,
+    weights: str | Path | None = None,
+    trust_code: bool = False,
     trust_pickle: bool = False,
     opset: int = 17,
     optimize: bool = True,
     bf16: bool | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export `model` (a spec as for `load_model`, or a module) to `out_path`; returns the parity figures.
 
     `example_inputs` defaults to the zoo entry's (or the model folder's) example inputs; a model
     whose inputs are unknown needs them; `batch_axes` (default: the entry's, else 0) is each input's
-    batch axis in the `.pt2`.
+    batch axis in the `.pt2`. An existing `out_path` is replaced only with `overwrite`, and never when it
+    is the model's own file (see `core.outputs`). `weights` and `trust_code` (`trust_pickle`: its deprecated
+    name) load the model as in `load_model`.
     """
-    out = Path(out_path)
-    if out.suffix not in SUFFIXES:
-        raise BadInputError(f"--out {out}: the file name must end in .onnx or .pt2")
-    module, inputs, entry_axes = _module_and_inputs(model, example_inputs, trust_pickle)
+    spec = model if isinstance(model, (str, Path)) else None
+    check_output(out_path, kind="file", overwrite=overwrite, inputs=[spec], suffixes=SUFFIXES)
+    module, inputs, entry_axes = _module_and_inputs(model, example_inputs, weights, trust_code, trust_pickle)
     batch_axes = batch_axes or entry_axes
+    need = estimate_bytes(module)
+    with claim_output(out_path, kind="file", overwrite=overwrite, inputs=[spec], need_bytes=need, suffixes=SUFFIXES):
+        return _export_to(module, inputs, Path(out_path), batch_axes, opset, optimize, bf16)
+
+
+def _export_to(
+    module: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    out: Path,
+    batch_axes: tuple[int, ...] | None,
+    opset: int,
+    optimize: bool,
+    bf16: bool | None,
+) -> dict[str, Any]:
     if out.suffix == ".onnx":
         from modelpress.export.onnx import check_parity, export_onnx
 
@@ -60,14 +79,18 @@ def export_artifact(
 
 
 def _module_and_inputs(
-    model: str | Path | nn.Module, example_inputs: tuple[torch.Tensor, ...] | None, trust_pickle: bool
+    model: str | Path | nn.Module,
+    example_inputs: tuple[torch.Tensor, ...] | None,
+    weights: str | Path | None,
+    trust_code: bool,
+    trust_pickle: bool,
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[int, ...] | None]:
-    if isinstance(model, nn.Module):
+    if isinstance(model, nn.Module) and weights is None:
         module, entry = model, None
     else:
         from modelpress.loading import resolve
 
-        loaded = resolve(model, trust_pickle=trust_pickle)
+        loaded = resolve(model, weights=weights, trust_code=trust_code, trust_pickle=trust_pickle)
         if not isinstance(loaded.model, nn.Module):
             raise BadInputError(f"{loaded.spec} is already a {loaded.kind} artifact; export takes a PyTorch model")
         module, entry = loaded.model, loaded.entry

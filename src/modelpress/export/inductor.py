@@ -15,6 +15,7 @@ the same lowering in-process (torch.compile).
 from __future__ import annotations
 
 import copy
+import io
 import re
 import warnings
 import zipfile
@@ -209,8 +210,12 @@ def _package(
     program = export_program(
         model, example_inputs, dynamic_batch=dynamic_batch, dynamic_seq=dynamic_seq, bf16=bf16, batch_axes=batch_axes
     )
-    with open(path, "w+b") as f:
-        torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
+    # Packaged in memory, then written: torch's zip writer aborts the process when a write fails
+    # (a full disk), where a failed Python write is an error the caller reports.
+    buffer = io.BytesIO()
+    torch._inductor.aoti_compile_and_package(program, package_path=buffer, inductor_configs=configs)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def compile_model(

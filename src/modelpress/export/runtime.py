@@ -1,7 +1,9 @@
 """Runtimes that execute an artifact: ONNX Runtime sessions and AOTInductor packages.
 
 Both wrappers are callables with the model's forward signature (torch tensors in, torch tensors
-out), so benchmarks and evaluations treat them like the eager model.
+out), so benchmarks and evaluations treat them like the eager model. An ONNX file is data; an
+AOTInductor package runs the library inside it, so `AotiModel` is for packages modelpress has just
+written or the user trusts (`modelpress.loading.resolve` asks for `trust_code=True` first).
 
     >>> onnx_model = OnnxModel("out/model.onnx", threads=2)
     >>> token_states = onnx_model(input_ids, attention_mask)
@@ -18,6 +20,22 @@ import torch
 from torch import nn
 
 from modelpress.core.errors import BadInputError, ModelLoadError
+
+SESSION_CONFIG_KEY = "modelpress.ort_session_config"  # written by export.onnx.add_session_hints
+
+
+def _session_config(path: Path, text: str) -> dict[str, str]:
+    """The ORT session settings a model's metadata names: a JSON object of string or number values."""
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{path}: metadata {SESSION_CONFIG_KEY} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not all(isinstance(v, (str, int, float)) for v in config.values()):
+        raise ModelLoadError(
+            f"{path}: metadata {SESSION_CONFIG_KEY} must be a JSON object of ONNX Runtime session settings "
+            f'(e.g. {{"session.set_denormal_as_zero": "1"}}), got {text[:80]!r}'
+        )
+    return {str(k): str(v) for k, v in config.items()}
 
 
 class OnnxModel:
@@ -36,9 +54,15 @@ class OnnxModel:
         opts = ort.SessionOptions()
         # Session settings the exporter measured the graph with (e.g. denormals as zero), from its metadata.
         for prop in proto.metadata_props:
-            if prop.key == "modelpress.ort_session_config":
-                for key, value in json.loads(prop.value).items():
-                    opts.add_session_config_entry(str(key), str(value))
+            if prop.key == SESSION_CONFIG_KEY:
+                for key, value in _session_config(self.path, prop.value).items():
+                    try:
+                        opts.add_session_config_entry(key, value)
+                    except Exception as e:
+                        raise ModelLoadError(
+                            f"{self.path}: metadata {SESSION_CONFIG_KEY} sets {key}={value!r}, "
+                            f"which ONNX Runtime refuses: {e}"
+                        ) from None
         if threads is not None:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

@@ -16,18 +16,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelpress.core.environment import check_threads
 from modelpress.core.errors import BadInputError
 from modelpress.core.report import Latency
 
 Batch = Sequence[torch.Tensor]
+# More runs than this per batch size is certainly a mistake: percentiles are stable after a few
+# hundred, and a slow model would keep the machine busy for hours.
+MAX_REPEATS = 10_000
+MAX_WARMUP = 10_000
+MAX_BATCH_SIZE = 65_536  # inputs of a timed batch; larger ones only exhaust memory
+
+
+def check_runs(repeats: int, warmup: int) -> None:
+    """Refuse timed `repeats` outside [1, MAX_REPEATS] or `warmup` runs outside [0, MAX_WARMUP]."""
+    for name, value, lo, hi in (("repeats", repeats, 1, MAX_REPEATS), ("warmup", warmup, 0, MAX_WARMUP)):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise BadInputError(f"{name} must be an integer in [{lo}, {hi}] (runs per batch size), got {value!r}")
 
 
 @contextlib.contextmanager
 def threads_scope(threads: int | None) -> Iterator[None]:
     """Run the block with `threads` torch intra-op threads (None keeps the current), restoring after."""
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise BadInputError(f"threads must be a positive integer, got {threads!r}")
     before = torch.get_num_threads()
+    check_threads(threads, current=before)
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -67,8 +79,7 @@ def measure_latency(
         >>> lat = measure_latency(model, entry.example_inputs(32), threads=2)
         >>> lat.p50, lat.p90  # ms
     """
-    if repeats < 1 or warmup < 0:
-        raise BadInputError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    check_runs(repeats, warmup)
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     times: list[float] = []
     with _timing_scope(threads):

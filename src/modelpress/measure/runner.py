@@ -29,12 +29,13 @@ from rich.table import Table
 from torch import nn
 
 from modelpress.core.atomic import atomic_write_text
+from modelpress.core.environment import check_threads
 from modelpress.core.environment import environment as current_environment
 from modelpress.core.errors import BadInputError
 from modelpress.core.report import ModelStats, speed_cell
 from modelpress.export.runtime import OnnxModel
 from modelpress.measure.gate import call_limits, stopped_gate, verdict
-from modelpress.measure.latency import measure_latency, measure_throughput, threads_scope
+from modelpress.measure.latency import MAX_BATCH_SIZE, check_runs, measure_latency, measure_throughput, threads_scope
 from modelpress.measure.memory import peak_memory
 from modelpress.measure.size import artifact_size_bytes, count_onnx_params, count_params
 from modelpress.zoo.base import ModelFn, ZooEntry, get_entry
@@ -90,8 +91,12 @@ def bench(
     """
     if isinstance(models, str):
         models = [models]
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise BadInputError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)!r}")
+    if not batch_sizes or any(not isinstance(b, int) or not 1 <= b <= MAX_BATCH_SIZE for b in batch_sizes):
+        raise BadInputError(
+            f"batch_sizes must be positive integers of at most {MAX_BATCH_SIZE}, got {tuple(batch_sizes)!r}"
+        )
+    check_threads(threads)
+    check_runs(repeats, warmup)
     threads = torch.get_num_threads() if threads is None else threads
     resolve = resolve or resolve_zoo
     steps = 2 + len(batch_sizes) + throughput + memory + quality  # per model: load, size, measurements

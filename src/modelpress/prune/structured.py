@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from modelpress.core.config import Config
+from modelpress.core.config import MAX_EPOCHS, Config, check_at_most, check_regex, check_seed
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError, DataError, ModelpressError
 from modelpress.core.registry import register
@@ -68,16 +68,15 @@ class StructuredPruneConfig(Config):
         if self.norm not in ("l1", "l2"):
             raise ConfigError(f"norm must be 'l1' or 'l2', got {self.norm!r}")
         for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"bad exclude pattern {pattern!r}: {e}") from None
+            check_regex(pattern, "exclude")
         if self.round_to < 1:
             raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
         if self.importance_batches < 1:
             raise ConfigError(f"importance_batches must be >= 1, got {self.importance_batches}")
         if self.finetune_epochs < 0:
             raise ConfigError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        check_at_most(self, "finetune_epochs", MAX_EPOCHS, "training epochs")
+        check_seed(self)
 
 
 def _n_prune(units: int, ratio: float) -> int:

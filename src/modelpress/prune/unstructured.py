@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from modelpress.core.config import Config
+from modelpress.core.config import MAX_EPOCHS, Config, check_at_most, check_seed
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
 from modelpress.core.registry import register
@@ -83,6 +83,8 @@ class UnstructuredPruneConfig(Config):
             raise ConfigError(f"importance_batches must be >= 1, got {self.importance_batches}")
         if self.finetune_epochs < 0:
             raise ConfigError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        check_at_most(self, "finetune_epochs", MAX_EPOCHS, "training epochs")
+        check_seed(self)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class NMPruneConfig(Config):
             raise ConfigError(f"importance_batches must be >= 1, got {self.importance_batches}")
         if self.finetune_epochs < 0:
             raise ConfigError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        check_at_most(self, "finetune_epochs", MAX_EPOCHS, "training epochs")
+        check_seed(self)
 
 
 # ---------------------------------------------------------------- scores and masks

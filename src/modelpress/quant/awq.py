@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelpress.core.config import Config
+from modelpress.core.config import Config, check_at_most
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError
 from modelpress.core.registry import register
@@ -58,6 +58,7 @@ FOLDABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
     # BERT (post-norm: only value -> output projection, attention being linear in V)
     ("attention.self.value", ("attention.output.dense",)),
 )
+MAX_AWQ_GRID = 1000  # a finer alpha grid only multiplies the search time
 FOLD_RTOL = 1e-3  # relative output change of the float block above which a fold is undone
 
 
@@ -79,6 +80,7 @@ class AWQConfig(Config):
         validate_weight_settings(self.bits, self.group_size, self.calibration_batches)
         if self.n_grid < 1:
             raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
+        check_at_most(self, "n_grid", MAX_AWQ_GRID, "candidate scales searched per layer")
         if not 0 <= self.max_shrink < 1:
             raise ConfigError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
         if self.max_tokens < 16:

@@ -14,6 +14,7 @@ quantization tools underneath, driven by our configs, our calibration data and o
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -186,6 +187,8 @@ def quantize_onnx(
     stats: dict[str, Any] = {"nodes": len(nodes)}
     with tempfile.TemporaryDirectory(prefix="modelpress-onnx.") as tmp, atomic_path(dst) as out:
         work = Path(tmp)
+        # ONNX Runtime's quantizer writes `NAME-inferred.onnx` beside the graph it reads: give it a copy
+        src = _staged_copy(src, proto, work / "source")
         if isinstance(base, WeightOnlyConfig):
             _weight_only_4bit(src, out, base)
         else:
@@ -233,6 +236,30 @@ def _keep_sensitive_float(
         "float_nodes": order[:lo],
         "sensitivity": {n: round(sensitivity[n], 6) for n in order},
     }
+
+
+def _staged_copy(src: Path, proto: onnx.ModelProto, folder: Path) -> Path:
+    """Copy the graph at `src` and its external data files into `folder`; the user's folder is never written."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    folder.mkdir()
+    root = src.parent.resolve()
+    for tensor in _get_all_tensors(proto):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        data = (root / location).resolve()
+        if not data.is_relative_to(root) or not data.is_file():
+            raise BadInputError(
+                f"{src}: tensor {tensor.name!r} names external data {location!r}, which is not a file beside the model"
+            )
+        target = folder / data.relative_to(root)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(data, target)
+    staged = folder / src.name
+    shutil.copy2(src, staged)
+    return staged
 
 
 def _weight_only_4bit(src: Path, out: Path, cfg: WeightOnlyConfig) -> None:

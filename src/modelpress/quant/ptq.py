@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from modelpress.core.config import Config
+from modelpress.core.config import Config, check_regex
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError, DataError
 from modelpress.core.registry import apply, register
@@ -51,10 +51,7 @@ class LayerFilter(Config):
 
     def validate(self) -> None:
         for pattern in (*self.include, *self.exclude):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"bad layer pattern {pattern!r}: {e}") from None
+            check_regex(pattern, "layer")
         for kind in self.types:
             if not isinstance(kind, str) or not kind.isidentifier():
                 raise ConfigError(f"layer types are class names such as 'Linear' or 'Conv2d', got {kind!r}")
@@ -133,6 +130,8 @@ class StaticQuantConfig(Config):
         _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
         if self.calibration_batches < 1:
             raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
+        for pattern in self.dynamic_layers:
+            check_regex(pattern, "dynamic_layers")
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")

@@ -25,7 +25,7 @@ from torch import nn
 
 from modelpress.core.config import Config
 from modelpress.core.context import Context
-from modelpress.core.errors import DataError
+from modelpress.core.errors import ConfigError, DataError
 from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.fold import fold_conv_bn
@@ -46,9 +46,9 @@ class QATConfig(Config):
 
     def validate(self) -> None:
         if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be in [2, 8], got {self.bits}")
+            raise ConfigError(f"bits must be in [2, 8], got {self.bits}")
         if not 2 <= self.act_bits <= 8:
-            raise ValueError(f"act_bits must be in [2, 8], got {self.act_bits}")
+            raise ConfigError(f"act_bits must be in [2, 8], got {self.act_bits}")
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, True, "channel")

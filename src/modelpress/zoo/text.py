@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.core.errors import DataError, ModelLoadError, UnsafePickleError
+from modelpress import trust
+from modelpress.core.errors import DataError, ModelLoadError
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, ZooEntry
 from modelpress.zoo.stsb import default_stsb_dir, load_split, spearman_score
@@ -93,41 +94,46 @@ def load_hf_folder(
     pooling: str = "mean",
     normalize: bool = False,
     max_seq_length: int | None = None,
+    trust_code: bool = False,
     trust_pickle: bool = False,
 ) -> TextEncoder:
     """A Hugging Face encoder folder (config.json, weights, tokenizer) as a `TextEncoder`.
 
-    Weights load through safetensors or `torch.load(weights_only=True)`; a `pytorch_model.bin`
-    that needs arbitrary pickle is refused unless `trust_pickle=True`.
+    Weights load through safetensors or `torch.load(weights_only=True)`. A `pytorch_model.bin`
+    that needs arbitrary pickle, or custom model or tokenizer code (`auto_map`), is refused
+    unless `trust_code=True` (`trust_pickle` is its deprecated name).
     """
+    trust_code = trust.trust_flag(trust_code, trust_pickle)
     folder = Path(path)
+    trust.check_not_special(folder, "model folder")
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist (expected a Hugging Face model folder)")
+    trust.check_folder_files(folder, "model folder")
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json (expected a Hugging Face model folder)")
+    for file, code in trust.hf_custom_code(folder):  # refused before transformers, which would import it
+        trust.require_trust(file, trust.HF_CUSTOM_CODE, trust_code, f"auto_map: {', '.join(code)}")
     if not any((folder / name).is_file() for name in _WEIGHT_FILES):
         raise ModelLoadError(f"{folder} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
 
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        # weights_only=False only when the user explicitly trusts the pickle.
-        backbone, info = AutoModel.from_pretrained(folder, weights_only=not trust_pickle, output_loading_info=True)
+        # weights_only=False and remote code only when the user explicitly trusts the folder.
+        backbone, info = AutoModel.from_pretrained(
+            folder, weights_only=not trust_code, trust_remote_code=trust_code, output_loading_info=True
+        )
     except Exception as e:
         if "weights only load failed" in str(e).lower():
-            raise UnsafePickleError(
-                f"weights in {folder} need arbitrary pickle loading; pass trust_pickle=True "
-                "(CLI: --trust-pickle) only if you trust their source"
-            ) from None
+            weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), folder)
+            trust.require_trust(weights, trust.PICKLE, False)
         raise ModelLoadError(f"cannot load the model in {folder}: {type(e).__name__}: {e}") from None
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
-    if missing:
-        raise ModelLoadError(f"weights in {folder} do not fit its config.json; missing {missing[:5]}")
+    _check_loaded_keys(backbone, info, folder)
     # The pooler head is unused (forward returns token states); dropping it keeps params and export honest.
     if isinstance(getattr(backbone, "pooler", None), nn.Module):
         backbone.pooler = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_code)
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}") from None
     if max_seq_length is None:
@@ -140,29 +146,66 @@ def load_hf_folder(
         pooling=pooling,
         normalize=normalize,
         max_seq_length=max_seq_length,
-        trust_pickle=trust_pickle,
+        trust_code=trust_code,
     )
     return encoder
 
 
-def load_sentence_transformers_folder(path: str | Path, *, trust_pickle: bool = False) -> TextEncoder:
+def _check_loaded_keys(backbone: nn.Module, info: dict[str, Any], folder: Path) -> None:
+    """Weights must fit config.json both ways: none missing, and none left over in the model's own modules.
+
+    Left-over weights of the backbone's modules (`encoder.layer.5.*` under a 4-layer config) mean the
+    config describes a smaller model than the weights: loading would silently truncate it. Keys that
+    transformers drops on purpose stay allowed: a task head's (`cls.*`, `classifier.*`), a pooler the
+    model class lacks, `position_ids` buffers.
+    """
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+    if missing:
+        raise ModelLoadError(f"weights in {folder} do not fit its config.json; missing {missing[:5]}")
+    own = {name for name, _ in backbone.named_children()}
+    prefix = f"{getattr(backbone, 'base_model_prefix', '')}."
+    unexpected = sorted(
+        k
+        for k in (key.removeprefix(prefix) for key in info["unexpected_keys"])
+        if k.split(".", 1)[0] in own and not k.endswith("position_ids")
+    )
+    if unexpected:
+        raise ModelLoadError(
+            f"weights in {folder} do not fit its config.json: {len(unexpected)} weights belong to no part of "
+            f"the model it describes, e.g. {unexpected[:5]}; check config.json (e.g. num_hidden_layers)"
+        )
+
+
+def load_sentence_transformers_folder(
+    path: str | Path, *, trust_code: bool = False, trust_pickle: bool = False
+) -> TextEncoder:
     """A sentence-transformers folder (modules.json: Transformer, Pooling, optional Normalize).
 
-    Parses the folder files directly (the sentence_transformers library is not needed at run time).
-    Only mean and CLS pooling are supported; other modules (Dense, ...) are refused.
+    Parses the folder files directly: no module class named in modules.json is ever imported, and
+    one outside sentence_transformers (custom code) is refused unless `trust_code=True`. Only mean
+    and CLS pooling are supported; other modules (Dense, ...) are refused.
     """
+    trust_code = trust.trust_flag(trust_code, trust_pickle)
     folder = Path(path)
+    trust.check_not_special(folder, "model folder")
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist (expected a sentence-transformers folder)")
-    modules = _read_json(folder / "modules.json", "a sentence-transformers folder")
-    if not isinstance(modules, list):
-        raise ModelLoadError(f"{folder / 'modules.json'} must hold a list of modules")
+    trust.check_folder_files(folder, "model folder")
+    modules_json = folder / "modules.json"
+    modules = _read_json(modules_json, "a sentence-transformers folder")
+    if not isinstance(modules, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("type"), str) and isinstance(m.get("path", ""), str) for m in modules
+    ):
+        raise ModelLoadError(
+            f'{modules_json} must hold a list of modules, each an object with a string "type" '
+            f'(e.g. {{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}})'
+        )
 
     transformer_dir: Path | None = None
     pooling, normalize = "mean", False
     for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        sub = folder / module.get("path", "")
+        kind = trust.st_module_kind(module["type"], folder, trust_code)
+        sub = _module_folder(folder, module.get("path", ""))
         if kind == "Transformer":
             transformer_dir = sub
         elif kind == "Pooling":
@@ -171,25 +214,36 @@ def load_sentence_transformers_folder(path: str | Path, *, trust_pickle: bool = 
             normalize = True
         else:
             raise ModelLoadError(
-                f"{folder}: unsupported sentence-transformers module {module.get('type')!r} "
+                f"{folder}: unsupported sentence-transformers module {module['type']!r} "
                 "(supported: Transformer, Pooling, Normalize)"
             )
     if transformer_dir is None:
-        raise ModelLoadError(f"{folder / 'modules.json'} lists no sentence_transformers.models.Transformer")
+        raise ModelLoadError(f"{modules_json} lists no sentence_transformers.models.Transformer")
 
     max_seq_length = None
     st_config = transformer_dir / "sentence_bert_config.json"
     if st_config.is_file():
-        max_seq_length = _read_json(st_config, "sentence_bert_config.json").get("max_seq_length")
+        settings = _read_json(st_config, "sentence_bert_config.json")
+        max_seq_length = settings.get("max_seq_length") if isinstance(settings, dict) else None
+        if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length < 1):
+            raise ModelLoadError(f"{st_config}: max_seq_length must be a positive integer, got {max_seq_length!r}")
     encoder = load_hf_folder(
         transformer_dir,
         pooling=pooling,
         normalize=normalize,
         max_seq_length=max_seq_length,
-        trust_pickle=trust_pickle,
+        trust_code=trust_code,
     )
-    encoder.reload = functools.partial(load_sentence_transformers_folder, folder, trust_pickle=trust_pickle)
+    encoder.reload = functools.partial(load_sentence_transformers_folder, folder, trust_code=trust_code)
     return encoder
+
+
+def _module_folder(folder: Path, sub: str) -> Path:
+    """A module's folder from modules.json: inside the model folder, never outside it."""
+    path = (folder / sub).resolve()
+    if path != folder.resolve() and folder.resolve() not in path.parents:
+        raise ModelLoadError(f"{folder / 'modules.json'}: module path {sub!r} leaves the model folder")
+    return folder / sub
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -201,8 +255,12 @@ def _read_json(path: Path, what: str) -> Any:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
 
 
-def _pooling_mode(config: dict[str, Any], folder: Path) -> str:
+def _pooling_mode(config: Any, folder: Path) -> str:
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder / 'config.json'} must hold a JSON object (the pooling settings)")
     mode = config.get("pooling_mode")  # newer sentence-transformers write a single string
+    if mode is not None and not isinstance(mode, str):
+        raise ModelLoadError(f"{folder / 'config.json'}: pooling_mode must be a string, got {mode!r}")
     if mode is None:
         prefix = "pooling_mode_"
         modes = [k.removeprefix(prefix) for k, v in config.items() if k.startswith(prefix) and v]
