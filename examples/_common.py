@@ -34,22 +34,20 @@ def base_parser(doc: str, default_out: Path) -> argparse.ArgumentParser:
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Add --overwrite (listed last) to `parser` and parse `argv`."""
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder of other content")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out folder modelpress wrote")
     return parser.parse_args(argv)
 
 
 def check_out(out: Path, overwrite: bool, marker: str) -> None:
-    """Refuse a file, or a non-empty folder whose results.json lacks `"example": marker`, unless `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} is a file; give a folder")
-    if overwrite or not out.exists() or not any(out.iterdir()):
-        return
+    """Refuse an --out that would lose the user's files (see `modelpress.core.outputs`); the example's own
+    earlier output (its results.json says `"example": marker`) is replaced without --overwrite."""
+    from modelpress.core.outputs import check_output
+
     try:
         own = json.loads((out / "results.json").read_text(encoding="utf-8")).get("example") == marker
     except (OSError, ValueError, AttributeError):
         own = False
-    if not own:
-        raise BadInputError(f"--out {out} exists and holds other files; pass --overwrite to replace it")
+    check_output(out, kind="folder", overwrite=overwrite or own)
 
 
 def layer_bits(model: nn.Module, layer_types: tuple[type[nn.Module], ...]) -> dict[str, int]:

@@ -119,12 +119,13 @@ def test_a_disk_that_fills_while_writing_is_exit_2_and_leaves_nothing(tmp_path, 
     """ENOSPC in the middle of writing: a message, no traceback, no partial output."""
     import errno
 
-    import modelpress.core.report as report
+    import modelpress.pipeline as pipeline
 
-    def no_space(self, folder):  # the last thing written: everything before it is in the temporary folder
-        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "report.json"))
+    def no_space(loaded, compressed, artifacts, *args):  # the artifacts are in the temporary folder by now
+        assert artifacts
+        raise OSError(errno.ENOSPC, "No space left on device", str(next(iter(artifacts.values()))))
 
-    monkeypatch.setattr(report.Report, "write", no_space)
+    monkeypatch.setattr(pipeline, "_measure", no_space)
     assert main([*COMPRESS, "--out", str(tmp_path / "out")]) == 2
     assert "cannot write --out" in _err(capsys)
     assert list(tmp_path.iterdir()) == []

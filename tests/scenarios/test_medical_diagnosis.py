@@ -117,6 +117,7 @@ def test_layers_are_quantized_at_the_reported_bits(outcome: tuple) -> None:
 def test_outputs_are_complete(outcome: tuple) -> None:
     results, _, out = outcome
     assert sorted(p.name for p in out.iterdir()) == [
+        ".modelpress",
         "model-fp32.onnx",
         "model.onnx",
         "recipe.yaml",

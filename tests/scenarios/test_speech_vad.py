@@ -171,6 +171,7 @@ def test_model_is_int8_and_smaller(outcome: tuple) -> None:
 def test_outputs_are_complete(outcome: tuple) -> None:
     results, _, out = outcome
     assert sorted(p.name for p in out.iterdir()) == [
+        ".modelpress",
         "model-fp32.onnx",
         "model.onnx",
         "recipe.yaml",
