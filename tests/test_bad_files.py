@@ -263,3 +263,22 @@ def test_damaged_files_load_or_raise_bad_input(name: str, truncate: int | None, 
             loaders[name]()
         except BadInputError:
             pass  # anything else (an internal error) fails the test
+
+
+def test_api_calibration_batches_with_nan_or_too_few_samples_are_refused(tmp_path):
+    """Batches given to `compress` directly (no file) are checked like --data, on the ONNX path too."""
+    import torch
+
+    from modelpress.core.errors import DataError
+    from modelpress.export.artifact import export_artifact
+    from modelpress.pipeline import compress
+
+    graph = tmp_path / "mlp.onnx"
+    export_artifact("loading_factories:tiny_mlp", graph, example_inputs=(torch.randn(2, 4),))
+    nan = torch.randn(32, 4)
+    nan[3, 1] = float("nan")
+    with pytest.raises(DataError, match="holds 1 non-finite values"):
+        compress(str(graph), "int8-static", [(nan[i : i + 8],) for i in range(0, 32, 8)], out_dir=tmp_path / "a")
+    with pytest.raises(DataError, match="holds 4 samples.*needs at least 16"):
+        compress(str(graph), "int8-static", [(torch.randn(4, 4),)], out_dir=tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]

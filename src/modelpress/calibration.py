@@ -72,12 +72,22 @@ def load_calibration(path: str | Path, entry: Any | None = None, batch_size: int
             f"calibration data {path}: tensors disagree on the number of samples "
             f"({', '.join(str(t.shape[0]) for t in tensors)})"
         )
-    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point() or t.is_complex())
+    check_finite([tuple(tensors)], path)
+    return [tuple(t[i : i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
+
+
+def check_finite(batches: Sequence[tuple[Any, ...]], source: str | Path) -> None:
+    """Refuse calibration batches holding NaN or inf (`DataError`, naming `source` and the count)."""
+    bad = sum(
+        int((~torch.isfinite(t)).sum())
+        for batch in batches
+        for t in _tensors(batch)
+        if t.is_floating_point() or t.is_complex()
+    )
     if bad:
         raise DataError(
-            f"calibration data {path} holds {bad} non-finite values (NaN or inf); calibration needs finite inputs"
+            f"calibration data {source} holds {bad} non-finite values (NaN or inf); calibration needs finite inputs"
         )
-    return [tuple(t[i : i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
 
 
 def check_calibration_size(batches: Sequence[tuple[torch.Tensor, ...]], recipe: Any, source: str | Path) -> None:
@@ -86,7 +96,7 @@ def check_calibration_size(batches: Sequence[tuple[torch.Tensor, ...]], recipe: 
     Static int8 activations, SmoothQuant, GPTQ and AWQ need `MIN_CALIBRATION_SAMPLES` samples;
     other passes take any amount. `source` names the data in the message (e.g. the --data file).
     """
-    samples = sum(len(batch[0]) for batch in batches)
+    samples = sum(_rows(batch) for batch in batches)
     if samples >= MIN_CALIBRATION_SAMPLES:
         return
     for cfg in _passes(recipe.passes):
@@ -96,6 +106,20 @@ def check_calibration_size(batches: Sequence[tuple[torch.Tensor, ...]], recipe: 
                 f"calibration data {source} holds {samples} sample{'s' if samples != 1 else ''}; recipe "
                 f"{recipe.name} {what} ({type(cfg).__name__}) and needs at least {MIN_CALIBRATION_SAMPLES}"
             )
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    """The tensors of one batch: a tensor, a tuple / list of them, or a mapping of names to them."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    return [t for t in items if isinstance(t, torch.Tensor)]
+
+
+def _rows(batch: Any) -> int:
+    """Samples in one batch: the first dimension of its first tensor."""
+    tensors = _tensors(batch)
+    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
 
 
 def _passes(passes: Sequence[Any]) -> list[Any]:

@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
-from modelpress.calibration import check_calibration_size
+from modelpress.calibration import check_calibration_size, check_finite
 from modelpress.core.atomic import atomic_dir
 from modelpress.core.context import Context
 from modelpress.core.environment import environment
@@ -66,8 +66,9 @@ def compress(
         check_output(out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(model, eval_data))
     loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if data is not None:  # too few samples for a calibrating pass fails before any work
+    if data is not None:  # too few samples for a calibrating pass, or NaN, fails before any work
         check_calibration_size(data, rec, "data")
+        check_finite(data, "data")
     # chosen (and an explicit lowering this CPU cannot run refused) before any work
     lowering = _lowering(rec) if "pt2" in rec.export else None
     with claim_out_dir(out_dir, overwrite, loaded, eval_data):
