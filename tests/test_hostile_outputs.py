@@ -60,7 +60,7 @@ def test_data_files_inside_out_are_protected(capsys, tmp_path):
     out.mkdir()
     (out / "calib.npy").write_bytes(b"the user's calibration set")
     (out / MARKER).write_text("{}")  # even a folder modelpress wrote
-    for option in ("--data", "--eval-data"):
+    for option in ("--data", "--eval-data", "--weights"):
         assert main([*COMPRESS, option, str(out / "calib.npy"), "--out", str(out), "--overwrite"]) == 2
         assert "contains the input" in _err(capsys)
     assert (out / "calib.npy").read_bytes() == b"the user's calibration set"

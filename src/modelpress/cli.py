@@ -309,7 +309,7 @@ def compress(
     rec = load_recipe(recipe) if recipe is not None else None  # a bad recipe fails before the model loads
     _check_data(data, "--data")
     _check_data(eval_data, "--eval-data")
-    _check_out_folder(output, overwrite, model, data, eval_data, recipe)
+    _check_out_folder(output, overwrite, model, data, eval_data, recipe, weights)
     loaded = resolve(model, weights=weights, trust_code=_trust(trust_code, trust_pickle))
     batches = load_calibration(data, loaded.entry) if data is not None else None
     if batches is not None:  # too few samples for a calibrating pass: refused before any work
@@ -424,7 +424,7 @@ def distill(
         name="distill", description="knowledge distillation into a student built from the teacher", passes=(cfg,)
     )
     _check_data(eval_data, "--eval-data")
-    _check_out_folder(output, overwrite, teacher, eval_data)
+    _check_out_folder(output, overwrite, teacher, eval_data, weights)
     loaded = resolve(teacher, weights=weights, trust_code=_trust(trust_code, trust_pickle))
     _compress_and_print(loaded, rec, None, output, threads, eval_data, sizes, as_json, overwrite, "student")
 

@@ -49,11 +49,13 @@ def export_artifact(
     name) load the model as in `load_model`.
     """
     spec = model if isinstance(model, (str, Path)) else None
-    check_output(out_path, kind="file", overwrite=overwrite, inputs=[spec], suffixes=SUFFIXES)
+    check_output(out_path, kind="file", overwrite=overwrite, inputs=[spec, weights], suffixes=SUFFIXES)
     module, inputs, entry_axes = _module_and_inputs(model, example_inputs, weights, trust_code, trust_pickle)
     batch_axes = batch_axes or entry_axes
     need = estimate_bytes(module)
-    with claim_output(out_path, kind="file", overwrite=overwrite, inputs=[spec], need_bytes=need, suffixes=SUFFIXES):
+    with claim_output(
+        out_path, kind="file", overwrite=overwrite, inputs=[spec, weights], need_bytes=need, suffixes=SUFFIXES
+    ):
         return _export_to(module, inputs, Path(out_path), batch_axes, opset, optimize, bf16)
 
 
