@@ -179,7 +179,7 @@ def _complete(out: Path) -> bool:
 
 
 def _run(argv: list[str]) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "modelpress.cli", *argv]
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "modelpress.cli", *argv]  # a crash prints its stack
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
