@@ -19,6 +19,7 @@ from modelpress.cli import main
 from modelpress.core.outputs import MARKER, claim_output, output_lock
 
 COMPRESS = ["compress", "digits-cnn", "--recipe", "w8", "--threads", "1", "-b", "1"]
+ONNX_ONLY = "passes: [{type: WeightOnlyConfig, bits: 8}]\nexport: [onnx]\n"  # w8 without the slower .pt2
 
 
 def _err(capsys: pytest.CaptureFixture[str]) -> str:
@@ -126,9 +127,12 @@ def test_a_disk_that_fills_while_writing_is_exit_2_and_leaves_nothing(tmp_path, 
         raise OSError(errno.ENOSPC, "No space left on device", str(next(iter(artifacts.values()))))
 
     monkeypatch.setattr(pipeline, "_measure", no_space)
-    assert main([*COMPRESS, "--out", str(tmp_path / "out")]) == 2
+    recipe = tmp_path / "w8-onnx.yaml"  # the .onnx alone: nothing slower to build before the failure
+    recipe.write_text(ONNX_ONLY)
+    argv = ["compress", "digits-cnn", "--recipe", str(recipe), "--threads", "1", "-b", "1"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "cannot write --out" in _err(capsys)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [recipe]
 
 
 def test_bench_and_export_outputs(capsys, tmp_path):
@@ -207,7 +211,7 @@ def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen[str]) -> bool:
     return True
 
 
-def _kill_at(tmp_path: Path, moment: tuple[str, float]) -> str:
+def _kill_at(tmp_path: Path, moment: tuple[str, float], argv: list[str] = COMPRESS) -> str:
     """SIGKILL `compress --overwrite` over an existing output at `moment` (a file that appears, then a
     delay): the output is the old one or a complete new one, and the next run clears what was left."""
     out = tmp_path / "out"
@@ -217,7 +221,7 @@ def _kill_at(tmp_path: Path, moment: tuple[str, float]) -> str:
     (out / MARKER).write_text("{}")
     (out / "report.json").write_text('{"old": true}')
     (out / "recipe.yaml").write_text("old")
-    proc = _run([*COMPRESS, "--out", str(out), "--overwrite"])
+    proc = _run([*argv, "--out", str(out), "--overwrite"])
     pattern, delay = moment
     if _wait_for(pattern, tmp_path, proc):
         time.sleep(delay)
@@ -238,8 +242,10 @@ _STARTED, _WORKING, _FINISHING = ".out.lock", ".out.*.partial", ".out.*.partial/
 
 def test_sigkill_at_random_points_leaves_the_old_output_or_a_complete_new_one(tmp_path):
     rng = random.Random()
-    for moment in ((_WORKING, rng.uniform(0, 3)), (_FINISHING, rng.uniform(0, 0.05))):
-        _kill_at(tmp_path, moment)
+    moment = rng.choice([(_WORKING, rng.uniform(0, 2)), (_FINISHING, rng.uniform(0, 0.05))])
+    recipe = tmp_path.parent / f"{tmp_path.name}-w8-onnx.yaml"  # the .onnx alone: a quicker run to kill
+    recipe.write_text(ONNX_ONLY)
+    _kill_at(tmp_path, moment, ["compress", "digits-cnn", "--recipe", str(recipe), "--threads", "1", "-b", "1"])
 
 
 @pytest.mark.slow

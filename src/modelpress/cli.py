@@ -593,7 +593,7 @@ def _quiet_transformers() -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised like Ctrl-C so that every `finally` cleans up what the run started."""
+    """SIGINT, SIGTERM or SIGHUP, raised as a KeyboardInterrupt so that every `finally` cleans up the run."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -604,19 +604,34 @@ _SIGNALS_RECEIVED: list[int] = []
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    if _importing(frame):
+        # An exception raised while a C extension initialises (its init runs Python imports) crashes
+        # the interpreter: deliver the signal again once the import is over.
+        import threading
+
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     _SIGNALS_RECEIVED.append(signum)  # typer turns the exception into exit code 130: keep which signal it was
     raise Terminated(signum)
 
 
+def _importing(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def _clean_exit_on_signals() -> Any:
-    """SIGTERM and SIGHUP clean up like SIGINT (temporary folders, locks, child processes) while the CLI runs."""
+    """SIGINT, SIGTERM and SIGHUP unwind the run (temporary folders, locks, child processes) while the CLI runs."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
