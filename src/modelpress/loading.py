@@ -42,6 +42,8 @@ SpecKind = Literal[
     "torchscript",
     "factory",
     "pickle",
+    "causal-lm",
+    "gguf",
 ]
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
@@ -64,9 +66,9 @@ class LoadedModel:
 
 def spec_help() -> str:
     return (
-        f"a zoo name ({', '.join(zoo_names())}), a Hugging Face or sentence-transformers folder, "
-        "an .onnx file, a .pt2 file (torch.export or AOTInductor), a TorchScript archive, "
-        "or package.module:factory"
+        f"a zoo name ({', '.join(zoo_names())}), a Hugging Face folder (encoder or causal LM) or "
+        "sentence-transformers folder, a .gguf file, an .onnx file, a .pt2 file (torch.export or AOTInductor), "
+        "a TorchScript archive, or package.module:factory"
     )
 
 
@@ -141,11 +143,14 @@ def load_model(
 def _from_path(path: Path, trust_code: bool) -> LoadedModel:
     spec = str(path)
     if path.is_dir():
-        from modelpress.zoo import text
+        from modelpress.zoo import causal_lm, text
 
         if (path / "modules.json").is_file():
             model = text.load_sentence_transformers_folder(path, trust_code=trust_code)
             return LoadedModel(spec, path.name, "sentence-transformers", model, text.FolderEntry(model), path)
+        if (path / "config.json").is_file() and causal_lm.is_causal_lm_folder(path):
+            lm = causal_lm.load_causal_lm_folder(path, trust_code=trust_code)
+            return LoadedModel(spec, path.name, "causal-lm", lm, causal_lm.CausalLMEntry(lm, path.name), path)
         if (path / "config.json").is_file():
             model = text.load_hf_folder(path, trust_code=trust_code)
             return LoadedModel(spec, path.name, "hf-folder", model, text.FolderEntry(model), path)
@@ -158,6 +163,11 @@ def _from_path(path: Path, trust_code: bool) -> LoadedModel:
         onnx_model = OnnxModel(path)
         entry = ShapeEntry.from_onnx(onnx_model.input_specs())
         return LoadedModel(spec, path.name, "onnx", onnx_model, entry, path)
+    if suffix == ".gguf":  # data: tensors and key-value metadata, dequantized to float32
+        from modelpress.zoo import causal_lm
+
+        lm = causal_lm.load_gguf(path)
+        return LoadedModel(spec, path.name, "gguf", lm, causal_lm.CausalLMEntry(lm, path.stem), path)
     if suffix == ".safetensors":
         raise ModelLoadError(
             f"{spec} holds weights only; give the architecture as package.module:factory "

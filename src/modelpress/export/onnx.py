@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TEXT_INPUTS = ("input_ids", "attention_mask")
 TEXT_OUTPUT = "token_states"
+LM_OUTPUT = "logits"
 # Families whose graph ORT's transformer optimizer fuses with model_type="bert" (same encoder layout).
 _BERT_LIKE = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet"}
 # fp32 parity gate: max abs difference to torch, relative to the output's scale when that exceeds 1. An
@@ -153,7 +154,7 @@ def export_float(
     with torch.inference_mode():
         n_out = len(_as_tuple(export_model(*inputs)))
     in_names, out_names = contract_names(model, len(inputs), n_out, input_names, output_names)
-    if dynamic_axes is True and batch_axes is not None and not is_text_encoder(model):
+    if dynamic_axes is True and batch_axes is not None and not takes_token_ids(model):
         axes: DynamicAxes | None = _batch_axes_by_running(export_model, inputs, batch_axes, in_names, out_names)
     else:
         axes = _dynamic_axes(model, in_names, out_names) if dynamic_axes is True else dynamic_axes or None
@@ -309,6 +310,17 @@ def is_text_encoder(model: nn.Module) -> bool:
     return isinstance(model, TextEncoder)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    from modelpress.zoo.causal_lm import CausalLM
+
+    return isinstance(model, CausalLM)
+
+
+def takes_token_ids(model: nn.Module) -> bool:
+    """Text encoders and causal LMs: (input_ids, attention_mask) with dynamic batch and sequence axes."""
+    return is_text_encoder(model) or is_causal_lm(model)
+
+
 def _bert_backbone(model: nn.Module) -> Any | None:
     backbone = getattr(model, "backbone", None) if is_text_encoder(model) else None
     config = getattr(backbone, "config", None)
@@ -322,10 +334,12 @@ def contract_names(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Graph input and output names: given ones, else the text-encoder contract, else `input`/`output_i`."""
-    text = is_text_encoder(model) and n_in == len(TEXT_INPUTS)
+    """Graph input and output names: given ones, else the text contract (token states for an encoder,
+    logits for a causal LM), else `input`/`output_i`."""
+    text = takes_token_ids(model) and n_in == len(TEXT_INPUTS)
+    first = LM_OUTPUT if is_causal_lm(model) else TEXT_OUTPUT
     default_in = list(TEXT_INPUTS) if text else _numbered("input", n_in)
-    default_out = [TEXT_OUTPUT, *_numbered("output", n_out)[1:]] if text else _numbered("output", n_out)
+    default_out = [first, *_numbered("output", n_out)[1:]] if text else _numbered("output", n_out)
     in_names = list(input_names) if input_names is not None else default_in
     out_names = list(output_names) if output_names is not None else default_out
     if len(in_names) != n_in:
@@ -357,7 +371,7 @@ def _batch_axes_by_running(
 
 
 def _dynamic_axes(model: nn.Module, in_names: list[str], out_names: list[str]) -> DynamicAxes:
-    if is_text_encoder(model):
+    if takes_token_ids(model):
         axes = {0: "batch", 1: "sequence"}
         return {name: dict(axes) for name in (*in_names, out_names[0])} | {n: {0: "batch"} for n in out_names[1:]}
     return {name: {0: "batch"} for name in (*in_names, *out_names)}

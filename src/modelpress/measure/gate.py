@@ -73,7 +73,8 @@ def probe(
 
     result = ProbeResult()
     with tempfile.TemporaryDirectory(prefix="modelpress-probe.") as work:
-        tensors = {f"{bs}.{i}": t.contiguous() for bs, batch in inputs.items() for i, t in enumerate(batch)}
+        # cloned: inputs of several batch sizes may be views of one tensor, which safetensors refuses to save
+        tensors = {f"{bs}.{i}": t.clone().contiguous() for bs, batch in inputs.items() for i, t in enumerate(batch)}
         save_file(tensors, str(Path(work) / "inputs.safetensors"))
         cmd = [sys.executable, "-m", "modelpress.measure.probe", kind, str(path),
                str(Path(work) / "inputs.safetensors"), str(threads or torch.get_num_threads()), str(calls)]  # fmt: skip

@@ -91,6 +91,7 @@ _BUILTIN = {
     "mtcnn-rnet": "modelpress.zoo.mtcnn",
     "mtcnn-onet": "modelpress.zoo.mtcnn",
     "breast-cancer": "modelpress.zoo.breast_cancer",
+    "smollm2-135m": "modelpress.zoo.smollm2",
 }
 
 

@@ -104,17 +104,7 @@ def load_hf_folder(
     unless `trust_code=True` (`trust_pickle` is its deprecated name).
     """
     trust_code = trust.trust_flag(trust_code, trust_pickle)
-    folder = Path(path)
-    trust.check_not_special(folder, "model folder")
-    if not folder.is_dir():
-        raise ModelLoadError(f"model folder {folder} does not exist (expected a Hugging Face model folder)")
-    trust.check_folder_files(folder, "model folder")
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder} has no config.json (expected a Hugging Face model folder)")
-    for file, code in trust.hf_custom_code(folder):  # refused before transformers, which would import it
-        trust.require_trust(file, trust.HF_CUSTOM_CODE, trust_code, f"auto_map: {', '.join(code)}")
-    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
-        raise ModelLoadError(f"{folder} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    folder = check_hf_folder(path, trust_code)
 
     from transformers import AutoModel, AutoTokenizer
 
@@ -128,7 +118,7 @@ def load_hf_folder(
             weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), folder)
             trust.require_trust(weights, trust.PICKLE, False)
         raise ModelLoadError(f"cannot load the model in {folder}: {type(e).__name__}: {e}") from None
-    _check_loaded_keys(backbone, info, folder)
+    check_loaded_keys(backbone, info, folder)
     # The pooler head is unused (forward returns token states); dropping it keeps params and export honest.
     if isinstance(getattr(backbone, "pooler", None), nn.Module):
         backbone.pooler = None
@@ -151,7 +141,24 @@ def load_hf_folder(
     return encoder
 
 
-def _check_loaded_keys(backbone: nn.Module, info: dict[str, Any], folder: Path) -> None:
+def check_hf_folder(path: str | Path, trust_code: bool) -> Path:
+    """A Hugging Face model folder that may be opened: regular files, config.json, weights, and custom
+    code (`auto_map`) only where trusted; `ModelLoadError` otherwise, before transformers sees it."""
+    folder = Path(path)
+    trust.check_not_special(folder, "model folder")
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist (expected a Hugging Face model folder)")
+    trust.check_folder_files(folder, "model folder")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json (expected a Hugging Face model folder)")
+    for file, code in trust.hf_custom_code(folder):  # refused before transformers, which would import it
+        trust.require_trust(file, trust.HF_CUSTOM_CODE, trust_code, f"auto_map: {', '.join(code)}")
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelLoadError(f"{folder} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    return folder
+
+
+def check_loaded_keys(backbone: nn.Module, info: dict[str, Any], folder: Path) -> None:
     """Weights must fit config.json both ways: none missing, and none left over in the model's own modules.
 
     Left-over weights of the backbone's modules (`encoder.layer.5.*` under a 4-layer config) mean the
