@@ -67,3 +67,22 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*args, "--candidates", " , "]) == 2
     assert "names no recipe" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_relative_budget_compares_the_change_with_the_original():
+    """`--max-drop 5%`: a perplexity may rise by 5% of the original's (lower is better)."""
+    from modelpress.auto import _row, parse_max_drop
+    from modelpress.core.report import Latency, ModelStats, Quality
+
+    assert parse_max_drop("5%") == (0.05, True) and parse_max_drop(0.5) == (0.5, False)
+    assert parse_max_drop("0.5") == (0.5, False)
+
+    def stats(ppl: float) -> ModelStats:
+        q = Quality("perplexity", ppl, higher_is_better=False)
+        return ModelStats(name="m", quality=q, latency_ms={"1": Latency(1.0, 1.0, 1.0, 1.0, 5)})
+
+    base = stats(20.0)
+    assert _row("r", stats(20.9), base, parse_max_drop("5%"), (1,))["within_budget"]  # +4.5%
+    assert not _row("r", stats(21.1), base, parse_max_drop("5%"), (1,))["within_budget"]  # +5.5%
+    assert not _row("r", stats(20.9), base, parse_max_drop(0.5), (1,))["within_budget"]  # +0.9 > 0.5 units
+    assert _row("r", stats(19.0), base, parse_max_drop("5%"), (1,))["relative_drop"] == pytest.approx(-0.05)

@@ -286,7 +286,7 @@ def test_bench_api_refuses_before_loading_anything():
     assert time.perf_counter() - start < 5
 
 
-@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, "0.5"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, "half", "nan%", "-5%"])
 def test_auto_max_drop_must_be_a_finite_non_negative_number(tmp_path, value):
     from modelpress.auto import auto_compress
 

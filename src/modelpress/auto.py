@@ -38,8 +38,29 @@ DEFAULT_CANDIDATES = (
 Objective = Literal["latency", "size"]
 
 
-def check_max_drop(max_drop: float) -> None:
+def parse_max_drop(max_drop: float | str) -> tuple[float, bool]:
+    """The budget as (amount, relative): `0.5` is 0.5 in the metric's units; `"5%"` is a 5% change of the
+    original's value (a perplexity may rise 5%). Refuses anything else (`ConfigError`)."""
+    if not isinstance(max_drop, str):
+        check_max_drop(max_drop)
+        return float(max_drop), False
+    text = max_drop.strip()
+    try:
+        amount = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ConfigError(
+            f"max_drop must be a number in the metric's units (0.5) or a percentage of the original's value "
+            f"(5%), got {max_drop!r}"
+        ) from None
+    check_max_drop(amount)
+    return amount, text.endswith("%")
+
+
+def check_max_drop(max_drop: float | str) -> None:
     """Refuse a quality budget that is not a finite number >= 0 (NaN would compare false with every drop)."""
+    if isinstance(max_drop, str):
+        parse_max_drop(max_drop)
+        return
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop):
         raise ConfigError(
             f"max_drop must be a finite number >= 0 (the allowed quality drop in the metric's units), got {max_drop}"
@@ -51,7 +72,7 @@ def check_max_drop(max_drop: float) -> None:
 def auto_compress(
     model: str | Path | LoadedModel,
     *,
-    max_drop: float,
+    max_drop: float | str,
     objective: Objective = "latency",
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES,
     data: Any | None = None,
@@ -73,7 +94,7 @@ def auto_compress(
     from modelpress.pipeline import claim_out_dir, compress, input_paths
 
     check_output(out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(model, eval_data))
-    check_max_drop(max_drop)
+    budget = parse_max_drop(max_drop)
     if objective not in ("latency", "size"):
         raise ConfigError(f"objective must be latency or size, got {objective!r}")
     loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code)
@@ -106,7 +127,7 @@ def auto_compress(
                 if gate.get("status") == "stopped":  # the speed gate stopped it: no figures to rank
                     rows.append({"recipe": rec.name, "artifact": stats.name, "error": gate["message"]})
                     continue
-                row = _row(rec.name, stats, report.baseline, max_drop, batch_sizes)
+                row = _row(rec.name, stats, report.baseline, budget, batch_sizes)
                 # an artifact slower than the original is never chosen, whatever its quality
                 row["slower_than_original"] = gate.get("status") == "slower"
                 rows.append(row)
@@ -144,7 +165,7 @@ def _flagged(stats: ModelStats) -> bool:
 
 
 def _row(
-    recipe: str, stats: ModelStats, base: ModelStats | None, max_drop: float, batch_sizes: tuple[int, ...]
+    recipe: str, stats: ModelStats, base: ModelStats | None, budget: tuple[float, bool], batch_sizes: tuple[int, ...]
 ) -> dict[str, Any]:
     assert base is not None and base.quality is not None and stats.quality is not None
     sign = 1.0 if base.quality.higher_is_better else -1.0
@@ -153,6 +174,10 @@ def _row(
     held_out = base.validation_quality is not None and stats.validation_quality is not None
     drop = sign * (base.validation_quality.value - stats.validation_quality.value) if held_out else test_drop  # type: ignore[union-attr]
     lat = stats.latency_ms.get(str(max(batch_sizes)))
+    amount, relative = budget
+    reference = base.validation_quality.value if held_out else base.quality.value  # type: ignore[union-attr]
+    # a relative budget compares the change with the original's value (perplexity +5%)
+    scaled = drop / abs(reference) if relative and reference else drop
     return {
         "recipe": recipe,
         "artifact": stats.name,
@@ -163,7 +188,8 @@ def _row(
         "test_drop": test_drop,
         "p50_ms": lat.p50 if lat else float("inf"),
         "size_mb": (stats.size_bytes or 0) / 1e6,
-        "within_budget": drop <= max_drop,
+        "relative_drop": drop / abs(reference) if reference else None,
+        "within_budget": scaled <= amount,
     }
 
 

@@ -246,8 +246,12 @@ def compress(
         bool, typer.Option("--auto", help="Try the built-in recipes; keep the best artifact within --max-drop.")
     ] = False,
     max_drop: Annotated[
-        float | None,
-        typer.Option("--max-drop", help="Auto mode: allowed quality drop in the metric's units (STS-B: 0.5)."),
+        str | None,
+        typer.Option(
+            "--max-drop",
+            help="Auto mode: allowed quality drop in the metric's units (STS-B: 0.5), or relative to the "
+            "original's value (a causal LM's perplexity: 5%).",
+        ),
     ] = None,
     objective: Annotated[str, typer.Option(help="Auto mode: latency (at the largest batch size) or size.")] = "latency",
     candidates: Annotated[
