@@ -300,11 +300,75 @@ def _export_all(
             out |= _export_pt2(model, example, folder, ctx, batch_axes, lowering or _lowering(rec))
         except ExportError as e:
             refused["pt2"] = str(e)
+    if "gguf" in rec.export:
+        _export_gguf(model, example, folder, ctx)
     for kind, why in refused.items():
         ctx.report.warn(f"model.{kind} not written: {why}")
     if refused and not out:
         raise ExportError("; ".join(f"model.{kind}: {why}" for kind, why in refused.items()))
     return out
+
+
+GGUF_MIN_COSINE = 0.999  # the GGUF's weights (fp16 block scales) against the compressed model's
+
+
+def _export_gguf(model: nn.Module, example: tuple, folder: Path, ctx: Context) -> None:
+    """`model.gguf` for llama.cpp where the model is a causal LM it runs, checked by reading it back.
+
+    The file is read back by transformers (dequantized) and its logits compared with the compressed
+    model's on the example inputs: the GGUF holds the same weights up to fp16 block scales. Its speed
+    is not measured here (llama.cpp is not a dependency; `benchmarks/` runs it). A model llama.cpp
+    cannot take, or a file that fails the check, is reported and not written.
+    """
+    from modelpress.export.onnx import is_causal_lm
+
+    if not is_causal_lm(model):
+        ctx.report.warn("model.gguf not written: GGUF is written for causal language models only")
+        return
+    from modelpress.export.gguf import export_gguf
+
+    start = time.perf_counter()
+    path = folder / "model.gguf"
+    source = getattr(model, "source", "")
+    try:
+        written = export_gguf(
+            model, path, tokenizer=None if source.endswith(".gguf") else model.tokenizer,
+            source_gguf=source if source.endswith(".gguf") else None,
+        )  # fmt: skip
+        cosine = _gguf_readback(model, path, example)
+    except BadInputError as e:
+        path.unlink(missing_ok=True)
+        ctx.report.warn(f"model.gguf not written: {e}")
+        return
+    stats = {k: written[k] for k in ("file_type", "quantized", "max_rel_diff", "max_step_diff", "tokenizer")}
+    stats |= {"not_quantized": len(written["not_quantized"]), "readback_mean_cosine": cosine}
+    if cosine < GGUF_MIN_COSINE:
+        path.unlink()
+        ctx.report.warn(f"model.gguf not written: read back, its logits drift (mean cosine {cosine:.5f})")
+        stats["refused"] = f"mean cosine {cosine:.5f} < {GGUF_MIN_COSINE}"
+    else:
+        ctx.report.warn(
+            f"model.gguf ({written['file_type']}, {written['quantized']} tensors in integer blocks) is for llama.cpp: "
+            f"its weights, read back, give the compressed model's logits (mean cosine {cosine:.6f}); its speed is "
+            "not measured here"
+        )
+    ctx.report.add_pass("export/gguf", time.perf_counter() - start, **stats)
+
+
+def _gguf_readback(model: nn.Module, path: Path, example: tuple) -> float:
+    """Mean cosine between the logits of the GGUF (as transformers dequantizes it) and of `model`."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    except Exception as e:
+        raise BadInputError(f"transformers cannot read it back: {type(e).__name__}: {e}") from None
+    with torch.no_grad():
+        expected = model(*example).float()
+        actual = lm(input_ids=example[0], attention_mask=example[1], use_cache=False).logits.float()
+    return float(F.cosine_similarity(expected.flatten(0, -2), actual.flatten(0, -2), dim=-1).mean())
 
 
 def _lowering(rec: Recipe) -> dict[str, Any]:

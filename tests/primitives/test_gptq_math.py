@@ -119,8 +119,6 @@ def test_dead_inputs_are_reported():
 
 def test_bad_arguments_name_the_value():
     w, h = _weight(8, 48), torch.eye(48)
-    with pytest.raises(ConfigError, match="group_size 32 does not divide the input width 48"):
-        gptq_quantize(w, h, QuantScheme(4, False, "group", group_size=32))
     with pytest.raises(ConfigError, match="Hessian shape"):
         gptq_quantize(w, torch.eye(8), QuantScheme(4, False, "group", group_size=16))
     with pytest.raises(ConfigError, match="damp must be in"):

@@ -86,12 +86,13 @@ def test_gptq_model_output_beats_round_to_nearest():
     assert record.stats["layers"] == 2 and set(record.stats["loss"]) == {"0", "2"}
 
 
-def test_layers_that_do_not_fit_are_skipped_with_a_warning():
+def test_a_width_the_group_does_not_divide_gets_a_short_last_group():
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8)).eval()
     ctx = Context(show_progress=False)
     q = quantize(model, GPTQConfig(group_size=32), data=_correlated_batches(2), ctx=ctx)
-    assert isinstance(q[0], QLinear) and isinstance(q[2], nn.Linear)
-    assert any("group_size 32 does not divide in_features 48" in w for w in ctx.report.warnings)
+    assert isinstance(q[0], QLinear) and isinstance(q[2], QLinear)
+    assert q[2].weight_q.shape == (8, 2, 32)  # 32 + a short group of 16, padded in storage
+    assert not any("skipped" in w for w in ctx.report.warnings)
 
 
 def test_gptq_needs_calibration_data():

@@ -155,11 +155,13 @@ def test_four_bit_embedding_groups_are_packed_two_per_byte():
         DynamicQuantConfig(embedding_bits=None, embedding_group_size=16)
 
 
-def test_group_size_that_does_not_divide_is_skipped_with_warning():
+def test_group_size_that_does_not_divide_gets_a_short_last_group():
     model = nn.Sequential(nn.Linear(48, 32), nn.Linear(32, 8)).eval()
-    with pytest.warns(UserWarning, match="group_size 32 does not divide in_features 48"):
-        qmodel = quantize(model, WeightOnlyConfig(bits=4, granularity="group", group_size=32))
-    assert isinstance(qmodel[0], nn.Linear) and isinstance(qmodel[1], QLinear)
+    ctx = Context(show_progress=False)
+    qmodel = quantize(model, WeightOnlyConfig(bits=4, granularity="group", group_size=32), ctx=ctx)
+    assert isinstance(qmodel[0], QLinear) and isinstance(qmodel[1], QLinear)
+    assert qmodel[0].weight_q.shape == (32, 2, 32) and qmodel[0].weight_scale.shape == (32, 2, 1)
+    assert not any("skipped" in w for w in ctx.report.warnings)
 
 
 def test_bad_inputs_are_clear_errors():

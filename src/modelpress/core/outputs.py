@@ -42,7 +42,16 @@ MARKER = ".modelpress"
 # Files modelpress writes into an output folder: a folder holding nothing else (written before the
 # marker existed) may be replaced too.
 KNOWN_FILES = frozenset(
-    {"model.onnx", "model.onnx.data", "model.pt2", "report.json", "report.md", "report.html", "recipe.yaml"}
+    {
+        "model.onnx",
+        "model.onnx.data",
+        "model.pt2",
+        "model.gguf",
+        "report.json",
+        "report.md",
+        "report.html",
+        "recipe.yaml",
+    }
 )
 # Errors that say "this location cannot take the output", not "modelpress is broken".
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}

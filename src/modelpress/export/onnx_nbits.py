@@ -5,9 +5,11 @@
 exactly `QLinear`'s group layout: one scale (and zero point) per output row and group of `block_size`
 consecutive inputs. Its inputs:
 
-- `B` uint8 (N, K / block_size, block_size * bits / 8): each block's unsigned codes as a little-endian
-  bitstream (`primitives.packing.pack_bits`; for 4 bits, the first code in the low nibble);
-- `scales` float (N * K / block_size,), row-major (N, groups);
+- `B` uint8 (N, ceil(K / block_size), block_size * bits / 8): each block's unsigned codes as a
+  little-endian bitstream (`primitives.packing.pack_bits`; for 4 bits, the first code in the low nibble).
+  A K that `block_size` does not divide ends in a padded block, as ORT expects; `QLinear` stores the
+  same padding (the zero point's code, dequantized to 0), so its codes go in as they are;
+- `scales` float (N * ceil(K / block_size),), row-major (N, groups);
 - `zero_points` uint8, each row's group zero points packed the same way and padded to a whole byte;
   left out for symmetric codes, which are stored offset by `2^(bits-1)`, ORT's default zero point.
 

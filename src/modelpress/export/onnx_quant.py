@@ -143,11 +143,12 @@ class _Layer:
     act: ActSpec
     act_qparams: tuple[float, int] | None  # static activation (scale, zero point)
     bias: np.ndarray | None = None  # (N,) float32, when folded into the integer op
+    group_size: int | None = None  # rows of `wq` per group-wise scale; the last group may be shorter
 
     @classmethod
     def from_module(cls, name: str, q: QLinear | QConv) -> _Layer:
         n_out = q.weight_q.shape[0]
-        wq = q.weight_q.reshape(n_out, -1).t().contiguous().numpy()  # (K, N)
+        wq = q.weight_codes().reshape(n_out, -1).t().contiguous().numpy()  # (K, N), no group padding
         scale, zp = q.weight_scale.float().numpy(), q.weight_zero_point.numpy()
         if q.weight_scheme.granularity == "group":
             scale, zp = scale.reshape(n_out, -1).T, zp.reshape(n_out, -1).T  # (groups, N)
@@ -155,7 +156,8 @@ class _Layer:
             scale, zp = np.broadcast_to(scale.reshape(-1), (n_out,)), np.broadcast_to(zp.reshape(-1), (n_out,))
         scale = np.ascontiguousarray(scale, dtype=np.float32)
         w_zp = np.ascontiguousarray(zp, dtype=wq.dtype) if zp.any() else None
-        return cls([name], wq, scale, w_zp, q.act, qparams(q))
+        group_size = q.weight_scheme.group_size if q.weight_scheme.granularity == "group" else None
+        return cls([name], wq, scale, w_zp, q.act, qparams(q), group_size=group_size)
 
     @property
     def integer_act(self) -> bool:
@@ -345,7 +347,7 @@ def _lower_matmul(b: _Builder, x: str, outs: list[str], layer: _Layer, widths: l
                 ExportWarning,
                 stacklevel=2,
             )
-        nodes = _dequant_weight(b, wq, ws, wz, layer.wq.shape)
+        nodes = _dequant_weight(b, wq, ws, wz, layer.wq.shape, layer.group_size)
         nodes.append(b.node("MatMul", [x, nodes[-1].output[0]]))
     elif act.mode == "dynamic" and act.granularity == "tensor" and not act.symmetric:
         nodes = [b.node("DynamicQuantizeMatMul", [x, wq, ws, *wz_slot, *bias], domain=MS_DOMAIN)]
@@ -381,17 +383,25 @@ def _quantize_symmetric(b: _Builder, x: str) -> tuple[list[Any], tuple[str, str,
     return [absx, absmax, div, scale, quant], (quant.output[0], scale.output[0], zp128)
 
 
-def _dequant_weight(b: _Builder, wq: str, ws: str, wz: list[str], shape: tuple[int, ...]) -> list[Any]:
+def _dequant_weight(
+    b: _Builder, wq: str, ws: str, wz: list[str], shape: tuple[int, ...], group_size: int | None = None
+) -> list[Any]:
     """The float weight from its integer codes; ORT folds these constant nodes once, at session load.
 
-    Group-wise scales (groups, N) apply to (groups, K / groups, N) blocks of the (K, N) codes.
+    Group-wise scales (groups, N) apply to (groups, group_size, N) blocks of the (K, N) codes. A short
+    last group (K % group_size rows) is padded with zero rows while dequantizing and cut off after.
     """
     scale_dims = next(t.dims for t in reversed(b.graph.initializer) if t.name == ws)
     grouped = len(scale_dims) == 2 and len(shape) == 2
     nodes = [b.node("Cast", [wq], to=1)]
     if grouped:
-        blocks = np.array([scale_dims[0], -1, shape[1]], dtype=np.int64)
-        nodes.append(b.node("Reshape", [nodes[-1].output[0], b.const("blocks", blocks)]))  # (groups, K/groups, N)
+        gs = group_size or shape[0] // scale_dims[0]
+        pad = scale_dims[0] * gs - shape[0]
+        if pad:
+            pads = b.const("pads", np.array([0, 0, pad, 0], dtype=np.int64))
+            nodes.append(b.node("Pad", [nodes[-1].output[0], pads]))  # (groups * group_size, N)
+        blocks = np.array([scale_dims[0], gs, shape[1]], dtype=np.int64)
+        nodes.append(b.node("Reshape", [nodes[-1].output[0], b.const("blocks", blocks)]))  # (groups, gs, N)
         ws = _unsqueezed(b, nodes, ws)
         wz = [_unsqueezed(b, nodes, z) for z in wz]
     if wz:
@@ -399,7 +409,11 @@ def _dequant_weight(b: _Builder, wq: str, ws: str, wz: list[str], shape: tuple[i
         nodes += [zp, b.node("Sub", [nodes[-1].output[0], zp.output[0]])]
     nodes.append(b.node("Mul", [nodes[-1].output[0], ws]))
     if grouped:
-        nodes.append(b.node("Reshape", [nodes[-1].output[0], b.const("shape", np.array(shape, dtype=np.int64))]))
+        rows = np.array([scale_dims[0] * gs, shape[1]], dtype=np.int64)
+        nodes.append(b.node("Reshape", [nodes[-1].output[0], b.const("shape", rows)]))  # (groups * gs, N)
+        if pad:
+            starts, ends = b.const("start", np.array([0])), b.const("end", np.array([shape[0]]))
+            nodes.append(b.node("Slice", [nodes[-1].output[0], starts, ends, b.const("axes", np.array([0]))]))
     return nodes
 
 

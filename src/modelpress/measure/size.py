@@ -17,24 +17,28 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
     Tensors are deduplicated by data pointer, so tied embeddings count once even when they are
     separate `Parameter` objects over the same memory. Quantized layers keep their weights as
-    integer buffers (`weight_q`) and float biases as buffers; those count as parameters too.
+    integer buffers (`weight_q`) and float biases as buffers; those count as parameters too (the
+    codes of the weight's own shape: the padding of a short last group is not a parameter).
 
         >>> count_params(nn.Linear(4, 2))
         (10, 10)
     """
     seen: set[tuple[int, int]] = set()
     params = nonzero = 0
-    tensors = list(model.parameters())
+    tensors = [(p, p) for p in model.parameters()]  # (tensor identifying the storage, values counted)
     for module in model.modules():
         if hasattr(module, "weight_q"):  # QLinear / QConv: integer weight and float bias buffers
-            tensors += [t for t in (module.weight_q, getattr(module, "bias", None)) if t is not None]
-    for p in tensors:
+            codes = module.weight_codes() if hasattr(module, "weight_codes") else module.weight_q
+            tensors.append((module.weight_q, codes))
+            if getattr(module, "bias", None) is not None:
+                tensors.append((module.bias, module.bias))
+    for p, values in tensors:
         key = (p.data_ptr(), p.numel())
         if p.numel() == 0 or key in seen:
             continue
         seen.add(key)
-        params += p.numel()
-        nonzero += int(p.detach().count_nonzero())
+        params += values.numel()
+        nonzero += int(values.detach().count_nonzero())
     return params, nonzero
 
 

@@ -10,6 +10,10 @@ zero point, round to the nearest integer (ties to even, `torch.round`), clamp; d
 - granularity: one scale per tensor, per channel (along `axis`), per group of `group_size`
   consecutive values along the last axis, or per token (one scale per row of the last axis,
   for activations quantized at run time).
+- a last axis that `group_size` does not divide ends in a short group with its own scale: the
+  grouped view pads it with zero values up to a whole group. The range always contains 0, so the
+  padding changes no scale or zero point, its codes are the zero point (dequantized to exactly 0),
+  and `ungroup` cuts it off again. A group wider than the axis is one group per row.
 
     >>> scheme = QuantScheme(bits=4, symmetric=True, granularity="group", group_size=32)
     >>> qt = quantize_tensor(weight, scheme)        # QTensor(q int8, scale, zero_point)
@@ -93,14 +97,45 @@ def qparams_from_range(
     return scale, zero_point
 
 
+def n_groups(width: int, group_size: int) -> int:
+    """Groups of `group_size` along a last axis of `width` values, a short last group included."""
+    return -(-width // group_size)
+
+
 def group_view(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """`x` reshaped so that a per-group scale broadcasts: (..., n_groups, group_size) for groups."""
+    """`x` reshaped so that a per-group scale broadcasts: (..., n_groups, group_size) for groups.
+
+    A ragged last group is padded with zeros (see the module docstring); `ungroup` undoes this.
+    """
     if scheme.granularity != "group":
         return x
-    last = x.shape[-1]
-    if last % scheme.group_size:
-        raise ConfigError(f"group_size {scheme.group_size} does not divide the last dimension {last}")
-    return x.reshape(*x.shape[:-1], last // scheme.group_size, scheme.group_size)  # (..., G, group_size)
+    last, gs = x.shape[-1], scheme.group_size
+    groups = n_groups(last, gs)
+    if groups * gs != last:
+        x = torch.nn.functional.pad(x, (0, groups * gs - last))  # zero columns up to a whole group
+    return x.reshape(*x.shape[:-1], groups, gs)  # (..., G, group_size)
+
+
+def ungroup(xv: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `group_view`: the grouped (..., G, group_size) values back in `shape`, padding cut off."""
+    lead, width = tuple(shape[:-1]), shape[-1]
+    if tuple(xv.shape) == tuple(shape):
+        return xv
+    flat = xv.reshape(*lead, -1)  # (..., G * group_size)
+    return flat[..., :width] if flat.shape[-1] != width else flat
+
+
+def group_codes(q: torch.Tensor, zero_point: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Codes (..., K) in the grouped layout (..., G, group_size), padding columns set to the zero point.
+
+    `zero_point` broadcasts against the grouped codes ((..., G, 1)); padded codes dequantize to 0.
+    """
+    grouped = group_view(q, scheme)
+    width, padded = q.shape[-1], grouped.shape[-2] * grouped.shape[-1]
+    if scheme.granularity != "group" or width == padded:
+        return grouped
+    pad = torch.arange(padded, device=q.device).view(grouped.shape[-2:]) >= width  # (G, group_size)
+    return torch.where(pad, zero_point.to(q.dtype), grouped)
 
 
 def reduce_range(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,14 +179,14 @@ def quantize_tensor(
 
 
 def dequantize_tensor(qt: QTensor) -> torch.Tensor:
-    return dequantize(qt.q, qt.scale, qt.zero_point).reshape(qt.shape)
+    return ungroup(dequantize(qt.q, qt.scale, qt.zero_point), qt.shape)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Quantize then dequantize in float: the value the integer kernel will see."""
     xv = group_view(x, scheme)
     q = (torch.round(xv / scale) + zero_point).clamp(scheme.qmin, scheme.qmax)
-    return ((q - zero_point) * scale).reshape(x.shape).to(x.dtype)
+    return ungroup((q - zero_point) * scale, x.shape).to(x.dtype)
 
 
 def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:

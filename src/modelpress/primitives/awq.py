@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from modelpress.core.errors import ConfigError
-from modelpress.primitives.affine import QuantScheme, group_view, qparams_from_range, reduce_range
+from modelpress.primitives.affine import QuantScheme, group_view, qparams_from_range, reduce_range, ungroup
 
 MIN_SCALE = 1e-4
 
@@ -49,7 +49,7 @@ def fake_quant_weight(
         lo, hi = reduce_range(weight.float(), scheme)
     scale, zp = qparams_from_range(lo, hi, scheme)
     q = (torch.round(wv / scale) + zp).clamp(scheme.qmin, scheme.qmax)
-    return ((q - zp) * scale).reshape(weight.shape)
+    return ungroup((q - zp) * scale, weight.shape)
 
 
 def _output_mse(x: torch.Tensor, weight: torch.Tensor, weight_hat: torch.Tensor) -> float:
@@ -101,8 +101,9 @@ def search_clip(
     """Per-group (min, max) range, each shrunk by the factor in [1 - max_shrink, 1] with the least output error.
 
     The error of a group is measured on its own slice of the inputs, `x_g @ (w_g - q(w_g))^T`, so all
-    groups are searched at once. Returns `(lo, hi)` shaped like `reduce_range` gives them, ready as
-    `QLinear`'s `weight_range`.
+    groups are searched at once (a short last group is padded with zero weights and zero inputs, which
+    add no error). Returns `(lo, hi)` shaped like `reduce_range` gives them, ready as `QLinear`'s
+    `weight_range`.
     """
     if scheme.granularity != "group":
         raise ConfigError(f"clipping search applies to group-wise weights, got {scheme.granularity!r}")

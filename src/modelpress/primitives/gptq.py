@@ -14,7 +14,10 @@ so the quantized layer holds exactly the codes GPTQ chose.
   column order ("static groups": their scales come from the weight before any update), so the
   result needs no group index and maps onto ONNX Runtime's `MatMulNBits` as it is;
 - without `act_order`, each group's scale is computed when its first column is reached, from the
-  weight as updated so far (the original algorithm).
+  weight as updated so far (the original algorithm);
+- a `group_size` that does not divide K leaves a short last group (K % group_size columns, its own
+  scale); column `j` belongs to group `j // group_size` of the original order, with or without
+  `act_order`. The codes come back padded to whole groups with the zero point (`affine.group_view`).
 
     >>> h, n = hessian_update(None, 0, x)            # x: (..., K) inputs of the layer, batch after batch
     >>> res = gptq_quantize(weight, h, QuantScheme(4, False, "group", group_size=128))
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modelpress.core.errors import ConfigError
-from modelpress.primitives.affine import QuantScheme, qparams_from_range
+from modelpress.primitives.affine import QuantScheme, group_codes, n_groups, qparams_from_range
 
 MAX_DAMP_TRIES = 6
 
@@ -37,7 +40,7 @@ MAX_DAMP_TRIES = 6
 class GPTQResult:
     """Codes and qparams in `QLinear`'s layout, plus what the solver had to do."""
 
-    q: torch.Tensor  # (N, G, group_size) in the scheme's storage dtype; (N, K) for per-channel schemes
+    q: torch.Tensor  # (N, G, group_size) in the scheme's storage dtype, G = ceil(K / group_size); (N, K) per channel
     scale: torch.Tensor  # (N, G, 1) float32; (N, 1) per channel
     zero_point: torch.Tensor  # like scale, int32
     loss: float  # sum of (w - q)^2 / [H^-1]_jj over columns: the objective's increase GPTQ accounted for
@@ -97,7 +100,8 @@ def gptq_quantize(
 ) -> GPTQResult:
     """Quantize `weight` (N, K) with GPTQ against `hessian` (K, K) from `hessian_update`.
 
-    `scheme` must be group-wise (`group_size` dividing K) or per output channel. Returns the codes
+    `scheme` must be group-wise (any `group_size`: a short last group has its own scale) or per output
+    channel. Returns the codes
     and qparams in `QLinear`'s layout. A non-finite Hessian falls back to round-to-nearest (identity
     Hessian) with a note.
     """
@@ -108,8 +112,6 @@ def gptq_quantize(
         raise ConfigError(f"Hessian shape {tuple(hessian.shape)} does not fit a weight with {k} input columns")
     if scheme.granularity == "group":
         gs = scheme.group_size
-        if k % gs:
-            raise ConfigError(f"group_size {gs} does not divide the input width {k}")
     elif scheme.granularity == "channel" and scheme.axis % 2 == 0:
         gs = k
     else:
@@ -130,20 +132,21 @@ def gptq_quantize(
         h[dead, dead] = 1.0
         notes.append(f"{int(dead.sum())} input column(s) were zero on every calibration sample")
 
-    n_groups = k // gs
-    scale = torch.zeros(n, n_groups, dtype=torch.float32, device=w.device)
-    zero = torch.zeros(n, n_groups, dtype=torch.int32, device=w.device)
-    have = torch.zeros(n_groups, dtype=torch.bool)
+    groups = n_groups(k, gs)
+    scale = torch.zeros(n, groups, dtype=torch.float32, device=w.device)
+    zero = torch.zeros(n, groups, dtype=torch.int32, device=w.device)
+    have = torch.zeros(groups, dtype=torch.bool)
     perm: torch.Tensor | None = None
     if act_order:
-        # Static groups: every group's qparams from the weight before any error is spread onto it.
-        for g in range(n_groups):
+        # Static groups: every group's qparams from the weight before any error is spread onto it
+        # (the slice of a short last group simply ends at K).
+        for g in range(groups):
             s, z = _group_qparams(w[:, g * gs : (g + 1) * gs], scheme)
             scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
         have[:] = True
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    col_group = (perm if perm is not None else torch.arange(k)) // gs  # (K,) group of each processed column
+    col_group = (perm if perm is not None else torch.arange(k)) // gs  # (K,) original group of each processed column
 
     hinv, used_damp = _inverse_hessian_chol(h, damp, notes)
     codes = torch.zeros(n, k, dtype=torch.int32, device=w.device)  # processed order
@@ -157,7 +160,7 @@ def gptq_quantize(
         for i in range(i2 - i1):
             g = int(col_group[i1 + i])
             if not have[g]:  # first column of its group (no act_order): groups are contiguous here
-                cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
+                cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]  # (N, <= gs): the last may be short
                 s, z = _group_qparams(cur, scheme)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
                 have[g] = True
@@ -176,7 +179,7 @@ def gptq_quantize(
     q_store = codes.to(scheme.storage_dtype)
     if scheme.granularity == "group":
         return GPTQResult(
-            q_store.reshape(n, n_groups, gs),  # (N, G, group_size)
+            group_codes(q_store, zero.unsqueeze(-1), scheme),  # (N, G, group_size), a short last group padded
             scale.unsqueeze(-1),  # (N, G, 1)
             zero.unsqueeze(-1),
             float(losses.double().sum()),

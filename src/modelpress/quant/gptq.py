@@ -89,23 +89,14 @@ def qlinear_from_codes(
     return layer
 
 
-def selected_linears(
-    model: nn.Module, layers: LayerFilter, scheme_of: Any, ctx: Context, label: str
-) -> dict[str, nn.Linear]:
+def selected_linears(model: nn.Module, layers: LayerFilter, ctx: Context, label: str) -> dict[str, nn.Linear]:
     """The Linear layers a calibrated weight-only pass quantizes; others are warned about and kept float."""
     chosen: dict[str, nn.Linear] = {}
     for name, module in select_layers(model, layers, ctx):
         if not isinstance(module, nn.Linear):
             ctx.warn(f"skipped {name}: {label} applies to Linear layers, not {type(module).__name__} (kept in float)")
             continue
-        scheme: QuantScheme = scheme_of(name)
-        if scheme.granularity == "group" and module.in_features % scheme.group_size:
-            ctx.warn(
-                f"skipped {name}: group_size {scheme.group_size} does not divide in_features "
-                f"{module.in_features} (kept in float)"
-            )
-            continue
-        chosen[name] = module
+        chosen[name] = module  # any group size fits: a short last group has its own scale
     if not chosen:
         raise BadInputError(f"the model has no Linear layers selected by {layers} that {label} can quantize")
     return chosen
@@ -140,7 +131,7 @@ def prepare_calibrated(
     def scheme_of(name: str) -> QuantScheme:
         return cfg.weight_scheme((overrides or {}).get(name, cfg.bits))
 
-    return Prepared(batches, converted, scheme_of, selected_linears(model, cfg.layers, scheme_of, ctx, label))
+    return Prepared(batches, converted, scheme_of, selected_linears(model, cfg.layers, ctx, label))
 
 
 @register(GPTQConfig)

@@ -27,6 +27,7 @@ from modelpress.primitives.affine import (
     qparams_from_range,
     quantize_tensor,
     reduce_range,
+    ungroup,
 )
 from modelpress.primitives.packing import pack_int4_pairs, unpack_int4_pairs
 
@@ -99,7 +100,15 @@ class _QuantBase(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         w = dequantize(self.weight_q, self.weight_scale, self.weight_zero_point)
-        return w.reshape(self.weight_shape)
+        return self._unpad(w).reshape(self.weight_shape)
+
+    def weight_codes(self) -> torch.Tensor:
+        """The integer codes in the weight's shape, without the padding of a short last group."""
+        return self._unpad(self.weight_q).reshape(self.weight_shape)
+
+    def _unpad(self, grouped: torch.Tensor) -> torch.Tensor:
+        # group-wise storage is (out, G, group_size), padded past in_features when group_size does not divide it
+        return ungroup(grouped, (self.weight_shape[0], int(torch.Size(self.weight_shape[1:]).numel())))
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The activation as the integer kernel sees it (fake-quantized in float)."""
@@ -122,7 +131,12 @@ class _QuantBase(nn.Module):
 
 
 class QLinear(_QuantBase):
-    """A Linear layer with integer weights (any bit width) and an optional activation quantizer."""
+    """A Linear layer with integer weights (any bit width) and an optional activation quantizer.
+
+    Group-wise codes are stored (out, G, group_size) with G = ceil(in_features / group_size): a width
+    the group size does not divide ends in a short group with its own scale, padded in storage with
+    the zero point (dequantized to exactly 0), the layout of ONNX Runtime's `MatMulNBits`.
+    """
 
     def __init__(
         self,

@@ -4,7 +4,8 @@
 a 4-bit model is only 4x smaller than fp32. `save_packed` stores each quantized layer's codes with
 `pack_bits` (4-bit: two per byte, 3-bit: eight per three bytes) and its scheme in the file's metadata;
 `load_packed` rebuilds the layers on the float architecture. Tensors shared between modules (tied
-embeddings) are stored once.
+embeddings) are stored once. Group-wise codes are stored without the padding of a short last group
+(`QLinear`), which is rebuilt, as the zero point, on load.
 
     >>> save_packed(qmodel, "model.safetensors")          # 4-bit weights: ~1/8 of fp32
     >>> qmodel2 = load_packed(build_float_model(), "model.safetensors")
@@ -23,7 +24,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.errors import ModelLoadError
-from modelpress.primitives.affine import QuantScheme
+from modelpress.primitives.affine import QuantScheme, group_codes
 from modelpress.primitives.packing import from_unsigned, pack_bits, to_unsigned, unpack_bits
 from modelpress.quant.modules import ActSpec, QConv, QLinear
 
@@ -33,13 +34,16 @@ _ALIASES_KEY = "modelpress.aliases"
 
 
 def _layer_record(m: QLinear | QConv) -> dict[str, Any]:
-    return {
+    record = {
         "kind": type(m).__name__,
         "scheme": m.weight_scheme.to_dict(),
         "act": m.act.to_dict(),
         "codes_shape": list(m.weight_q.shape),
         "packed": m.weight_scheme.bits < 8,
     }
+    if m.weight_q.numel() != m.weight_codes().numel():  # group-padded: the packed codes are (out, in) only
+        record["codes_width"] = m.weight_codes().shape[-1]
+    return record
 
 
 def packed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -52,7 +56,7 @@ def packed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             layers[name] = record
             if record["packed"]:
                 key = f"{name}.weight_q" if name else "weight_q"
-                state[key] = pack_bits(to_unsigned(m.weight_q, m.weight_scheme), m.weight_scheme.bits)
+                state[key] = pack_bits(to_unsigned(m.weight_codes(), m.weight_scheme), m.weight_scheme.bits)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
@@ -116,8 +120,16 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
         if record["packed"]:
             scheme = QuantScheme.from_dict(record["scheme"])
             shape = torch.Size(record["codes_shape"])
-            codes = unpack_bits(tensors[key], scheme.bits, shape.numel()).view(shape)
-            tensors[key] = from_unsigned(codes, scheme)
+            if "codes_width" in record:  # (out, in) codes of a short last group: pad back to whole groups
+                width = (shape[0], int(record["codes_width"]))
+                codes = from_unsigned(unpack_bits(tensors[key], scheme.bits, width[0] * width[1]).view(width), scheme)
+                zp_key = f"{name}.weight_zero_point" if name else "weight_zero_point"
+                if zp_key not in tensors:
+                    raise ModelLoadError(f"{path} holds no {zp_key} for the group-padded codes of {name!r}")
+                tensors[key] = group_codes(codes, tensors[zp_key], scheme)
+            else:
+                codes = unpack_bits(tensors[key], scheme.bits, shape.numel()).view(shape)
+                tensors[key] = from_unsigned(codes, scheme)
     for key, source in aliases.items():
         tensors[key] = tensors[source]
     for name, m in model.named_modules():  # quantized buffers take the stored shapes (group layout, qparams)

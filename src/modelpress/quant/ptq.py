@@ -7,8 +7,10 @@ Each flavour is a frozen config with a registered handler; `quantize()` applies 
     >>> model = quantize(model, WeightOnlyConfig(bits=4, granularity="group", group_size=32))
 
 Linear and Conv1d/Conv2d layers are quantized; Conv-BN pairs are folded first. Layers that
-cannot be quantized (an unsupported type named in `include`, a group size that does not
-divide the input width, ...) are skipped with a warning that the report lists.
+cannot be quantized (an unsupported type named in `include`, a convolution under a group-wise
+scheme, ...) are skipped with a warning that the report lists. Any group size fits any Linear: a
+width it does not divide ends in a short last group with its own scale, and a group wider than
+the layer is one group per row (`primitives.affine`).
 """
 
 from __future__ import annotations
@@ -191,11 +193,8 @@ def select_layers(
 
 def why_not_quantizable(module: nn.Module, scheme: QuantScheme) -> str | None:
     """Why `scheme` cannot quantize `module`'s weight, or None when it can."""
-    if scheme.granularity == "group":
-        if not isinstance(module, nn.Linear):
-            return "group-wise quantization applies to Linear layers"
-        if module.in_features % scheme.group_size:
-            return f"group_size {scheme.group_size} does not divide in_features {module.in_features}"
+    if scheme.granularity == "group" and not isinstance(module, nn.Linear):
+        return "group-wise quantization applies to Linear layers"
     return None
 
 

@@ -35,7 +35,8 @@ MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: built-in recipes are under 2 KiB
 MAX_RECIPE_DEPTH = 32  # nested lists / mappings; a recipe needs about 6
 MAX_RECIPE_NODES = 100_000  # values in the recipe with aliases expanded; a recipe has a few dozen
 
-EXPORTS = ("onnx", "pt2")
+EXPORTS = ("onnx", "pt2", "gguf")  # gguf: written for causal LMs only (llama.cpp), noted for other models
+DEFAULT_EXPORTS = ("onnx", "pt2")
 _KEYS = {"description", "passes", "export", "order", "lowering"}
 # How the .pt2 is lowered; "auto" picks per CPU capability (core/environment.py), an explicit value the
 # CPU cannot run fast is refused before any work (exit 2).
@@ -54,7 +55,7 @@ class Recipe:
     name: str
     description: str
     passes: tuple[Config, ...]
-    export: tuple[str, ...] = EXPORTS
+    export: tuple[str, ...] = DEFAULT_EXPORTS
     order: str = "stages"
     lowering: tuple[tuple[str, str], ...] = ()  # (key, value) pairs of LOWERING set by the recipe
 
@@ -111,7 +112,7 @@ def parse_recipe(data: Any, name: str) -> Recipe:
             configs.append(Config.from_dict(p))
         except ConfigError as e:
             raise ConfigError(f"recipe {name}, pass {i + 1}: {e}") from None
-    export = data.get("export", list(EXPORTS))
+    export = data.get("export", list(DEFAULT_EXPORTS))
     if not isinstance(export, list) or any(e not in EXPORTS for e in export):
         raise ConfigError(f"recipe {name}: 'export' must be a list of {', '.join(EXPORTS)}, got {show_value(export)}")
     order = data.get("order", "stages")
