@@ -139,6 +139,11 @@ class Report:
         lines = [f"# modelpress report: {self.model}", ""]
         if rows:
             lines += stats_table_markdown(rows)
+        greedy = [(r.name, r.quality.details) for r in rows if r.quality and "greedy" in (r.quality.details or {})]
+        if greedy:  # a causal LM's sanity check: what each form writes after the same prompt
+            lines += ["", f"## Greedy continuation of {greedy[0][1].get('prompt', 'the prompt')!r}", ""]
+            lines += ["| model | continuation |", "|---|---|"]
+            lines += [f"| {name} | {_cell(str(d['greedy']))} |" for name, d in greedy]
         if self.data:
             lines += ["", "## Data", "", "| step | source | split | count |", "|---|---|---|---:|"]
             for use, d in self.data.items():
@@ -230,3 +235,8 @@ def speed_cell(stats: ModelStats, batches: list[str]) -> str:
         return f"STOPPED (bs{gate.get('batch_size')} > {gate.get('limit_s', 0):.1f} s)"
     ratios = "/".join(f"{gate['speedup'][b]:.3g}x" for b in batches if b in gate.get("speedup", {}))
     return f"SLOWER {ratios}" if gate.get("status") == "slower" else ratios
+
+
+def _cell(text: str) -> str:
+    """`text` as one Markdown table cell: no pipes or line breaks."""
+    return text.replace("|", "\\|").replace("\n", " ").strip() or "(empty)"
