@@ -121,7 +121,10 @@ def test_compress_a_causal_lm_folder_end_to_end(tiny_llama, tmp_path, capsys):
     assert report["data"]["evaluation"]["split"] == "test" and report["data"]["calibration"]["split"] == "train"
     gguf = next(p for p in report["passes"] if p["name"] == "export/gguf")["stats"]
     assert (out / "model.gguf").is_file() and gguf["quantized"] > 0 and gguf["readback_mean_cosine"] > 0.999
+    generation = report["baseline"]["throughput"]["generation"]  # eager forms: greedy decoding with the KV cache
+    assert generation["bs1"]["decode_tokens_per_s"] > 0 and generation["bs8"]["prefill_tokens_per_s"] > 0
     markdown = (out / "report.md").read_text()
+    assert "## Generation (128-token prompt, greedy, KV cache)" in markdown
     assert "## Greedy continuation of 'The Python interpreter is'" in markdown and "| model.onnx" in markdown
 
 

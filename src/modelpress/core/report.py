@@ -144,6 +144,16 @@ class Report:
             lines += ["", f"## Greedy continuation of {greedy[0][1].get('prompt', 'the prompt')!r}", ""]
             lines += ["| model | continuation |", "|---|---|"]
             lines += [f"| {name} | {_cell(str(d['greedy']))} |" for name, d in greedy]
+        speeds = [(r.name, (r.throughput or {}).get("generation")) for r in rows]
+        speeds = [(name, g) for name, g in speeds if g]
+        if speeds:  # causal LMs in eager form (the KV cache): prompt and generated tokens per second
+            lines += ["", f"## Generation ({speeds[0][1]['prompt_tokens']}-token prompt, greedy, KV cache)", ""]
+            lines += ["| model | prefill tok/s bs1 | decode tok/s bs1 | prefill tok/s bs8 | decode tok/s bs8 |"]
+            lines += ["|---|---:|---:|---:|---:|"]
+            for name, g in speeds:
+                keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
+                cells = [f"{g[b][k]:,.0f}" for b in ("bs1", "bs8") for k in keys]
+                lines.append(f"| {name} | {' | '.join(cells)} |")
         if self.data:
             lines += ["", "## Data", "", "| step | source | split | count |", "|---|---|---|---:|"]
             for use, d in self.data.items():

@@ -160,6 +160,9 @@ def bench(
             if throughput:
                 phase(f"throughput @bs{largest}")
                 stats.throughput = _throughput(model, entry, largest, threads)
+                generation = entry.generation_speed(model)  # causal LMs: prefill / decode tokens/s
+                if generation is not None:
+                    stats.throughput = {**(stats.throughput or {}), "generation": generation}
                 bar.advance(task)
             if quality and entry.has_quality:
                 phase("evaluating")

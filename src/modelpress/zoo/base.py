@@ -73,6 +73,10 @@ class ZooEntry(ABC):
         """Batches of real inputs for throughput measurement (text: dynamic padding); None if n/a."""
         return None
 
+    def generation_speed(self, model: ModelFn) -> dict[str, Any] | None:
+        """Causal LMs: prefill and decode tokens/s of greedy generation; None for other entries."""
+        return None
+
     def items_per_batch(self, batch: Sequence[torch.Tensor]) -> int:
         return int(batch[0].shape[0])
 

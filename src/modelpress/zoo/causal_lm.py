@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -317,6 +318,37 @@ class CausalLMEntry(ZooEntry):
         n = count if count is not None else self.eval_windows * self.eval_length
         unit = "windows" if count is not None else "tokens"
         return {"source": TEXT_SOURCE, "split": split[use], "count": n, "unit": unit}
+
+    def generation_speed(self, model: ModelFn, new_tokens: int = 32) -> dict[str, Any] | None:
+        """Prefill and decode tokens/s of greedy generation with the KV cache, at batch 1 and 8.
+
+        Only an eager `CausalLM` keeps a KV cache; an exported artifact recomputes the whole sequence
+        per token, so its decode speed is not comparable and is not measured (None).
+        """
+        if not isinstance(model, CausalLM):
+            return None
+        lm, pad = model.lm, model.tokenizer.eos_token_id
+        out: dict[str, Any] = {"prompt_tokens": self.example_length, "new_tokens": new_tokens}
+        with torch.inference_mode():
+            for batch in (1, 8):
+                ids, mask = self.example_inputs(batch)
+                kw = {"do_sample": False, "pad_token_id": pad, "use_cache": True}
+                lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+                prefill, total = [], []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    lm(input_ids=ids, attention_mask=mask, use_cache=True)
+                    prefill.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, **kw)  # fmt: skip
+                    total.append(time.perf_counter() - start)
+                p, t = sorted(prefill)[1], sorted(total)[1]
+                out[f"bs{batch}"] = {
+                    "prefill_tokens_per_s": batch * self.example_length / p,
+                    "decode_tokens_per_s": batch * (new_tokens - 1) / max(t - p, 1e-9),
+                }
+        return out
 
     def real_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
         data = windows(self.tokens("test"), self.example_length)
