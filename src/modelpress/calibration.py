@@ -160,16 +160,32 @@ def _torch_tensors(path: Path) -> Any:
 
 
 def _sentences(path: Path, entry: Any | None, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    from modelpress.zoo.causal_lm import CausalLMEntry
     from modelpress.zoo.text import FolderEntry, dynamic_batches
 
-    if not isinstance(entry, FolderEntry):
-        raise DataError(f"calibration data {path} is text, but the model is not a text encoder with a tokenizer")
+    if not isinstance(entry, (FolderEntry, CausalLMEntry)):
+        raise DataError(f"calibration data {path} is text, but the model is not a text model with a tokenizer")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"calibration data {path} is not UTF-8 text: {e}") from None
+    if isinstance(entry, CausalLMEntry):
+        return _windows(path, text, entry, batch_size)
     sentences = [line.strip() for line in text.splitlines() if line.strip()]
     if not sentences:
         raise DataError(f"calibration data {path} has no sentences")
     model = entry.model
     return list(dynamic_batches(model.tokenizer, sentences, batch_size, model.max_seq_length))
+
+
+def _windows(path: Path, text: str, entry: Any, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """A causal LM calibrates on running text: non-overlapping windows of `entry.eval_length` tokens."""
+    ids = torch.tensor(entry.model.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    length = entry.eval_length
+    if len(ids) < length:
+        raise DataError(
+            f"calibration data {path} holds {len(ids)} tokens, shorter than one sequence of {length}; "
+            "give more text (e.g. 128 sequences' worth)"
+        )
+    windows = ids[: len(ids) // length * length].view(-1, length)
+    return [(w, torch.ones_like(w)) for w in windows.split(batch_size)]

@@ -138,3 +138,19 @@ def test_smollm2_loads_from_its_package_and_scores_a_sane_perplexity(cache_dir):
     quality = entry.evaluate(model)
     assert 5 < quality.value < 30, quality  # measured 12.19 per token on the held-out documentation
     assert len(quality.details["greedy"].split()) >= 3
+
+
+def test_calibration_text_for_a_causal_lm_is_cut_into_sequences(tiny_llama, tmp_path):
+    from modelpress.calibration import load_calibration
+    from modelpress.core.errors import DataError
+
+    loaded = resolve(str(tiny_llama))
+    text = tmp_path / "calib.txt"
+    text.write_text(split_text("train")[:40_000], encoding="utf-8")
+    batches = load_calibration(text, loaded.entry)
+    ids, mask = batches[0]
+    assert ids.shape[1] == loaded.entry.eval_length and ids.shape == mask.shape
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words.", encoding="utf-8")
+    with pytest.raises(DataError, match="shorter than one sequence of 256"):
+        load_calibration(short, loaded.entry)
