@@ -91,12 +91,51 @@ def child(python: str, job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def retime(args: argparse.Namespace) -> None:
+    """Decode tokens/s of every GGUF in `args.retime` and of torch fp32 eager, interleaved, medians of rounds."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from modelpress.core.environment import environment
+    from modelpress.zoo import get_entry
+
+    entry = get_entry("smollm2-135m")
+    fp32 = entry.load()
+    files = sorted(args.retime.glob("*.gguf"))
+    speeds: dict[str, list[float]] = {f.stem: [] for f in files} | {"torch-fp32-eager": []}
+    for r in range(args.rounds):
+        for f in files:
+            res = child(args.llama_python, {"path": str(f), "text": str(args.retime / "test.txt"), "windows": 1,
+                                            "window": 256, "threads": args.threads})  # fmt: skip
+            speeds[f.stem].append(res["decode_tokens_per_s"])
+        speeds["torch-fp32-eager"].append(entry.generation_speed(fp32)["bs1"]["decode_tokens_per_s"])
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()), flush=True)
+    medians = {k: statistics.median(v) for k, v in speeds.items()}
+    base = medians["torch-fp32-eager"]
+    print("\n| file | decode tok/s bs1 (median) | vs torch fp32 eager |\n|---|---:|---:|")
+    for k, v in medians.items():
+        print(f"| {k} | {v:.1f} | {v / base:.1f}x |")
+    env = environment(args.threads)
+    doc = {"decode_tokens_per_s": speeds, "medians": medians, "rounds": args.rounds, "environment": env}
+    out = cpu_results_dir() / "llm_gguf_decode.json"
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-python", required=True, help="python of an environment with llama-cpp-python")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-gptq", action="store_true")
+    parser.add_argument(
+        "--retime", type=Path, default=None, help="an earlier run's work folder: time decode only, interleaved"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --retime: interleaved rounds")
     args = parser.parse_args()
+    if args.retime is not None:
+        retime(args)
+        return
 
     import torch
 
