@@ -46,6 +46,14 @@ def _refused_by_the_cli(path: Path, capsys: pytest.CaptureFixture[str], *extra: 
     return message
 
 
+def _refused_everywhere(path: Path, fragment: str, sentinel: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused by the CLI (exit 2, the message naming `fragment`) and by `resolve`; the payload never ran."""
+    assert fragment in _refused_by_the_cli(path, capsys)
+    with pytest.raises(UntrustedCodeError):
+        resolve(path)
+    assert not sentinel.exists()
+
+
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in members.items():
@@ -102,11 +110,8 @@ def test_aotinductor_package_with_a_hostile_library(
             "model/data/aotinductor/model/evil.cpp": b"",
         },
     )
-    message = _refused_by_the_cli(path, capsys)
-    assert "model.pt2 is an AOTInductor package: loading it runs the compiled library inside it; refused." in message
-    with pytest.raises(UntrustedCodeError):
-        resolve(path)
-    assert not sentinel.exists()
+    what = "model.pt2 is an AOTInductor package: loading it runs the compiled library inside it; refused."
+    _refused_everywhere(path, what, sentinel, capsys)
     import ctypes
 
     ctypes.CDLL(str(library))  # control: the library's constructor really writes the sentinel
@@ -136,11 +141,8 @@ def test_torch_export_program_with_a_pickled_payload(
     tmp_path: Path, sentinel: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = _hostile_export(tmp_path, sentinel)
-    message = _refused_by_the_cli(path, capsys)
-    assert "program.pt2 is a torch.export program: loading it unpickles parts of the archive" in message
-    with pytest.raises(UntrustedCodeError):
-        resolve(path)
-    assert not sentinel.exists()
+    what = "program.pt2 is a torch.export program: loading it unpickles parts of the archive"
+    _refused_everywhere(path, what, sentinel, capsys)
     try:  # control: torch.export.load unpickles the payload
         torch.export.load(str(path))
     except Exception:
@@ -172,11 +174,7 @@ def test_torchscript_shaped_archive(tmp_path: Path, sentinel: Path, capsys: pyte
             "scripted/version": b"3\n",
         },
     )
-    message = _refused_by_the_cli(path, capsys)
-    assert "scripted.pt is a TorchScript archive" in message
-    with pytest.raises(UntrustedCodeError):
-        resolve(path)
-    assert not sentinel.exists()
+    _refused_everywhere(path, "scripted.pt is a TorchScript archive", sentinel, capsys)
 
 
 def _code_writing(sentinel: Path) -> str:

@@ -6,10 +6,8 @@ Exit codes: 0 success, 2 bad input (the message names the bad value and what is 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +15,19 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from modelpress.cli_options import (
+    DataOpt,
+    JsonOpt,
+    OverwriteOpt,
+    ThreadsOpt,
+    TrustCodeOpt,
+    TrustPickleOpt,
+    WeightsOpt,
+    check_data,
+    parse_batch_sizes,
+)
 from modelpress.core.errors import BadInputError, ModelpressError, NotAvailableError
+from modelpress.signals import signal_exit_code, unwind_on_signals
 
 app = typer.Typer(
     name="modelpress",
@@ -33,73 +43,10 @@ if not out.is_terminal:
     out.width = max(out.width, 160)  # side-by-side tables stay readable in logs and pipes
 
 
-def _check_threads_option(value: int | None) -> int | None:
-    """--threads: at most the CPUs this process may use, checked as the command line is read."""
-    from modelpress.core.environment import check_threads
-
-    return check_threads(value)
-
-
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        "-t",
-        help="Torch / ONNX Runtime threads, at most the CPUs this process may use (default: all cores).",
-        min=1,
-        callback=_check_threads_option,
-    ),
-]
-DataOpt = Annotated[
-    Path | None,
-    typer.Option("--data", help="Evaluation data, e.g. the STS-B folder for minilm (default: found automatically)."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (else refused).")]
-TrustCodeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-code",
-        help="Load files that run code when loaded (pickles, .pt2 programs and packages, TorchScript, "
-        "folders with custom code); only from a source you trust.",
-    ),
-]
-TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", hidden=True, help="Deprecated: --trust-code.")]
-WeightsOpt = Annotated[
-    Path | None,
-    typer.Option("--weights", help="Weights for a package.module:factory model (.safetensors or weights-only .pt)."),
-]
-
-
 def _trust(trust_code: bool, trust_pickle: bool) -> bool:
     if trust_pickle:
         err.print("[yellow]--trust-pickle is deprecated; use --trust-code[/yellow]")
     return trust_code or trust_pickle
-
-
-def _check_data(path: Path | None, option: str) -> None:
-    """A data path given on the command line exists and is a file or folder (a FIFO or device would block)."""
-    from modelpress.trust import check_not_special
-
-    if path is None:
-        return
-    check_not_special(path, option, BadInputError)
-    if not path.exists():
-        raise BadInputError(f"{option} {path}: no such file or folder")
-
-
-def _parse_batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise BadInputError(f"--batch-sizes must be comma-separated positive integers, got {text!r}") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise BadInputError(f"--batch-sizes must be comma-separated positive integers, got {text!r}")
-    from modelpress.measure.latency import MAX_BATCH_SIZE
-
-    if max(sizes) > MAX_BATCH_SIZE:
-        raise BadInputError(f"--batch-sizes must each be at most {MAX_BATCH_SIZE}, got {max(sizes)}")
-    return sizes
 
 
 @app.command()
@@ -150,10 +97,10 @@ def bench(
     from modelpress.measure import stats_table, write_json
     from modelpress.measure.latency import check_runs
 
-    sizes = _parse_batch_sizes(batch_sizes)
+    sizes = parse_batch_sizes(batch_sizes)
     check_runs(repeats, warmup)  # before any model loads
     _quiet_transformers()
-    _check_data(data, "--data")
+    check_data(data, "--data")
     trusted = _trust(trust_code, trust_pickle)
     from modelpress.loading import is_factory_spec
 
@@ -292,7 +239,7 @@ def compress(
     from modelpress.loading import resolve
     from modelpress.recipes.recipe import load_recipe
 
-    sizes = _parse_batch_sizes(batch_sizes)
+    sizes = parse_batch_sizes(batch_sizes)
     _quiet_transformers()
     if auto == (recipe is not None):
         raise BadInputError("give either --recipe RECIPE or --auto --max-drop X")
@@ -311,8 +258,8 @@ def compress(
         if name != "float":
             load_recipe(name)
     rec = load_recipe(recipe) if recipe is not None else None  # a bad recipe fails before the model loads
-    _check_data(data, "--data")
-    _check_data(eval_data, "--eval-data")
+    check_data(data, "--data")
+    check_data(eval_data, "--eval-data")
     _check_out_folder(output, overwrite, model, data, eval_data, recipe, weights)
     loaded = resolve(model, weights=weights, trust_code=_trust(trust_code, trust_pickle))
     batches = load_calibration(data, loaded.entry) if data is not None else None
@@ -406,7 +353,7 @@ def distill(
     from modelpress.loading import resolve
     from modelpress.recipes.recipe import Recipe
 
-    sizes = _parse_batch_sizes(batch_sizes)
+    sizes = parse_batch_sizes(batch_sizes)
     _quiet_transformers()
     try:
         layers = tuple(int(x) for x in student_layers.split(",")) if student_layers else ()
@@ -427,7 +374,7 @@ def distill(
     rec = Recipe(
         name="distill", description="knowledge distillation into a student built from the teacher", passes=(cfg,)
     )
-    _check_data(eval_data, "--eval-data")
+    check_data(eval_data, "--eval-data")
     _check_out_folder(output, overwrite, teacher, eval_data, weights)
     loaded = resolve(teacher, weights=weights, trust_code=_trust(trust_code, trust_pickle))
     _compress_and_print(loaded, rec, None, output, threads, eval_data, sizes, as_json, overwrite, "student")
@@ -520,7 +467,7 @@ def sensitivity(
     if cfg is None:
         raise BadInputError(f"recipe {recipe} has no quantization pass to measure")
     cfg = cfg.base if isinstance(cfg, MixedPrecisionConfig) else cfg
-    _check_data(data, "--data")
+    check_data(data, "--data")
     loaded = resolve(model, weights=weights, trust_code=_trust(trust_code, trust_pickle))
     entry = loaded.entry
     if entry is None:
@@ -596,57 +543,10 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP, raised as a KeyboardInterrupt so that every `finally` cleans up the run."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-_SIGNALS_RECEIVED: list[int] = []
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    if _importing(frame):
-        # An exception raised while a C extension initialises (its init runs Python imports) crashes
-        # the interpreter: deliver the signal again once the import is over.
-        import threading
-
-        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
-        return
-    _SIGNALS_RECEIVED.append(signum)  # typer turns the exception into exit code 130: keep which signal it was
-    raise Terminated(signum)
-
-
-def _importing(frame: Any) -> bool:
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-@contextlib.contextmanager
-def _clean_exit_on_signals() -> Any:
-    """SIGINT, SIGTERM and SIGHUP unwind the run (temporary folders, locks, child processes) while the CLI runs."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _interrupted() -> int:
     """The exit code of a run stopped by a signal (Ctrl-C: 130, SIGTERM: 143, SIGHUP: 129)."""
     err.print("interrupted: nothing was written")
-    return 128 + int(_SIGNALS_RECEIVED[-1] if _SIGNALS_RECEIVED else signal.SIGINT)
+    return signal_exit_code()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -654,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    with _clean_exit_on_signals():
+    with unwind_on_signals():
         return _main(argv)
 
 

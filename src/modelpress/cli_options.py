@@ -1,0 +1,73 @@
+"""Options and argument checks shared by the `modelpress` commands (see cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelpress.core.errors import BadInputError
+
+
+def check_threads_option(value: int | None) -> int | None:
+    """--threads: at most the CPUs this process may use, checked as the command line is read."""
+    from modelpress.core.environment import check_threads
+
+    return check_threads(value)
+
+
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        "-t",
+        help="Torch / ONNX Runtime threads, at most the CPUs this process may use (default: all cores).",
+        min=1,
+        callback=check_threads_option,
+    ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", help="Evaluation data, e.g. the STS-B folder for minilm (default: found automatically)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (else refused).")]
+TrustCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Load files that run code when loaded (pickles, .pt2 programs and packages, TorchScript, "
+        "folders with custom code); only from a source you trust.",
+    ),
+]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", hidden=True, help="Deprecated: --trust-code.")]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option("--weights", help="Weights for a package.module:factory model (.safetensors or weights-only .pt)."),
+]
+
+
+def check_data(path: Path | None, option: str) -> None:
+    """A data path given on the command line exists and is a file or folder (a FIFO or device would block)."""
+    from modelpress.trust import check_not_special
+
+    if path is None:
+        return
+    check_not_special(path, option, BadInputError)
+    if not path.exists():
+        raise BadInputError(f"{option} {path}: no such file or folder")
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise BadInputError(f"--batch-sizes must be comma-separated positive integers, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise BadInputError(f"--batch-sizes must be comma-separated positive integers, got {text!r}")
+    from modelpress.measure.latency import MAX_BATCH_SIZE
+
+    if max(sizes) > MAX_BATCH_SIZE:
+        raise BadInputError(f"--batch-sizes must each be at most {MAX_BATCH_SIZE}, got {max(sizes)}")
+    return sizes
