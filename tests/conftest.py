@@ -37,3 +37,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(cache_dir):
+    """The small tiny-lm, trained once per session (cached in the session cache dir), and its perplexity."""
+    from modelpress.zoo.tinylm import SMALL_SPEC, load_tiny_lm, perplexity
+
+    model = load_tiny_lm(cache_dir, SMALL_SPEC)
+    return model, perplexity(model)

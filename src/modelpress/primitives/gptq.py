@@ -70,7 +70,7 @@ def _group_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
     return qparams_from_range(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), scheme)
 
 
-def _inverse_hessian_chol(h: torch.Tensor, damp: float, notes: list[str]) -> tuple[torch.Tensor, float]:
+def inverse_hessian_chol(h: torch.Tensor, damp: float, notes: list[str]) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of `H^-1` (K, K), raising the damping until `H + damp * mean(diag) I` factors."""
     k = h.shape[0]
     mean_diag = float(torch.diag(h).mean())
@@ -148,7 +148,7 @@ def gptq_quantize(
         w, h = w[:, perm], h[perm][:, perm]
     col_group = (perm if perm is not None else torch.arange(k)) // gs  # (K,) original group of each processed column
 
-    hinv, used_damp = _inverse_hessian_chol(h, damp, notes)
+    hinv, used_damp = inverse_hessian_chol(h, damp, notes)
     codes = torch.zeros(n, k, dtype=torch.int32, device=w.device)  # processed order
     losses = torch.zeros(k, dtype=torch.float32, device=w.device)  # per processed column
     qmin, qmax = scheme.qmin, scheme.qmax

@@ -5,6 +5,7 @@
 """
 
 from modelpress.prune.api import prune
+from modelpress.prune.llm import SparseGPTConfig, WandaConfig
 from modelpress.prune.masking import make_permanent, set_mask
 from modelpress.prune.recovery import distill_text_encoder
 from modelpress.prune.schedule import PolynomialSchedule
@@ -16,6 +17,7 @@ from modelpress.prune.unstructured import NMPruneConfig, UnstructuredPruneConfig
 __all__ = [
     "prune",
     "UnstructuredPruneConfig", "NMPruneConfig", "StructuredPruneConfig", "PolynomialSchedule",
+    "SparseGPTConfig", "WandaConfig",
     "save_sparse", "load_sparse",
     "set_mask", "make_permanent", "count_flops", "distill_text_encoder",
 ]  # fmt: skip

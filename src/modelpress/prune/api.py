@@ -20,10 +20,11 @@ from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError
 from modelpress.core.registry import handler_for
 from modelpress.prune.gradients import LossFn
+from modelpress.prune.llm import SparseGPTConfig, WandaConfig
 from modelpress.prune.structured import StructuredPruneConfig
 from modelpress.prune.unstructured import NMPruneConfig, UnstructuredPruneConfig
 
-PruneConfig = UnstructuredPruneConfig | NMPruneConfig | StructuredPruneConfig
+PruneConfig = UnstructuredPruneConfig | NMPruneConfig | StructuredPruneConfig | SparseGPTConfig | WandaConfig
 
 
 def prune(
