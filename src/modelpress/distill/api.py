@@ -67,7 +67,11 @@ def _pairs(teacher: nn.Module, student: nn.Module, cfg: DistillConfig) -> tuple[
                 "hidden_weight / attention_weight without `features` need transformer teacher and student; "
                 "name the modules to match in `features` (student module: teacher module)"
             )
-        mapping = layer_map(len(s_blocks), len(t_blocks))
+        kept = getattr(student, "teacher_layers", None)  # a student cut from the teacher: block i was kept[i]
+        if isinstance(kept, tuple) and len(kept) == len(s_blocks) and all(0 <= t < len(t_blocks) for t in kept):
+            mapping = list(enumerate(kept))
+        else:
+            mapping = layer_map(len(s_blocks), len(t_blocks))
         if cfg.hidden_weight > 0:
             io["s_layers"], io["t_layers"] = [s for s, _ in mapping], [t for _, t in mapping]
             pairs += [(f"hidden.{s}", f"hidden.{t}") for s, t in mapping]
@@ -107,7 +111,7 @@ def distill(
     rank, _world = dist_info()
     samples: Samples = as_samples(data if data is not None else ctx.data, teacher, cfg.max_seq_length)
     if student is None:
-        student = build_student(teacher, cfg.student or StudentConfig())
+        student = build_student(teacher, cfg.student or StudentConfig(), _probe_batches(samples))
     teacher = teacher.to(device).eval()
     student = student.to(device)
     frozen = [m.weight for m in student.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
@@ -165,6 +169,13 @@ def distill(
     )
 
 
+def _probe_batches(samples: Samples, n: int = 16, batch_size: int = 4) -> list[tuple[Any, ...]]:
+    """The inputs of the first `n` samples in batches: what a student built from data (depth_ratio) ranks on."""
+    count = min(n, len(samples))
+    return [samples.collate([samples[j] for j in range(i, min(i + batch_size, count))]).inputs
+            for i in range(0, count, batch_size)]  # fmt: skip
+
+
 def _default_cache(ctx: Context, teacher: nn.Module, samples: Samples) -> Path:
     # Named by the data only: a changed teacher finds the old file, sees the fingerprint differ and replaces it.
     return Path(ctx.cache_dir) / "distill" / f"{type(teacher).__name__}-{samples.fingerprint()[:16]}.safetensors"
@@ -187,12 +198,27 @@ def _zoo_training(teacher: nn.Module) -> tuple[Any | None, dict[str, Any] | None
     if isinstance(teacher, DigitsCNN):
         data = load_digits_split("train")
         return data, {"source": "scikit-learn digits", "split": "train", "count": len(data[1])}
+    from modelpress.zoo.causal_lm import CausalLM
+
+    if isinstance(teacher, CausalLM):
+        return _causal_lm_training(teacher)
     if hasattr(teacher, "tokenizer") and hasattr(teacher, "pool"):
         from modelpress.zoo.text import training_corpus, training_record
 
         sentences, parts = training_corpus()
         return sentences, training_record(len(sentences), parts)
     return None, None
+
+
+def _causal_lm_training(teacher: nn.Module) -> tuple[Any, dict[str, Any]]:
+    """Windows of the documentation's train split (disjoint from the test split perplexity is measured on)."""
+    from modelpress.zoo.causal_lm import CausalLMEntry, windows
+
+    entry = CausalLMEntry(teacher)  # type: ignore[arg-type]
+    ids = windows(entry.tokens("train"), entry.eval_length)
+    record = {"source": "Python documentation (pydoc_data.topics)", "split": "train", "count": len(ids),
+              "tokens": int(ids.numel())}  # fmt: skip
+    return ids, record
 
 
 @register(DistillConfig)
@@ -206,13 +232,13 @@ def distill_pass(
         data = ctx.data
     if data is None:
         raise DataError("distillation needs training data: a zoo teacher, or Context(data=...) / --data")
-    student = build_student(model, cfg.student or StudentConfig())
+    samples = as_samples(data, model, cfg.max_seq_length)
+    student = build_student(model, cfg.student or StudentConfig(), _probe_batches(samples))
     # The context's metric (a validation split where the entry has one) picks epochs only when asked to.
     metric = ctx.metric if cfg.patience is not None else None
     if metric is None and cfg.patience is not None:
         raise DataError(f"patience={cfg.patience} needs a task metric; this model has none (Context(metric=...))")
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    samples = as_samples(data, model, cfg.max_seq_length)
     ctx.report.data["training"] = record or {
         "source": "the run's data (--data, else calibration)",
         "count": len(samples),

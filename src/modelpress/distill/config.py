@@ -19,15 +19,24 @@ class StudentConfig(Config):
     """A student built from the teacher: fewer transformer `layers`, or a narrower CNN (`width_ratio`).
 
     `layers` lists the teacher layers (0-based) whose weights initialise the student's layers, in
-    order; empty with no `width_ratio` means every other layer (0, 2, 4, ...).
+    order; `depth_ratio` keeps that fraction of the teacher's blocks, the ones that change the hidden
+    states most on the training data (the least influential are removed); neither, with no
+    `width_ratio`, means every other layer (0, 2, 4, ...).
     """
 
     layers: tuple[int, ...] = ()
     width_ratio: float | None = None
+    depth_ratio: float | None = None
 
     def validate(self) -> None:
-        if self.layers and self.width_ratio is not None:
-            raise ConfigError("student: give either layers (transformers) or width_ratio (CNNs), not both")
+        given = [n for n in ("layers", "width_ratio", "depth_ratio") if getattr(self, n) not in ((), None)]
+        if len(given) > 1:
+            raise ConfigError(
+                f"student: give one of layers (transformers), depth_ratio (transformers) or width_ratio (CNNs), "
+                f"got {' and '.join(given)}"
+            )
+        if self.depth_ratio is not None and not 0.0 < self.depth_ratio < 1.0:
+            raise ConfigError(f"student.depth_ratio must be in (0, 1), got {self.depth_ratio}")
         if any(i < 0 for i in self.layers):
             raise ConfigError(f"student.layers must be teacher layer indices >= 0, got {list(self.layers)}")
         if len(set(self.layers)) != len(self.layers):
@@ -64,6 +73,7 @@ class DistillConfig(Config):
     # (MiniLM: 12M of a 3-layer student's 17M values), and the tables stay shared with the teacher.
     freeze_embeddings: bool = False
     epochs: int = 3
+    max_steps: int = 0  # stop after this many optimizer steps (the schedule spans them); 0: every epoch
     batch_size: int = 32  # global: split across processes under torchrun
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -98,6 +108,8 @@ class DistillConfig(Config):
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         check_at_most(self, "epochs", MAX_EPOCHS, "training epochs")
+        if self.max_steps < 0:
+            raise ConfigError(f"max_steps must be >= 0 (0: no limit), got {self.max_steps}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:

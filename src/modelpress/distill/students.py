@@ -3,17 +3,19 @@
 >>> student = fewer_layers(minilm, [0, 2, 4])       # 3 of 6 BERT layers, weights copied
 >>> student = narrower_cnn(digits_cnn, 0.5)          # half the channels, kept by L1 importance
 >>> student = build_student(teacher, StudentConfig(layers=(0, 2, 4)))
+>>> student = build_student(llm, StudentConfig(depth_ratio=0.67), data=batches)   # least influential blocks cut
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from modelpress.core.errors import BadInputError
+from modelpress.core.errors import BadInputError, DataError
 from modelpress.distill.config import StudentConfig
 from modelpress.distill.outputs import hf_model, transformer_blocks
 
@@ -45,6 +47,7 @@ def fewer_layers(teacher: nn.Module, layers: Sequence[int] | None = None) -> nn.
             if hasattr(m, "layer_idx"):
                 m.layer_idx = new_idx
     _replace_blocks(student, student_blocks, kept)
+    student.teacher_layers = tuple(keep)  # the teacher block each student block starts from (hidden-state pairs)
     hf = hf_model(student)
     if hf is not None:
         cfg = hf.config
@@ -125,8 +128,66 @@ def narrower_cnn(teacher: nn.Module, width_ratio: float) -> nn.Module:
     return student
 
 
-def build_student(teacher: nn.Module, cfg: StudentConfig) -> nn.Module:
-    """The student `cfg` describes: `width_ratio` → `narrower_cnn`, else `fewer_layers(layers)`."""
+def block_influence(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> list[float]:
+    """Per transformer block: `1 - cos(input, output)` of its hidden states, averaged over tokens of `batches`.
+
+    A block whose output is nearly its input (low influence) changes the residual stream little, so
+    removing it costs the least (the "block influence" of ShortGPT, Men et al., 2024).
+    """
+    from modelpress.quant.ptq import _run
+
+    blocks = transformer_blocks(model)
+    if blocks is None:
+        raise BadInputError(f"{type(model).__name__} has no transformer blocks to rank")
+    if not batches:
+        raise DataError("ranking blocks by influence needs data: the data set is empty")
+    sums = [0.0] * len(blocks)
+    counts = [0] * len(blocks)
+    inputs: dict[int, torch.Tensor] = {}
+
+    def pre(i: int):  # noqa: ANN202
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def post(i: int):  # noqa: ANN202
+        def hook(_m: nn.Module, _args: Any, _kwargs: Any, out: Any) -> None:
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            cos = torch.nn.functional.cosine_similarity(inputs.pop(i).float(), y.float(), dim=-1)
+            sums[i] += float((1 - cos).sum())
+            counts[i] += cos.numel()
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
+
+
+def most_influential(model: nn.Module, batches: Sequence[tuple[Any, ...]], ratio: float) -> list[int]:
+    """The `round(ratio * blocks)` blocks of highest influence on `batches`, in model order (at least one)."""
+    influence = block_influence(model, batches)
+    k = min(len(influence) - 1, max(1, round(ratio * len(influence))))
+    if k < 1:
+        raise BadInputError(f"{type(model).__name__} has a single transformer block: there is none to remove")
+    return sorted(sorted(range(len(influence)), key=lambda i: -influence[i])[:k])
+
+
+def build_student(teacher: nn.Module, cfg: StudentConfig, data: Sequence[tuple[Any, ...]] | None = None) -> nn.Module:
+    """The student `cfg` describes: `width_ratio` → `narrower_cnn`, `depth_ratio` → the most influential
+    blocks on `data` (batches of inputs), else `fewer_layers(layers)`."""
     if cfg.width_ratio is not None:
         return narrower_cnn(teacher, cfg.width_ratio)
+    if cfg.depth_ratio is not None:
+        if not data:
+            raise DataError("student.depth_ratio ranks the teacher's blocks on data: give training data")
+        return fewer_layers(teacher, most_influential(teacher, data, cfg.depth_ratio))
     return fewer_layers(teacher, cfg.layers or None)

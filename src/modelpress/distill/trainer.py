@@ -191,6 +191,8 @@ def train(
     sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     steps_per_epoch = math.ceil(len(sampler) / local_bs)
     total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -244,7 +246,7 @@ def train(
     bar = _Bar(progress and rank == 0, total, global_step)
     with bar:
         for epoch in range(start_epoch, cfg.epochs):
-            if result.stopped_early:
+            if result.stopped_early or global_step >= total:
                 break
             sampler.set_epoch(epoch)
             order = list(sampler)
@@ -252,6 +254,8 @@ def train(
                 order = bucketed(order, samples.lengths, local_bs, cfg.seed + epoch)
             loss_sum, loss_n = 0.0, 0
             for k in range(skip, steps_per_epoch):
+                if global_step >= total:
+                    break
                 idx = order[k * local_bs : (k + 1) * local_bs]
                 batch = _to(samples.collate([samples[i] for i in idx]), device)
                 with torch.no_grad():
