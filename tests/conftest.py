@@ -17,6 +17,14 @@ def _fixed_threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _denormals_back_on():
+    """Each test starts with IEEE denormals: an ONNX Runtime session created with our graphs' hint
+    (`session.set_denormal_as_zero`) turns them off for the calling thread for the rest of the process."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory):
     """One cache for the session, so trained zoo weights are reused across tests."""

@@ -302,6 +302,10 @@ def _export_all(
             refused["pt2"] = str(e)
     if "gguf" in rec.export:
         _export_gguf(model, example, folder, ctx)
+    if "genai" in rec.export:
+        from modelpress.export.genai import export_to_report
+
+        export_to_report(model, example, folder / "genai", ctx)
     for kind, why in refused.items():
         ctx.report.warn(f"model.{kind} not written: {why}")
     if refused and not out:

@@ -107,7 +107,8 @@ def test_a_gguf_of_an_unknown_architecture_is_refused(tmp_path):
 
 
 def test_compress_a_causal_lm_folder_end_to_end(tiny_llama, tmp_path, capsys):
-    """w4 on a causal LM: ONNX, .pt2 and a GGUF for llama.cpp, each checked against the compressed model."""
+    """w4 on a causal LM: ONNX, .pt2, a GGUF for llama.cpp and a folder for onnxruntime-genai, each checked
+    against the compressed model."""
     out = tmp_path / "out"
     argv = ["compress", str(tiny_llama), "--recipe", "w4", "--out", str(out), "--threads", "1", "-b", "1", "--json"]
     assert main(argv) == 0, capsys.readouterr().err
@@ -121,6 +122,9 @@ def test_compress_a_causal_lm_folder_end_to_end(tiny_llama, tmp_path, capsys):
     assert report["data"]["evaluation"]["split"] == "test" and report["data"]["calibration"]["split"] == "train"
     gguf = next(p for p in report["passes"] if p["name"] == "export/gguf")["stats"]
     assert (out / "model.gguf").is_file() and gguf["quantized"] > 0 and gguf["readback_mean_cosine"] > 0.999
+    genai = next(p for p in report["passes"] if p["name"] == "export/genai")["stats"]  # onnxruntime-genai folder
+    assert genai["matmul_nbits"] > 0 and genai["parity_mean_cosine"] > 0.999
+    assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in (out / "genai").iterdir()}
     generation = report["baseline"]["throughput"]["generation"]  # eager forms: greedy decoding with the KV cache
     assert generation["bs1"]["decode_tokens_per_s"] > 0 and generation["bs8"]["prefill_tokens_per_s"] > 0
     markdown = (out / "report.md").read_text()

@@ -35,7 +35,8 @@ MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: built-in recipes are under 2 KiB
 MAX_RECIPE_DEPTH = 32  # nested lists / mappings; a recipe needs about 6
 MAX_RECIPE_NODES = 100_000  # values in the recipe with aliases expanded; a recipe has a few dozen
 
-EXPORTS = ("onnx", "pt2", "gguf")  # gguf: written for causal LMs only (llama.cpp), noted for other models
+# gguf (llama.cpp) and genai (onnxruntime-genai): written for causal LMs only, noted for other models
+EXPORTS = ("onnx", "pt2", "gguf", "genai")
 DEFAULT_EXPORTS = ("onnx", "pt2")
 _KEYS = {"description", "passes", "export", "order", "lowering"}
 # How the .pt2 is lowered; "auto" picks per CPU capability (core/environment.py), an explicit value the
