@@ -242,7 +242,7 @@ def test_refusals_name_what_is_wrong(tmp_path):
     with pytest.raises(BadInputError, match="Unigram"):
         export_gguf(_llama(), tmp_path / "m.gguf", tokenizer=unigram)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
-    with pytest.raises(BadInputError, match="not a transformers causal LM|not 'gpt2'"):
+    with pytest.raises(BadInputError, match=r"writes llama, mistral, qwen2 models .*not 'gpt2' \(GPT2LMHeadModel\)"):
         export_gguf(gpt2, tmp_path / "m.gguf")
     with pytest.raises(BadInputError, match="float_type"):
         export_gguf(_llama(), tmp_path / "m.gguf", float_type="bf16")  # type: ignore[arg-type]
@@ -261,7 +261,7 @@ def test_qwen2_and_mistral_share_the_layout(tmp_path, kind):
         num_hidden_layers=2,
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
-        vocab_size=320,
+        vocab_size=512,
         max_position_embeddings=256,
         sliding_window=None,
         tie_word_embeddings=kind == "qwen2",
@@ -270,6 +270,9 @@ def test_qwen2_and_mistral_share_the_layout(tmp_path, kind):
     model = quantize(lm, WeightOnlyConfig(bits=4, symmetric=True, granularity="group", group_size=32))
     report = export_gguf(model, tmp_path / "m.gguf", name=f"tiny {kind}")
     assert report["architecture"] == {"qwen2": "qwen2", "mistral": "llama"}[kind]
+    # most weight values are Q4_0 blocks: 73728, against Mistral's untied float head and table's 2 x 32768
+    # (the blocks take fewer bytes than the float values: the file type counts values, not bytes)
+    assert report["file_type"] == "MOSTLY_Q4_0"
     if kind == "qwen2":  # q/k/v biases, and no row permutation (llama.cpp's qwen2 rope is NeoX style)
         assert report["tensors"]["blk.0.attn_q.bias"]["type"] == "F32"
         q = _read(tmp_path / "m.gguf")["blk.0.attn_q.weight"][1]
@@ -293,3 +296,30 @@ def test_ragged_groups_map_when_every_group_is_whole_blocks(tmp_path):
     assert "group size 48 is not a multiple of 32" in report["not_quantized"]["blk.1.ffn_down.weight"]
     _check_blocks(model, tmp_path / "m.gguf", report, exact=False)
     _check_runs_in_transformers(model, tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize(("digits", "name"), [("single", "qwen2"), ("three", "llama-bpe")])
+def test_split_then_byte_level_pre_tokenizers_are_named(tmp_path, digits, name):
+    """Qwen2's and Llama 3's tokenizers split with a regex, then map bytes: llama.cpp knows them by name."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from modelpress.export.gguf import _SPLIT_PATTERNS
+
+    pattern = next(p for p, n in _SPLIT_PATTERNS.items() if n == name)
+    assert ("\\p{N}{1,3}" in pattern) == (digits == "three")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def f(x):\n    return x + 12345"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    report = export_gguf(_llama(vocab=320), tmp_path / "m.gguf", tokenizer=fast)
+    assert report["tokenizer"] == f"built: gpt2 BPE, pre-tokenizer {name!r}, {len(fast)} tokens"
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert fields["tokenizer.ggml.pre"].contents() == name

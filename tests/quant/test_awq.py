@@ -126,3 +126,46 @@ def test_awq_on_tiny_lm_beats_round_to_nearest(tiny_lm):
     (record,) = [p for p in ctx.report.passes if p.name == "quantize/awq"]
     assert record.stats["unscaled"] == []  # every Llama Linear has a foldable producer
     assert all(r <= 1.0 + 1e-6 for r in record.stats["mse_vs_rtn"].values())
+
+
+@pytest.mark.parametrize(
+    ("kind", "unscaled"),
+    [
+        ("gemma3", {"self_attn.o_proj"}),  # grouped-query v_proj: fewer rows than o_proj reads
+        ("phi", {"mlp.fc2"}),  # q/k/v and fc1 read one norm in parallel; fc2 reads a GELU
+        ("opt", {"fc2"}),  # fc2 reads a ReLU
+    ],
+)
+def test_other_decoder_layouts_fold_into_their_norms(kind, unscaled):
+    """Gemma's x * (1 + w) norms, its sandwich norms, Phi's parallel block and OPT's layer names all fold."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    if kind == "gemma3":
+        config = tf.Gemma3TextConfig(intermediate_size=128, num_key_value_heads=2, head_dim=16, **common)
+        lm: nn.Module = tf.Gemma3ForCausalLM(config)
+    elif kind == "phi":
+        lm = tf.PhiForCausalLM(tf.PhiConfig(intermediate_size=128, **common))
+    else:
+        lm = tf.OPTForCausalLM(tf.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common))
+    lm.eval()
+    with torch.no_grad():
+        for m in lm.modules():
+            if "Norm" in type(m).__name__ and getattr(m, "weight", None) is not None:
+                m.weight.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 100, (4, 16), generator=g),) for _ in range(4)]
+    ctx = Context(show_progress=False)
+    cfg = AWQConfig(bits=4, group_size=32, n_grid=5, layers=NO_HEAD)
+    q = quantize(lm, cfg, data=data, ctx=ctx)
+    (record,) = [p for p in ctx.report.passes if p.name == "quantize/awq"]
+    assert {n.split(".layers.0.")[1] for n in record.stats["unscaled"] if ".layers.0." in n} == unscaled
+    assert not any("changes the output" in w for w in ctx.report.warnings)
+    assert all(r <= 1.0 + 1e-6 for r in record.stats["mse_vs_rtn"].values())  # each scaled layer: <= RTN's error
+    rtn = quantize(lm, WeightOnlyConfig(bits=4, symmetric=False, granularity="group", group_size=32, layers=NO_HEAD))
+    ids = torch.randint(0, 100, (2, 16), generator=g)
+    with torch.no_grad():
+        ref = lm(input_ids=ids).logits
+        ours, plain = (float(torch.cosine_similarity(m(input_ids=ids).logits, ref, dim=-1).mean()) for m in (q, rtn))
+    assert ours > plain - 0.002, (ours, plain)  # a broken fold would cost far more (random weights: AWQ ~ RTN)

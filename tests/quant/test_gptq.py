@@ -114,3 +114,15 @@ def test_gptq_on_tiny_lm_loses_less_perplexity_than_round_to_nearest(tiny_lm):
     assert isinstance(gq.lm.lm_head, nn.Linear)
     (record,) = [p for p in ctx.report.passes if p.name == "quantize/gptq"]
     assert record.stats["blocks"] == SMALL_SPEC.layers and record.stats["block_list"] == "lm.model.layers"
+
+
+def test_a_group_wider_than_a_layer_is_said_and_wider_than_all_is_refused():
+    from modelpress.core import ConfigError
+
+    data = [(torch.randn(4, 64),) for _ in range(2)]
+    ctx = Context(show_progress=False)
+    q = quantize(_mlp(), GPTQConfig(group_size=96), data=data, ctx=ctx)  # reads 64 and 128 values
+    assert any("group_size 96 is larger than the input width of 1 layer(s) (0)" in w for w in ctx.report.warnings)
+    assert q[0].weight_q.shape[1] == 1  # one short group per row: one scale per output channel
+    with pytest.raises(ConfigError, match=r"group_size 256 .* every layer it quantizes \(the widest reads 128"):
+        quantize(_mlp(), GPTQConfig(group_size=256), data=data, ctx=Context(show_progress=False))

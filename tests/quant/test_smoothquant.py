@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -113,3 +115,61 @@ def test_bad_inputs() -> None:
         quantize(tiny("bert"), SmoothQuantConfig())
     with pytest.raises(DataError, match="calibration set is empty"):
         quantize(tiny("bert"), SmoothQuantConfig(), data=[])
+
+
+def _decoder(kind: str) -> nn.Module:
+    """A tiny random transformers decoder returning its logits, norms made non-trivial."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    if kind == "gemma3":  # RMSNorm computes x * (1 + w); sandwich norms around each sub-block
+        config = tf.Gemma3TextConfig(intermediate_size=64, num_key_value_heads=2, head_dim=8, **common)
+        lm = tf.Gemma3ForCausalLM(config)
+    elif kind == "phi":  # attention and MLP read one LayerNorm in parallel
+        lm = tf.PhiForCausalLM(tf.PhiConfig(intermediate_size=64, **common))
+    else:  # OPT with its LayerNorms after each sub-block (post-LN): nothing can be folded
+        lm = tf.OPTForCausalLM(tf.OPTConfig(ffn_dim=64, do_layer_norm_before=False, word_embed_proj_dim=32, **common))
+    with torch.no_grad():
+        for m in lm.modules():
+            if "Norm" in type(m).__name__ and getattr(m, "weight", None) is not None:
+                m.weight.uniform_(0.5, 1.5)
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=ids, attention_mask=mask).logits
+
+    return Logits().eval()
+
+
+_QKV = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "scaled"),
+    [
+        ("gemma3", [*_QKV, "mlp.gate_proj", "mlp.up_proj"]),  # the MLP reads pre_feedforward_layernorm
+        ("phi", [*_QKV, "mlp.fc1"]),  # one norm, read by attention and MLP
+        ("opt-post-ln", []),
+    ],
+)
+def test_other_decoder_layouts_keep_the_float_function(kind: str, scaled: list[str]) -> None:
+    from modelpress.quant.smoothquant import norm_offset
+
+    model = _decoder(kind)
+    ctx = Context(show_progress=False)
+    with pytest.warns(UserWarning) if not scaled else contextlib.nullcontext() as caught:
+        smoothed = quantize(model, SmoothQuantConfig(alpha=0.5), data=batches(), ctx=ctx)
+    torch.testing.assert_close(run(smoothed, batches(seed=1)), run(model, batches(seed=1)), atol=2e-5, rtol=1e-4)
+    (record,) = [p for p in ctx.report.passes if p.name == "quantize/smoothquant"]
+    prefix = "lm.model.decoder.layers.0." if kind.startswith("opt") else "lm.model.layers.0."
+    assert [n.removeprefix(prefix) for n in record.stats["layers"] if n.startswith(prefix)] == scaled
+    if not scaled:  # each fold changed the output: undone, and said so
+        assert any("changes the model's output" in str(w.message) for w in caught)
+    if kind == "gemma3":  # x * (1 + w): the fold divides 1 + w
+        assert norm_offset(model.lm.model.layers[0].input_layernorm) == 1.0
+        assert norm_offset(nn.LayerNorm(8)) == 0.0

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from modelpress.core.atomic import atomic_path
@@ -248,7 +248,7 @@ def distill_pass(
     saved = _student_path(ctx, model, samples, cfg) if metric is None else None
     if saved is not None and saved.is_file():
         try:
-            student.load_state_dict(load_file(str(saved)))
+            load_model(student, str(saved))  # tied weights (an LM's head and embeddings) stored once
         except (RuntimeError, OSError, SafetensorError) as e:
             ctx.warn(f"distill: the saved student {saved} could not be read ({e}); training again")
         else:
@@ -260,7 +260,7 @@ def distill_pass(
     result = distill(model, student, samples, cfg, metric=metric, ctx=ctx)
     if saved is not None:
         with atomic_path(saved) as tmp:
-            save_file({k: v.contiguous() for k, v in result.student.state_dict().items()}, str(tmp))
+            save_model(result.student, str(tmp))
     ctx.report.add_pass(
         "distill",
         time.perf_counter() - start,

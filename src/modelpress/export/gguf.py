@@ -200,6 +200,7 @@ def find_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers *ForCausalLM inside `model` (itself, or held by `.hf` / `.lm` / `.model` / ...)."""
     seen: list[nn.Module] = []
     todo = [model]
+    other = None  # a causal LM of another layout (GPT-2's transformer.h, OPT's model.decoder, ...)
     while todo:
         m = todo.pop(0)
         if any(m is s for s in seen):
@@ -207,7 +208,15 @@ def find_causal_lm(model: nn.Module) -> nn.Module:
         seen.append(m)
         if hasattr(m, "config") and hasattr(m, "lm_head") and hasattr(getattr(m, "model", None), "layers"):
             return m
+        if other is None and hasattr(m, "config") and hasattr(m, "lm_head"):
+            other = m
         todo += [getattr(m, a) for a in _WRAPPER_ATTRS if isinstance(getattr(m, a, None), nn.Module)]
+    if other is not None:
+        kind = getattr(other.config, "model_type", None) or type(other).__name__
+        raise BadInputError(
+            f"GGUF export writes {', '.join(ARCHITECTURES)} models (llama.cpp's llama / qwen2 layout), not {kind!r} "
+            f"({type(other).__name__})"
+        )
     raise BadInputError(
         f"{type(model).__name__} is not a transformers causal LM (no .config, .lm_head and .model.layers, "
         f"itself or under .{', .'.join(_WRAPPER_ATTRS)}): GGUF export writes Llama, Mistral and Qwen2 models"
@@ -344,6 +353,16 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: str | Path, n_vocab: int) -
     return f"copied from {Path(source).name} ({len(keys)} tokenizer.* keys)"
 
 
+# llama.cpp's pre-tokenizer name for a split regex followed by byte-level pre-tokenization without its own
+# regex (the pattern transformers' Qwen2 / Llama 3 tokenizers write; llama.cpp's llama-vocab.cpp has the same)
+_SPLIT_PATTERNS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",  # single digits
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",  # up to three digits
+}
+
+
 def _bpe_pre(pre: dict[str, Any] | None) -> str | None:
     """llama.cpp's pre-tokenizer name for a byte-level BPE pre-tokenizer we recognise by structure."""
 
@@ -355,6 +374,15 @@ def _bpe_pre(pre: dict[str, Any] | None) -> str | None:
     if byte_level(pre):
         return "gpt2"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if (
+        len(parts) == 2
+        and parts[0].get("type") == "Split"
+        and parts[0].get("behavior") == "Isolated"
+        and not parts[0].get("invert")
+        and parts[1].get("type") == "ByteLevel"
+        and not parts[1].get("use_regex", True)
+    ):
+        return _SPLIT_PATTERNS.get(parts[0].get("pattern", {}).get("Regex", ""))
     if (
         len(parts) == 2
         and parts[0].get("type") == "Digits"
@@ -446,9 +474,12 @@ def export_gguf(
     tensors, report = _tensors(lm, arch, permute, float_type)
     n_vocab = int(lm.get_input_embeddings().num_embeddings)
     counts: Counter[QType] = Counter()
-    for _, (array, qtype) in tensors:
-        if array.ndim == 2:
-            counts[qtype or (QType.F16 if array.dtype == np.float16 else QType.F32)] += array.size
+    for _, (array, qtype) in tensors:  # the file type: the type most weight values are stored in
+        if array.ndim == 2 and qtype is not None:
+            block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            counts[qtype] += array.size // type_size * block_size  # bytes of blocks -> values
+        elif array.ndim == 2:
+            counts[QType.F16 if array.dtype == np.float16 else QType.F32] += array.size
     file_type = _FILE_TYPES[counts.most_common(1)[0][0]] if counts else gguf.LlamaFileType.ALL_F32
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 

@@ -10,11 +10,13 @@ multiplied by `s` and the producing op's output divided by `s`:
 
 This is only exact when the producer's output feeds nothing but these layers, which holds in pre-norm
 decoders (Llama: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, v -> o, up -> down;
-GPT-2: ln_1 -> c_attn, ln_2 -> c_fc). In post-norm encoders (BERT) the LayerNorm output is also the
-residual stream, and `output.dense` reads a GELU: only value -> attention.output.dense is foldable, the
-other layers keep `s = 1` (with a warning). Every fold is checked: the float block must compute the same
-output afterwards, else it is undone. Each layer is then rounded with the per-group clipping range that
-minimises its output error (`clip=True`).
+GPT-2: ln_1 -> c_attn, ln_2 -> c_fc; Phi-3, OPT, Gemma 2/3, and Phi / Falcon, whose one norm feeds
+attention and MLP in parallel; Gemma's `x * (1 + w)` norm folds into `1 + w`). In post-norm encoders
+(BERT) the LayerNorm output is also the residual stream, and `output.dense` reads a GELU: only value ->
+attention.output.dense is foldable, the other layers keep `s = 1` (with a warning). Every fold is checked:
+the float block must compute the same output afterwards, else it is undone (and the next candidate of that
+producer tried). Each layer is then rounded with the per-group clipping range that minimises its output
+error (`clip=True`).
 
     >>> qmodel = quantize(model, AWQConfig(bits=4, group_size=128), data=entry.calibration_data(128))
 """
@@ -44,14 +46,32 @@ from modelpress.quant.gptq import (
 from modelpress.quant.modules import ActSpec, QLinear
 from modelpress.quant.ptq import LayerFilter, _set_submodule
 from modelpress.quant.sequential import Scope, run_sequential
+from modelpress.quant.smoothquant import is_output_norm, scale_norm_output
 
-# (producer, consumers) paths inside one block whose scale can be folded; first match per producer wins.
+# (producer, consumers) paths inside one block whose scale can be folded. Per producer the first entry whose
+# modules exist and whose fold leaves the block's output unchanged is used (parallel blocks list every reader).
 FOLDABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # Llama, Mistral, Qwen2 (pre-norm decoders)
+    # Phi, Falcon: attention and MLP read one norm in parallel
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),
+    ("input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),
+    # Llama, Mistral, Qwen2/3, Gemma (pre-norm decoders)
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("self_attn.v_proj", ("self_attn.o_proj",)),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),  # Gemma 2/3
     ("mlp.up_proj", ("mlp.down_proj",)),
+    # Phi-3 (fused q/k/v and gate/up), Falcon, Phi
+    ("input_layernorm", ("self_attn.qkv_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ("input_layernorm", ("self_attention.query_key_value",)),
+    ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+    ("ln_attn", ("self_attention.query_key_value",)),
+    ("ln_mlp", ("mlp.dense_h_to_4h",)),
+    ("self_attn.v_proj", ("self_attn.dense",)),
+    # OPT (pre-norm where do_layer_norm_before)
+    ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.out_proj",)),
+    ("final_layer_norm", ("fc1",)),
     # GPT-2 (pre-norm; Conv1D turned into Linear)
     ("ln_1", ("attn.c_attn",)),
     ("ln_2", ("mlp.c_fc",)),
@@ -115,11 +135,13 @@ class _InputSampler:
         return self.abs_sum / max(self.count, 1)
 
 
-def _groups(scope: Scope) -> list[tuple[str, nn.Module, list[str]]]:
-    """(producer name, producer, consumer names) of the foldable pairs found in `scope`."""
-    found = []
+def _groups(scope: Scope) -> list[tuple[str, nn.Module, list[list[str]]]]:
+    """(producer name, producer, candidate consumer lists in table order) of the foldable pairs in `scope`."""
+    found: dict[str, tuple[str, nn.Module, list[list[str]]]] = {}
     for base, module in scope.module.named_modules():
         for producer_path, consumer_paths in FOLDABLE:
+            if is_output_norm(module, producer_path):
+                continue
             try:
                 producer = module.get_submodule(producer_path)
                 consumers = [module.get_submodule(p) for p in consumer_paths]
@@ -128,8 +150,9 @@ def _groups(scope: Scope) -> list[tuple[str, nn.Module, list[str]]]:
             prefix = ".".join(p for p in (scope.name, base) if p)
             names = [f"{prefix}.{p}" if prefix else p for p in consumer_paths]
             if all(isinstance(c, nn.Linear) for c in consumers) and all(n in scope.layers for n in names):
-                found.append((f"{prefix}.{producer_path}" if prefix else producer_path, producer, names))
-    return found
+                key = f"{prefix}.{producer_path}" if prefix else producer_path
+                found.setdefault(key, (key, producer, []))[2].append(names)
+    return list(found.values())
 
 
 def _fold(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> bool:
@@ -144,7 +167,10 @@ def _fold(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> b
         bias = getattr(producer, "bias", None)
         if not isinstance(weight, torch.Tensor) or weight.shape != (k,):
             return False
-        targets = [weight] + ([bias] if isinstance(bias, torch.Tensor) and bias.shape == (k,) else [])
+        if isinstance(bias, torch.Tensor) and bias.shape != (k,):
+            return False
+        targets = []
+        scale_norm_output(producer, s)  # Gemma's x * (1 + w) too
     with torch.no_grad():
         for t in targets:
             t.div_(s.view(-1, *([1] * (t.dim() - 1))).to(t.dtype))
@@ -158,6 +184,30 @@ def _same(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
         if (a - b).abs().max() > FOLD_RTOL * max(1.0, float(a.abs().max())):
             return False
     return True
+
+
+def _try_fold(
+    scope: Scope,
+    producer: nn.Module,
+    names: list[str],
+    inputs: dict[str, torch.Tensor],
+    samplers: dict[str, _InputSampler],
+    reference: list[torch.Tensor],
+    scheme_of: Any,
+    n_grid: int,
+) -> Any:
+    """Search the scale of `names` and fold it into `producer`: the search result, or why it was undone."""
+    layers = [scope.layers[n] for n in names]
+    # Consumers of one producer share their input; the bits of the first decide the search.
+    stacked = torch.cat([layer.weight.detach().float() for layer in layers])  # (sum N, K)
+    res = search_scale(stacked, inputs[names[0]], scheme_of(names[0]), samplers[names[0]].magnitude(), n_grid)
+    saved = copy.deepcopy(scope.module.state_dict())
+    if not _fold(producer, layers, res.scale):
+        return f"cannot fold a scale into {{producer}}; {', '.join(names)} not scaled"
+    if not _same(reference, scope.forward()):
+        scope.module.load_state_dict(saved)
+        return f"folding into {{producer}} changes the output; {', '.join(names)} not scaled"
+    return res
 
 
 @register(AWQConfig)
@@ -183,27 +233,22 @@ def awq(model: nn.Module, cfg: AWQConfig, ctx: Context, overrides: dict[str, int
             ctx.warn(f"skipped {n}: it never ran on the calibration data (kept in float)")
         inputs = {n: samplers[n].inputs() for n in seen}
         scaled: set[str] = set()
-        for producer_name, producer, names in _groups(scope):
-            if not all(n in seen for n in names):
-                continue
-            layers = [scope.layers[n] for n in names]
-            # Consumers of one producer share their input; the bits of the first decide the search.
-            stacked = torch.cat([layer.weight.detach().float() for layer in layers])  # (sum N, K)
-            res = search_scale(stacked, inputs[names[0]], scheme_of(names[0]), samplers[names[0]].magnitude(),
-                               cfg.n_grid)  # fmt: skip
-            saved = copy.deepcopy(scope.module.state_dict())
-            if not _fold(producer, layers, res.scale):
-                ctx.warn(f"AWQ: cannot fold a scale into {producer_name}; {', '.join(names)} not scaled")
-                continue
-            if not _same(reference, scope.forward()):
-                scope.module.load_state_dict(saved)
-                ctx.warn(f"AWQ: folding into {producer_name} changes the output; {', '.join(names)} not scaled")
-                continue
-            for n in names:
-                inputs[n] = inputs[n] / res.scale
-                alphas[n] = res.alpha
-                gains[n] = res.error / res.rtn_error if res.rtn_error > 0 else 1.0
-            scaled.update(names)
+        for producer_name, producer, candidates in _groups(scope):
+            why = None
+            for names in candidates:  # the first that folds exactly wins
+                if not all(n in seen for n in names) or scaled.intersection(names):
+                    continue
+                why = _try_fold(scope, producer, names, inputs, samplers, reference, scheme_of, cfg.n_grid)
+                if isinstance(why, str):
+                    continue
+                for n in names:
+                    inputs[n] = inputs[n] / why.scale
+                    alphas[n] = why.alpha
+                    gains[n] = why.error / why.rtn_error if why.rtn_error > 0 else 1.0
+                scaled.update(names)
+                break
+            if isinstance(why, str):
+                ctx.warn(f"AWQ: {why.format(producer=producer_name)}")
         unscaled.extend(n for n in scope.layers if n in seen and n not in scaled)
         for n in sorted(seen):
             layer, scheme = scope.layers[n], scheme_of(n)

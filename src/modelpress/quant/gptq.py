@@ -131,7 +131,33 @@ def prepare_calibrated(
     def scheme_of(name: str) -> QuantScheme:
         return cfg.weight_scheme((overrides or {}).get(name, cfg.bits))
 
-    return Prepared(batches, converted, scheme_of, selected_linears(model, cfg.layers, ctx, label))
+    selected = selected_linears(model, cfg.layers, ctx, label)
+    check_group_widths(selected, getattr(cfg, "group_size", 0), ctx, label)
+    return Prepared(batches, converted, scheme_of, selected)
+
+
+def check_group_widths(layers: dict[str, nn.Linear], group_size: int, ctx: Context, label: str) -> None:
+    """Refuse a group size wider than every layer's input (nothing would be grouped); warn where some are.
+
+    A layer narrower than the group gets one scale per output row (one short group), as `group_size: 0` gives.
+    """
+    if group_size <= 0:
+        return
+    narrow = [n for n, m in layers.items() if m.in_features < group_size]
+    if not narrow:
+        return
+    widest = max(m.in_features for m in layers.values())
+    if len(narrow) == len(layers):
+        raise ConfigError(
+            f"{label}: group_size {group_size} is larger than the input width of every layer it quantizes (the "
+            f"widest reads {widest} values), so no layer would be quantized in groups; give group_size <= {widest}, "
+            "or 0 for one scale per output channel"
+        )
+    shown = ", ".join(narrow[:3]) + (f" and {len(narrow) - 3} more" if len(narrow) > 3 else "")
+    ctx.warn(
+        f"{label}: group_size {group_size} is larger than the input width of {len(narrow)} layer(s) ({shown}): "
+        "one scale per output row there"
+    )
 
 
 @register(GPTQConfig)

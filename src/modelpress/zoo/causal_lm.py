@@ -80,10 +80,18 @@ def check_memory(param_count: int, what: str) -> None:
     free = psutil.virtual_memory().available
     if need > free:
         raise ModelLoadError(
-            f"{what} has about {param_count / 1e9:.2f}B parameters: compressing it in float32 needs about "
-            f"{need / 2**30:.1f} GiB of memory ({MEMORY_FACTOR:g}x its float32 weights), and {free / 2**30:.1f} GiB "
-            "is available"
+            f"{what} has about {_count(param_count)} parameters: compressing it in float32 needs about "
+            f"{_gib(need)} of memory ({MEMORY_FACTOR:g}x its float32 weights), and {_gib(free)} is available; "
+            "nothing was loaded"
         )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**29 else f"{n / 2**20:.1f} MiB"
 
 
 def _config_params(folder: Path) -> int:
@@ -125,17 +133,26 @@ def load_causal_lm_folder(path: str | Path, *, trust_code: bool = False) -> Caus
     return model.eval()
 
 
+# Files a tokenizer is read from; a folder with none of them has no tokenizer, even where transformers would
+# build an empty one for the model type (Qwen2's class does, with no vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _tokenizer(folder: Path, **kw: Any) -> Any:
     from transformers import AutoTokenizer
 
+    where = folder / kw.get("gguf_file", "")
+    hint = "a causal LM needs its tokenizer (tokenizer.json or tokenizer_config.json in the folder)"
+    if "gguf_file" not in kw and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"cannot load the tokenizer of {where}: no {', '.join(TOKENIZER_FILES)}; {hint}")
     try:
-        return AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kw.items() if k != "trust_code"},
-                                             trust_remote_code=kw.get("trust_code", False))  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kw.items() if k != "trust_code"},
+                                                  trust_remote_code=kw.get("trust_code", False))  # fmt: skip
     except Exception as e:
-        raise ModelLoadError(
-            f"cannot load the tokenizer of {folder / kw.get('gguf_file', '')}: {type(e).__name__}: {e}; "
-            "a causal LM needs its tokenizer (tokenizer.json or tokenizer_config.json in the folder)"
-        ) from None
+        raise ModelLoadError(f"cannot load the tokenizer of {where}: {type(e).__name__}: {e}; {hint}") from None
+    if len(tokenizer) == 0:
+        raise ModelLoadError(f"cannot load the tokenizer of {where}: it has no vocabulary; {hint}")
+    return tokenizer
 
 
 def gguf_architecture(path: Path) -> str:
