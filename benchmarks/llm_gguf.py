@@ -13,8 +13,10 @@ in that environment loads each with llama.cpp and measures, with llama.cpp itsel
 
 Rows: llama.cpp's `Q4_0` and `Q4_K_M` quantized by llama.cpp from an F16 GGUF of the float model (the
 anchors), ours: round-to-nearest and GPTQ (activation order) 4-bit symmetric, group 32 -> `Q4_0` blocks
-from our codes; the F16 file; the packaged Q4_1 file. `lm_head` is tied to the embedding table and stays
-so in every file (F16 `token_embd` in ours, as in the F16 source of the anchors). Torch fp32 eager decode
+from our codes, each twice: with the tied embedding table int8 in groups of 32 (`quantize_embeddings`,
+the head holding the same codes) -> one `Q8_0` `token_embd`, and with the table left float (F16,
+`-f16table`); the F16 file; the packaged Q4_1 file. `lm_head` is tied to the embedding table and stays
+so in every file. Torch fp32 eager decode
 tokens/s (KV cache, batch 1) is measured in this process for the 3x target.
 
 Targets (issue: real LLMs): our GGUF at Q4_0's bits per weight gives lower perplexity than llama.cpp's
@@ -145,6 +147,7 @@ def main() -> None:
     from modelpress.export.gguf import export_gguf
     from modelpress.quant import LayerFilter, WeightOnlyConfig, quantize
     from modelpress.quant.gptq import GPTQConfig
+    from modelpress.quant.ptq import quantize_embeddings
     from modelpress.zoo import get_entry
     from modelpress.zoo.causal_lm import split_text
     from modelpress.zoo.smollm2 import gguf_path
@@ -161,17 +164,24 @@ def main() -> None:
     with ctx.threads_scope():
         export_gguf(fp32, work / "f16.gguf", source_gguf=source, float_type="f16")
         files["f16"] = work / "f16.gguf"
+
+        def both_tables(model: Any, name: str) -> None:
+            """The file with the float table, then with the table (and the tied head) int8 in groups of 32."""
+            export_gguf(model, work / f"{name}-f16table.gguf", source_gguf=source)
+            files[f"{name}-f16table"] = work / f"{name}-f16table.gguf"
+            quantize_embeddings(model, 8, 32, ctx)
+            export_gguf(model, work / f"{name}.gguf", source_gguf=source)
+            files[name] = work / f"{name}.gguf"
+
         rtn = quantize(fp32, WeightOnlyConfig(bits=4, symmetric=True, granularity="group", group_size=32,
                                               layers=blocks), ctx=ctx)  # fmt: skip
-        export_gguf(rtn, work / "ours-rtn-q4_0.gguf", source_gguf=source)
-        files["ours-rtn-q4_0"] = work / "ours-rtn-q4_0.gguf"
+        both_tables(rtn, "ours-rtn-q4_0")
         if not args.skip_gptq:
             start = time.perf_counter()
             cfg = GPTQConfig(bits=4, group_size=32, symmetric=True, layers=blocks)
             gptq = quantize(fp32, cfg, data=entry.calibration_data(128, 8), ctx=ctx)
             print(f"GPTQ in {time.perf_counter() - start:.0f} s", flush=True)
-            export_gguf(gptq, work / "ours-gptq-q4_0.gguf", source_gguf=source)
-            files["ours-gptq-q4_0"] = work / "ours-gptq-q4_0.gguf"
+            both_tables(gptq, "ours-gptq-q4_0")
         torch_decode = entry.generation_speed(fp32)["bs1"]["decode_tokens_per_s"]
     anchors = (("llama.cpp-q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"), ("llama.cpp-q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M"))
     for name, ftype in anchors:

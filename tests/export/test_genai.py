@@ -212,6 +212,20 @@ def test_a_float_lm_head_is_quantized_by_the_export_and_a_tied_lookup_reads_its_
     assert "lm_head" in report["float"] and "lm_head" not in report["matmul_nbits"]
 
 
+def test_a_tied_head_quantized_with_its_table_is_one_table(tmp_path, tokenizer):
+    float_lm = _lm(tied=True, vocab_size=1024)  # 65,536 values: a table the pass quantizes
+    cfg = GPTQConfig(bits=4, group_size=32, embedding_bits=8, embedding_group_size=32)
+    lm = quantize(float_lm, cfg, data=_calibration(), ctx=Context(show_progress=False))
+    report = export_genai(lm, tmp_path / "g", tokenizer=tokenizer)
+    assert report["matmul_nbits"]["lm_head"].endswith("its codes also serve the embedding lookup (one table)")
+    graph = onnx.load(str(tmp_path / "g" / "model.onnx")).graph
+    assert sorted(t.name for t in graph.initializer if 1024 in t.dims) == ["lm_head.B", "lm_head.scales"]
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    np.testing.assert_array_equal(inits["lm_head.B"], nbits_tensors(lm.lm_head)[0])  # the pass's own codes
+    assert next(n for n in graph.node if n.name.startswith("embed/Gather")).op_type == "GatherBlockQuantized"
+    _check_generates_like_torch(lm, tmp_path / "g", exact=False)
+
+
 @pytest.mark.parametrize("level", [4, 0])
 def test_wide_groups_are_written_in_blocks_of_32_for_int8_activations(tmp_path, tokenizer, level):
     """Group 64 over a 160-wide input (a short last group): at accuracy_level 4 the same codes go in blocks

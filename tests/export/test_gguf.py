@@ -202,6 +202,28 @@ def test_wrapped_model_tied_embeddings_and_quantized_table(tmp_path):
     _check_runs_in_transformers(lm, tmp_path / "qemb.gguf")
 
 
+def test_a_tied_head_quantized_with_its_table_is_written_once(tmp_path):
+    from modelpress.core.context import Context
+    from modelpress.quant.gptq import GPTQConfig
+
+    lm = _llama(vocab=1024, tied=True)  # 65,536 values: a table large enough to quantize
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 1024, (2, 32), generator=g),) for _ in range(4)]
+    ctx = Context(show_progress=False)
+    q = quantize(lm, GPTQConfig(bits=4, group_size=32, symmetric=True, embedding_bits=8, embedding_group_size=32),
+                 data=data, ctx=ctx)  # fmt: skip
+    head, table = q.lm_head, q.model.embed_tokens
+    assert isinstance(head, QLinear) and isinstance(table, QEmbedding)
+    assert torch.equal(head.weight_codes(), table.codes())  # one table: the head holds the table's codes
+    assert ctx.report.passes[-1].stats["embeddings"] == ["model.embed_tokens", "lm_head"]
+    report = export_gguf(q, tmp_path / "tied-q8.gguf")
+    assert report["tensors"]["token_embd.weight"]["type"] == "Q8_0"
+    assert report["tensors"]["output.weight"]["type"] == "tied to token_embd"
+    assert "output.weight" not in _read(tmp_path / "tied-q8.gguf")
+    _check_blocks(q, tmp_path / "tied-q8.gguf", report, exact=False)
+    _check_runs_in_transformers(q, tmp_path / "tied-q8.gguf")
+
+
 def test_built_tokenizer_round_trips(tmp_path, bpe_tokenizer):
     from transformers import AutoTokenizer
 

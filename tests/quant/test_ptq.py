@@ -205,3 +205,34 @@ def test_layers_targeted_by_type_with_an_ignore_list():
         LayerFilter(types=("nn.Linear",))
     with pytest.raises(BadInputError, match="no quantizable layers selected"):
         quantize(model, WeightOnlyConfig(layers=LayerFilter(types=("LSTM",))))
+
+
+def test_quantize_embeddings_keeps_a_tied_head_on_the_tables_codes():
+    from modelpress.quant.modules import QEmbedding, QLinear, holds_table_codes
+    from modelpress.quant.ptq import quantize_embeddings
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(1024, 96)
+            self.small = nn.Embedding(8, 96)  # too small to be worth integers: stays float
+            self.head = nn.Linear(96, 1024, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids) + self.small(ids % 8))
+
+    torch.manual_seed(0)
+    model, ctx = TiedLM(), Context(show_progress=False)
+    ids = torch.randint(0, 1024, (2, 16))
+    before = model(ids)
+    assert quantize_embeddings(model, 8, 32, ctx) == ["embed", "head"]
+    assert isinstance(model.embed, QEmbedding) and isinstance(model.head, QLinear)
+    assert isinstance(model.small, nn.Embedding)
+    assert holds_table_codes(model.head, model.embed)
+    torch.testing.assert_close(model.head.dequantized_weight(), model.embed.dequantized_weight())
+    assert torch.nn.functional.cosine_similarity(model(ids).flatten(), before.flatten(), dim=0) > 0.999
+    untied = TiedLM()
+    untied.head.weight = nn.Parameter(untied.embed.weight.detach().clone())  # same values, not shared
+    assert quantize_embeddings(untied, 8, 64, ctx) == ["embed"]  # the head is left to the weight pass
+    assert untied.embed.group_size == 96 and any("does not divide its width 96" in w for w in ctx.report.warnings)

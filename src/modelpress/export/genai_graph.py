@@ -25,7 +25,7 @@ from modelpress.export.onnx_nbits import nbits_tensors, unsupported_reason
 from modelpress.export.onnx_quant import _Builder
 from modelpress.export.onnx_tables import integer_table, lower_gather
 from modelpress.primitives.affine import QuantScheme
-from modelpress.quant.modules import QEmbedding, QLinear
+from modelpress.quant.modules import QEmbedding, QLinear, holds_table_codes
 
 OPSET = 21
 HEAD_GROUP = 32  # values per scale of an lm_head the export quantizes
@@ -195,16 +195,17 @@ class GraphBuilder:
 
     def embedding(self, lm: nn.Module) -> str:
         emb = lm.get_input_embeddings()
-        if isinstance(emb, QEmbedding):
+        shared = holds_table_codes(lm.get_output_embeddings(), emb)  # a tied head quantized with its table
+        if isinstance(emb, QEmbedding) and not shared:
             codes, scales, blocks = integer_table(self.tables, emb.dequantized_weight().numpy(), emb)
             nodes = lower_gather(self.tables, helper.make_node("Gather", ["", "input_ids"], ["embed/out"]), codes,
                                  scales, blocks)  # fmt: skip
             self.nodes.extend(nodes)
             return "embed/out"
-        if not isinstance(emb, nn.Embedding) or emb.max_norm is not None:
+        if not shared and (not isinstance(emb, nn.Embedding) or emb.max_norm is not None):
             raise BadInputError(f"the input embedding is a {type(emb).__name__}: the GenAI decoder maps nn.Embedding "
                                 "and QEmbedding")  # fmt: skip
-        tied = _tied(lm)
+        tied = _tied(lm) or shared
         if tied and self.head_codes is not None:  # the lm_head's codes serve the lookup too (one table)
             q = self.head_codes
             shape = self.const("lm_head.table_shape", np.array([q.out_features, -1], dtype=np.int64))
@@ -223,6 +224,8 @@ class GraphBuilder:
     def _head_codes(self, lm: nn.Module) -> QLinear | None:
         """The float lm_head quantized by the export (`lm_head_bits`, symmetric, round to nearest), or None."""
         head = lm.get_output_embeddings()
+        if holds_table_codes(head, lm.get_input_embeddings()):
+            return head  # quantized with its tied table: its own codes serve both
         if self.lm_head_bits is None or type(head) is not nn.Linear:
             return None
         if head.in_features % HEAD_GROUP:
@@ -237,6 +240,9 @@ class GraphBuilder:
         q = self.head_codes
         if q is not None:
             out = self.linear(h, {"lm_head": q}, "lm_head")
+            if holds_table_codes(head, lm.get_input_embeddings()):
+                self.nbits["lm_head"] += ", its codes also serve the embedding lookup (one table)"
+                return out
             tied = " (tied: the embedding lookup reads the same codes)" if _tied(lm) else ""
             # (the tied lookup reads lm_head.B and lm_head.scales, written here)
             self.nbits["lm_head"] += f", quantized by the export (round to nearest){tied}"

@@ -40,7 +40,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.errors import BadInputError
-from modelpress.quant.modules import QEmbedding, QLinear, _QuantBase
+from modelpress.quant.modules import QEmbedding, QLinear, _QuantBase, holds_table_codes
 
 BLOCK = 32  # values per GGML block (QK4_0 = QK4_1 = QK8_0)
 FP16_MAX = 65504.0
@@ -288,8 +288,15 @@ def _tensors(lm: nn.Module, arch: str, permute: bool, float_type: str) -> tuple[
         report[name] = {"source": hf_name, "type": qtype.name, "shape": list(w.shape), "reason": why or reason}
         out.append((name, (array, None)))
 
+    tables = [m for m in lm.modules() if isinstance(m, QEmbedding)]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     for mod_name, mod in lm.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
+        if tied and isinstance(mod, QLinear) and any(holds_table_codes(mod, t) for t in tables):
+            # the tied head holds the table's own codes: llama.cpp reads token_embd for the output (no `output`)
+            report[gguf_name(f"{prefix}weight")] = {"source": f"{prefix}weight", "type": "tied to token_embd",
+                                                    "reason": None}  # fmt: skip
+            continue
         if isinstance(mod, (QLinear, QEmbedding)):
             hf_name = f"{prefix}weight"
             got = _codes(mod)

@@ -39,12 +39,13 @@ from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.awq import search_clip, search_scale
 from modelpress.quant.gptq import (
     DEFAULT_LAYERS,
+    embedded_tables,
     prepare_calibrated,
     validate_weight_settings,
     weight_scheme,
 )
 from modelpress.quant.modules import ActSpec, QLinear
-from modelpress.quant.ptq import LayerFilter, _set_submodule
+from modelpress.quant.ptq import LayerFilter, _check_embedding_bits, _set_submodule
 from modelpress.quant.sequential import Scope, run_sequential
 from modelpress.quant.smoothquant import is_output_norm, scale_norm_output
 
@@ -95,9 +96,13 @@ class AWQConfig(Config):
     max_tokens: int = 4096  # calibration tokens kept per layer for the searches
     calibration_batches: int = 32
     layers: LayerFilter = DEFAULT_LAYERS
+    # the embedding table as integers too (symmetric, per group of a row), and a head tied to it with the same codes
+    embedding_bits: int | None = None
+    embedding_group_size: int | None = None
 
     def validate(self) -> None:
         validate_weight_settings(self.bits, self.group_size, self.calibration_batches)
+        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
         if self.n_grid < 1:
             raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
         check_at_most(self, "n_grid", MAX_AWQ_GRID, "candidate scales searched per layer")
@@ -272,6 +277,7 @@ def awq(model: nn.Module, cfg: AWQConfig, ctx: Context, overrides: dict[str, int
         mse_vs_rtn=gains,
         unscaled=unscaled,
         conv1d_converted=converted,
+        embeddings=embedded_tables(model, cfg, ctx),
         **stats,
     )
     return model

@@ -25,7 +25,15 @@ from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.gptq import gptq_quantize, hessian_update
 from modelpress.quant.modules import ActSpec, QLinear
-from modelpress.quant.ptq import LayerFilter, _check_bits, _set_submodule, _take, select_layers
+from modelpress.quant.ptq import (
+    LayerFilter,
+    _check_bits,
+    _check_embedding_bits,
+    _set_submodule,
+    _take,
+    quantize_embeddings,
+    select_layers,
+)
 from modelpress.quant.sequential import Scope, convert_conv1d, run_sequential
 
 # A language model's output head is commonly kept in float: it is small next to the blocks and sensitive.
@@ -44,9 +52,13 @@ class GPTQConfig(Config):
     act_order: bool = True  # process input columns by decreasing Hessian diagonal
     calibration_batches: int = 32
     layers: LayerFilter = DEFAULT_LAYERS
+    # the embedding table as integers too (symmetric, per group of a row), and a head tied to it with the same codes
+    embedding_bits: int | None = None
+    embedding_group_size: int | None = None
 
     def validate(self) -> None:
         validate_weight_settings(self.bits, self.group_size, self.calibration_batches)
+        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
         if not 0 < self.damp <= 1:
             raise ConfigError(f"damp must be in (0, 1], got {self.damp}")
         if self.block_size < 1:
@@ -54,6 +66,13 @@ class GPTQConfig(Config):
 
     def weight_scheme(self, bits: int | None = None) -> QuantScheme:
         return weight_scheme(self.bits if bits is None else bits, self.symmetric, self.group_size)
+
+
+def embedded_tables(model: nn.Module, cfg: Any, ctx: Context) -> list[str]:
+    """The config's `embedding_bits` applied after the pass (`ptq.quantize_embeddings`); the layers replaced."""
+    if cfg.embedding_bits is None:
+        return []
+    return quantize_embeddings(model, cfg.embedding_bits, cfg.embedding_group_size, ctx)
 
 
 def validate_weight_settings(bits: int, group_size: int, calibration_batches: int) -> None:
@@ -204,6 +223,7 @@ def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, i
         group_size=cfg.group_size,
         loss=losses,
         conv1d_converted=converted,
+        embeddings=embedded_tables(model, cfg, ctx),
         **stats,
     )
     return model

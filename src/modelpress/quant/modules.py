@@ -266,3 +266,18 @@ class QEmbedding(nn.Module):
         per = "per-row" if self.group_size == self.embedding_dim else f"per-group({self.group_size})"
         packed = ", two per byte" if self.packed else ""
         return f"{self.num_embeddings}, {self.embedding_dim}, weight=int{self.weight_scheme.bits} sym {per}{packed}"
+
+
+def holds_table_codes(head: nn.Module, table: nn.Module) -> bool:
+    """Whether `head` is a `QLinear` holding exactly the codes and scales of the `QEmbedding` `table` (a tied
+    language-model head quantized with its table, `ptq.quantize_embeddings`): files that tie them store one."""
+    if not isinstance(head, QLinear) or not isinstance(table, QEmbedding) or head.bias is not None:
+        return False
+    if tuple(head.weight_shape) != (table.num_embeddings, table.embedding_dim):
+        return False
+    if head.weight_scheme.bits != table.weight_scheme.bits or not head.weight_scheme.symmetric:
+        return False
+    scale = head.weight_scale.reshape(table.num_embeddings, -1)
+    return scale.shape == table.weight_scale.shape and bool(
+        torch.equal(scale.float(), table.weight_scale.float()) and torch.equal(head.weight_codes(), table.codes())
+    )

@@ -238,6 +238,32 @@ def _swap(model: nn.Module, plans: Sequence[LayerPlan]) -> None:
         _set_submodule(model, plan.name, new)
 
 
+def quantize_embeddings(model: nn.Module, bits: int, group_size: int | None, ctx: Context) -> list[str]:
+    """Embedding tables of at least `MIN_EMBEDDING_VALUES` values as integer codes (symmetric, per group of
+    `group_size` values of a row, or per row); returns the names of the layers replaced.
+
+    A Linear that shares a table's weight (the tied output head of a language model) becomes a `QLinear`
+    with the same scheme, so it holds exactly the table's codes and scales: the two stay one table where a
+    file ties them (GGUF writes `token_embd` once), instead of the head staying float beside an integer table.
+    """
+    tables = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)
+              and m.weight.numel() >= MIN_EMBEDDING_VALUES]  # fmt: skip
+    done = []
+    for name, table in tables:
+        width = table.embedding_dim
+        group = group_size if group_size is not None and width % group_size == 0 else None
+        if group_size is not None and group is None:
+            ctx.warn(f"{name}: embedding_group_size {group_size} does not divide its width {width}; one scale per row")
+        scheme = QuantScheme(bits, True, "group", 0, group or width)
+        heads = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is table.weight]
+        _set_submodule(model, name, QEmbedding(table, bits, group))
+        done.append(name)
+        for head_name, head in heads:
+            _set_submodule(model, head_name, QLinear.from_float(head, scheme))
+            done.append(head_name)
+    return done
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
