@@ -18,17 +18,11 @@ from modelpress.zoo.causal_lm import CausalLM, split_text
 
 def _tiny_llama(folder: Path, layers: int = 2, seed: int = 0) -> Path:
     """A random-weight Llama (GQA, tied embeddings) with a 512-token BPE tokenizer trained on the train split."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
-    )
-    tok.train_from_iterator([split_text("train")[:100_000]], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    from llm_families import tokenizer
+
+    fast = tokenizer()
     fast.save_pretrained(folder)
     torch.manual_seed(seed)
     config = LlamaConfig(

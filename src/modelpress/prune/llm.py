@@ -37,7 +37,7 @@ from modelpress.primitives.sparsegpt import check_pattern, column_sq_norms, spar
 from modelpress.prune.unstructured import _stats
 from modelpress.quant.gptq import DEFAULT_LAYERS, calibration_batches, selected_linears
 from modelpress.quant.ptq import LayerFilter
-from modelpress.quant.sequential import Scope, convert_conv1d, run_sequential
+from modelpress.quant.sequential import Scope, convert_conv1d, observe_inputs, run_sequential
 
 MAX_CALIBRATION_BATCHES = 4096
 
@@ -100,24 +100,6 @@ def _fits(selected: dict[str, nn.Linear], m: int, ctx: Context, label: str) -> d
     return fits
 
 
-def _observe(scope: Scope, fold: Callable[[Any, torch.Tensor], Any]) -> dict[str, Any]:
-    """Run the scope once with a pre-hook on each of its layers folding their inputs into a statistic."""
-    acc: dict[str, Any] = dict.fromkeys(scope.layers)
-    handles = []
-    for name, layer in scope.layers.items():
-
-        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            acc[name] = fold(acc[name], args[0])
-
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        scope.forward()
-    finally:
-        for h in handles:
-            h.remove()
-    return acc
-
-
 def _run_pass(model: nn.Module, cfg: Any, ctx: Context, label: str, kind: str, prune_scope: Callable) -> nn.Module:
     """Shared frame of both passes: calibration data, the layers, sequential pruning, statistics."""
     from modelpress.measure.size import count_params
@@ -141,7 +123,7 @@ def _run_pass(model: nn.Module, cfg: Any, ctx: Context, label: str, kind: str, p
 @register(SparseGPTConfig)
 def prune_sparsegpt(model: nn.Module, cfg: SparseGPTConfig, ctx: Context) -> nn.Module:
     def prune_scope(scope: Scope, extra: dict[str, Any]) -> None:
-        hessians = _observe(scope, lambda acc, x: hessian_update(*(acc or (None, 0)), x))
+        hessians = observe_inputs(scope, lambda acc, x: hessian_update(*(acc or (None, 0)), x))
         losses = extra.setdefault("loss", {})
         for name, layer in scope.layers.items():
             if hessians[name] is None or hessians[name][1] == 0:
@@ -161,7 +143,7 @@ def prune_sparsegpt(model: nn.Module, cfg: SparseGPTConfig, ctx: Context) -> nn.
 @register(WandaConfig)
 def prune_wanda(model: nn.Module, cfg: WandaConfig, ctx: Context) -> nn.Module:
     def prune_scope(scope: Scope, _extra: dict[str, Any]) -> None:
-        norms = _observe(scope, column_sq_norms)
+        norms = observe_inputs(scope, column_sq_norms)
         for name, layer in scope.layers.items():
             if norms[name] is None:
                 ctx.warn(f"skipped {name}: it never ran on the calibration data (kept dense)")

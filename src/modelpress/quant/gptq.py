@@ -34,7 +34,7 @@ from modelpress.quant.ptq import (
     quantize_embeddings,
     select_layers,
 )
-from modelpress.quant.sequential import Scope, convert_conv1d, run_sequential
+from modelpress.quant.sequential import Scope, convert_conv1d, observe_inputs, run_sequential
 
 # A language model's output head is commonly kept in float: it is small next to the blocks and sensitive.
 DEFAULT_LAYERS = LayerFilter(exclude=(r"(^|\.)lm_head$",))
@@ -187,21 +187,9 @@ def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, i
     losses: dict[str, float] = {}
 
     def quantize_scope(scope: Scope) -> None:
-        hessians: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in scope.layers}
-        handles = []
+        hessians = observe_inputs(scope, lambda acc, x: hessian_update(*(acc or (None, 0)), x))
         for name, layer in scope.layers.items():
-
-            def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                hessians[name] = hessian_update(*hessians[name], args[0])
-
-            handles.append(layer.register_forward_pre_hook(hook))
-        try:
-            scope.forward()
-        finally:
-            for h in handles:
-                h.remove()
-        for name, layer in scope.layers.items():
-            h, count = hessians[name]
+            h, count = hessians[name] or (None, 0)
             if h is None or count == 0:
                 ctx.warn(f"skipped {name}: it never ran on the calibration data (kept in float)")
                 continue

@@ -161,6 +161,26 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[A
     return calls
 
 
+def observe_inputs(scope: Scope, fold: Callable[[Any, torch.Tensor], Any]) -> dict[str, Any]:
+    """Run the scope once, folding each of its layers' inputs into a statistic: {layer: fold(...(None, x1), x2)}.
+
+    A layer that never ran keeps None."""
+    acc: dict[str, Any] = dict.fromkeys(scope.layers)
+    handles = []
+    for name, layer in scope.layers.items():
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            acc[name] = fold(acc[name], args[0])
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        scope.forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
 def _block_forward(block: nn.Module, calls: list[BlockCall]) -> Callable[[], list[torch.Tensor]]:
     def forward() -> list[torch.Tensor]:
         with torch.no_grad():
