@@ -110,8 +110,12 @@ def test_an_artifact_its_parity_gate_refuses_leaves_the_others(
     assert "model.onnx not written: the int8 graph does not compute" in " ".join(report.warnings)
     assert [a.name for a in report.artifacts] == ["digits-cnn (w8, eager)", "model.pt2 (AOTInductor)"]
     monkeypatch.setattr(onnx_export, "export_onnx", refuse)
-    with pytest.raises(onnx_export.ExportError, match="model.onnx: the int8 graph"):
+    with pytest.raises(onnx_export.ArtifactsRefused, match="model.onnx: the int8 graph"):
         compress("digits-cnn", load_recipe_with_export("onnx"), out_dir=tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()
+    from modelpress.core.errors import BadInputError
+
+    assert issubclass(onnx_export.ArtifactsRefused, BadInputError)  # the CLI's refusal: exit 2, nothing written
 
 
 def load_recipe_with_export(*kinds: str):  # noqa: ANN201 - the w8 recipe exporting only `kinds`

@@ -309,7 +309,9 @@ def _export_all(
     for kind, why in refused.items():
         ctx.report.warn(f"model.{kind} not written: {why}")
     if refused and not out:
-        raise ExportError("; ".join(f"model.{kind}: {why}" for kind, why in refused.items()))
+        from modelpress.export.onnx import ArtifactsRefused
+
+        raise ArtifactsRefused("; ".join(f"model.{kind}: {why}" for kind, why in refused.items()))
     return out
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpress.core.atomic import atomic_path
-from modelpress.core.errors import ModelpressError
+from modelpress.core.errors import BadInputError, ModelpressError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ class ExportWarning(UserWarning):
 
 class ExportError(ModelpressError):
     """The model cannot be exported, or the exported graph does not compute what the model computes."""
+
+
+class ArtifactsRefused(ExportError, BadInputError):
+    """Every artifact a recipe asks for was refused for this model (e.g. by its parity gate): the run gives
+    nothing faithful to write, which the CLI reports as a refusal (exit 2) naming each reason."""
 
 
 def export_onnx(
