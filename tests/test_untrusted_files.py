@@ -46,12 +46,16 @@ def _refused_by_the_cli(path: Path, capsys: pytest.CaptureFixture[str], *extra: 
     return message
 
 
-def _refused_everywhere(path: Path, fragment: str, sentinel: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Refused by the CLI (exit 2, the message naming `fragment`) and by `resolve`; the payload never ran."""
-    assert fragment in _refused_by_the_cli(path, capsys)
+def _refused_everywhere(path: Path, fragment: str, sentinel: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Refused by the CLI (exit 2, the message naming `fragment`) and by `resolve`; the payload never ran.
+
+    Returns the CLI's message."""
+    message = _refused_by_the_cli(path, capsys)
+    assert fragment in message
     with pytest.raises(UntrustedCodeError):
         resolve(path)
     assert not sentinel.exists()
+    return message
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -174,7 +178,11 @@ def test_torchscript_shaped_archive(tmp_path: Path, sentinel: Path, capsys: pyte
             "scripted/version": b"3\n",
         },
     )
-    _refused_everywhere(path, "scripted.pt is a TorchScript archive", sentinel, capsys)
+    message = _refused_everywhere(path, "scripted.pt is a TorchScript archive", sentinel, capsys)
+    assert "--trust-code" in message  # the refusal names the flag that would allow it
+    with zipfile.ZipFile(path) as archive:  # the payload is really there, unopened
+        assert archive.read("scripted/data.pkl") == payload
+    assert not sentinel.exists()
 
 
 def _code_writing(sentinel: Path) -> str:
