@@ -70,6 +70,20 @@ def _group_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
     return qparams_from_range(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), scheme)
 
 
+def usable_hessian(hessian: torch.Tensor, notes: list[str], fallback: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float copy of `hessian` the solvers can factor, and the mask of its dead inputs (zero on every sample).
+
+    A non-finite Hessian becomes the identity (the solver then acts on the weights alone: `fallback` says
+    what that means, noted); dead inputs get a unit diagonal, since nothing flows through them."""
+    h = hessian.detach().float().clone()
+    if not torch.isfinite(h).all():
+        notes.append(f"Hessian has non-finite values (NaN/inf calibration inputs); {fallback}")
+        h = torch.eye(h.shape[0], dtype=torch.float32, device=h.device)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    return h, dead
+
+
 def inverse_hessian_chol(h: torch.Tensor, damp: float, notes: list[str]) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of `H^-1` (K, K), raising the damping until `H + damp * mean(diag) I` factors."""
     k = h.shape[0]
@@ -123,13 +137,8 @@ def gptq_quantize(
 
     notes: list[str] = []
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    if not torch.isfinite(h).all():
-        notes.append("Hessian has non-finite values (NaN/inf calibration inputs); rounded to nearest instead")
-        h = torch.eye(k, dtype=torch.float32, device=w.device)
-    dead = torch.diag(h) == 0  # inputs that were always zero: no error to compensate through them
+    h, dead = usable_hessian(hessian, notes, "rounded to nearest instead")
     if dead.any():
-        h[dead, dead] = 1.0
         notes.append(f"{int(dead.sum())} input column(s) were zero on every calibration sample")
 
     groups = n_groups(k, gs)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modelpress.core.errors import ConfigError
-from modelpress.primitives.gptq import inverse_hessian_chol
+from modelpress.primitives.gptq import inverse_hessian_chol, usable_hessian
 from modelpress.primitives.masks import nm_mask
 
 
@@ -81,13 +81,8 @@ def sparsegpt_prune(
         raise ConfigError(f"block_size must be >= 1 (and a multiple of m for N:M), got {block_size}")
     notes: list[str] = []
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    if not torch.isfinite(h).all():
-        notes.append("Hessian has non-finite values (NaN/inf calibration inputs); pruned by magnitude instead")
-        h = torch.eye(k, dtype=torch.float32, device=w.device)
-    dead = torch.diag(h) == 0  # inputs that were always zero: their weights never contribute
-    if dead.any():
-        h[dead, dead] = 1.0
+    h, dead = usable_hessian(hessian, notes, "pruned by magnitude instead")
+    if dead.any():  # inputs that were always zero: their weights never contribute
         w[:, dead] = 0.0
         notes.append(f"{int(dead.sum())} input column(s) were zero on every calibration sample (pruned)")
     hinv, _ = inverse_hessian_chol(h, damp, notes)
