@@ -118,12 +118,17 @@ def _ops(folder: Path) -> dict[str, int]:
 
 
 def _check_generates_like_torch(
-    lm: nn.Module, folder: Path, steps: int = 8, prompt: torch.Tensor | None = None, exact: bool = True
+    lm: nn.Module,
+    folder: Path,
+    steps: int = 8,
+    prompt: torch.Tensor | None = None,
+    exact: bool = True,
+    margin: float = 0.1,
 ) -> None:
     """Greedy generation through the KV cache gives torch's tokens; every step's logits are torch's.
 
     With int8 activations (accuracy_level 4) a near tie may go the other way: then each token the graph
-    picks must be within a small margin of torch's best at that step."""
+    picks must be within `margin` of torch's best at that step (these models' logits spread about 1.8)."""
     ids = _prompt() if prompt is None else prompt
     ours, logits = _ort_greedy(folder, ids, steps)
     full = torch.from_numpy(np.concatenate([ids.numpy(), ours[:, :-1]], axis=1))
@@ -138,7 +143,7 @@ def _check_generates_like_torch(
     else:
         step_logits = want[:, ids.shape[1] - 1 :]  # torch's logits where each new token was chosen
         picked = np.take_along_axis(step_logits, ours[..., None], axis=-1)[..., 0]
-        assert (picked >= step_logits.max(-1) - 0.1).all()
+        assert (picked >= step_logits.max(-1) - margin).all()
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -212,9 +217,12 @@ def test_a_float_lm_head_is_quantized_by_the_export_and_a_tied_lookup_reads_its_
     assert "lm_head" in report["float"] and "lm_head" not in report["matmul_nbits"]
 
 
-def test_a_tied_head_quantized_with_its_table_is_one_table(tmp_path, tokenizer):
+@pytest.mark.parametrize("table", [{"embedding_bits": 8}, {"head_bits": 4}])
+def test_a_tied_head_quantized_with_its_table_is_one_table(tmp_path, tokenizer, table):
+    """An int8 table whose codes the head holds, or (`head_bits`) a 4-bit head calibrated by GPTQ whose codes
+    the table takes: either way one table in the file, read by the head's MatMulNBits and the lookup."""
     float_lm = _lm(tied=True, vocab_size=1024)  # 65,536 values: a table the pass quantizes
-    cfg = GPTQConfig(bits=4, group_size=32, embedding_bits=8, embedding_group_size=32)
+    cfg = GPTQConfig(bits=4, group_size=32, embedding_group_size=32, **table)
     lm = quantize(float_lm, cfg, data=_calibration(), ctx=Context(show_progress=False))
     report = export_genai(lm, tmp_path / "g", tokenizer=tokenizer)
     assert report["matmul_nbits"]["lm_head"].endswith("its codes also serve the embedding lookup (one table)")
@@ -223,7 +231,8 @@ def test_a_tied_head_quantized_with_its_table_is_one_table(tmp_path, tokenizer):
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     np.testing.assert_array_equal(inits["lm_head.B"], nbits_tensors(lm.lm_head)[0])  # the pass's own codes
     assert next(n for n in graph.node if n.name.startswith("embed/Gather")).op_type == "GatherBlockQuantized"
-    _check_generates_like_torch(lm, tmp_path / "g", exact=False)
+    # int8 activations into a 4-bit head move the logits more than into an 8-bit one (measured: 0.10)
+    _check_generates_like_torch(lm, tmp_path / "g", exact=False, margin=0.1 if "embedding_bits" in table else 0.2)
 
 
 @pytest.mark.parametrize("level", [4, 0])

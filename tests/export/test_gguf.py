@@ -81,7 +81,7 @@ def _check_blocks(model: nn.Module, path: Path, report: dict, exact: bool) -> No
     ours = _ours(model)
     checked = 0
     for name, rec in report["tensors"].items():
-        if rec["type"] not in ("Q4_0", "Q4_1", "Q8_0"):
+        if rec["type"] not in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
             continue
         qtype, theirs = tensors[name]
         assert qtype.name == rec["type"]
@@ -128,7 +128,14 @@ def test_gguf_scale_is_stored_exactly_by_fp16():
 
 @pytest.mark.parametrize(
     ("bits", "symmetric", "granularity", "qtype"),
-    [(4, True, "group", "Q4_0"), (4, False, "group", "Q4_1"), (8, True, "group", "Q8_0"), (8, True, "channel", "Q8_0")],
+    [
+        (4, True, "group", "Q4_0"),
+        (4, False, "group", "Q4_1"),
+        (5, True, "group", "Q5_0"),
+        (5, False, "group", "Q5_1"),
+        (8, True, "group", "Q8_0"),
+        (8, True, "channel", "Q8_0"),
+    ],
 )
 def test_codes_become_blocks_and_run_in_transformers(tmp_path, bpe_tokenizer, bits, symmetric, granularity, qtype):
     cfg = WeightOnlyConfig(bits=bits, symmetric=symmetric, granularity=granularity, group_size=32)
@@ -139,18 +146,19 @@ def test_codes_become_blocks_and_run_in_transformers(tmp_path, bpe_tokenizer, bi
     assert report["file_type"] == f"MOSTLY_{qtype}"
     assert report["not_quantized"] == {"token_embd.weight": "not quantized"}
     _check_blocks(model, tmp_path / "m.gguf", report, exact=False)
-    # fp16 scales: at most 2^-11 relative, so |q| * 2^-11 steps; Q4_1's fp16 offset adds a little more
-    assert report["max_step_diff"] <= 2.0**-11 * 2 ** (bits - 1) + 0.01
+    # fp16 scales: at most 2^-11 relative, so |q - zp| * 2^-11 steps; Q4_1's / Q5_1's fp16 offset zp * d adds zp * 2^-11
+    codes = 2 ** (bits - 1) if symmetric else 2 * (2**bits - 1)
+    assert report["max_step_diff"] <= 2.0**-11 * codes
     if symmetric:
         assert report["max_rel_diff"] <= 2.0**-11
     _check_runs_in_transformers(model, tmp_path / "m.gguf")
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_snapped_scales_make_the_file_bit_exact(tmp_path, symmetric):
-    model = quantize(_llama(), WeightOnlyConfig(bits=4, symmetric=symmetric, granularity="group", group_size=32))
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (5, True), (5, False)])
+def test_snapped_scales_make_the_file_bit_exact(tmp_path, bits, symmetric):
+    model = quantize(_llama(), WeightOnlyConfig(bits=bits, symmetric=symmetric, granularity="group", group_size=32))
     changes = [snap_to_gguf(m) for m in model.modules() if isinstance(m, QLinear)]
-    assert max(changes) <= 2.0 ** -(11 if symmetric else 7)
+    assert max(changes) <= 2.0 ** -(11 if symmetric else 11 - bits)  # an offset of `bits` bits shares fp16's 11
     report = export_gguf(model, tmp_path / "m.gguf")
     assert report["max_abs_diff"] == 0.0 and report["max_rel_diff"] == 0.0
     _check_blocks(model, tmp_path / "m.gguf", report, exact=True)
@@ -222,6 +230,52 @@ def test_a_tied_head_quantized_with_its_table_is_written_once(tmp_path):
     assert "output.weight" not in _read(tmp_path / "tied-q8.gguf")
     _check_blocks(q, tmp_path / "tied-q8.gguf", report, exact=False)
     _check_runs_in_transformers(q, tmp_path / "tied-q8.gguf")
+
+
+def test_a_tied_head_calibrated_at_4_bits_gives_its_codes_to_the_table(tmp_path):
+    """`head_bits`: GPTQ quantizes the tied head on its own inputs and the table takes its codes (one 4-bit
+    table, written once as Q4_0); with `embedding_bits` too, the two are untied and quantized each its way."""
+    from modelpress.core.context import Context
+    from modelpress.quant.gptq import GPTQConfig
+    from modelpress.quant.modules import holds_table_codes
+
+    lm = _llama(vocab=1024, tied=True)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 1024, (2, 32), generator=g),) for _ in range(4)]
+    ctx = Context(show_progress=False)
+    cfg = GPTQConfig(bits=4, group_size=32, symmetric=True, head_bits=4, embedding_group_size=32)
+    q = quantize(lm, cfg, data=data, ctx=ctx)
+    head, table = q.lm_head, q.model.embed_tokens
+    assert isinstance(head, QLinear) and isinstance(table, QEmbedding) and holds_table_codes(head, table)
+    assert head.weight_scheme.bits == 4 and head.weight_scheme.group_size == 32 and table.packed
+    stats = ctx.report.passes[-1].stats
+    assert stats["embeddings"] == ["model.embed_tokens"] and "lm_head" in stats["loss"]
+    # calibrated: on the head's real inputs the GPTQ codes beat rounding the float table to nearest
+    hidden = []
+    hook = q.lm_head.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
+    with torch.no_grad():
+        for (ids,) in data:
+            q(ids)
+    hook.remove()
+    x = torch.cat(hidden).flatten(0, 1)
+    rtn = QLinear.from_float(lm.lm_head, head.weight_scheme)
+    with torch.no_grad():
+        ref = x @ lm.lm_head.weight.t()
+        assert (head(x) - ref).pow(2).mean() < 0.9 * (rtn(x) - ref).pow(2).mean()
+    report = export_gguf(q, tmp_path / "tied-q4.gguf")
+    assert report["tensors"]["token_embd.weight"]["type"] == "Q4_0"
+    assert report["tensors"]["output.weight"]["type"] == "tied to token_embd"
+    _check_blocks(q, tmp_path / "tied-q4.gguf", report, exact=False)
+    _check_runs_in_transformers(q, tmp_path / "tied-q4.gguf")
+
+    untied = quantize(lm, GPTQConfig(bits=4, group_size=32, head_bits=4, embedding_bits=8, embedding_group_size=32),
+                      data=data, ctx=Context(show_progress=False))  # fmt: skip
+    assert untied.lm_head.weight_scheme.bits == 4 and untied.model.embed_tokens.weight_scheme.bits == 8
+    assert not holds_table_codes(untied.lm_head, untied.model.embed_tokens)
+    report = export_gguf(untied, tmp_path / "untied.gguf")
+    assert report["tensors"]["token_embd.weight"]["type"] == "Q8_0"
+    assert report["tensors"]["output.weight"]["type"] == "Q4_0"
+    _check_runs_in_transformers(untied, tmp_path / "untied.gguf")
 
 
 def test_built_tokenizer_round_trips(tmp_path, bpe_tokenizer):

@@ -41,6 +41,7 @@ def _mlp() -> nn.Module:
         ({"damp": 0.0}, "damp must be in \\(0, 1\\]"),
         ({"block_size": 0}, "block_size must be >= 1"),
         ({"calibration_batches": 0}, "calibration_batches must be >= 1"),
+        ({"head_bits": 9}, "head_bits must be in \\[2, 8\\] \\(or null: the head stays as `layers` says\\), got 9"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):

@@ -6,12 +6,14 @@ with one fp16 scale, so a `QLinear` whose groups are multiples of 32 maps onto t
     ours (scheme)                               GGML   block value             codes written
     symmetric, bits <= 4                        Q4_0   d * (nibble - 8)        nibble = q + 8
     asymmetric, bits <= 4                       Q4_1   d * nibble + m          nibble = q, m = -zero_point * d
+    symmetric, 5 bits                           Q5_0   d * (v - 16)            v = q + 16 (4 low bits + 1 high)
+    asymmetric, 5 bits                          Q5_1   d * v + m               v = q, m = -zero_point * d
     symmetric, bits <= 8                        Q8_0   d * q                   q (int8)
     asymmetric, bits <= 7                       Q8_0   d * q                   q - zero_point (fits int8)
     anything else, widths not a multiple of 32  F16 / F32 of the dequantized weight, with the reason
 
 `d` is our scale (per output row and group; per row for `channel`), stored in fp16: where the fp32 scale
-(or Q4_1's offset) is not an fp16 value, GGUF's weight differs from ours by that rounding, which the
+(or Q4_1's / Q5_1's offset) is not an fp16 value, GGUF's weight differs from ours by that rounding, which the
 returned report measures per tensor. `gguf_scale` gives the nearest scale GGUF stores exactly; a
 quantization pass that picks it before choosing its codes makes the file bit-exact (`snap_to_gguf`
 does it afterwards on a quantized layer, keeping its codes).
@@ -53,8 +55,11 @@ _FILE_TYPES = {
     QType.F16: gguf.LlamaFileType.MOSTLY_F16,
     QType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     QType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    QType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+    QType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
     QType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
 }
+_EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # our codes written block for block
 _WRAPPER_ATTRS = ("hf", "lm", "model", "module")
 
 
@@ -86,8 +91,8 @@ def gguf_scale(scale: torch.Tensor, zero_point: torch.Tensor | int = 0) -> torch
 
 def _offset_bits(layer: _QuantBase | QEmbedding) -> torch.Tensor | int:
     scheme = layer.weight_scheme
-    if isinstance(layer, QEmbedding) or scheme.symmetric or scheme.bits > 4:
-        return 0  # Q4_0 / Q8_0: only the scale is stored
+    if isinstance(layer, QEmbedding) or scheme.symmetric or scheme.bits > 5:
+        return 0  # Q4_0 / Q5_0 / Q8_0: only the scale is stored
     return layer.weight_zero_point
 
 
@@ -145,6 +150,8 @@ def _block_type(layer: QLinear | QEmbedding, scale: torch.Tensor, zp: torch.Tens
         qtype = QType.Q4_0
     elif scheme.bits <= 4:
         qtype = QType.Q4_1
+    elif scheme.bits == 5:
+        qtype = QType.Q5_0 if scheme.symmetric else QType.Q5_1
     elif scheme.symmetric and scheme.bits <= 8:
         qtype = QType.Q8_0
     elif scheme.bits <= 7:
@@ -166,14 +173,19 @@ def _pack_blocks(qtype: QType, codes: torch.Tensor, scale: torch.Tensor, zp: tor
     z = zp[:, ::BLOCK].reshape(rows, nb, 1).numpy()
     if qtype == QType.Q8_0:
         qs = (q - z).astype(np.int8).view(np.uint8)  # (R, nb, 32)
-        parts = [d, qs]
-    else:
-        nib = (q + 8 if qtype == QType.Q4_0 else q).astype(np.uint8)  # values 0..15
-        qs = nib[..., : BLOCK // 2] | (nib[..., BLOCK // 2 :] << np.uint8(4))  # value j low, j + 16 high
-        parts = [d, qs]
-        if qtype == QType.Q4_1:
-            m = (-(z.astype(np.float32)) * scale[:, ::BLOCK].reshape(rows, nb, 1).numpy()).astype(np.float16)
-            parts = [d, m.view(np.uint8).reshape(rows, nb, 2), qs]
+        return np.ascontiguousarray(np.concatenate([d, qs], axis=-1).reshape(rows, -1))
+    offset = {QType.Q4_0: 8, QType.Q5_0: 16}.get(qtype, 0)  # symmetric types store q + offset, unsigned
+    v = (q + offset).astype(np.uint32)  # 0..15 (Q4_x) or 0..31 (Q5_x)
+    nib = (v & 15).astype(np.uint8)
+    qs = nib[..., : BLOCK // 2] | (nib[..., BLOCK // 2 :] << np.uint8(4))  # value j low, j + 16 high
+    parts = [d]
+    if qtype in (QType.Q4_1, QType.Q5_1):
+        m = (-(z.astype(np.float32)) * scale[:, ::BLOCK].reshape(rows, nb, 1).numpy()).astype(np.float16)
+        parts.append(m.view(np.uint8).reshape(rows, nb, 2))
+    if qtype in (QType.Q5_0, QType.Q5_1):  # the fifth bit of value j is bit j of a little-endian uint32
+        qh = ((v >> 4) << np.arange(BLOCK, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+        parts.append(qh.astype("<u4").view(np.uint8).reshape(rows, nb, 4))
+    parts.append(qs)
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(rows, -1))
 
 
@@ -526,7 +538,7 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
 
-    quantized = {k: v for k, v in report.items() if v["type"] in ("Q4_0", "Q4_1", "Q8_0")}
+    quantized = {k: v for k, v in report.items() if v["type"] in _EXACT_TYPES}
     return {
         "path": str(path),
         "size_bytes": path.stat().st_size,

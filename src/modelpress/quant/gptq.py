@@ -10,6 +10,7 @@ of the already quantized blocks before it (`quant.sequential`).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from modelpress.core.errors import BadInputError, ConfigError, DataError
 from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.gptq import gptq_quantize, hessian_update
-from modelpress.quant.modules import ActSpec, QLinear
+from modelpress.quant.modules import ActSpec, QEmbedding, QLinear
 from modelpress.quant.ptq import (
     LayerFilter,
     _check_bits,
@@ -55,10 +56,18 @@ class GPTQConfig(Config):
     # the embedding table as integers too (symmetric, per group of a row), and a head tied to it with the same codes
     embedding_bits: int | None = None
     embedding_group_size: int | None = None
+    # the output head (`lm_head`) calibrated too, at these bits (symmetric, in groups of `embedding_group_size`,
+    # else `group_size`). A head tied to the embedding table keeps it tied: the table takes the head's codes,
+    # unless `embedding_bits` is given (then the table is quantized on its own and the two are untied)
+    head_bits: int | None = None
 
     def validate(self) -> None:
         validate_weight_settings(self.bits, self.group_size, self.calibration_batches)
-        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
+        if self.head_bits is not None and not 2 <= self.head_bits <= 8:
+            raise ConfigError(f"head_bits must be in [2, 8] (or null: the head stays as `layers` says), "
+                              f"got {self.head_bits}")  # fmt: skip
+        # a table taking a calibrated head's codes has the head's groups: embedding_group_size without embedding_bits
+        _check_embedding_bits(self.embedding_bits or self.head_bits, self.embedding_group_size)
         if not 0 < self.damp <= 1:
             raise ConfigError(f"damp must be in (0, 1], got {self.damp}")
         if self.block_size < 1:
@@ -73,6 +82,36 @@ def embedded_tables(model: nn.Module, cfg: Any, ctx: Context) -> list[str]:
     if cfg.embedding_bits is None:
         return []
     return quantize_embeddings(model, cfg.embedding_bits, cfg.embedding_group_size, ctx)
+
+
+HEAD = r"(^|\.)lm_head$"  # the output head of a transformers causal LM
+
+
+def output_heads(model: nn.Module, ctx: Context) -> dict[str, tuple[nn.Linear, str | None]]:
+    """The float Linear output heads (`lm_head`), each with the name of the embedding table it is tied to."""
+    tables = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    heads = {n: (m, tables.get(id(m.weight))) for n, m in model.named_modules()
+             if type(m) is nn.Linear and re.search(HEAD, n)}  # fmt: skip
+    if not heads:
+        ctx.warn("head_bits: the model has no float Linear lm_head; nothing more is quantized")
+    return heads
+
+
+def share_head_codes(model: nn.Module, heads: dict[str, tuple[nn.Linear, str | None]], ctx: Context) -> list[str]:
+    """Each table tied to a quantized head takes the head's codes (`QEmbedding.from_head`); returns their names."""
+    shared = []
+    for head_name, (_, table_name) in heads.items():
+        head = model.get_submodule(head_name)
+        if table_name is None or not isinstance(head, QLinear):
+            continue
+        table = model.get_submodule(table_name)
+        try:
+            _set_submodule(model, table_name, QEmbedding.from_head(table, head))
+        except ConfigError as err:
+            ctx.warn(f"{table_name} kept float, untied from {head_name}: {err}")
+            continue
+        shared.append(table_name)
+    return shared
 
 
 def validate_weight_settings(bits: int, group_size: int, calibration_batches: int) -> None:
@@ -183,7 +222,14 @@ def check_group_widths(layers: dict[str, nn.Linear], group_size: int, ctx: Conte
 def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, int] | None = None) -> nn.Module:
     start = time.perf_counter()
     prep = prepare_calibrated(model, cfg, ctx, overrides, "GPTQ")
-    batches, converted, scheme_of, selected = prep.batches, prep.converted, prep.scheme_of, prep.selected
+    batches, converted, selected = prep.batches, prep.converted, prep.selected
+    heads = output_heads(model, ctx) if cfg.head_bits is not None else {}
+    selected.update({name: head for name, (head, _) in heads.items()})
+    head_scheme = weight_scheme(cfg.head_bits or cfg.bits, True, cfg.embedding_group_size or cfg.group_size)
+
+    def scheme_of(name: str) -> QuantScheme:
+        return head_scheme if name in heads else prep.scheme_of(name)
+
     losses: dict[str, float] = {}
 
     def quantize_scope(scope: Scope) -> None:
@@ -203,6 +249,7 @@ def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, i
             losses[name] = res.loss
 
     stats = run_sequential(model, batches, selected, quantize_scope, ctx, "GPTQ")
+    tables = [] if cfg.embedding_bits is not None else share_head_codes(model, heads, ctx)
     ctx.report.add_pass(
         "quantize/gptq",
         time.perf_counter() - start,
@@ -211,7 +258,7 @@ def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, i
         group_size=cfg.group_size,
         loss=losses,
         conv1d_converted=converted,
-        embeddings=embedded_tables(model, cfg, ctx),
+        embeddings=tables + embedded_tables(model, cfg, ctx),
         **stats,
     )
     return model

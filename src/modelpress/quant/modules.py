@@ -239,6 +239,34 @@ class QEmbedding(nn.Module):
         else:
             self.register_buffer("weight_q", codes)  # (V, D)
 
+    @classmethod
+    def from_head(cls, embedding: nn.Embedding, head: QLinear) -> QEmbedding:
+        """The table of a tied head that was quantized on its own (GPTQ, `head_bits`): the head's codes and
+        scales, so the lookup and the head stay one table (`holds_table_codes`). The head's scheme must be
+        symmetric, per row or in groups that divide the width."""
+        ws = head.weight_scheme
+        width = embedding.embedding_dim
+        group = width if ws.granularity == "channel" else ws.group_size
+        if not ws.symmetric or ws.granularity not in ("channel", "group") or width % group or head.bias is not None:
+            raise ConfigError(f"a table takes a head's codes only from symmetric groups that divide its width {width}")
+        if tuple(head.weight_shape) != tuple(embedding.weight.shape):
+            raise ConfigError(f"the head's weight {tuple(head.weight_shape)} is not the table's "
+                              f"{tuple(embedding.weight.shape)}")  # fmt: skip
+        table = cls.__new__(cls)
+        nn.Module.__init__(table)
+        table.num_embeddings, table.embedding_dim = embedding.weight.shape
+        table.group_size = group
+        table.weight_scheme = QuantScheme(ws.bits, True, "group", 0, group)
+        table.padding_idx = embedding.padding_idx
+        codes = head.weight_codes().to(torch.int8)
+        table.register_buffer("weight_scale", head.weight_scale.float().reshape(table.num_embeddings, -1).clone())
+        table.packed = ws.bits <= 4 and width % 2 == 0
+        if table.packed:
+            table.register_buffer("weight_packed", pack_int4_pairs((codes.to(torch.int16) + 8).to(torch.uint8)))
+        else:
+            table.register_buffer("weight_q", codes.clone())
+        return table
+
     def codes(self) -> torch.Tensor:
         """The (V, D) int8 codes, unpacked."""
         if not self.packed:
