@@ -143,7 +143,11 @@ def assert_ok(family: str, recipe: str, exports: list[str], out: Path, err: str)
     assert (out / ".modelpress").exists() and (out / "report.md").is_file() and (out / "recipe.yaml").is_file()
     assert (out / "model.onnx").is_file(), warnings
     parity = report["parity"]
-    assert parity["onnx"]["mean_cosine"] >= 0.999, parity  # the gate: the graph computes the compressed model
+    # the gate: the graph computes the compressed model, or differs from it within the model's own spread
+    onnx_parity = parity["onnx"]
+    assert onnx_parity["mean_cosine"] >= 0.999 or (
+        onnx_parity["mean_cosine"] >= 1 - 2 * (1 - onnx_parity["noise_floor"]) and "within its own spread" in warnings
+    ), parity
     floor = next(v for k, v in MIN_COSINE_TO_ORIGINAL.items() if recipe.startswith(k))
     assert parity["eager_mean_cosine_to_original"] >= floor, (parity, warnings)
     base = report["baseline"]["quality"]

@@ -414,6 +414,7 @@ def _parity(
     import torch
 
     from modelpress.export.onnx import compare_outputs, real_positions
+    from modelpress.export.onnx_quant import MIN_COSINE, noise_floor
     from modelpress.export.runtime import AotiModel, OnnxModel
 
     def first(fn: Any) -> torch.Tensor:
@@ -429,6 +430,8 @@ def _parity(
         check = compare_outputs(expected, actual, positions)
         to_original = compare_outputs(reference, actual, positions)["mean_cosine"]
         out[kind] = {**check, "mean_cosine_to_original": to_original}
+        if kind == "onnx" and check["mean_cosine"] < MIN_COSINE:  # passed the gate within the model's own spread
+            out[kind]["noise_floor"] = noise_floor(compressed, example)
     out["eager_mean_cosine_to_original"] = compare_outputs(reference, expected, positions)["mean_cosine"]
     return out
 

@@ -189,6 +189,40 @@ def test_failed_int8_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: p
     assert list(tmp_path.iterdir()) == []
 
 
+class _Deep(nn.Module):
+    """Residual stack of Linear layers: int8 activation codes that flip move everything after them."""
+
+    def __init__(self, depth: int = 24, width: int = 64) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        return self.head(x)
+
+
+def test_a_model_moved_by_float_rounding_is_held_to_its_own_spread() -> None:
+    """The gate below MIN_COSINE: a float model does not move under float rounding (floor 1, nothing passes
+    below the bar); an int8 one does, and a graph within NOISE_FACTOR of that spread passes with a warning
+    giving both figures, one further away is refused."""
+    from modelpress.quant import DynamicQuantConfig, quantize
+
+    torch.manual_seed(0)
+    model, x = _Deep().eval(), (torch.randn(4, 16, 64),)
+    assert onnx_quant.noise_floor(model, x) == pytest.approx(1.0, abs=1e-9)
+    qmodel = quantize(model, DynamicQuantConfig(act_granularity="token"))
+    floor = onnx_quant.noise_floor(qmodel, x)
+    assert floor < 1.0 - 1e-7  # rounding flips codes
+    assert onnx_quant.noise_floor(qmodel, x) == floor  # seeded: the same figure every time
+    spread = 1.0 - floor
+    with pytest.warns(onnx_quant.ExportWarning, match="within its own spread"):
+        onnx_quant._within_noise_floor(qmodel, x, {"mean_cosine": 1.0 - 1.5 * spread, "max_abs": 0.1})
+    with pytest.raises(ExportError, match=r"float rounding alone moves the model to 0\.9999"):
+        onnx_quant._within_noise_floor(qmodel, x, {"mean_cosine": 1.0 - 3 * spread, "max_abs": 0.1})
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_bert_attention_becomes_qattention(tmp_path: Path, static: bool) -> None:
     model = tiny_bert()

@@ -50,9 +50,12 @@ from modelpress.export.onnx import (
     ExportError,
     ExportWarning,
     _as_tuple,
+    _first,
     add_session_hints,
     check_parity,
+    compare_outputs,
     export_float,
+    real_positions,
     replace_nodes,
 )
 from modelpress.export.onnx_standins import as_lowered, qparams, swap_in_float
@@ -65,6 +68,15 @@ log = logging.getLogger(__name__)
 # 0.9994. Rounding flips cascade through a deep model, so coarse schemes can miss it (MiniLM with dynamic
 # per-tensor activations: ~0.997, also between two correct eager paths); such exports are refused.
 MIN_COSINE = 0.999
+# ...unless the quantized model itself moves that far under float rounding. In a deep model an input a few
+# ulps away flips an activation code, which flips more codes downstream until two runs differ by independent
+# rounding noise (measured: SmolLM2-135M with int8 activations gives mean cosine 0.9975 against itself when
+# its embedding output moves by 1e-7 relative, the fp32 model 1.0000). Such a model is compared with its own
+# spread: `noise_floor` perturbs every quantized layer's input by NOISE_EPS (relative, a few fp32 ulps, as two
+# runtimes' float kernels differ) and the graph may differ from the model by NOISE_FACTOR times that.
+NOISE_EPS = 1e-6
+NOISE_SEEDS = 2
+NOISE_FACTOR = 2.0
 _TINY = np.float32(np.finfo(np.float32).tiny)  # scale floor: an all-zero row still quantizes to zeros
 
 
@@ -120,13 +132,60 @@ def export_quantized_onnx(
         add_session_hints(proto)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        parity = check_parity(as_lowered(model, embeddings, conv), tmp, inputs)
+        reference = as_lowered(model, embeddings, conv)
+        parity = check_parity(reference, tmp, inputs)
         if parity["mean_cosine"] < MIN_COSINE:
-            raise ExportError(
-                f"the int8 graph does not compute what the quantized model computes: mean cosine "
-                f"{parity['mean_cosine']:.5f} < {MIN_COSINE} (max abs difference {parity['max_abs']:.3g})"
-            )
+            _within_noise_floor(reference, inputs, parity)
     return out_path
+
+
+def noise_floor(model: nn.Module, inputs: Sequence[Any], seeds: int = NOISE_SEEDS, eps: float = NOISE_EPS) -> float:
+    """The lowest mean cosine of `model`'s output against itself when the input of every quantized layer is
+    multiplied by `1 + eps * N(0, 1)` (one draw per value, `seeds` runs): how far float rounding alone moves it."""
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, (QLinear, QConv))]
+    with torch.inference_mode():
+        expected = _first(model(*inputs)).float()
+    positions = real_positions(inputs, expected)
+    worst = 1.0
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+
+        def nudge(_m: nn.Module, args: tuple[Any, ...], g: torch.Generator = g) -> tuple[Any, ...]:
+            x = args[0]
+            return (x * (1 + eps * torch.randn(x.shape, generator=g, dtype=x.dtype)), *args[1:])
+
+        hooks = [m.register_forward_pre_hook(nudge) for m in layers]
+        try:
+            with torch.inference_mode():
+                moved = _first(model(*inputs)).float()
+        finally:
+            for h in hooks:
+                h.remove()
+        worst = min(worst, compare_outputs(expected, moved, positions)["mean_cosine"])
+    return worst
+
+
+def _within_noise_floor(reference: nn.Module, inputs: Sequence[Any], parity: dict[str, float]) -> None:
+    """Pass a graph below MIN_COSINE whose distance from the model is within NOISE_FACTOR times the model's
+    own spread under float rounding (`noise_floor`), with a warning giving both; refuse it otherwise."""
+    floor = noise_floor(reference, inputs)
+    allowed = 1.0 - NOISE_FACTOR * (1.0 - floor)
+    got = parity["mean_cosine"]
+    if got < allowed:
+        raise ExportError(
+            f"the int8 graph does not compute what the quantized model computes: mean cosine {got:.5f} < "
+            f"{MIN_COSINE} (max abs difference {parity['max_abs']:.3g}); float rounding alone moves the model to "
+            f"{floor:.5f}, so at most {NOISE_FACTOR:g}x that spread ({allowed:.5f}) is accepted"
+        )
+    warnings.warn(
+        f"model.onnx differs from the quantized model by mean cosine {got:.5f} (< {MIN_COSINE}), within its own "
+        f"spread: float rounding alone (inputs of its quantized layers moved by {NOISE_EPS:g}) moves the model to "
+        f"{floor:.5f}; the export is accepted, its quality is measured on its own",
+        ExportWarning,
+        stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------- graph rewrite
