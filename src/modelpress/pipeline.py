@@ -90,7 +90,6 @@ def compress(
                 _record_data(report, entry, "calibration", count=sum(len(batch[0]) for batch in data))
         ctx = Context(
             data=data,
-            eval_data=eval_data,
             threads=threads,
             show_progress=progress,
             report=report,

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
 
 from modelpress.core import Config, ConfigError, UnknownConfigError, config_type
+from modelpress.core.config import register_config_type
 
 
 @dataclass(frozen=True)
@@ -86,3 +88,17 @@ def test_type_mismatch_and_missing_type():
         Config.from_dict({"rate": 0.1})
     with pytest.raises(ConfigError, match="must be a mapping"):
         Outer.from_dict(["rate", 0.1])  # type: ignore[arg-type]
+
+
+def test_a_second_class_under_a_taken_name_is_refused():
+    first = re.escape(f"{Outer.__module__}.Inner")  # the module-level Inner (Outer shares its module)
+    with pytest.raises(ValueError, match=rf"'Inner' is already taken by {first}; .*another class name") as e:
+
+        @dataclass(frozen=True)
+        class Inner(Config):  # same bare name as the module-level Inner, a different class
+            other: int = 0
+
+    assert "test_a_second_class_under_a_taken_name_is_refused.<locals>.Inner" in str(e.value)
+    assert config_type("Inner").__module__ == Outer.__module__  # the first class stays registered
+    register_config_type(Outer)  # the same class again is allowed
+    assert config_type("Outer") is Outer

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from modelpress.core import ConfigError, Context, DataError
-from modelpress.quant import MixedPrecisionConfig, QLinear, WeightOnlyConfig, quantize
-from modelpress.quant.sensitivity import fidelity_metric, sensitivity
+from modelpress.quant import LayerFilter, MixedPrecisionConfig, QLinear, WeightOnlyConfig, quantize
+from modelpress.quant.sensitivity import _promote, fidelity_metric, sensitivity
 
 
 def _model() -> nn.Module:
@@ -55,3 +55,16 @@ def test_mixed_precision_bad_input():
         MixedPrecisionConfig(metric="speed")
     with pytest.raises(DataError, match="needs input batches"):
         quantize(_model(), MixedPrecisionConfig())
+
+
+@pytest.mark.parametrize("high_bits", [8, None])
+def test_promotion_keeps_the_base_layer_filter_types(high_bits):
+    layers = LayerFilter(include=("^[024]$",), exclude=("^4$",), types=("Linear",))
+    cfg = MixedPrecisionConfig(base=WeightOnlyConfig(bits=4, layers=layers), high_bits=high_bits)
+    qcfg, overrides = _promote(cfg, ["2"])
+    assert qcfg.layers.types == ("Linear",)  # promoting to float must not widen the filter to every type
+    assert qcfg.layers.include == ("^[024]$",)
+    if high_bits is None:
+        assert qcfg.layers.exclude == ("^4$", "^2$") and overrides == {}
+    else:
+        assert qcfg.layers == layers and overrides == {"2": 8}

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from modelpress.core import Context, DataError
+from modelpress.core.modules import set_submodule
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant import LayerFilter, QLinear, WeightOnlyConfig, quantize
 from modelpress.quant.gptq import GPTQConfig
-from modelpress.quant.ptq import _set_submodule
 from modelpress.quant.sequential import (
     Scope,
     capture_block_inputs,
@@ -92,7 +92,7 @@ def test_each_block_sees_the_quantized_outputs_of_the_blocks_before():
     def rtn_block(scope: Scope) -> None:
         seen[scope.name] = scope.forward()[0]
         for name, layer in scope.layers.items():
-            _set_submodule(model, name, QLinear.from_float(layer, scheme))
+            set_submodule(model, name, QLinear.from_float(layer, scheme))
 
     stats = run_sequential(model, batches, selected, rtn_block, Context(show_progress=False), "test")
     assert stats["blocks"] == 3 and "outside_blocks" not in stats

@@ -1,4 +1,4 @@
-"""Core abstractions shared by every pass: configs, registry, context, report, errors."""
+"""Core abstractions shared by every pass: configs, registry, context, report, errors, module-tree helpers."""
 
 from modelpress.core.config import Config, config_type
 from modelpress.core.context import Context, default_cache_dir
@@ -13,6 +13,7 @@ from modelpress.core.errors import (
     UnsafePickleError,
     UntrustedCodeError,
 )
+from modelpress.core.modules import set_submodule
 from modelpress.core.registry import PASSES, Registry, apply, register
 from modelpress.core.report import Latency, ModelStats, PassRecord, Quality, Report
 
@@ -25,6 +26,7 @@ __all__ = [
     "PASSES",
     "register",
     "apply",
+    "set_submodule",
     "Report",
     "ModelStats",
     "Latency",

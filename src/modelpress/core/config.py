@@ -40,14 +40,15 @@ MAX_SEED = 2**32 - 1  # seeds are offset per layer or epoch and handed to torch,
 
 @dataclass(frozen=True)
 class Config:
-    """Base of all pass configs. Subclasses are frozen dataclasses and register by class name."""
+    """Base of all pass configs. Subclasses are frozen dataclasses and register by class name,
+    which must be unique (`register_config_type`)."""
 
     type_name: ClassVar[str] = "Config"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        register_config_type(cls)
         cls.type_name = cls.__name__
-        _CONFIG_TYPES[cls.__name__] = cls
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -149,6 +150,24 @@ def _check_numbers(cfg: Config) -> None:
                 stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
             elif isinstance(value, dict):
                 stack.extend((f"{where}[{show_value(k)}]", v) for k, v in value.items())
+
+
+def register_config_type(cls: type[Config]) -> None:
+    """Record `cls` under its bare class name, the `type` that recipes and report.json name it by.
+
+    Every subclass of `Config` is registered when it is defined. Registering the same class again (or its
+    new definition when its module is reloaded) replaces it; a different class under a name already taken
+    raises `ValueError` naming both, since the second would otherwise silently replace the first for every
+    recipe that names it.
+    """
+    taken = _CONFIG_TYPES.get(cls.__name__)
+    reloaded = taken is not None and (taken.__module__, taken.__qualname__) == (cls.__module__, cls.__qualname__)
+    if taken is not None and taken is not cls and not reloaded:  # a module reloaded redefines its own classes
+        raise ValueError(
+            f"config type name {cls.__name__!r} is already taken by {taken.__module__}.{taken.__qualname__}; "
+            f"{cls.__module__}.{cls.__qualname__} needs another class name (configs are looked up by class name)"
+        )
+    _CONFIG_TYPES[cls.__name__] = cls
 
 
 def config_type(name: str) -> type[Config]:

@@ -37,10 +37,8 @@ class Context:
     """Everything a pass may use besides the model and its config."""
 
     data: Iterable[Any] | None = None  # calibration / training batches
-    eval_data: Path | None = None  # folder or file for the task metric (e.g. the STS-B folder)
     threads: int | None = None  # torch intra-op threads while the pass runs; None keeps the current
     show_progress: bool = True
-    seed: int = 0
     cache_dir: Path = field(default_factory=default_cache_dir)
     report: Report = field(default_factory=lambda: Report(model="unknown"))
     # Fine-tunes a model in place and returns it (QAT, recovery after pruning); a zoo entry's `finetune`.

@@ -33,6 +33,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.errors import BadInputError, ModelpressError
+from modelpress.core.modules import set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ def export_onnx(
 
     `dynamic_axes=True` makes the batch axis (and a text encoder's sequence axis) dynamic; a dict
     is passed to the exporter as is. `optimize`: see the module docstring. The written graph is
-    checked against the model on `example_inputs` (max abs error <= 1e-3 relative to the output's
-    range; for integer models, mean cosine >= 0.95), else `ExportError`.
+    checked against the model on `example_inputs` (max abs error <= `PARITY_ATOL`, 1e-4, relative to the
+    output's largest magnitude where that exceeds 1; for integer models, mean cosine >= `onnx_quant.MIN_COSINE`,
+    0.999, or within the model's own float-rounding spread), else `ExportError`.
 
         >>> export_onnx(encoder, entry.example_inputs(1), "out/model.onnx")  # input_ids, attention_mask
     """
@@ -276,8 +278,7 @@ def _fuse_self_attention(model: nn.Module) -> bool:
     for name, module in list(model.named_modules()):
         if not _fusable_attention(module):
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _FusedSelfAttention(module, mask_source))
+        set_submodule(model, name, _FusedSelfAttention(module, mask_source))
         swapped += 1
     if swapped:
 

@@ -52,7 +52,7 @@ from modelpress.quant.modules import QConv, QLinear
 log = logging.getLogger(__name__)
 
 MIN_COSINE = 0.999  # the same codes and scales: only float summation order differs from the eager layer
-TABLES_MIN_COSINE = 0.95  # with embedding tables quantized by the export (as onnx_quant.MIN_COSINE)
+TABLES_MIN_COSINE = 0.95  # with embedding tables quantized by the export, which the eager model keeps float
 CANDIDATE_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 

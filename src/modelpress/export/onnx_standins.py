@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelpress.core.modules import set_submodule
 from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear
 
 MIN_EMBEDDING_SIZE = 1 << 16  # Gather tables with fewer values stay float (token-type embeddings, ...)
@@ -36,8 +37,7 @@ def as_lowered(model: nn.Module, embeddings: str, conv: str) -> nn.Module:
         if isinstance(m, QConv):
             m.act = ActSpec()
         else:
-            parent, _, child = name.rpartition(".")
-            setattr(lowered.get_submodule(parent) if parent else lowered, child, QEmbedding(m))
+            set_submodule(lowered, name, QEmbedding(m))
     return lowered
 
 
@@ -75,14 +75,13 @@ def swap_in_float(model: Any) -> None:
             module.no_fuse = True  # read by export.onnx._fusable_attention
     for name, module in list(model.named_modules()):
         if isinstance(module, (QLinear, QConv, QEmbedding)):
-            parent, _, child = name.rpartition(".")
             if isinstance(module, QEmbedding):
                 stand_in: nn.Module = nn.Embedding.from_pretrained(
                     module.dequantized_weight(), padding_idx=module.padding_idx
                 )
             else:
                 stand_in = _DequantLinear(module) if isinstance(module, QLinear) else _dequant_conv(module)
-            setattr(model.get_submodule(parent) if parent else model, child, stand_in)
+            set_submodule(model, name, stand_in)
 
 
 def _qattention_ready(layers: list[QLinear]) -> bool:

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from modelpress.primitives.masks import global_rate_masks, rate_mask, threshold_mask
+from modelpress.primitives.masks import rate_mask, threshold_mask
 
 ImportanceKind = Literal["magnitude", "gradient", "taylor", "movement", "random"]
 IMPORTANCE_KINDS: tuple[str, ...] = ("magnitude", "gradient", "taylor", "movement", "random")
@@ -148,8 +148,3 @@ def select(
     if sparsity is None:
         raise ValueError("select() needs a sparsity or a threshold")
     return rate_mask(scores, sparsity)
-
-
-def select_global(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    """Keep-masks with one rate across all layers (`primitives.masks.global_rate_masks`)."""
-    return global_rate_masks(scores, sparsity)

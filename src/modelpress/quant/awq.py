@@ -34,6 +34,7 @@ from torch import nn
 from modelpress.core.config import Config, check_at_most
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError
+from modelpress.core.modules import set_submodule
 from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.awq import search_clip, search_scale
@@ -45,7 +46,7 @@ from modelpress.quant.gptq import (
     weight_scheme,
 )
 from modelpress.quant.modules import ActSpec, QLinear
-from modelpress.quant.ptq import LayerFilter, _check_embedding_bits, _set_submodule
+from modelpress.quant.ptq import LayerFilter, _check_embedding_bits
 from modelpress.quant.sequential import Scope, run_sequential
 from modelpress.quant.smoothquant import is_output_norm, scale_norm_output
 
@@ -261,7 +262,7 @@ def awq(model: nn.Module, cfg: AWQConfig, ctx: Context, overrides: dict[str, int
             if cfg.clip and scheme.granularity == "group":
                 weight_range = search_clip(layer.weight, inputs[n], scheme, cfg.n_grid, cfg.max_shrink)
             q = QLinear(layer.weight, layer.bias, scheme, ActSpec(), weight_range=weight_range)
-            _set_submodule(model, n, q)
+            set_submodule(model, n, q)
 
     stats = run_sequential(model, batches, selected, quantize_scope, ctx, "AWQ")
     if unscaled:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from modelpress.core.modules import set_submodule
+
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -42,8 +44,7 @@ def fold_conv_bn(model: nn.Module) -> list[str]:
         pairs = _pairs_from_sequentials(model)
     for conv_name, bn_name in pairs:
         fold_into(model.get_submodule(conv_name), model.get_submodule(bn_name))  # type: ignore[arg-type]
-        parent, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        set_submodule(model, bn_name, nn.Identity())
     return [c for c, _ in pairs]
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from modelpress.core.config import Config
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError, DataError
+from modelpress.core.modules import set_submodule
 from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.gptq import gptq_quantize, hessian_update
@@ -30,7 +31,6 @@ from modelpress.quant.ptq import (
     LayerFilter,
     _check_bits,
     _check_embedding_bits,
-    _set_submodule,
     _take,
     quantize_embeddings,
     select_layers,
@@ -106,7 +106,7 @@ def share_head_codes(model: nn.Module, heads: dict[str, tuple[nn.Linear, str | N
             continue
         table = model.get_submodule(table_name)
         try:
-            _set_submodule(model, table_name, QEmbedding.from_head(table, head))
+            set_submodule(model, table_name, QEmbedding.from_head(table, head))
         except ConfigError as err:
             ctx.warn(f"{table_name} kept float, untied from {head_name}: {err}")
             continue
@@ -245,7 +245,7 @@ def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, i
             )
             for note in res.notes:
                 ctx.warn(f"GPTQ {name}: {note}")
-            _set_submodule(model, name, qlinear_from_codes(layer, scheme, res.q, res.scale, res.zero_point))
+            set_submodule(model, name, qlinear_from_codes(layer, scheme, res.q, res.scale, res.zero_point))
             losses[name] = res.loss
 
     stats = run_sequential(model, batches, selected, quantize_scope, ctx, "GPTQ")

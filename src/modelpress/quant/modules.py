@@ -6,7 +6,7 @@ what the integer kernel computes; `quant/kernels.py` runs it on real integer ker
 the shapes allow, and export (`export/`) maps the same parameters onto ONNX Runtime's and
 Inductor's int8 operators.
 
-    >>> qlinear = QLinear.from_float(linear, WeightSpec(bits=8), ActSpec(mode="dynamic"))
+    >>> qlinear = QLinear.from_float(linear, QuantScheme(bits=8, granularity="channel"), ActSpec(mode="dynamic"))
 """
 
 from __future__ import annotations

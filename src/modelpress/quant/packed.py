@@ -24,6 +24,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.errors import ModelLoadError
+from modelpress.core.modules import set_submodule
 from modelpress.primitives.affine import QuantScheme, group_codes
 from modelpress.primitives.packing import from_unsigned, pack_bits, to_unsigned, unpack_bits
 from modelpress.quant.modules import ActSpec, QConv, QLinear
@@ -114,8 +115,7 @@ def load_packed(model: nn.Module, path: str | Path) -> nn.Module:
         current = model.get_submodule(name)
         new = _rebuild(current, record, name)
         if new is not current:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            set_submodule(model, name, new)
         key = f"{name}.weight_q" if name else "weight_q"
         if record["packed"]:
             scheme = QuantScheme.from_dict(record["scheme"])

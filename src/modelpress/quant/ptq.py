@@ -28,6 +28,7 @@ from torch import nn
 from modelpress.core.config import Config, check_regex
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError, DataError
+from modelpress.core.modules import set_submodule
 from modelpress.core.registry import apply, register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.fold import fold_conv_bn
@@ -235,7 +236,7 @@ def _swap(model: nn.Module, plans: Sequence[LayerPlan]) -> None:
             new = QLinear.from_float(m, plan.weight, plan.act, plan.act_range)
         else:
             new = QConv(m, plan.weight, plan.act, plan.act_range)
-        _set_submodule(model, plan.name, new)
+        set_submodule(model, plan.name, new)
 
 
 def quantize_embeddings(model: nn.Module, bits: int, group_size: int | None, ctx: Context) -> list[str]:
@@ -256,18 +257,12 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int | None, ctx
             ctx.warn(f"{name}: embedding_group_size {group_size} does not divide its width {width}; one scale per row")
         scheme = QuantScheme(bits, True, "group", 0, group or width)
         heads = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is table.weight]
-        _set_submodule(model, name, QEmbedding(table, bits, group))
+        set_submodule(model, name, QEmbedding(table, bits, group))
         done.append(name)
         for head_name, head in heads:
-            _set_submodule(model, head_name, QLinear.from_float(head, scheme))
+            set_submodule(model, head_name, QLinear.from_float(head, scheme))
             done.append(head_name)
     return done
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def calibrate(

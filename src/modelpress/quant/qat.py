@@ -26,12 +26,13 @@ from torch import nn
 from modelpress.core.config import Config
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
+from modelpress.core.modules import set_submodule
 from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.fold import fold_conv_bn
 from modelpress.quant.modules import ActSpec, QConv, QLinear
 from modelpress.quant.observers import ObserverConfig
-from modelpress.quant.ptq import LayerFilter, _plan, _set_submodule, calibrate
+from modelpress.quant.ptq import LayerFilter, _plan, calibrate
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def prepare_qat(
         )
     for p in plans:
         act_range = p.act_range if cfg.quantize_activations else None
-        _set_submodule(model, p.name, FakeQuantLayer(p.module, p.weight.bits, cfg.act_bits, act_range))
+        set_submodule(model, p.name, FakeQuantLayer(p.module, p.weight.bits, cfg.act_bits, act_range))
     return model
 
 
@@ -148,7 +149,7 @@ def convert_qat(model: nn.Module) -> nn.Module:
     """Replace every `FakeQuantLayer` by its integer layer, in place; returns the model in eval mode."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FakeQuantLayer):
-            _set_submodule(model, name, module.to_quantized())
+            set_submodule(model, name, module.to_quantized())
     return model.eval()
 
 

@@ -6,7 +6,7 @@ promotes the most sensitive layers (to `high_bits`, or to float) — a binary se
 many of them are promoted, each candidate measured on the whole model.
 
     >>> cfg = MixedPrecisionConfig(base=WeightOnlyConfig(bits=4), high_bits=8, max_drop=0.005)
-    >>> model = quantize_mixed(model, cfg, data=batches)      # report lists the sensitivity table
+    >>> model = quantize(model, cfg, data=batches)      # report lists the sensitivity table
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _promote(cfg: MixedPrecisionConfig, names: Sequence[str]) -> tuple[Any, dict
     """Base config with `names` kept in float (excluded) or overridden to `high_bits`."""
     if cfg.high_bits is None:
         excluded = cfg.base.layers.exclude + tuple(f"^{re.escape(n)}$" for n in names)
-        return dataclasses.replace(cfg.base, layers=LayerFilter(cfg.base.layers.include, excluded)), {}
+        return dataclasses.replace(cfg.base, layers=dataclasses.replace(cfg.base.layers, exclude=excluded)), {}
     return cfg.base, {n: cfg.high_bits for n in names}
 
 

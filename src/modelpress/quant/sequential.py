@@ -30,6 +30,7 @@ from torch import nn
 
 from modelpress.core.context import Context
 from modelpress.core.errors import DataError
+from modelpress.core.modules import set_submodule
 from modelpress.quant.ptq import _run
 
 # Keywords under which decoders hand their blocks a KV cache (transformers 5 names it `cache`). A recorded
@@ -101,8 +102,7 @@ def convert_conv1d(model: nn.Module) -> list[str]:
                 linear.weight.copy_(module.weight.t())
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            set_submodule(model, name, linear)
             names.append(name)
     return names
 

@@ -64,7 +64,6 @@ _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
 _REDUCE_FNS = {torch.mean, torch.sum, torch.amax}
 _REDUCE_METHODS = {"mean", "sum", "amax"}
-_SHAPE_ONLY = {operator.getitem, getattr, operator.floordiv}  # on non-tensors (x.shape[0])
 
 
 @dataclass
