@@ -107,7 +107,7 @@ def _run_pass(model: nn.Module, cfg: Any, ctx: Context, label: str, kind: str, p
     start = time.perf_counter()
     batches = calibration_batches(ctx, cfg.calibration_batches, label)
     converted = convert_conv1d(model)
-    layers = _fits(selected_linears(model, cfg.layers, ctx, label), cfg.m, ctx, label)
+    layers = _fits(selected_linears(model, cfg.layers, ctx, label, kept="kept dense"), cfg.m, ctx, label)
     params_before, nonzero_before = count_params(model)
     extra: dict[str, Any] = {}
     stats = run_sequential(model, batches, layers, lambda scope: prune_scope(scope, extra), ctx, label)

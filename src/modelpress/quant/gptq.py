@@ -147,12 +147,21 @@ def qlinear_from_codes(
     return layer
 
 
-def selected_linears(model: nn.Module, layers: LayerFilter, ctx: Context, label: str) -> dict[str, nn.Linear]:
-    """The Linear layers a calibrated weight-only pass quantizes; others are warned about and kept float."""
+def selected_linears(
+    model: nn.Module,
+    layers: LayerFilter,
+    ctx: Context,
+    label: str,
+    tables_elsewhere: bool = False,
+    kept: str = "kept in float",
+) -> dict[str, nn.Linear]:
+    """The Linear layers a calibrated pass (GPTQ, AWQ, SparseGPT, Wanda) changes; others are warned about and
+    `kept` as they are (embedding tables silently when the pass quantizes them on its own: `tables_elsewhere`)."""
     chosen: dict[str, nn.Linear] = {}
-    for name, module in select_layers(model, layers, ctx):
+    why = f"{label} changes Linear layers only, {kept}"
+    for name, module in select_layers(model, layers, ctx, tables_elsewhere=tables_elsewhere, why_skipped=why):
         if not isinstance(module, nn.Linear):
-            ctx.warn(f"skipped {name}: {label} applies to Linear layers, not {type(module).__name__} (kept in float)")
+            ctx.warn(f"skipped {name}: {label} applies to Linear layers, not {type(module).__name__} ({kept})")
             continue
         chosen[name] = module  # any group size fits: a short last group has its own scale
     if not chosen:
@@ -189,7 +198,8 @@ def prepare_calibrated(
     def scheme_of(name: str) -> QuantScheme:
         return cfg.weight_scheme((overrides or {}).get(name, cfg.bits))
 
-    selected = selected_linears(model, cfg.layers, ctx, label)
+    tables = getattr(cfg, "embedding_bits", None) is not None or getattr(cfg, "head_bits", None) is not None
+    selected = selected_linears(model, cfg.layers, ctx, label, tables_elsewhere=tables)
     check_group_widths(selected, getattr(cfg, "group_size", 0), ctx, label)
     return Prepared(batches, converted, scheme_of, selected)
 

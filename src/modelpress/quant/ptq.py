@@ -168,18 +168,25 @@ class LayerPlan:
 
 
 def select_layers(
-    model: nn.Module, layer_filter: LayerFilter, ctx: Context | None = None, embeddings: bool = False
+    model: nn.Module,
+    layer_filter: LayerFilter,
+    ctx: Context | None = None,
+    embeddings: bool = False,
+    tables_elsewhere: bool = False,
+    why_skipped: str = "no integer form in this pass, kept in float",
 ) -> list[tuple[str, nn.Module]]:
     """(name, module) of the layers `layer_filter` selects; unsupported selected types are warned about.
 
-    With `embeddings`, embedding tables of at least `MIN_EMBEDDING_VALUES` values are selected too.
+    With `embeddings`, embedding tables of at least `MIN_EMBEDDING_VALUES` values are selected too;
+    `tables_elsewhere` (the pass quantizes them on its own, e.g. GPTQ's `embedding_bits`) leaves them
+    out without a warning.
     """
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         if not name or not layer_filter.selects(name, type(module).__name__):
             continue
-        if isinstance(module, nn.Embedding) and embeddings:
-            if module.weight.numel() >= MIN_EMBEDDING_VALUES:
+        if isinstance(module, nn.Embedding) and (embeddings or tables_elsewhere):
+            if module.weight.numel() >= MIN_EMBEDDING_VALUES and not tables_elsewhere:
                 chosen.append((name, module))
         elif isinstance(module, QUANTIZABLE):
             chosen.append((name, module))
@@ -188,7 +195,7 @@ def select_layers(
     if ctx is not None:
         for kind, names in skipped.items():
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            ctx.warn(f"skipped {len(names)} {kind} layer(s) ({shown}): no integer form in this pass, kept in float")
+            ctx.warn(f"skipped {len(names)} {kind} layer(s) ({shown}): {why_skipped}")
     return chosen
 
 
