@@ -183,3 +183,23 @@ def test_weights_file_that_needs_code_is_refused(tmp_path):
     torch.save({"model": tiny_mlp()}, str(path))  # a pickled module inside: needs arbitrary pickle
     with pytest.raises(UnsafePickleError, match="full.pt is a pickle"):
         load_model("loading_factories:tiny_mlp", weights=path)
+
+
+def test_a_zoo_model_resolved_with_a_cache_dir_is_trained_into_it_and_read_back(tmp_path, monkeypatch):
+    from modelpress.zoo import breast_cancer
+
+    default = tmp_path / "default-cache"
+    monkeypatch.setenv("MODELPRESS_CACHE", str(default))
+    cache = tmp_path / "given-cache"
+    first = resolve("breast-cancer", cache_dir=cache).model
+    (saved,) = (cache / "breast-cancer").glob("*.safetensors")
+    assert not default.exists()
+
+    def no_training(*_args, **_kw):
+        raise AssertionError("trained again instead of reading the given cache dir")
+
+    monkeypatch.setattr(breast_cancer, "train_breast_cancer_mlp", no_training)
+    again = resolve("breast-cancer", cache_dir=cache).model
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert list((cache / "breast-cancer").glob("*.safetensors")) == [saved] and not default.exists()

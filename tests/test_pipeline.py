@@ -143,3 +143,25 @@ def test_the_report_says_where_int8_activations_compute_in_float(monkeypatch: py
     assert report.warnings == []  # weight-only int8 does not use the saturating GEMM
     _warn_inexact_int8(static, report)
     assert len(report.warnings) == 1 and "int8 unit is avx2 (no VNNI or AMX)" in report.warnings[0]
+
+
+def test_one_cache_dir_reaches_the_loader_and_the_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelpress import pipeline
+
+    default = tmp_path / "default-cache"
+    monkeypatch.setenv("MODELPRESS_CACHE", str(default))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def first_pass(model, cfg, ctx):  # noqa: ANN001, ANN202
+        seen.append(ctx.cache_dir)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "apply", first_pass)
+    with pytest.raises(Stop):
+        compress("breast-cancer", "int8-dynamic", cache_dir=tmp_path / "given", threads=1, progress=False)
+    assert seen == [tmp_path / "given"]
+    assert len(list((tmp_path / "given" / "breast-cancer").glob("*.safetensors"))) == 1
+    assert not default.exists()

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from rich.console import Console
 
 from modelpress.core.atomic import atomic_dir
+from modelpress.core.context import default_cache_dir
 from modelpress.core.errors import BadInputError, ConfigError
 from modelpress.core.outputs import check_output
 from modelpress.core.report import ModelStats, Report
@@ -85,11 +86,13 @@ def auto_compress(
     console: Console | None = None,
     overwrite: bool = False,
     trust_code: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> tuple[Any, Report]:
     """Compress `model` with every candidate recipe and keep the best artifact within `max_drop`.
 
     `max_drop` is in the units of the model's task metric (STS-B Spearman x100: 0.5 = half a point;
     accuracy: 0.005 = half a point). `objective` "latency" ranks by p50 at the largest batch size.
+    `cache_dir` (default: `default_cache_dir()`, resolved once here) goes to the model's loader and every run.
     """
     from modelpress.pipeline import claim_out_dir, compress, input_paths
 
@@ -97,7 +100,8 @@ def auto_compress(
     budget = parse_max_drop(max_drop)
     if objective not in ("latency", "size"):
         raise ConfigError(f"objective must be latency or size, got {objective!r}")
-    loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code, cache_dir=cache)
     if loaded.entry is None or not loaded.entry.has_quality:
         raise BadInputError(f"{loaded.spec}: auto mode needs a task metric (a zoo model or --like); none is known")
     recipes = [FLOAT if name == "float" else load_recipe(name) for name in candidates]
@@ -114,7 +118,7 @@ def auto_compress(
                 _, report = compress(
                     loaded, rec, data, out_dir=folder, threads=threads, eval_data=eval_data,
                     batch_sizes=batch_sizes, repeats=repeats, progress=progress, console=console, validation=True,
-                    baseline=baseline, keep_slower=True,
+                    baseline=baseline, keep_slower=True, cache_dir=cache,
                 )  # fmt: skip
             except BadInputError as e:  # a recipe that does not apply to this model
                 rows.append({"recipe": rec.name, "artifact": "-", "error": str(e)})

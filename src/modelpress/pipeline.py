@@ -22,7 +22,7 @@ from torch import nn
 
 from modelpress.calibration import check_calibration_size, check_finite
 from modelpress.core.atomic import atomic_dir
-from modelpress.core.context import Context
+from modelpress.core.context import Context, default_cache_dir
 from modelpress.core.environment import environment
 from modelpress.core.errors import BadInputError, NotAvailableError
 from modelpress.core.outputs import check_output, claim_output, estimate_bytes
@@ -51,6 +51,7 @@ def compress(
     baseline: ModelStats | None = None,
     keep_slower: bool = False,
     trust_code: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> tuple[nn.Module, Report]:
     """Apply `recipe` to `model`, export its artifacts into `out_dir` and measure everything.
 
@@ -60,11 +61,13 @@ def compress(
     `baseline`: the original's figures measured earlier in this run (auto mode measures it once).
     An artifact the speed gate finds slower than the original (or stops) is not written unless
     `keep_slower`; its row and the reason stay in the report. `trust_code` allows a model spec that
-    runs code when loaded (see `modelpress.trust`).
+    runs code when loaded (see `modelpress.trust`). `cache_dir` (default: `default_cache_dir()`, resolved
+    once here) is where the zoo model's loader and the passes (`Context.cache_dir`) keep their files.
     """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if out_dir is not None:  # a bad --out fails before the model loads
         check_output(out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(model, eval_data))
-    loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code)
+    loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code, cache_dir=cache)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if data is not None:  # too few samples for a calibrating pass, or NaN, fails before any work
         check_calibration_size(data, rec, "data")
@@ -73,7 +76,7 @@ def compress(
     lowering = _lowering(rec) if "pt2" in rec.export else None
     with claim_out_dir(out_dir, overwrite, loaded, eval_data):
         if loaded.kind == "onnx":
-            return _compress_onnx(loaded, rec, data, out_dir, threads, batch_sizes, repeats, progress, console)
+            return _compress_onnx(loaded, rec, data, out_dir, threads, batch_sizes, repeats, progress, console, cache)
         if not isinstance(loaded.model, nn.Module):
             raise BadInputError(
                 f"{loaded.spec}: a {loaded.kind} artifact cannot be compressed; give a PyTorch or ONNX model"
@@ -92,6 +95,7 @@ def compress(
             data=data,
             threads=threads,
             show_progress=progress,
+            cache_dir=cache,
             report=report,
             train_fn=_train_fn(entry, report) if entry is not None else None,
             metric=choice_metric(entry_for_eval, eval_data, report) if entry_for_eval is not None else None,
@@ -209,6 +213,7 @@ def _compress_onnx(
     repeats: int,
     progress: bool,
     console: Console | None,
+    cache_dir: Path,
 ) -> tuple[Any, Report]:
     """An ONNX graph from any framework: quantized by ONNX Runtime's tools, driven by the recipe's one pass."""
     from modelpress.export.runtime import OnnxModel
@@ -222,7 +227,7 @@ def _compress_onnx(
     if out_dir is None:
         raise BadInputError("compressing an ONNX model writes a new graph: give out_dir (CLI: --out)")
     report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
-    ctx = Context(data=data, threads=threads, show_progress=progress, report=report)
+    ctx = Context(data=data, threads=threads, show_progress=progress, cache_dir=cache_dir, report=report)
     with atomic_dir(out_dir) as tmp, ctx.threads_scope():
         stats = quantize_onnx(loaded.path, tmp / "model.onnx", rec.passes[0], data, ctx)
         report.parity = {"onnx": {"mean_cosine_to_original": stats.get("fidelity")}}

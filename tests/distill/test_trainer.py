@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,33 @@ def test_length_buckets_keep_every_item_and_group_similar_lengths() -> None:
         return sum(max(b) - min(b) for b in batches)
 
     assert spread(out) < 0.2 * spread(order)
+
+
+def test_distillation_leaves_the_global_rngs_as_it_found_them_and_repeats_for_a_seed() -> None:
+    teacher, data = mlp(32), blobs(48)
+    cfg = _cfg(epochs=2, features=_features(), seed=5)  # a projection (8 -> 32) and dropout in the student
+
+    def run() -> dict[str, torch.Tensor]:
+        return distill(teacher, mlp(8, seed=1, dropout=0.2), data, cfg, ctx=QUIET).student.state_dict()
+
+    torch_before, python_before = torch.get_rng_state(), random.getstate()
+    first = run()
+    assert torch.equal(torch.get_rng_state(), torch_before)
+    assert random.getstate() == python_before
+    with torch.random.fork_rng(devices=[]):  # another global state: the same student
+        torch.manual_seed(1234)
+        random.seed(1234)
+        second = run()
+    for (name, a), (_, b) in zip(first.items(), second.items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    other = distill(teacher, mlp(8, seed=1, dropout=0.2), data, _cfg(epochs=2, features=_features(), seed=6), ctx=QUIET)
+    assert not all(torch.equal(a, b) for a, b in zip(first.values(), other.student.state_dict().values(), strict=True))
+
+
+def test_a_projection_from_a_generator_starts_as_a_seeded_linear_layer() -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        reference = Projection(8, 32)
+    drawn = Projection(8, 32, generator=torch.Generator().manual_seed(3))
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(drawn.state_dict()[name], value, rtol=0, atol=0, msg=name)

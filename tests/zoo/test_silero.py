@@ -207,3 +207,23 @@ def test_exported_artifacts_take_any_batch(model: SileroVAD, tmp_path: Path, suf
         atol = 1e-5 if suffix == ".onnx" else 1e-2  # .pt2: float ops in bf16
         torch.testing.assert_close(prob, expected[0], atol=atol, rtol=0)
         assert state.shape == (2, batch, 128)
+
+
+def test_the_entry_keeps_its_speech_in_the_cache_dir_it_was_loaded_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = []
+
+    def synthesize(seconds, seed, snr_db, noise, cache_dir=None):  # noqa: ANN001, ANN202
+        asked.append(cache_dir)
+        return silero.SpeechClip(speech_like_signal(seconds, seed), ((0, 1),), snr_db, noise, "stand-in")
+
+    monkeypatch.setattr(silero, "espeak_available", lambda: True)
+    monkeypatch.setattr(silero, "synthesize_speech", synthesize)
+    entry = get_entry("silero-vad")
+    entry.calibration_data(8, 8)
+    assert asked == [None]  # not given one: the default cache dir, as before
+    entry.load(cache_dir=tmp_path)
+    entry.calibration_data(8, 8)
+    next(iter(entry.real_batches(8)))
+    assert asked[1:] == [tmp_path, tmp_path]

@@ -288,6 +288,29 @@ def test_default_stsb_dir_honours_env(tmp_path: Path, monkeypatch: pytest.Monkey
     assert found is None or (found / "sts-test.csv").is_file()
 
 
+def test_default_stsb_dir_does_not_depend_on_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelpress
+    from modelpress.zoo.stsb import stsb_search_paths
+
+    monkeypatch.delenv("MODELPRESS_STSB", raising=False)
+    before = default_stsb_dir()
+    repo = Path(modelpress.__file__).resolve().parents[2]  # src/modelpress/__init__.py -> repository root
+    beside_repo = (repo.parent / "shared" / "data" / "stsb").resolve()
+    assert stsb_search_paths() == [beside_repo]
+    assert before == (beside_repo if (beside_repo / "sts-test.csv").is_file() else None)
+    # a working directory with its own ../shared/data/stsb is not looked at
+    decoy = tmp_path / "shared" / "data" / "stsb"
+    decoy.mkdir(parents=True)
+    (decoy / "sts-test.csv").write_text(STSB_LINES[0], encoding="utf-8")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert default_stsb_dir() == before
+    monkeypatch.chdir(tmp_path)
+    assert default_stsb_dir() == before
+
+
 def test_spearman_score_is_rank_correlation_times_100() -> None:
     pairs = [("a", "a", 5.0), ("a", "b", 3.0), ("a", "c", 1.0), ("a", "d", 0.0)]
     vectors = {"a": [1.0, 0.0], "b": [1.0, 0.5], "c": [1.0, 2.0], "d": [0.0, 1.0]}  # cosine falls a->d

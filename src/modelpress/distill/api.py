@@ -98,7 +98,9 @@ def distill(
     `data`: a tensor of inputs, `(inputs, labels)`, a list of sentences, a list of batches or `Samples`
     (default: `ctx.data`). `metric(student)` (higher is better) runs after every epoch for early
     stopping and best-epoch selection. Offline mode caches teacher outputs at `cache_path` (default:
-    under `ctx.cache_dir/distill`). Run under `torchrun` to train with several processes.
+    under `ctx.cache_dir/distill`). Run under `torchrun` to train with several processes. Randomness
+    (projections, batch order, dropout) comes from `config.seed`; the caller's global RNG states are
+    the same afterwards as before.
 
         >>> result = distill(teacher, data=(X, y), config=DistillConfig(student=StudentConfig(width_ratio=0.5)))
         >>> result.student
@@ -130,8 +132,8 @@ def distill(
             was_training = student.training
             s_probe = model_outputs(student.eval(), probe, io["s_layers"], io["s_features"], attentions)
             student.train(was_training)
-        torch.manual_seed(cfg.seed)  # projections start the same in every process and every run
-        objective = Objective.build(cfg, s_probe, t_probe, pairs)
+        # projections start the same in every process and every run, without touching the global RNG
+        objective = Objective.build(cfg, s_probe, t_probe, pairs, generator=torch.Generator().manual_seed(cfg.seed))
 
         cache = None
         targets: Callable[[Batch], Outputs]

@@ -83,7 +83,7 @@ class DistillConfig(Config):
     patience: int | None = None  # epochs without a better metric before stopping; None: never stop early
     restore_best: bool = True  # end with the weights of the best-evaluated epoch
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch only
-    seed: int = 0
+    seed: int = 0  # projections, batch order, dropout; the caller's global RNGs are left as they were
     max_seq_length: int = 128  # text: tokens per sentence
     # Text: batches of similar lengths (sorted within windows of 32 batches, batch order shuffled) pad
     # less and train faster; each process buckets its own share, so batches differ from a 1-process run.

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,11 +23,20 @@ class Projection(nn.Module):
     """A learned linear map from the student's feature width to the teacher's.
 
     `channel_dim` is the axis holding the features: -1 for token states (B, T, H), 1 for conv maps (B, C, H, W).
+    `generator` draws the initial weights (`nn.Linear`'s default init) instead of torch's global RNG.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, channel_dim: int = -1) -> None:
+    def __init__(
+        self, student_dim: int, teacher_dim: int, channel_dim: int = -1, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
-        self.linear = nn.Linear(student_dim, teacher_dim)
+        if generator is None:
+            self.linear = nn.Linear(student_dim, teacher_dim)
+        else:  # built without drawing, then nn.Linear.reset_parameters' draws from `generator`
+            self.linear = torch.nn.utils.skip_init(nn.Linear, student_dim, teacher_dim)
+            nn.init.kaiming_uniform_(self.linear.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(student_dim) if student_dim > 0 else 0
+            nn.init.uniform_(self.linear.bias, -bound, bound, generator=generator)
         self.channel_dim = channel_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +72,12 @@ class Objective(nn.Module):
         student_out: Outputs,
         teacher_out: Outputs,
         pairs: Sequence[tuple[str, str]] = (),
+        generator: torch.Generator | None = None,
     ) -> Objective:
-        """Check that the outputs fit together (naming both shapes if not) and create the projections."""
+        """Check that the outputs fit together (naming both shapes if not) and create the projections.
+
+        `generator` initialises the projections (default: torch's global RNG).
+        """
         for key in ("logits", "embedding"):
             if (key in student_out) != (key in teacher_out):
                 have = "student" if key in student_out else "teacher"
@@ -82,7 +96,7 @@ class Objective(nn.Module):
             s, t = student_out[s_key], teacher_out[t_key]
             cd = _channel_dim(s)
             if s.shape[cd] != t.shape[cd]:
-                projections[s_key] = Projection(s.shape[cd], t.shape[cd], cd)
+                projections[s_key] = Projection(s.shape[cd], t.shape[cd], cd, generator)
             s_rest = [d for i, d in enumerate(s.shape) if i not in (0, cd % s.dim())]
             t_rest = [d for i, d in enumerate(t.shape) if i not in (0, cd % t.dim())]
             if s_rest != t_rest:

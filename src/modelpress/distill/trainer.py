@@ -9,15 +9,20 @@ averages exactly as in one process.
 Checkpoints (student + projections, optimizer, scheduler, RNG, epoch/step, best metric) are
 written atomically; a run restarted with the same config resumes where the last one stopped
 and ends with the same weights as an uninterrupted run.
+
+The batch order comes from generators seeded with `cfg.seed`. Dropout in the student's forward draws
+from torch's global RNG, so the loop runs in `seeded_rng(cfg.seed)`: seeded inside a fork, the
+caller's global RNG states (torch's and Python's) are as before once training ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +119,23 @@ def bucketed(order: list[int], lengths: list[int], batch_size: int, seed: int, w
     return [i for b in shuffled for i in b]
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run the block with torch's (CPU and every CUDA device) and Python's global RNGs seeded with `seed`;
+    the states they had before come back when it ends, however it ends."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.random.default_generator.manual_seed(seed)
+            if devices:
+                torch.cuda.manual_seed_all(seed)
+            random.seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+
+
 # ---------------------------------------------------------------- schedule
 
 
@@ -179,7 +201,39 @@ def train(
     device: torch.device | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train `unit` (student + projections) on `samples` against `targets(batch)` (teacher outputs)."""
+    """Train `unit` (student + projections) on `samples` against `targets(batch)` (teacher outputs).
+
+    Torch's and Python's global RNGs are seeded with `cfg.seed` for the run (dropout) and restored afterwards.
+    """
+    with seeded_rng(cfg.seed):
+        return _train(
+            unit,
+            samples,
+            targets,
+            cfg,
+            metric=metric,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
+            device=device,
+            on_step=on_step,
+        )
+
+
+def _train(
+    unit: StudentWithObjective,
+    samples: Samples,
+    targets: Callable[[Batch], Outputs],
+    cfg: DistillConfig,
+    *,
+    metric: Callable[[nn.Module], float] | None,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    device: torch.device | None,
+    on_step: Callable[[int, float], None] | None,
+) -> TrainResult:
+    """`train` inside `seeded_rng(cfg.seed)`."""
     from torch.utils.data.distributed import DistributedSampler
 
     rank, world = dist_info()
@@ -194,8 +248,6 @@ def train(
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     unit.to(device).train()
     model: nn.Module = unit
     if world > 1:

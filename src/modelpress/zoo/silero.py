@@ -294,11 +294,14 @@ def _cached_reference(key: tuple, wav: torch.Tensor) -> torch.Tensor:
     return _REFERENCE_CACHE[key]
 
 
-def speech_clip(seconds: float, seed: int, snr_db: float | None = 10.0, noise: str = "pink") -> SpeechClip | None:
-    """Real synthesized speech (`zoo.speech_data`), or None when espeak-ng is not installed."""
+def speech_clip(
+    seconds: float, seed: int, snr_db: float | None = 10.0, noise: str = "pink", cache_dir: Path | None = None
+) -> SpeechClip | None:
+    """Real synthesized speech (`zoo.speech_data`, cached under `cache_dir`, default `default_cache_dir()`),
+    or None when espeak-ng is not installed."""
     if not espeak_available():
         return None
-    return synthesize_speech(seconds, seed, snr_db, noise)
+    return synthesize_speech(seconds, seed, snr_db, noise, cache_dir=cache_dir)
 
 
 def evaluate_clip(model: ModelFn, clip: SpeechClip, reference: torch.Tensor | None = None) -> Quality:
@@ -337,11 +340,15 @@ class SileroEntry(ZooEntry):
     calibration_snr_db = 20.0
     calibration_noise = "white"
 
-    def __init__(self) -> None:
+    def __init__(self, cache_dir: Path | None = None) -> None:
         self._model: SileroVAD | None = None
+        self.cache_dir = cache_dir  # where the synthesized speech is kept; None: `default_cache_dir()`
 
     def load(self, cache_dir: Path | None = None) -> nn.Module:
-        # Weights come from the installed package; nothing is trained or cached.
+        """The packaged weights (nothing is trained or cached); a `cache_dir` given here also becomes where this
+        entry keeps its synthesized speech (evaluation, validation, calibration audio)."""
+        if cache_dir is not None:
+            self.cache_dir = Path(cache_dir)
         return load_silero_vad()
 
     def _eager(self) -> SileroVAD:
@@ -358,7 +365,7 @@ class SileroEntry(ZooEntry):
         return x, torch.zeros(2, batch_size, HIDDEN)
 
     def _signal(self, seconds: float, seed: int, snr_db: float, noise: str) -> torch.Tensor:
-        clip = speech_clip(seconds, seed, snr_db, noise)
+        clip = speech_clip(seconds, seed, snr_db, noise, self.cache_dir)
         return clip.wav if clip is not None else speech_like_signal(seconds, seed)
 
     def calibration_data(self, n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
@@ -377,7 +384,7 @@ class SileroEntry(ZooEntry):
         return [(x[i : i + batch_size], state[:, i : i + batch_size]) for i in range(0, n, batch_size)]
 
     def _quality(self, model: ModelFn, seed: int) -> Quality:
-        clip = speech_clip(self.eval_seconds, seed, self.eval_snr_db, self.eval_noise)
+        clip = speech_clip(self.eval_seconds, seed, self.eval_snr_db, self.eval_noise, self.cache_dir)
         if clip is not None:
             key = ("espeak-ng", self.eval_seconds, seed, self.eval_snr_db, self.eval_noise)
             return evaluate_clip(model, clip, _cached_reference(key, clip.wav))

@@ -25,9 +25,11 @@ Pair = tuple[str, str, float]
 
 
 def default_stsb_dir() -> Path | None:
-    """`$MODELPRESS_STSB`, else `../shared/data/stsb` beside the working directory or the source tree.
+    """`$MODELPRESS_STSB`, else `../shared/data/stsb` beside the repository root (found from this source file).
 
-    An explicitly set `$MODELPRESS_STSB` is returned as is, so a wrong path fails loudly in `load_split`.
+    The working directory plays no part: every caller in a process gets the same answer. An explicitly
+    set `$MODELPRESS_STSB` is returned as is, so a wrong path fails loudly in `load_split`; without it,
+    None when `sts-test.csv` is not in the folder.
     """
     if env := os.environ.get("MODELPRESS_STSB"):
         return Path(env).expanduser()
@@ -35,10 +37,11 @@ def default_stsb_dir() -> Path | None:
 
 
 def stsb_search_paths() -> list[Path]:
-    """Where `default_stsb_dir` looks without `$MODELPRESS_STSB`: `../shared/data/stsb` beside the working
-    directory, then beside the source tree."""
+    """Where `default_stsb_dir` looks without `$MODELPRESS_STSB`: `../shared/data/stsb` beside the root of the
+    repository this source file is in (a checkout or an editable install; with an installed wheel, set
+    `$MODELPRESS_STSB`)."""
     repo = Path(__file__).resolve().parents[3]  # src/modelpress/zoo/stsb.py -> repository root
-    return list(dict.fromkeys((root / ".." / "shared" / "data" / "stsb").resolve() for root in (Path.cwd(), repo)))
+    return [(repo / ".." / "shared" / "data" / "stsb").resolve()]
 
 
 def load_split(folder: str | Path, split: str) -> list[Pair]:
