@@ -27,7 +27,7 @@ from torch import nn
 
 from modelpress import trust
 from modelpress.core.errors import BadInputError, ModelLoadError
-from modelpress.export.runtime import AotiModel, OnnxModel
+from modelpress.core.runtime import AotiModel, OnnxModel
 from modelpress.zoo.base import ZooEntry, get_entry, zoo_names
 from modelpress.zoo.generic import ShapeEntry
 

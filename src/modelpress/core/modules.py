@@ -1,11 +1,15 @@
-"""Helpers on `torch.nn.Module` trees that every layer of the package may use (torch is not imported here).
+"""Helpers on `torch.nn.Module` trees that every layer of the package may use (importing this does not import torch).
 
 >>> set_submodule(model, "encoder.layer.0.attention.self.query", QLinear.from_float(query, scheme))
+>>> params, nonzero = count_params(model)
+>>> out = run_batch(model, (input_ids, attention_mask))
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from modelpress.core.errors import DataError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -21,3 +25,58 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of `model`, each shared or tied tensor counted once.
+
+    Tensors are deduplicated by data pointer, so tied embeddings count once even when they are
+    separate `Parameter` objects over the same memory. Quantized layers keep their weights as
+    integer buffers (`weight_q`) and float biases as buffers; those count as parameters too (the
+    codes of the weight's own shape: the padding of a short last group is not a parameter).
+
+        >>> count_params(nn.Linear(4, 2))
+        (10, 10)
+    """
+    seen: set[tuple[int, int]] = set()
+    params = nonzero = 0
+    tensors = [(p, p) for p in model.parameters()]  # (tensor identifying the storage, values counted)
+    for module in model.modules():
+        if hasattr(module, "weight_q"):  # QLinear / QConv: integer weight and float bias buffers
+            codes = module.weight_codes() if hasattr(module, "weight_codes") else module.weight_q
+            tensors.append((module.weight_q, codes))
+            if getattr(module, "bias", None) is not None:
+                tensors.append((module.bias, module.bias))
+    for p, values in tensors:
+        key = (p.data_ptr(), p.numel())
+        if p.numel() == 0 or key in seen:
+            continue
+        seen.add(key)
+        params += values.numel()
+        nonzero += int(values.detach().count_nonzero())
+    return params, nonzero
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """Call `model` on one batch: a tuple/list is positional, a dict is keyword, a tensor is the input."""
+    try:
+        if isinstance(batch, dict):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+    except (TypeError, RuntimeError) as e:
+        shape = _describe(batch)
+        raise DataError(f"a calibration batch does not fit the model ({shape}): {e}") from None
+
+
+def _describe(batch: Any) -> str:
+    import torch  # only on the error path, for a model that has run: torch is loaded
+
+    if isinstance(batch, torch.Tensor):
+        return f"tensor {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return ", ".join(_describe(b) for b in batch)
+    if isinstance(batch, dict):
+        return ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items())
+    return type(batch).__name__

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
+from modelpress._version import __version__
 from modelpress.core.errors import BadInputError
 
 MARKER = ".modelpress"
@@ -66,8 +67,6 @@ Kind = Literal["folder", "file"]
 
 
 def marker_text() -> str:
-    from modelpress import __version__
-
     return json.dumps({"written_by": "modelpress", "version": __version__}) + "\n"
 
 

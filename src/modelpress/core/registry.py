@@ -4,6 +4,12 @@
 ... def _scale(model, cfg, ctx):
 ...     ...
 >>> handler_for(ScaleConfig())   # -> _scale
+
+Also the training sets models bring with them: the zoo registers one provider per kind of model it builds,
+and a pass that trains (distillation) asks `training_data(teacher)`, so neither imports the other.
+
+>>> register_training_data(lambda m: isinstance(m, DigitsCNN), lambda m: (train_split, {"split": "train"}))
+>>> data, record = training_data(teacher)   # (None, None) for a model no provider knows
 """
 
 from __future__ import annotations
@@ -62,3 +68,25 @@ handler_for = PASSES.handler_for
 def apply(model: Any, config: Config, ctx: Any) -> Any:
     """Run the pass registered for `config` on `model`; the handler returns the new model."""
     return PASSES.handler_for(config)(model, config, ctx)
+
+
+# (data, the report's record of it: source, split, count, ...)
+TrainingData = tuple[Any, dict[str, Any]]
+_TRAINING_DATA: list[tuple[Callable[[Any], bool], Callable[[Any], TrainingData]]] = []
+
+
+def register_training_data(matches: Callable[[Any], bool], provider: Callable[[Any], TrainingData]) -> None:
+    """Make `training_data(model)` return `provider(model)` for the models `matches` accepts.
+
+    Each module that defines a kind of model registers its provider when it is imported, so any model
+    of that kind finds its provider. The first provider whose `matches` accepts a model answers.
+    """
+    _TRAINING_DATA.append((matches, provider))
+
+
+def training_data(model: Any) -> tuple[Any | None, dict[str, Any] | None]:
+    """The training set a registered provider gives for `model` and the report's record of it, else (None, None)."""
+    for matches, provider in _TRAINING_DATA:
+        if matches(model):
+            return provider(model)
+    return None, None

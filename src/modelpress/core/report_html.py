@@ -12,9 +12,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modelpress.core.report import ModelStats, Report, stats_table_markdown
+from modelpress.core.model_stats import ModelStats, stats_table_markdown
+
+if TYPE_CHECKING:  # the report calls render_html: at run time this module needs only its figures
+    from modelpress.core.report import Report
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:

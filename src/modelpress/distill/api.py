@@ -30,7 +30,7 @@ from torch import nn
 from modelpress.core.atomic import atomic_path
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
-from modelpress.core.registry import register
+from modelpress.core.registry import register, training_data
 from modelpress.distill.cache import teacher_cache, weights_fingerprint
 from modelpress.distill.config import DistillConfig, StudentConfig
 from modelpress.distill.data import Batch, Samples, as_samples
@@ -194,33 +194,12 @@ def zoo_training_data(teacher: nn.Module) -> Any | None:
 
 
 def _zoo_training(teacher: nn.Module) -> tuple[Any | None, dict[str, Any] | None]:
-    """`zoo_training_data(teacher)` and the report's record of it (source, split, count)."""
-    from modelpress.zoo.digits import DigitsCNN, load_digits_split
+    """`zoo_training_data(teacher)` and the report's record of it (source, split, count).
 
-    if isinstance(teacher, DigitsCNN):
-        data = load_digits_split("train")
-        return data, {"source": "scikit-learn digits", "split": "train", "count": len(data[1])}
-    from modelpress.zoo.causal_lm import CausalLM
-
-    if isinstance(teacher, CausalLM):
-        return _causal_lm_training(teacher)
-    if hasattr(teacher, "tokenizer") and hasattr(teacher, "pool"):
-        from modelpress.zoo.text import training_corpus, training_record
-
-        sentences, parts = training_corpus()
-        return sentences, training_record(len(sentences), parts)
-    return None, None
-
-
-def _causal_lm_training(teacher: nn.Module) -> tuple[Any, dict[str, Any]]:
-    """Windows of the documentation's train split (disjoint from the test split perplexity is measured on)."""
-    from modelpress.zoo.causal_lm import CausalLMEntry, windows
-
-    entry = CausalLMEntry(teacher)  # type: ignore[arg-type]
-    ids = windows(entry.tokens("train"), entry.eval_length)
-    record = {"source": "Python documentation (pydoc_data.topics)", "split": "train", "count": len(ids),
-              "tokens": int(ids.numel())}  # fmt: skip
-    return ids, record
+    The zoo registers a provider for each kind of model it builds (`core.registry.register_training_data`):
+    this pass asks for the teacher's training set without knowing the zoo's classes.
+    """
+    return training_data(teacher)
 
 
 @register(DistillConfig)

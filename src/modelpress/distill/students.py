@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from modelpress.core.errors import BadInputError, DataError
+from modelpress.core.modules import run_batch
 from modelpress.distill.config import StudentConfig
 from modelpress.distill.outputs import hf_model, transformer_blocks
 
@@ -134,8 +135,6 @@ def block_influence(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> lis
     A block whose output is nearly its input (low influence) changes the residual stream little, so
     removing it costs the least (the "block influence" of ShortGPT, Men et al., 2024).
     """
-    from modelpress.quant.ptq import _run
-
     blocks = transformer_blocks(model)
     if blocks is None:
         raise BadInputError(f"{type(model).__name__} has no transformer blocks to rank")
@@ -165,7 +164,7 @@ def block_influence(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> lis
     try:
         with torch.no_grad():
             for batch in batches:
-                _run(model, batch)
+                run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -19,7 +19,7 @@ from torch import nn
 from modelpress.core.atomic import atomic_path
 from modelpress.core.errors import BadInputError
 from modelpress.core.outputs import check_output, claim_output, estimate_bytes
-from modelpress.export.onnx import ExportError, compare_outputs, real_positions
+from modelpress.export.onnx_graph import ExportError, ExportWarning, compare_outputs, real_positions
 
 SUFFIXES = (".onnx", ".pt2")
 # The .pt2 runs float ops in bf16 (8-bit mantissa): outputs agree with fp32 to ~1e-2, cosine > 0.999.
@@ -128,9 +128,8 @@ def package_checked(
     """
     import warnings
 
+    from modelpress.core.runtime import AotiModel
     from modelpress.export.inductor import compile_package
-    from modelpress.export.onnx import ExportWarning
-    from modelpress.export.runtime import AotiModel
 
     with torch.inference_mode():
         expected = _first(module(*inputs)).float()

@@ -50,7 +50,7 @@ from modelpress.core.atomic import atomic_dir
 from modelpress.core.errors import BadInputError
 from modelpress.export.genai_graph import GraphBuilder
 from modelpress.export.gguf import find_causal_lm
-from modelpress.export.onnx import compare_outputs
+from modelpress.export.onnx_graph import compare_outputs
 from modelpress.quant.modules import QLinear
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # transformers model_type, also genai_config's model.type
@@ -325,7 +325,7 @@ def export_to_report(model: nn.Module, example: tuple, folder: Path, ctx: Any) -
     passes; otherwise the report says why (a warning, as for GGUF), and the other artifacts still stand."""
     import time
 
-    from modelpress.export.onnx import is_causal_lm
+    from modelpress.export.onnx_float import is_causal_lm
 
     if not is_causal_lm(model):
         ctx.report.warn("genai/ not written: ONNX Runtime GenAI folders are written for causal language models only")

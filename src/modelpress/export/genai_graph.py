@@ -20,9 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from modelpress.core.errors import BadInputError
-from modelpress.export.onnx import MS_DOMAIN
+from modelpress.export.onnx_graph import MS_DOMAIN, NodeBuilder
 from modelpress.export.onnx_nbits import nbits_tensors, unsupported_reason
-from modelpress.export.onnx_quant import _Builder
 from modelpress.export.onnx_tables import integer_table, lower_gather
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.modules import QEmbedding, QLinear, holds_table_codes
@@ -52,13 +51,13 @@ class GraphBuilder:
     def __init__(self, accuracy_level: int, lm_head_bits: int | None, notes: list[str]) -> None:
         self.lm_head_bits = lm_head_bits
         self.notes = notes
-        self.graph = onnx.GraphProto()  # initializers (also those `onnx_tables` adds through `_Builder`)
+        self.graph = onnx.GraphProto()  # initializers (also those `onnx_tables` adds through `NodeBuilder`)
         self.nodes: list[Any] = []
         self.accuracy_level = accuracy_level
         self.act_block = ACT_BLOCK if accuracy_level == 4 else None
         self.nbits: dict[str, str] = {}
         self.floats: dict[str, str] = {}
-        self.tables = _Builder(self.graph)
+        self.tables = NodeBuilder(self.graph)
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))

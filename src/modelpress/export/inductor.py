@@ -29,7 +29,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.environment import cpu_info, int8_signed_native
-from modelpress.export.onnx import ExportWarning
+from modelpress.export.onnx_graph import ExportWarning
 from modelpress.quant import kernels
 from modelpress.quant.modules import QLinear
 

@@ -14,7 +14,7 @@ consecutive inputs. Its inputs:
   left out for symmetric codes, which are stored offset by `2^(bits-1)`, ORT's default zero point.
 
 ORT requires `block_size` to be a power of two, at least 16; the CPU kernel takes 2, 4 and 8 bits (probed
-by `supported_bits`). Other layers are left for `onnx_quant.quantize_graph`.
+by `supported_bits`). Other layers are left for `onnx_int8.quantize_graph`.
 
     >>> done = lower_matmul_nbits(proto, {n: m for n, m in model.named_modules() if isinstance(m, QLinear)})
     >>> export_nbits_onnx(qmodel, entry.example_inputs(1), "out/model.onnx")   # export + rewrite + parity
@@ -22,7 +22,6 @@ by `supported_bits`). Other layers are left for `onnx_quant.quantize_graph`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from functools import lru_cache
@@ -36,16 +35,20 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from modelpress.core.atomic import atomic_path
-from modelpress.export.onnx import (
+from modelpress.export.onnx_float import export_float
+from modelpress.export.onnx_graph import (
     MS_DOMAIN,
     ExportError,
-    _as_tuple,
     add_session_hints,
+    as_tuple,
     check_parity,
-    export_float,
     replace_nodes,
+    weight_key,
 )
+from modelpress.export.onnx_int8 import quantize_graph
+from modelpress.export.onnx_standins import swap_in_float
 from modelpress.export.onnx_tables import gather_block_quantized, gather_table
+from modelpress.primitives.affine import QuantScheme, quantize_tensor
 from modelpress.primitives.packing import pack_bits, to_unsigned
 from modelpress.quant.modules import QConv, QLinear
 
@@ -89,11 +92,6 @@ def nbits_tensors(layer: QLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     return b, scales, zp_packed.reshape(-1).numpy()
 
 
-def _key(array: np.ndarray) -> bytes:
-    a = np.ascontiguousarray(array, dtype=np.float32)
-    return hashlib.sha1(a.tobytes()).digest() + str(a.shape).encode()
-
-
 def lower_matmul_nbits(proto: Any, layers: dict[str, Any], accuracy_level: int = 0) -> set[str]:
     """Rewrite `proto` in place: each MatMul whose weight is a group-wise layer's dequantized weight (K, N)
     becomes `MatMulNBits` with that layer's codes. Returns the names of the layers rewritten.
@@ -106,7 +104,7 @@ def lower_matmul_nbits(proto: Any, layers: dict[str, Any], accuracy_level: int =
     by_key = {}
     for name, layer in layers.items():
         if unsupported_reason(layer) is None:
-            by_key[_key(layer.dequantized_weight().t().numpy())] = name
+            by_key[weight_key(layer.dequantized_weight().t().numpy())] = name
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[Any]] = {}
@@ -121,7 +119,7 @@ def lower_matmul_nbits(proto: Any, layers: dict[str, Any], accuracy_level: int =
         if id(node) in folded:
             continue
         t = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        name = by_key.get(_key(numpy_helper.to_array(t))) if t is not None and len(t.dims) == 2 else None
+        name = by_key.get(weight_key(numpy_helper.to_array(t))) if t is not None and len(t.dims) == 2 else None
         if name is None:
             new_nodes.append(node)
             continue
@@ -180,8 +178,6 @@ def supported_bits() -> tuple[int, ...]:
     """Bit widths ONNX Runtime's CPU `MatMulNBits` runs correctly here (probed once on a tiny graph)."""
     import onnxruntime as ort
 
-    from modelpress.primitives.affine import QuantScheme
-
     ok = []
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a refused bit width is the expected answer, not an error to print
@@ -223,8 +219,6 @@ def lower_gather_nbits(proto: Any, bits: int = 4, block_size: int = 32, min_size
     only the gathered rows are dequantized. Tables with fewer than `min_size` values stay float.
     Returns the names of the tables rewritten.
     """
-    from modelpress.primitives.affine import QuantScheme, quantize_tensor
-
     if bits not in (2, 4, 8) or block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"GatherBlockQuantized takes 2, 4 or 8 bits and a power-of-two block >= 16, "
                           f"got bits={bits}, block_size={block_size}")  # fmt: skip
@@ -275,10 +269,7 @@ def export_nbits_onnx(
     `embeddings`: large Gather tables stay float, become int8 per row (`onnx_quant`), or 4-bit in
     blocks of 32 (`lower_gather_nbits`), a weight-only choice of the export.
     """
-    from modelpress.export.onnx_quant import quantize_graph
-    from modelpress.export.onnx_standins import swap_in_float
-
-    inputs = _as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (QLinear, QConv))}
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:

@@ -2,7 +2,7 @@
 
 `swap_in_float` replaces each quantized layer by a float module whose weight is the layer's dequantized
 weight (`x @ W_hat + b` for a QLinear), so the exported float graph carries initializers that
-`onnx_quant.quantize_graph` recognises and rewrites with the layer's own integers. `as_lowered` is the
+`onnx_int8.quantize_graph` recognises and rewrites with the layer's own integers. `as_lowered` is the
 eager model the rewritten graph computes (the export's own choices applied), the parity gate's reference.
 """
 
@@ -72,7 +72,7 @@ def swap_in_float(model: Any) -> None:
         projections = [getattr(module, n, None) for n in ("query", "key", "value")]
         quantized = [isinstance(p, QLinear) for p in projections]
         if any(quantized) and not (all(quantized) and _qattention_ready(projections)):  # type: ignore[arg-type]
-            module.no_fuse = True  # read by export.onnx._fusable_attention
+            module.no_fuse = True  # read by export.onnx_float._fusable_attention
     for name, module in list(model.named_modules()):
         if isinstance(module, (QLinear, QConv, QEmbedding)):
             if isinstance(module, QEmbedding):

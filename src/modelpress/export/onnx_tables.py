@@ -7,17 +7,14 @@ Only the gathered rows are ever dequantized.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from onnx import helper, numpy_helper
 
-from modelpress.export.onnx import MS_DOMAIN, ExportError
+from modelpress.export.onnx_graph import MS_DOMAIN, ExportError, NodeBuilder
 from modelpress.export.onnx_standins import MIN_EMBEDDING_SIZE
 from modelpress.quant.modules import QEmbedding
-
-if TYPE_CHECKING:
-    from modelpress.export.onnx_quant import _Builder
 
 
 def gather_table(inits: dict[str, Any], node: Any, min_size: int = MIN_EMBEDDING_SIZE) -> np.ndarray | None:
@@ -38,7 +35,7 @@ def gather_block_quantized(inputs: list[str], output: str, bits: int, block: int
     )  # fmt: skip
 
 
-def integer_table(b: _Builder, table: np.ndarray, q: QEmbedding | None) -> tuple[str, str, tuple[int, int] | None]:
+def integer_table(b: NodeBuilder, table: np.ndarray, q: QEmbedding | None) -> tuple[str, str, tuple[int, int] | None]:
     """A table as integer constants: (codes, scales, block). block None: int8 codes (V, D) with one symmetric
     scale per row (V, 1), the QEmbedding's own or quantized here; else (block size, bits) of unsigned codes
     for ONNX Runtime's GatherBlockQuantized, one scale per block of a row."""
@@ -72,7 +69,7 @@ def _gather_block(q: QEmbedding) -> int:
     return block
 
 
-def lower_gather(b: _Builder, node: Any, codes: str, scales: str, blocks: tuple[int, int] | None) -> list[Any]:
+def lower_gather(b: NodeBuilder, node: Any, codes: str, scales: str, blocks: tuple[int, int] | None) -> list[Any]:
     """Gather the integer rows and their scales, then dequantize only the gathered rows."""
     if blocks is not None:
         block, bits = blocks

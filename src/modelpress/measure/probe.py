@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     from safetensors.torch import load_file
 
     torch.set_num_threads(threads)
-    from modelpress.export.runtime import AotiModel, OnnxModel
+    from modelpress.core.runtime import AotiModel, OnnxModel
 
     model = OnnxModel(path, threads=threads) if kind == "onnx" else AotiModel(path)
     tensors = load_file(inputs_path)

@@ -33,7 +33,7 @@ from modelpress.core.environment import check_threads
 from modelpress.core.environment import environment as current_environment
 from modelpress.core.errors import BadInputError
 from modelpress.core.report import ModelStats, speed_cell
-from modelpress.export.runtime import OnnxModel
+from modelpress.core.runtime import OnnxModel
 from modelpress.measure.gate import call_limits, stopped_gate, verdict
 from modelpress.measure.latency import MAX_BATCH_SIZE, check_runs, measure_latency, measure_throughput, threads_scope
 from modelpress.measure.memory import peak_memory

@@ -1,4 +1,4 @@
-"""Parameter counts and size on disk of a model's saved artifact."""
+"""Parameter counts and size on disk of a model's saved artifact (an eager model's counts: `core.modules`)."""
 
 from __future__ import annotations
 
@@ -10,36 +10,9 @@ from safetensors.torch import save_model
 from torch import nn
 
 from modelpress.core.errors import BadInputError
+from modelpress.core.modules import count_params
 
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters) of `model`, each shared or tied tensor counted once.
-
-    Tensors are deduplicated by data pointer, so tied embeddings count once even when they are
-    separate `Parameter` objects over the same memory. Quantized layers keep their weights as
-    integer buffers (`weight_q`) and float biases as buffers; those count as parameters too (the
-    codes of the weight's own shape: the padding of a short last group is not a parameter).
-
-        >>> count_params(nn.Linear(4, 2))
-        (10, 10)
-    """
-    seen: set[tuple[int, int]] = set()
-    params = nonzero = 0
-    tensors = [(p, p) for p in model.parameters()]  # (tensor identifying the storage, values counted)
-    for module in model.modules():
-        if hasattr(module, "weight_q"):  # QLinear / QConv: integer weight and float bias buffers
-            codes = module.weight_codes() if hasattr(module, "weight_codes") else module.weight_q
-            tensors.append((module.weight_q, codes))
-            if getattr(module, "bias", None) is not None:
-                tensors.append((module.bias, module.bias))
-    for p, values in tensors:
-        key = (p.data_ptr(), p.numel())
-        if p.numel() == 0 or key in seen:
-            continue
-        seen.add(key)
-        params += values.numel()
-        nonzero += int(values.detach().count_nonzero())
-    return params, nonzero
+__all__ = ["count_params", "artifact_size_bytes", "count_onnx_params"]  # count_params: core.modules
 
 
 def artifact_size_bytes(model_or_path: nn.Module | str | os.PathLike[str]) -> int:

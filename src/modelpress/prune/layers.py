@@ -8,7 +8,7 @@ from torch import nn
 
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError
-from modelpress.quant.ptq import LayerFilter
+from modelpress.core.layer_filter import LayerFilter
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Selected by name but not pruned by weight sparsity passes: skipped with a warning.

@@ -31,12 +31,13 @@ from torch import nn
 from modelpress.core.config import Config, check_at_most
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError
+from modelpress.core.layer_filter import LayerFilter
+from modelpress.core.modules import count_params
 from modelpress.core.registry import register
 from modelpress.primitives.gptq import hessian_update
 from modelpress.primitives.sparsegpt import check_pattern, column_sq_norms, sparsegpt_prune, wanda_prune
 from modelpress.prune.unstructured import _stats
 from modelpress.quant.gptq import DEFAULT_LAYERS, calibration_batches, selected_linears
-from modelpress.quant.ptq import LayerFilter
 from modelpress.quant.sequential import Scope, convert_conv1d, observe_inputs, run_sequential
 
 MAX_CALIBRATION_BATCHES = 4096
@@ -102,8 +103,6 @@ def _fits(selected: dict[str, nn.Linear], m: int, ctx: Context, label: str) -> d
 
 def _run_pass(model: nn.Module, cfg: Any, ctx: Context, label: str, kind: str, prune_scope: Callable) -> nn.Module:
     """Shared frame of both passes: calibration data, the layers, sequential pruning, statistics."""
-    from modelpress.measure.size import count_params
-
     start = time.perf_counter()
     batches = calibration_batches(ctx, cfg.calibration_batches, label)
     converted = convert_conv1d(model)

@@ -20,6 +20,7 @@ from torch import nn
 
 from modelpress.core.context import Context
 from modelpress.core.errors import DataError, NotAvailableError
+from modelpress.primitives.tokens import dynamic_batches, embed
 
 
 def _takes_epochs(fn: Any) -> bool:
@@ -64,8 +65,6 @@ def distill_text_encoder(
     `model.tokenizer`, `max_seq_length`, `pooling` and `normalize` are used for both. Pass
     `teacher_embeddings` ([len(sentences), hidden]) to reuse them across runs. Returns the model in eval mode.
     """
-    from modelpress.zoo.text import dynamic_batches, embed
-
     if not sentences:
         raise DataError("distill_text_encoder needs real training sentences")
     if teacher_embeddings is None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from modelpress.measure.size import count_params
+from modelpress.core.modules import count_params
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ from torch import nn
 from modelpress.core.config import MAX_EPOCHS, Config, check_at_most, check_seed
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
+from modelpress.core.layer_filter import LayerFilter
+from modelpress.core.modules import count_params
 from modelpress.core.registry import register
 from modelpress.primitives.masks import global_rate_masks, nm_mask, rate_mask, threshold_mask
 from modelpress.prune.gradients import LossFn, collect_gradients
@@ -34,7 +36,6 @@ from modelpress.prune.masking import GradualPruner, get_mask, make_permanent, se
 from modelpress.prune.recovery import finetune
 from modelpress.prune.schedule import PolynomialSchedule, check_final
 from modelpress.prune.stats import layer_flops, layer_sparsity
-from modelpress.quant.ptq import LayerFilter
 
 
 def check_sparsity(value: float, field: str = "sparsity") -> None:
@@ -161,7 +162,6 @@ def _first_batch(data: Any) -> tuple[Any, ...] | None:
 
 
 def _stats(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, target: float | str) -> dict[str, Any]:
-    from modelpress.measure.size import count_params
     from modelpress.prune.masking import original_weight
 
     params, nonzero = count_params(model)
@@ -206,7 +206,6 @@ def prune_unstructured(
     """
     start = time.perf_counter()
     layers = weight_layers(model, cfg.layers, ctx)
-    from modelpress.measure.size import count_params
 
     params_before, nonzero_before = count_params(model)
     extra: dict[str, Any] = {}

@@ -30,6 +30,8 @@ from modelpress.core.atomic import atomic_path
 from modelpress.core.config import Config
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, DataError
+from modelpress.core.runtime import OnnxModel
+from modelpress.primitives.tokens import real_positions
 from modelpress.quant.ptq import DynamicQuantConfig, LayerFilter, StaticQuantConfig, WeightOnlyConfig
 from modelpress.quant.sensitivity import MixedPrecisionConfig
 
@@ -85,9 +87,6 @@ def _feed(names: list[str], batch: Sequence[torch.Tensor] | torch.Tensor) -> dic
 
 def fidelity(reference: str | Path, candidate: str | Path, batches: Sequence[Any], names: list[str]) -> float:
     """Mean cosine of the candidate graph's first output to the reference graph's, over `batches`."""
-    from modelpress.export.onnx import real_positions
-    from modelpress.export.runtime import OnnxModel
-
     ref, cand = OnnxModel(reference), OnnxModel(candidate)
     cosines = []
     for batch in batches:

@@ -28,6 +28,8 @@ from torch import nn
 from modelpress.core.config import Config, check_regex
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError, DataError
+from modelpress.core.layer_filter import LayerFilter
+from modelpress.core.modules import run_batch as _run
 from modelpress.core.modules import set_submodule
 from modelpress.core.registry import apply, register
 from modelpress.primitives.affine import QuantScheme
@@ -39,33 +41,6 @@ QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Layer types users commonly expect to be quantized that have no integer form here: skipped with a warning.
 _SKIPPED_TYPES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding)
 MIN_EMBEDDING_VALUES = 1 << 16  # smaller tables (e.g. token types) stay float: nothing to gain
-
-
-@dataclass(frozen=True)
-class LayerFilter(Config):
-    r"""Which layers a pass touches: regexes on qualified module names (`re.search`), optionally only some types.
-
-    >>> LayerFilter(include=(r"encoder\.",), exclude=(r"classifier",), types=("Linear",))
-    """
-
-    include: tuple[str, ...] = ()  # empty: every supported layer
-    exclude: tuple[str, ...] = ()  # the ignore list: never touched, whatever else matches
-    types: tuple[str, ...] = ()  # module class names ("Linear", "Conv2d"; ONNX: op types); empty: every type
-
-    def validate(self) -> None:
-        for pattern in (*self.include, *self.exclude):
-            check_regex(pattern, "layer")
-        for kind in self.types:
-            if not isinstance(kind, str) or not kind.isidentifier():
-                raise ConfigError(f"layer types are class names such as 'Linear' or 'Conv2d', got {kind!r}")
-
-    def selects(self, name: str, kind: str | None = None) -> bool:
-        """Whether the layer called `name`, of class (or ONNX op type) `kind`, is selected."""
-        if self.types and kind is not None and kind not in self.types:
-            return False
-        if self.include and not any(re.search(p, name) for p in self.include):
-            return False
-        return not any(re.search(p, name) for p in self.exclude)
 
 
 @dataclass(frozen=True)
@@ -315,29 +290,6 @@ def _take(data: Iterable[Any], n: int) -> list[Any]:
         if len(out) >= n:
             break
     return out
-
-
-def _run(model: nn.Module, batch: Any) -> Any:
-    """Call `model` on one batch: a tuple/list is positional, a dict is keyword, a tensor is the input."""
-    try:
-        if isinstance(batch, dict):
-            return model(**batch)
-        if isinstance(batch, (tuple, list)):
-            return model(*batch)
-        return model(batch)
-    except (TypeError, RuntimeError) as e:
-        shape = _describe(batch)
-        raise DataError(f"a calibration batch does not fit the model ({shape}): {e}") from None
-
-
-def _describe(batch: Any) -> str:
-    if isinstance(batch, torch.Tensor):
-        return f"tensor {tuple(batch.shape)}"
-    if isinstance(batch, (tuple, list)):
-        return ", ".join(_describe(b) for b in batch)
-    if isinstance(batch, dict):
-        return ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items())
-    return type(batch).__name__
 
 
 def _begin(model: nn.Module, ctx: Context | None, inplace: bool) -> tuple[nn.Module, Context]:

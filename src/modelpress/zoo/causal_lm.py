@@ -31,6 +31,7 @@ from torch import nn
 
 from modelpress import trust
 from modelpress.core.errors import DataError, ModelLoadError
+from modelpress.core.registry import TrainingData, register_training_data
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, ZooEntry
 
@@ -382,3 +383,16 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"--eval-data {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _training_data(model: nn.Module) -> TrainingData:
+    """A causal LM teacher's training set (distillation): windows of the documentation's train split
+    (disjoint from the test split perplexity is measured on)."""
+    entry = CausalLMEntry(model)  # type: ignore[arg-type]
+    ids = windows(entry.tokens("train"), entry.eval_length)
+    record = {"source": "Python documentation (pydoc_data.topics)", "split": "train", "count": len(ids),
+              "tokens": int(ids.numel())}  # fmt: skip
+    return ids, record
+
+
+register_training_data(lambda model: isinstance(model, CausalLM), _training_data)

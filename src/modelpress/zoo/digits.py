@@ -20,6 +20,7 @@ from torch import nn
 
 from modelpress.core.context import default_cache_dir
 from modelpress.core.errors import BadInputError, DataError
+from modelpress.core.registry import TrainingData, register_training_data
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, register_entry
 from modelpress.zoo.training import SplitEntry, as_logits, recipe_fingerprint, train_classifier
@@ -184,4 +185,11 @@ class DigitsEntry(SplitEntry):
         return train_digits_cnn(model, epochs=epochs, lr=LR / 3 if lr is None else lr)
 
 
+def _training_data(model: nn.Module) -> TrainingData:
+    """A digits-cnn teacher's training set (distillation): the train split with its labels."""
+    data = load_digits_split("train")
+    return data, {"source": "scikit-learn digits", "split": "train", "count": len(data[1])}
+
+
 register_entry("digits-cnn", DigitsEntry)
+register_training_data(lambda model: isinstance(model, DigitsCNN), _training_data)

