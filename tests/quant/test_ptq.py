@@ -17,6 +17,7 @@ from modelpress.quant import (
     quantize,
 )
 from modelpress.quant.fold import fold_conv_bn
+from modelpress.quant.modules import QEmbedding
 from modelpress.zoo import get_entry
 
 
@@ -236,3 +237,43 @@ def test_quantize_embeddings_keeps_a_tied_head_on_the_tables_codes():
     untied.head.weight = nn.Parameter(untied.embed.weight.detach().clone())  # same values, not shared
     assert quantize_embeddings(untied, 8, 64, ctx) == ["embed"]  # the head is left to the weight pass
     assert untied.embed.group_size == 96 and any("does not divide its width 96" in w for w in ctx.report.warnings)
+
+
+def test_an_embedding_that_scales_its_lookup_is_kept_float():
+    """Gemma's table multiplies its rows by sqrt(hidden) in its own forward: a QEmbedding would drop that, so
+    the passes keep it float and say why (GPTQ's calibrated head is then untied from it)."""
+    from modelpress.core.layer_filter import LayerFilter
+    from modelpress.quant.gptq import GPTQConfig
+
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) * 8.0
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = ScaledEmbedding(1024, 64)
+            self.body = nn.Linear(64, 64)
+            self.lm_head = nn.Linear(64, 1024, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.lm_head(torch.tanh(self.body(self.embed(ids))))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    ctx = Context(show_progress=False)
+    q = quantize(model, DynamicQuantConfig(), ctx=ctx)
+    assert type(q.embed) is ScaledEmbedding
+    assert any("embed kept float: ScaledEmbedding changes the lookup" in w for w in ctx.report.warnings)
+    ids = torch.randint(0, 1024, (2, 8))
+    torch.testing.assert_close(q.embed(ids), model.embed(ids))
+    data = [(torch.randint(0, 1024, (2, 16)),) for _ in range(2)]
+    ctx = Context(show_progress=False)
+    with pytest.warns(UserWarning, match="no repeated block list"):
+        g = quantize(model, GPTQConfig(group_size=32, head_bits=4, embedding_group_size=32,
+                                       layers=LayerFilter(exclude=("lm_head",))), data=data, ctx=ctx)  # fmt: skip
+    assert type(g.embed) is ScaledEmbedding and isinstance(g.lm_head, QLinear)
+    assert any("embed kept float, untied from lm_head" in w for w in ctx.report.warnings)
+    with pytest.raises(ConfigError, match="ScaledEmbedding changes the lookup"):
+        QEmbedding(model.embed)

@@ -216,6 +216,7 @@ class QEmbedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, bits: int = 8, group_size: int | None = None) -> None:
         super().__init__()
+        _check_plain_lookup(embedding)
         if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
             raise ConfigError("embeddings with max_norm, scale_grad_by_freq or sparse gradients are not supported")
         weight = embedding.weight.detach().float()
@@ -244,6 +245,7 @@ class QEmbedding(nn.Module):
         """The table of a tied head that was quantized on its own (GPTQ, `head_bits`): the head's codes and
         scales, so the lookup and the head stay one table (`holds_table_codes`). The head's scheme must be
         symmetric, per row or in groups that divide the width."""
+        _check_plain_lookup(embedding)
         ws = head.weight_scheme
         width = embedding.embedding_dim
         group = width if ws.granularity == "channel" else ws.group_size
@@ -294,6 +296,20 @@ class QEmbedding(nn.Module):
         per = "per-row" if self.group_size == self.embedding_dim else f"per-group({self.group_size})"
         packed = ", two per byte" if self.packed else ""
         return f"{self.num_embeddings}, {self.embedding_dim}, weight=int{self.weight_scheme.bits} sym {per}{packed}"
+
+
+def changed_lookup(embedding: nn.Module) -> str | None:
+    """Why `embedding` is not a plain table lookup `QEmbedding` may replace (a subclass with its own forward,
+    e.g. Gemma's embedding scaled by sqrt(hidden)), or None."""
+    if isinstance(embedding, nn.Embedding) and type(embedding).forward is not nn.Embedding.forward:
+        return f"{type(embedding).__name__} changes the lookup in its own forward (e.g. a scale)"
+    return None
+
+
+def _check_plain_lookup(embedding: nn.Module) -> None:
+    why = changed_lookup(embedding)
+    if why is not None:
+        raise ConfigError(f"cannot quantize the table: {why}")
 
 
 def holds_table_codes(head: nn.Module, table: nn.Module) -> bool:

@@ -34,7 +34,7 @@ from modelpress.core.modules import set_submodule
 from modelpress.core.registry import apply, register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.fold import fold_conv_bn
-from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear
+from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear, changed_lookup
 from modelpress.quant.observers import ObserverConfig, make_observer
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -162,7 +162,11 @@ def select_layers(
             continue
         if isinstance(module, nn.Embedding) and (embeddings or tables_elsewhere):
             if module.weight.numel() >= MIN_EMBEDDING_VALUES and not tables_elsewhere:
-                chosen.append((name, module))
+                why = changed_lookup(module)
+                if why is None:
+                    chosen.append((name, module))
+                elif ctx is not None:
+                    ctx.warn(f"{name} kept float: {why}")
         elif isinstance(module, QUANTIZABLE):
             chosen.append((name, module))
         elif isinstance(module, _SKIPPED_TYPES):
@@ -229,8 +233,14 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int | None, ctx
     with the same scheme, so it holds exactly the table's codes and scales: the two stay one table where a
     file ties them (GGUF writes `token_embd` once), instead of the head staying float beside an integer table.
     """
-    tables = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)
-              and m.weight.numel() >= MIN_EMBEDDING_VALUES]  # fmt: skip
+    tables = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.weight.numel() >= MIN_EMBEDDING_VALUES:
+            why = changed_lookup(m)
+            if why is None:
+                tables.append((n, m))
+            else:
+                ctx.warn(f"{n} kept float: {why}")
     done = []
     for name, table in tables:
         width = table.embedding_dim
