@@ -28,6 +28,7 @@ from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.gptq import gptq_quantize, hessian_update
 from modelpress.quant.modules import ActSpec, QEmbedding, QLinear
 from modelpress.quant.ptq import (
+    MIN_EMBEDDING_VALUES,
     LayerFilter,
     _check_bits,
     _check_embedding_bits,
@@ -105,6 +106,10 @@ def share_head_codes(model: nn.Module, heads: dict[str, tuple[nn.Linear, str | N
         if table_name is None or not isinstance(head, QLinear):
             continue
         table = model.get_submodule(table_name)
+        if table.weight.numel() < MIN_EMBEDDING_VALUES:  # as `quantize_embeddings`: a small table stays float
+            ctx.warn(f"{table_name} kept float, untied from {head_name}: {table.weight.numel()} values, fewer than "
+                     f"{MIN_EMBEDDING_VALUES} (small tables stay float)")  # fmt: skip
+            continue
         try:
             set_submodule(model, table_name, QEmbedding.from_head(table, head))
         except ConfigError as err:
