@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/llm_genai"), help="folders kept here for reruns")
     parser.add_argument("--g32", action="store_true", help="also GPTQ symmetric group 32 (the builder's format)")
     parser.add_argument("--time", action="store_true", help="measure decode tokens/s (needs a quiet machine)")
+    parser.add_argument("--reuse", action="store_true", help="reuse our folders of an earlier run in --work")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
@@ -167,6 +168,10 @@ def main() -> None:
         variants["ours-gptq-g32-sym"] = GPTQConfig(bits=4, group_size=32, symmetric=True)
     for name, cfg in variants.items():
         folder = work / name
+        if args.reuse and (folder / "row.json").is_file():  # quantized, exported and checked by an earlier run
+            rows[name] = json.loads((folder / "row.json").read_text())
+            folders[name] = folder
+            continue
         start = time.perf_counter()
         with ctx.threads_scope():
             qmodel = quantize(fp32, cfg, data=entry.calibration_data(128, 8), ctx=ctx)
@@ -182,6 +187,7 @@ def main() -> None:
                                 f"{table}, accuracy_level 4",
                       "export_parity": report["parity"],
                       "torch_perplexity": perplexity(qmodel, data)}  # fmt: skip
+        (folder / "row.json").write_text(json.dumps(rows[name], indent=2) + "\n")
         folders[name] = folder
 
     for name, folder in folders.items():
