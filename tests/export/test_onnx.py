@@ -95,6 +95,26 @@ def test_session_hints_in_metadata(tmp_path: Path) -> None:
     assert json.loads(meta[SESSION_HINTS_KEY])["session.set_denormal_as_zero"] == "1"
 
 
+def test_the_denormals_hint_stays_inside_onnx_runtime(tmp_path: Path) -> None:
+    """Our graphs ask ONNX Runtime for denormals as zero (`session.set_denormal_as_zero`); with onnxruntime
+    1.32 the flag stays in ORT's own work and this thread's torch numerics stay IEEE after a session is made
+    and run (measured: the guard against a runtime that would change torch's figures in the same process)."""
+    path = export_onnx(tiny_mlp(), torch.randn(2, 16), tmp_path / "mlp.onnx")
+    tiny = torch.tensor([1e-39])  # a float32 denormal
+
+    def kept() -> bool:
+        return bool((tiny * 1.0).item() != 0.0)
+
+    assert kept()
+    session = OnnxModel(path, threads=2)
+    assert kept()
+    session(torch.randn(3, 16))
+    assert kept()
+    torch.set_flush_denormal(True)  # what ORT leaves behind without the reset: the check above can fail
+    assert not kept()
+    torch.set_flush_denormal(False)
+
+
 def test_check_parity_reports_a_mismatch(tmp_path: Path) -> None:
     model = tiny_mlp()
     path = export_onnx(model, torch.randn(2, 16), tmp_path / "mlp.onnx")
