@@ -45,11 +45,9 @@ LAYERS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
 
 # (importer, imported module) -> why it is allowed. Keep this list short: each entry is a known debt.
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # SparseGPT / Wanda run block by block through GPTQ's sequential driver with GPTQ's layer selection
-    # and calibration batches (DEFAULT_LAYERS, selected_linears, calibration_batches live in quant/gptq.py).
-    # Removing these needs that shared machinery in a layer of its own below the passes.
+    # SparseGPT / Wanda use GPTQ's layer selection and calibration batches (DEFAULT_LAYERS, selected_linears,
+    # calibration_batches live in quant/gptq.py). Removing this needs them in a layer below the passes.
     ("modelpress.prune.llm", "modelpress.quant.gptq"): "GPTQ's layer selection and calibration batches",
-    ("modelpress.prune.llm", "modelpress.quant.sequential"): "GPTQ's block-by-block driver",
 }
 
 

@@ -9,9 +9,7 @@ from torch import nn
 from modelpress.core import Context, DataError
 from modelpress.core.modules import set_submodule
 from modelpress.primitives.affine import QuantScheme
-from modelpress.quant import LayerFilter, QLinear, WeightOnlyConfig, quantize
-from modelpress.quant.gptq import GPTQConfig
-from modelpress.quant.sequential import (
+from modelpress.primitives.sequential import (
     Scope,
     capture_block_inputs,
     convert_conv1d,
@@ -19,6 +17,8 @@ from modelpress.quant.sequential import (
     first_tensor,
     run_sequential,
 )
+from modelpress.quant import LayerFilter, QLinear, WeightOnlyConfig, quantize
+from modelpress.quant.gptq import GPTQConfig
 from modelpress.zoo.tinylm import SMALL_SPEC, TinyLMEntry, perplexity
 
 pytestmark = pytest.mark.usefixtures("one_thread")

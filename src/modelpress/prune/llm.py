@@ -8,7 +8,7 @@ by looking at what each layer's inputs are on calibration text (`primitives.spar
 - `WandaConfig`: weights scored by `|w| * ||x||` and the lowest of each output row pruned, nothing
   updated (faster, no Hessian).
 
-Both run sequentially (`quant.sequential`): each block is pruned on the outputs of the blocks before
+Both run sequentially (`primitives.sequential`): each block is pruned on the outputs of the blocks before
 it *as pruned*, so peak memory is the model plus one block's activations. `sparsity` prunes a rate of
 every row; `n`/`m` give N:M semi-structured sparsity (2:4: two kept in every four inputs). The output
 head (`lm_head`, often tied to the embeddings) is kept dense by default. The result is the same model
@@ -35,10 +35,10 @@ from modelpress.core.layer_filter import LayerFilter
 from modelpress.core.modules import count_params
 from modelpress.core.registry import register
 from modelpress.primitives.gptq import hessian_update
+from modelpress.primitives.sequential import Scope, convert_conv1d, observe_inputs, run_sequential
 from modelpress.primitives.sparsegpt import check_pattern, column_sq_norms, sparsegpt_prune, wanda_prune
 from modelpress.prune.unstructured import _stats
 from modelpress.quant.gptq import DEFAULT_LAYERS, calibration_batches, selected_linears
-from modelpress.quant.sequential import Scope, convert_conv1d, observe_inputs, run_sequential
 
 MAX_CALIBRATION_BATCHES = 4096
 

@@ -1,6 +1,6 @@
 """AWQ weight-only quantization: activation-aware scales folded into the model, then group-wise rounding.
 
-Per transformer block (`quant.sequential`): the inputs of each selected Linear are sampled while the
+Per transformer block (`primitives.sequential`): the inputs of each selected Linear are sampled while the
 block runs; for every set of layers that read one op's output, a per-input-channel scale `s` is
 searched (`primitives.awq.search_scale`) and folded in exactly: the layers' weight columns are
 multiplied by `s` and the producing op's output divided by `s`:
@@ -38,6 +38,7 @@ from modelpress.core.modules import set_submodule
 from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.awq import search_clip, search_scale
+from modelpress.primitives.sequential import Scope, run_sequential
 from modelpress.quant.gptq import (
     DEFAULT_LAYERS,
     embedded_tables,
@@ -47,7 +48,6 @@ from modelpress.quant.gptq import (
 )
 from modelpress.quant.modules import ActSpec, QLinear
 from modelpress.quant.ptq import LayerFilter, _check_embedding_bits
-from modelpress.quant.sequential import Scope, run_sequential
 from modelpress.quant.smoothquant import is_output_norm, scale_norm_output
 
 # (producer, consumers) paths inside one block whose scale can be folded. Per producer the first entry whose

@@ -3,7 +3,7 @@
 Each selected Linear layer's input Hessian is accumulated while its block runs on calibration data;
 `primitives.gptq.gptq_quantize` then chooses the integer codes, and the layer becomes a `QLinear`
 holding exactly those codes (float activations). Blocks are processed in order, each on the outputs
-of the already quantized blocks before it (`quant.sequential`).
+of the already quantized blocks before it (`primitives.sequential`).
 
     >>> qmodel = quantize(model, GPTQConfig(bits=4, group_size=128), data=entry.calibration_data(128))
 """
@@ -26,6 +26,7 @@ from modelpress.core.modules import set_submodule
 from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.gptq import gptq_quantize, hessian_update
+from modelpress.primitives.sequential import Scope, convert_conv1d, observe_inputs, run_sequential
 from modelpress.quant.modules import ActSpec, QEmbedding, QLinear
 from modelpress.quant.ptq import (
     MIN_EMBEDDING_VALUES,
@@ -36,7 +37,6 @@ from modelpress.quant.ptq import (
     quantize_embeddings,
     select_layers,
 )
-from modelpress.quant.sequential import Scope, convert_conv1d, observe_inputs, run_sequential
 
 # A language model's output head is commonly kept in float: it is small next to the blocks and sensitive.
 DEFAULT_LAYERS = LayerFilter(exclude=(r"(^|\.)lm_head$",))

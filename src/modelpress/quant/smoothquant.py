@@ -288,7 +288,7 @@ class _OutputCheck:
         self.reference = self._run()
 
     def _run(self) -> torch.Tensor:
-        from modelpress.quant.sequential import first_tensor
+        from modelpress.primitives.sequential import first_tensor
 
         with torch.inference_mode():
             return first_tensor(_run(self.model, self.batch)).float()

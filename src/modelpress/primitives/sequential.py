@@ -30,8 +30,8 @@ from torch import nn
 
 from modelpress.core.context import Context
 from modelpress.core.errors import DataError
+from modelpress.core.modules import run_batch as _run
 from modelpress.core.modules import set_submodule
-from modelpress.quant.ptq import _run
 
 # Keywords under which decoders hand their blocks a KV cache (transformers 5 names it `cache`). A recorded
 # call keeps none: a block runs several times on the same call (observe, quantize, feed forward), and a live
