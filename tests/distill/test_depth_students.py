@@ -76,3 +76,15 @@ def test_distillation_recovers_a_depth_pruned_student():
     assert len(transformer_blocks(result.student)) == 2
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_opt_blocks_are_found_under_model_decoder_layers():
+    """OPT keeps its blocks one level deeper (`model.decoder.layers`) than Llama (`model.layers`)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=3, num_attention_heads=2,
+                       max_position_embeddings=32, word_embed_proj_dim=16)  # fmt: skip
+    lm = OPTForCausalLM(config).eval()
+    assert transformer_blocks(lm) is lm.model.decoder.layers
+    scores = block_influence(lm, [(torch.randint(0, 64, (2, 8)),)])
+    assert len(scores) == 3 and all(s >= 0 for s in scores)

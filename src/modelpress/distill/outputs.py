@@ -22,7 +22,9 @@ from modelpress.core.errors import BadInputError
 from modelpress.distill.data import Batch
 
 Outputs = dict[str, torch.Tensor]
-_BLOCK_PATHS = ("encoder.layer", "model.layers", "layers", "transformer.h", "h", "decoder.layers")
+_BLOCK_PATHS = (
+    "encoder.layer", "model.layers", "model.decoder.layers", "layers", "transformer.h", "h", "decoder.layers",
+)  # fmt: skip
 
 
 def is_text_encoder(model: nn.Module) -> bool:
