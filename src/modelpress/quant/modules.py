@@ -214,7 +214,14 @@ class QEmbedding(nn.Module):
 
     weight_scale: torch.Tensor
 
-    def __init__(self, embedding: nn.Embedding, bits: int = 8, group_size: int | None = None) -> None:
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        bits: int = 8,
+        group_size: int | None = None,
+        codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """`codes`: (integer codes, scales) chosen elsewhere (`from_head`) instead of rounding the weight."""
         super().__init__()
         _check_plain_lookup(embedding)
         if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
@@ -231,14 +238,16 @@ class QEmbedding(nn.Module):
         # one scale per row is a group as wide as the row
         self.weight_scheme = QuantScheme(bits, True, "group", 0, self.group_size)
         self.padding_idx = embedding.padding_idx
-        qt = quantize_tensor(weight, self.weight_scheme)
-        codes = qt.q.reshape(self.num_embeddings, self.embedding_dim)
-        self.register_buffer("weight_scale", qt.scale.float().reshape(self.num_embeddings, -1))  # (V, groups)
+        if codes is None:
+            qt = quantize_tensor(weight, self.weight_scheme)
+            codes = (qt.q, qt.scale)
+        q = codes[0].to(torch.int8).reshape(self.num_embeddings, self.embedding_dim).clone()
+        self.register_buffer("weight_scale", codes[1].float().reshape(self.num_embeddings, -1).clone())  # (V, G)
         self.packed = bits <= 4 and self.embedding_dim % 2 == 0
         if self.packed:  # [-8, 7] -> [0, 15], two per byte, low nibble first: (V, D/2)
-            self.register_buffer("weight_packed", pack_int4_pairs((codes.to(torch.int16) + 8).to(torch.uint8)))
+            self.register_buffer("weight_packed", pack_int4_pairs((q.to(torch.int16) + 8).to(torch.uint8)))
         else:
-            self.register_buffer("weight_q", codes)  # (V, D)
+            self.register_buffer("weight_q", q)  # (V, D)
 
     @classmethod
     def from_head(cls, embedding: nn.Embedding, head: QLinear) -> QEmbedding:
@@ -254,20 +263,7 @@ class QEmbedding(nn.Module):
         if tuple(head.weight_shape) != tuple(embedding.weight.shape):
             raise ConfigError(f"the head's weight {tuple(head.weight_shape)} is not the table's "
                               f"{tuple(embedding.weight.shape)}")  # fmt: skip
-        table = cls.__new__(cls)
-        nn.Module.__init__(table)
-        table.num_embeddings, table.embedding_dim = embedding.weight.shape
-        table.group_size = group
-        table.weight_scheme = QuantScheme(ws.bits, True, "group", 0, group)
-        table.padding_idx = embedding.padding_idx
-        codes = head.weight_codes().to(torch.int8)
-        table.register_buffer("weight_scale", head.weight_scale.float().reshape(table.num_embeddings, -1).clone())
-        table.packed = ws.bits <= 4 and width % 2 == 0
-        if table.packed:
-            table.register_buffer("weight_packed", pack_int4_pairs((codes.to(torch.int16) + 8).to(torch.uint8)))
-        else:
-            table.register_buffer("weight_q", codes.clone())
-        return table
+        return cls(embedding, ws.bits, group, codes=(head.weight_codes(), head.weight_scale))
 
     def codes(self) -> torch.Tensor:
         """The (V, D) int8 codes, unpacked."""
