@@ -44,11 +44,7 @@ LAYERS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
 )
 
 # (importer, imported module) -> why it is allowed. Keep this list short: each entry is a known debt.
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # SparseGPT / Wanda use GPTQ's layer selection and calibration batches (DEFAULT_LAYERS, selected_linears,
-    # calibration_batches live in quant/gptq.py). Removing this needs them in a layer below the passes.
-    ("modelpress.prune.llm", "modelpress.quant.gptq"): "GPTQ's layer selection and calibration batches",
-}
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:
@@ -290,3 +286,14 @@ def test_known_exceptions_are_still_needed() -> None:
     used = {(e.source, e.target) for e, _ in _violations()}
     stale = sorted(set(KNOWN_EXCEPTIONS) - used)
     assert not stale, f"these imports follow the layers now (or are gone): remove them from KNOWN_EXCEPTIONS: {stale}"
+
+
+def test_no_private_name_is_imported_from_another_module() -> None:
+    """A name with a leading underscore belongs to its module: what others use is public (and documented)."""
+    bad = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(ROOT):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                bad += [f"{name}:{node.lineno} imports {node.module}.{p}" for p in private]
+    assert not bad, "private names imported across modules:\n  " + "\n  ".join(bad)

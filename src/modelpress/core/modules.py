@@ -3,10 +3,12 @@
 >>> set_submodule(model, "encoder.layer.0.attention.self.query", QLinear.from_float(query, scheme))
 >>> params, nonzero = count_params(model)
 >>> out = run_batch(model, (input_ids, attention_mask))
+>>> batches = take_batches(ctx.data, 8)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from modelpress.core.errors import DataError
@@ -55,6 +57,25 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         params += values.numel()
         nonzero += int(values.detach().count_nonzero())
     return params, nonzero
+
+
+def take_batches(data: Iterable[Any], n: int) -> list[Any]:
+    """The first `n` batches of `data` (any iterable; a generator is consumed only that far)."""
+    out: list[Any] = []
+    for batch in data:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out
+
+
+def first_batch(data: Any) -> tuple[Any, ...] | None:
+    """The first batch of list-like data as a tuple of positional inputs (an iterator is not consumed);
+    None when `data` is not a non-empty list or tuple."""
+    if isinstance(data, (list, tuple)) and data:
+        b = data[0]
+        return tuple(b) if isinstance(b, (tuple, list)) else (b,)
+    return None
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:

@@ -42,7 +42,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.errors import BadInputError
-from modelpress.quant.modules import QEmbedding, QLinear, _QuantBase, holds_table_codes
+from modelpress.quant.modules import QEmbedding, QLinear, QuantBase, holds_table_codes
 
 BLOCK = 32  # values per GGML block (QK4_0 = QK4_1 = QK8_0)
 FP16_MAX = 65504.0
@@ -89,7 +89,7 @@ def gguf_scale(scale: torch.Tensor, zero_point: torch.Tensor | int = 0) -> torch
     return torch.where(out > 0, out, ulp)
 
 
-def _offset_bits(layer: _QuantBase | QEmbedding) -> torch.Tensor | int:
+def _offset_bits(layer: QuantBase | QEmbedding) -> torch.Tensor | int:
     scheme = layer.weight_scheme
     if isinstance(layer, QEmbedding) or scheme.symmetric or scheme.bits > 5:
         return 0  # Q4_0 / Q5_0 / Q8_0: only the scale is stored
@@ -343,7 +343,7 @@ def _tensors(lm: nn.Module, arch: str, permute: bool, float_type: str) -> tuple[
             if isinstance(mod, QLinear) and mod.bias is not None:
                 add_float(f"{prefix}bias", mod.bias, None)
             continue
-        if isinstance(mod, _QuantBase):
+        if isinstance(mod, QuantBase):
             raise BadInputError(f"{mod_name} is a {type(mod).__name__}: a causal LM in GGUF holds no such layer")
         for p_name, p in mod.named_parameters(recurse=False):
             if id(p) in seen:

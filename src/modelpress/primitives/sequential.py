@@ -29,9 +29,16 @@ import torch
 from torch import nn
 
 from modelpress.core.context import Context
-from modelpress.core.errors import DataError
-from modelpress.core.modules import run_batch as _run
-from modelpress.core.modules import set_submodule
+from modelpress.core.errors import BadInputError, DataError
+from modelpress.core.layer_filter import LayerFilter
+from modelpress.core.modules import run_batch, set_submodule, take_batches
+
+# The layers a calibrated pass changes by default: every Linear but a causal LM's output head.
+DEFAULT_LAYERS = LayerFilter(exclude=(r"(^|\.)lm_head$",))
+# Selected layer types a calibrated pass leaves as they are: warned about once per type.
+_UNCHANGED = (
+    nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding,
+)  # fmt: skip
 
 # Keywords under which decoders hand their blocks a KV cache (transformers 5 names it `cache`). A recorded
 # call keeps none: a block runs several times on the same call (observe, quantize, feed forward), and a live
@@ -151,7 +158,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[A
             for batch in batches:
                 before = len(calls)
                 try:
-                    _run(model, batch)
+                    run_batch(model, batch)
                 except _Stop:
                     pass
                 if len(calls) == before:
@@ -192,7 +199,7 @@ def _block_forward(block: nn.Module, calls: list[BlockCall]) -> Callable[[], lis
 def _model_forward(model: nn.Module, batches: Sequence[Any]) -> Callable[[], list[torch.Tensor]]:
     def forward() -> list[torch.Tensor]:
         with torch.no_grad():
-            return [first_tensor(_run(model, b)) for b in batches]
+            return [first_tensor(run_batch(model, b)) for b in batches]
 
     return forward
 
@@ -232,3 +239,45 @@ def run_sequential(
         quantize_block(Scope("", model, rest, _model_forward(model, batches)))
         stats["outside_blocks"] = sorted(rest)
     return stats
+
+
+def selected_linears(
+    model: nn.Module,
+    layers: LayerFilter,
+    ctx: Context,
+    label: str,
+    tables_elsewhere: bool = False,
+    kept: str = "kept in float",
+) -> dict[str, nn.Linear]:
+    """The Linear layers a calibrated pass (GPTQ, AWQ, SparseGPT, Wanda) changes; other selected layers are
+    warned about and `kept` as they are (embedding tables silently when the pass quantizes them on its own:
+    `tables_elsewhere`). Raises `BadInputError` when no Linear layer is selected."""
+    chosen: dict[str, nn.Linear] = {}
+    unchanged: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if not name or not layers.selects(name, type(module).__name__):
+            continue
+        if isinstance(module, nn.Linear):
+            chosen[name] = module  # any group size fits: a short last group has its own scale
+        elif isinstance(module, nn.Embedding) and tables_elsewhere:
+            continue
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            ctx.warn(f"skipped {name}: {label} applies to Linear layers, not {type(module).__name__} ({kept})")
+        elif isinstance(module, _UNCHANGED):
+            unchanged.setdefault(type(module).__name__, []).append(name)
+    for kind, names in unchanged.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        ctx.warn(f"skipped {len(names)} {kind} layer(s) ({shown}): {label} changes Linear layers only, {kept}")
+    if not chosen:
+        raise BadInputError(f"the model has no Linear layers selected by {layers} that {label} can quantize")
+    return chosen
+
+
+def calibration_batches(ctx: Context, n: int, label: str) -> list[Any]:
+    """The first `n` batches of `ctx.data`; a `DataError` naming `label` when there are none."""
+    if ctx.data is None:
+        raise DataError(f"{label} needs calibration data: pass data=... (CLI: --data) or use a zoo model")
+    batches = take_batches(ctx.data, n)
+    if not batches:
+        raise DataError(f"{label} needs calibration data: the calibration set is empty")
+    return batches

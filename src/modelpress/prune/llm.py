@@ -35,10 +35,17 @@ from modelpress.core.layer_filter import LayerFilter
 from modelpress.core.modules import count_params
 from modelpress.core.registry import register
 from modelpress.primitives.gptq import hessian_update
-from modelpress.primitives.sequential import Scope, convert_conv1d, observe_inputs, run_sequential
+from modelpress.primitives.sequential import (
+    DEFAULT_LAYERS,
+    Scope,
+    calibration_batches,
+    convert_conv1d,
+    observe_inputs,
+    run_sequential,
+    selected_linears,
+)
 from modelpress.primitives.sparsegpt import check_pattern, column_sq_norms, sparsegpt_prune, wanda_prune
-from modelpress.prune.unstructured import _stats
-from modelpress.quant.gptq import DEFAULT_LAYERS, calibration_batches, selected_linears
+from modelpress.prune.unstructured import sparsity_stats
 
 MAX_CALIBRATION_BATCHES = 4096
 
@@ -112,7 +119,7 @@ def _run_pass(model: nn.Module, cfg: Any, ctx: Context, label: str, kind: str, p
     stats = run_sequential(model, batches, layers, lambda scope: prune_scope(scope, extra), ctx, label)
     target = f"{cfg.n}:{cfg.m}" if cfg.m else cfg.sparsity
     pruned_layers = {n: model.get_submodule(n) for n in layers}
-    summary = _stats(model, pruned_layers, ctx, target)
+    summary = sparsity_stats(model, pruned_layers, ctx, target)
     summary.update(params_before=params_before, nonzero_before=nonzero_before, conv1d_converted=converted,
                    **stats, **extra)  # fmt: skip
     ctx.report.add_pass(kind, time.perf_counter() - start, **summary)

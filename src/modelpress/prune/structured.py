@@ -25,6 +25,7 @@ from torch import nn
 from modelpress.core.config import MAX_EPOCHS, Config, check_at_most, check_regex, check_seed
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError, DataError, ModelpressError
+from modelpress.core.modules import first_batch
 from modelpress.core.registry import register
 from modelpress.primitives.masks import channel_keep
 from modelpress.prune.gradients import LossFn, collect_gradients
@@ -36,7 +37,7 @@ from modelpress.prune.layers import check_patterns
 from modelpress.prune.masking import make_permanent
 from modelpress.prune.recovery import finetune
 from modelpress.prune.stats import eval_mode, model_summary
-from modelpress.prune.unstructured import _first_batch, check_importance
+from modelpress.prune.unstructured import check_importance
 
 # Reasons that are part of a model's contract, not a limitation worth a warning.
 _EXPECTED = ("reaches the model output", "excluded module")
@@ -165,7 +166,7 @@ def prune_structured(
     start = time.perf_counter()
     make_permanent(model)
     check_patterns(model, cfg.exclude, "exclude")
-    example = example_inputs if example_inputs is not None else _first_batch(ctx.data)
+    example = example_inputs if example_inputs is not None else first_batch(ctx.data)
     before = model_summary(model, example)
     grads: dict[int, torch.Tensor] = {}
     if cfg.importance in NEEDS_GRADIENT:

@@ -26,7 +26,7 @@ from modelpress.core.config import MAX_EPOCHS, Config, check_at_most, check_seed
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
 from modelpress.core.layer_filter import LayerFilter
-from modelpress.core.modules import count_params
+from modelpress.core.modules import count_params, first_batch
 from modelpress.core.registry import register
 from modelpress.primitives.masks import global_rate_masks, nm_mask, rate_mask, threshold_mask
 from modelpress.prune.gradients import LossFn, collect_gradients
@@ -153,15 +153,7 @@ def _gradients(model: nn.Module, layers: dict[str, nn.Module], cfg: Any, ctx: Co
     return collect_gradients(model, params, ctx.data, loss_fn, cfg.importance_batches)
 
 
-def _first_batch(data: Any) -> tuple[Any, ...] | None:
-    """The first batch of list-like data (an iterator is not consumed); None if unavailable."""
-    if isinstance(data, (list, tuple)) and data:
-        b = data[0]
-        return tuple(b) if isinstance(b, (tuple, list)) else (b,)
-    return None
-
-
-def _stats(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, target: float | str) -> dict[str, Any]:
+def sparsity_stats(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, target: float | str) -> dict[str, Any]:
     from modelpress.prune.masking import original_weight
 
     params, nonzero = count_params(model)
@@ -179,7 +171,7 @@ def _stats(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, target:
         "params": params,
         "nonzero_params": nonzero,
     }
-    batch = _first_batch(ctx.data)
+    batch = first_batch(ctx.data)
     if batch is not None:
         per_layer_flops = layer_flops(model, batch)
         dense = sum(per_layer_flops.values())
@@ -254,7 +246,7 @@ def prune_unstructured(
         extra["schedule"] = {"steps_run": pruner.step, "updates": pruner.history}
     if cfg.permanent:
         make_permanent(model)
-    stats = _stats(model, layers, ctx, cfg.sparsity if cfg.threshold is None else f"threshold {cfg.threshold}")
+    stats = sparsity_stats(model, layers, ctx, cfg.sparsity if cfg.threshold is None else f"threshold {cfg.threshold}")
     stats.update(params_before=params_before, nonzero_before=nonzero_before, importance=cfg.importance, **extra)
     ctx.report.add_pass("prune/unstructured", time.perf_counter() - start, **stats)
     return model
@@ -292,6 +284,6 @@ def prune_nm(
         model, extra["finetuned"] = finetune(model, ctx, cfg.finetune_epochs, "N:M pruning recovery")
     if cfg.permanent:
         make_permanent(model)
-    stats = _stats(model, fits, ctx, f"{cfg.n}:{cfg.m}")
+    stats = sparsity_stats(model, fits, ctx, f"{cfg.n}:{cfg.m}")
     ctx.report.add_pass("prune/nm", time.perf_counter() - start, pattern=f"{cfg.n}:{cfg.m}", **stats, **extra)
     return model

@@ -47,7 +47,7 @@ from modelpress.quant.gptq import (
     weight_scheme,
 )
 from modelpress.quant.modules import ActSpec, QLinear
-from modelpress.quant.ptq import LayerFilter, _check_embedding_bits
+from modelpress.quant.ptq import LayerFilter, check_embedding_bits
 from modelpress.quant.smoothquant import is_output_norm, scale_norm_output
 
 # (producer, consumers) paths inside one block whose scale can be folded. Per producer the first entry whose
@@ -103,7 +103,7 @@ class AWQConfig(Config):
 
     def validate(self) -> None:
         validate_weight_settings(self.bits, self.group_size, self.calibration_batches)
-        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
+        check_embedding_bits(self.embedding_bits, self.embedding_group_size)
         if self.n_grid < 1:
             raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
         check_at_most(self, "n_grid", MAX_AWQ_GRID, "candidate scales searched per layer")

@@ -21,25 +21,30 @@ from torch import nn
 
 from modelpress.core.config import Config
 from modelpress.core.context import Context
-from modelpress.core.errors import BadInputError, ConfigError, DataError
+from modelpress.core.errors import ConfigError
 from modelpress.core.modules import set_submodule
 from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.gptq import gptq_quantize, hessian_update
-from modelpress.primitives.sequential import Scope, convert_conv1d, observe_inputs, run_sequential
+from modelpress.primitives.sequential import (
+    DEFAULT_LAYERS,
+    Scope,
+    calibration_batches,
+    convert_conv1d,
+    observe_inputs,
+    run_sequential,
+    selected_linears,
+)
 from modelpress.quant.modules import ActSpec, QEmbedding, QLinear
 from modelpress.quant.ptq import (
     MIN_EMBEDDING_VALUES,
     LayerFilter,
-    _check_bits,
-    _check_embedding_bits,
-    _take,
+    check_bits,
+    check_embedding_bits,
     quantize_embeddings,
-    select_layers,
 )
 
 # A language model's output head is commonly kept in float: it is small next to the blocks and sensitive.
-DEFAULT_LAYERS = LayerFilter(exclude=(r"(^|\.)lm_head$",))
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class GPTQConfig(Config):
             raise ConfigError(f"head_bits must be in [2, 8] (or null: the head stays as `layers` says), "
                               f"got {self.head_bits}")  # fmt: skip
         # a table taking a calibrated head's codes has the head's groups: embedding_group_size without embedding_bits
-        _check_embedding_bits(self.embedding_bits or self.head_bits, self.embedding_group_size)
+        check_embedding_bits(self.embedding_bits or self.head_bits, self.embedding_group_size)
         if not 0 < self.damp <= 1:
             raise ConfigError(f"damp must be in (0, 1], got {self.damp}")
         if self.block_size < 1:
@@ -121,7 +126,7 @@ def share_head_codes(model: nn.Module, heads: dict[str, tuple[nn.Linear, str | N
 
 def validate_weight_settings(bits: int, group_size: int, calibration_batches: int) -> None:
     """Shared checks of the weight-only calibrated configs (GPTQ, AWQ)."""
-    _check_bits(bits, 2, 8)
+    check_bits(bits, 2, 8)
     if group_size < 0:
         raise ConfigError(f"group_size must be >= 1 (or 0 for one scale per output channel), got {group_size}")
     if calibration_batches < 1:
@@ -150,37 +155,6 @@ def qlinear_from_codes(
             raise ValueError(f"{name} of shape {tuple(value.shape)} does not fit the layer ({tuple(current.shape)})")
         setattr(layer, name, value.to(current.dtype).contiguous())
     return layer
-
-
-def selected_linears(
-    model: nn.Module,
-    layers: LayerFilter,
-    ctx: Context,
-    label: str,
-    tables_elsewhere: bool = False,
-    kept: str = "kept in float",
-) -> dict[str, nn.Linear]:
-    """The Linear layers a calibrated pass (GPTQ, AWQ, SparseGPT, Wanda) changes; others are warned about and
-    `kept` as they are (embedding tables silently when the pass quantizes them on its own: `tables_elsewhere`)."""
-    chosen: dict[str, nn.Linear] = {}
-    why = f"{label} changes Linear layers only, {kept}"
-    for name, module in select_layers(model, layers, ctx, tables_elsewhere=tables_elsewhere, why_skipped=why):
-        if not isinstance(module, nn.Linear):
-            ctx.warn(f"skipped {name}: {label} applies to Linear layers, not {type(module).__name__} ({kept})")
-            continue
-        chosen[name] = module  # any group size fits: a short last group has its own scale
-    if not chosen:
-        raise BadInputError(f"the model has no Linear layers selected by {layers} that {label} can quantize")
-    return chosen
-
-
-def calibration_batches(ctx: Context, n: int, label: str) -> list[Any]:
-    if ctx.data is None:
-        raise DataError(f"{label} needs calibration data: pass data=... (CLI: --data) or use a zoo model")
-    batches = _take(ctx.data, n)
-    if not batches:
-        raise DataError(f"{label} needs calibration data: the calibration set is empty")
-    return batches
 
 
 @dataclass

@@ -58,7 +58,7 @@ class ActSpec(Config):
         return QuantScheme(bits=self.bits, symmetric=self.symmetric, granularity=self.granularity)
 
 
-class _QuantBase(nn.Module):
+class QuantBase(nn.Module):
     """Shared storage: integer weight, its qparams, float bias, activation qparams."""
 
     weight_q: torch.Tensor
@@ -130,7 +130,7 @@ class _QuantBase(nn.Module):
         return f"weight=int{w.bits} {'sym' if w.symmetric else 'asym'} per-{w.granularity}, act={act}"
 
 
-class QLinear(_QuantBase):
+class QLinear(QuantBase):
     """A Linear layer with integer weights (any bit width) and an optional activation quantizer.
 
     Group-wise codes are stored (out, G, group_size) with G = ceil(in_features / group_size): a width
@@ -170,7 +170,7 @@ class QLinear(_QuantBase):
         return F.linear(self.quantize_input(x), self.dequantized_weight().to(x.dtype), _cast(self.bias, x))
 
 
-class QConv(_QuantBase):
+class QConv(QuantBase):
     """A Conv1d/Conv2d with integer weights (per output channel) and an optional activation quantizer."""
 
     def __init__(

@@ -29,8 +29,7 @@ from modelpress.core.config import Config, check_regex
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError, DataError
 from modelpress.core.layer_filter import LayerFilter
-from modelpress.core.modules import run_batch as _run
-from modelpress.core.modules import set_submodule
+from modelpress.core.modules import run_batch, set_submodule, take_batches
 from modelpress.core.registry import apply, register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.fold import fold_conv_bn
@@ -57,8 +56,8 @@ class WeightOnlyConfig(Config):
     layers: LayerFilter = LayerFilter()
 
     def validate(self) -> None:
-        _check_bits(self.bits, 2, 8)
-        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
+        check_bits(self.bits, 2, 8)
+        check_embedding_bits(self.embedding_bits, self.embedding_group_size)
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.symmetric, self.granularity, 0, self.group_size)
@@ -78,8 +77,8 @@ class DynamicQuantConfig(Config):
     layers: LayerFilter = LayerFilter(exclude=())
 
     def validate(self) -> None:
-        _check_bits(self.bits, 2, 8)
-        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
+        check_bits(self.bits, 2, 8)
+        check_embedding_bits(self.embedding_bits, self.embedding_group_size)
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
@@ -104,8 +103,8 @@ class StaticQuantConfig(Config):
     layers: LayerFilter = LayerFilter()
 
     def validate(self) -> None:
-        _check_bits(self.bits, 2, 8)
-        _check_embedding_bits(self.embedding_bits, self.embedding_group_size)
+        check_bits(self.bits, 2, 8)
+        check_embedding_bits(self.embedding_bits, self.embedding_group_size)
         if self.calibration_batches < 1:
             raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
         for pattern in self.dynamic_layers:
@@ -115,7 +114,7 @@ class StaticQuantConfig(Config):
         return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
 
 
-def _check_embedding_bits(bits: int | None, group_size: int | None) -> None:
+def check_embedding_bits(bits: int | None, group_size: int | None) -> None:
     if bits is not None and not 2 <= bits <= 8:
         raise ConfigError(f"embedding_bits must be None (float) or in [2, 8], got {bits}")
     if group_size is not None and (bits is None or group_size < 2):
@@ -124,7 +123,7 @@ def _check_embedding_bits(bits: int | None, group_size: int | None) -> None:
         )
 
 
-def _check_bits(bits: int, lo: int, hi: int) -> None:
+def check_bits(bits: int, lo: int, hi: int) -> None:
     if not lo <= bits <= hi:
         raise ConfigError(f"bits must be in [{lo}, {hi}], got {bits}")
 
@@ -185,7 +184,9 @@ def why_not_quantizable(module: nn.Module, scheme: QuantScheme) -> str | None:
     return None
 
 
-def _plan(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dict[str, int] | None) -> list[LayerPlan]:
+def plan_layers(
+    model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dict[str, int] | None
+) -> list[LayerPlan]:
     plans = []
     embedding_bits = getattr(cfg, "embedding_bits", None)
     for name, module in select_layers(model, cfg.layers, ctx, embeddings=embedding_bits is not None):
@@ -278,9 +279,9 @@ def calibrate(
     n = 0
     try:
         with torch.inference_mode():
-            batches = _take(data, max_batches)
+            batches = take_batches(data, max_batches)
             for batch in ctx.progress(batches, "calibrating", total=len(batches)):
-                _run(model, batch)
+                run_batch(model, batch)
                 n += 1
     finally:
         for h in handles:
@@ -291,15 +292,6 @@ def calibrate(
         lo, hi = observers[p.name].range(scheme)
         p.act_range = (float(lo), float(hi))
     return n
-
-
-def _take(data: Iterable[Any], n: int) -> list[Any]:
-    out = []
-    for batch in data:
-        out.append(batch)
-        if len(out) >= n:
-            break
-    return out
 
 
 def _begin(model: nn.Module, ctx: Context | None, inplace: bool) -> tuple[nn.Module, Context]:
@@ -324,7 +316,7 @@ def weight_only(
 ) -> nn.Module:
     start = time.perf_counter()
     folded = fold_conv_bn(model) if cfg.fold_bn else []
-    plans = _plan(model, cfg, ActSpec(mode="none"), ctx, overrides)
+    plans = plan_layers(model, cfg, ActSpec(mode="none"), ctx, overrides)
     _swap(model, plans)
     ctx.report.add_pass("quantize/weight-only", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
     return model
@@ -337,7 +329,7 @@ def dynamic(
     start = time.perf_counter()
     act = ActSpec(mode="dynamic", bits=8, symmetric=cfg.act_symmetric, granularity=cfg.act_granularity)
     folded = fold_conv_bn(model) if cfg.fold_bn else []
-    plans = _plan(model, cfg, act, ctx, overrides)
+    plans = plan_layers(model, cfg, act, ctx, overrides)
     _swap(model, plans)
     ctx.report.add_pass("quantize/dynamic", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
     return model
@@ -352,7 +344,7 @@ def static(
         raise DataError("static quantization needs calibration data: pass data=... (CLI: --data) or use a zoo model")
     folded = fold_conv_bn(model) if cfg.fold_bn else []
     act = ActSpec(mode="static", bits=8, symmetric=cfg.act_symmetric)
-    plans = _plan(model, cfg, act, ctx, overrides)
+    plans = plan_layers(model, cfg, act, ctx, overrides)
     dynamic_pat = [re.compile(p) for p in cfg.dynamic_layers]
     for p in plans:
         if not isinstance(p.module, nn.Embedding) and any(d.search(p.name) for d in dynamic_pat):

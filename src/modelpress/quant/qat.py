@@ -32,7 +32,7 @@ from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.fold import fold_conv_bn
 from modelpress.quant.modules import ActSpec, QConv, QLinear
 from modelpress.quant.observers import ObserverConfig
-from modelpress.quant.ptq import LayerFilter, _plan, calibrate
+from modelpress.quant.ptq import LayerFilter, calibrate, plan_layers
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def prepare_qat(
     ctx = ctx or Context()
     fold_conv_bn(model)
     model.eval()
-    plans = _plan(model, cfg, ActSpec(mode="static", bits=cfg.act_bits, symmetric=False), ctx, None)
+    plans = plan_layers(model, cfg, ActSpec(mode="static", bits=cfg.act_bits, symmetric=False), ctx, None)
     if cfg.quantize_activations:
         if data is None:
             raise DataError("QAT with activation quantization needs calibration batches to initialize ranges")

@@ -26,6 +26,7 @@ from torch import nn
 from modelpress.core.config import Config
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
+from modelpress.core.modules import run_batch, take_batches
 from modelpress.core.registry import apply, register
 from modelpress.quant.fold import fold_conv_bn
 from modelpress.quant.ptq import (
@@ -33,8 +34,6 @@ from modelpress.quant.ptq import (
     LayerFilter,
     StaticQuantConfig,
     WeightOnlyConfig,
-    _run,
-    _take,
 )
 
 Metric = Callable[[nn.Module], float]  # higher is better
@@ -76,11 +75,12 @@ class SensitivityRow:
 def fidelity_metric(reference: nn.Module, batches: Sequence[Any]) -> Metric:
     """Mean cosine similarity of a model's outputs to `reference`'s, per sample, over `batches`."""
     with torch.inference_mode():
-        ref_out = [_flat(_run(reference, b)) for b in batches]
+        ref_out = [_flat(run_batch(reference, b)) for b in batches]
 
     def metric(model: nn.Module) -> float:
         with torch.inference_mode():
-            cos = [F.cosine_similarity(_flat(_run(model, b)), r, dim=-1) for b, r in zip(batches, ref_out, strict=True)]
+            outs = [_flat(run_batch(model, b)) for b in batches]
+            cos = [F.cosine_similarity(o, r, dim=-1) for o, r in zip(outs, ref_out, strict=True)]
         return float(torch.cat(cos).mean())
 
     return metric
@@ -144,7 +144,7 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -
     start = time.perf_counter()
     if ctx.data is None:
         raise DataError("mixed precision needs input batches to measure sensitivity (data=... / --data)")
-    batches = _take(ctx.data, cfg.eval_batches)
+    batches = take_batches(ctx.data, cfg.eval_batches)
     if not batches:
         raise DataError("the calibration set is empty: mixed precision needs real input batches")
     if isinstance(cfg.base, StaticQuantConfig) and cfg.base.fold_bn:

@@ -35,8 +35,9 @@ from torch import nn
 from modelpress.core.config import Config
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
+from modelpress.core.modules import run_batch, take_batches
 from modelpress.core.registry import register
-from modelpress.quant.ptq import LayerFilter, _run, _take
+from modelpress.quant.ptq import LayerFilter
 
 FOLD_RTOL = 1e-3  # relative change of the model's output above which a fold is undone
 
@@ -202,7 +203,7 @@ def input_absmax(model: nn.Module, modules: dict[str, nn.Module], batches: Seque
     try:
         with torch.inference_mode():
             for batch in batches:
-                _run(model, batch)
+                run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -287,11 +288,11 @@ class _OutputCheck:
         self.batch = _first_sample(batch)
         self.reference = self._run()
 
-    def _run(self) -> torch.Tensor:
+    def run_batch(self) -> torch.Tensor:
         from modelpress.primitives.sequential import first_tensor
 
         with torch.inference_mode():
-            return first_tensor(_run(self.model, self.batch)).float()
+            return first_tensor(run_batch(self.model, self.batch)).float()
 
     def unchanged(self) -> bool:
         out = self._run()
@@ -349,7 +350,7 @@ def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: Context, override
         )
         ctx.report.add_pass("quantize/smoothquant", time.perf_counter() - start, alpha=cfg.alpha, groups=0)
         return model
-    batches = _take(ctx.data, cfg.calibration_batches)
+    batches = take_batches(ctx.data, cfg.calibration_batches)
     if not batches:
         raise DataError("the calibration set is empty: SmoothQuant needs real input batches (--data)")
     firsts = {g.linears[0][0]: g.linears[0][1] for g in groups}  # the readers of one norm share one input
