@@ -1,8 +1,12 @@
-"""Calibration data from a user's file: sentences for text models, tensors for everything else.
+"""Calibration data from a user's file or folder: sentences for text models, images, tensors for everything else.
 
 - `.txt`: one sentence per line (UTF-8), tokenized by the model's tokenizer (text models only);
 - `.npy` / `.safetensors` / `.pt` (weights only): input tensors, first dimension = samples.
-  A `.safetensors` file with several tensors feeds them positionally, in key order.
+  A `.safetensors` file with several tensors feeds them positionally, in key order;
+- a folder of images (JPEG, PNG, BMP, WebP; subfolders too): `(pixel_values,)` batches, resized and
+  normalized by the model's image processor where the entry has one (`entry.preprocess`), else to the
+  size of the model's image input with ImageNet's mean and std (224 x 224 RGB where it has none).
+  At most `MAX_CALIBRATION_IMAGES`, spread evenly over the sorted files.
 
 A data file is data: one that needs pickle (`np.load(allow_pickle=True)`, `torch.load(weights_only=False)`)
 is refused, never trusted. Every problem is a `DataError` (exit code 2) naming the file: unreadable or
@@ -28,6 +32,7 @@ from modelpress.trust import check_not_special
 # Static activation ranges, SmoothQuant scales and GPTQ/AWQ statistics from fewer samples than this
 # describe the samples, not the inputs (the built-in sets hold 128).
 MIN_CALIBRATION_SAMPLES = 16
+MAX_CALIBRATION_IMAGES = 256  # images read from a folder: ranges and statistics settle well before this
 _CALIBRATED = {
     "StaticQuantConfig": "calibrates int8 activation ranges",
     "SmoothQuantConfig": "calibrates SmoothQuant scales",
@@ -40,8 +45,10 @@ def load_calibration(path: str | Path, entry: Any | None = None, batch_size: int
     """Batches of real inputs read from `path` (see the module docstring for the formats)."""
     path = Path(path)
     check_not_special(path, "calibration data", DataError)
+    if path.is_dir():
+        return _images(path, entry, batch_size)
     if not path.is_file():
-        raise DataError(f"calibration data {path}: no such file")
+        raise DataError(f"calibration data {path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return _sentences(path, entry, batch_size)
@@ -59,7 +66,10 @@ def load_calibration(path: str | Path, entry: Any | None = None, batch_size: int
         obj = _torch_tensors(path)
         tensors = list(obj) if isinstance(obj, (tuple, list)) else [obj]
     else:
-        raise DataError(f"calibration data {path}: unsupported suffix {suffix!r}; use .txt, .npy, .safetensors or .pt")
+        raise DataError(
+            f"calibration data {path}: unsupported suffix {suffix!r}; use .txt, .npy, .safetensors, .pt "
+            "or a folder of images"
+        )
     if not tensors or any(not isinstance(t, torch.Tensor) for t in tensors):
         raise DataError(f"calibration data {path} must hold tensors")
     if any(t.dim() == 0 for t in tensors):
@@ -189,3 +199,37 @@ def _windows(path: Path, text: str, entry: Any, batch_size: int) -> list[tuple[t
         )
     windows = ids[: len(ids) // length * length].view(-1, length)
     return [(w, torch.ones_like(w)) for w in windows.split(batch_size)]
+
+
+def _images(folder: Path, entry: Any | None, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """A folder of images as `(pixel_values,)` batches (see the module docstring)."""
+    from modelpress.zoo.causal_lm import CausalLMEntry
+    from modelpress.zoo.images import DEFAULT_SIZE, find_images, open_image, spread, to_pixel_values
+    from modelpress.zoo.text import FolderEntry
+
+    if isinstance(entry, (FolderEntry, CausalLMEntry)):
+        raise DataError(f"calibration data {folder} is a folder of images, but the model is a text model")
+    preprocess = getattr(entry, "preprocess", None)
+    shape = None if callable(preprocess) or entry is None else _image_shape(entry, folder)
+    channels, size = shape if shape is not None else (3, (DEFAULT_SIZE, DEFAULT_SIZE))
+    files = spread(find_images(folder, "calibration data"), MAX_CALIBRATION_IMAGES)
+    images = [open_image(f.path, channels) for f in files]
+    x = preprocess(images) if callable(preprocess) else to_pixel_values(images, size, channels=channels)
+    check_finite([(x,)], folder)
+    return [(x[i : i + batch_size],) for i in range(0, len(x), batch_size)]
+
+
+def _image_shape(entry: Any, folder: Path) -> tuple[int, tuple[int, int]] | None:
+    """(channels, (height, width)) of a model's one image input, from its example inputs; None if unknown."""
+    try:
+        inputs = entry.example_inputs(1)
+    except Exception:  # an entry that cannot make inputs says nothing of their shape
+        return None
+    x = inputs[0] if len(inputs) == 1 else None
+    if x is None or x.dim() != 4 or not x.is_floating_point() or x.shape[1] not in (1, 3):
+        shapes = ", ".join(f"{list(t.shape)} {t.dtype}" for t in inputs)
+        raise DataError(
+            f"calibration data {folder} is a folder of images, but the model does not take one image batch "
+            f"[batch, 1 or 3 channels, height, width] (it takes {shapes}); give its inputs as .npy or .safetensors"
+        )
+    return int(x.shape[1]), (int(x.shape[2]), int(x.shape[3]))

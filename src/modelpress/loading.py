@@ -1,8 +1,9 @@
 """Model specs -> models. One function resolves every spec the CLI and the API accept.
 
-A spec is a zoo name (`minilm`, `digits-cnn`, `silero-vad`), a Hugging Face model folder, a
-sentence-transformers folder, an `.onnx` file, a `.pt2` file (a `torch.export` program or an
-AOTInductor package), a TorchScript archive, or `package.module:factory`. Weights load only
+A spec is a zoo name (`minilm`, `digits-cnn`, `silero-vad`), a Hugging Face model folder (a text
+encoder, a causal LM or an image model: ViT, Swin, ConvNeXt, ResNet, ...), a sentence-transformers
+folder, an `.onnx` file, a `.pt2` file (a `torch.export` program or an AOTInductor package), a
+TorchScript archive, or `package.module:factory`. Weights load only
 through safetensors or `torch.load(weights_only=True)`. A file that runs code when loaded (an
 arbitrary pickle, a `.pt2`, TorchScript, a folder with custom code; see `modelpress.trust`) is
 refused before it is opened unless `trust_code=True`.
@@ -44,6 +45,7 @@ SpecKind = Literal[
     "pickle",
     "causal-lm",
     "gguf",
+    "hf-vision",
 ]
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
@@ -66,8 +68,8 @@ class LoadedModel:
 
 def spec_help() -> str:
     return (
-        f"a zoo name ({', '.join(zoo_names())}), a Hugging Face folder (encoder or causal LM) or "
-        "sentence-transformers folder, a .gguf file, an .onnx file, a .pt2 file (torch.export or AOTInductor), "
+        f"a zoo name ({', '.join(zoo_names())}), a Hugging Face folder (text encoder, causal LM or image model) "
+        "or sentence-transformers folder, a .gguf file, an .onnx file, a .pt2 file (torch.export or AOTInductor), "
         "a TorchScript archive, or package.module:factory"
     )
 
@@ -143,7 +145,7 @@ def load_model(
 def _from_path(path: Path, trust_code: bool) -> LoadedModel:
     spec = str(path)
     if path.is_dir():
-        from modelpress.zoo import causal_lm, text
+        from modelpress.zoo import causal_lm, text, vision
 
         if (path / "modules.json").is_file():
             model = text.load_sentence_transformers_folder(path, trust_code=trust_code)
@@ -151,6 +153,10 @@ def _from_path(path: Path, trust_code: bool) -> LoadedModel:
         if (path / "config.json").is_file() and causal_lm.is_causal_lm_folder(path):
             lm = causal_lm.load_causal_lm_folder(path, trust_code=trust_code)
             return LoadedModel(spec, path.name, "causal-lm", lm, causal_lm.CausalLMEntry(lm, path.name), path)
+        if (path / "config.json").is_file() and vision.is_vision_folder(path):
+            image_model = vision.load_vision_folder(path, trust_code=trust_code)
+            image_entry = vision.VisionFolderEntry(image_model, path.name)
+            return LoadedModel(spec, path.name, "hf-vision", image_model, image_entry, path)
         if (path / "config.json").is_file():
             model = text.load_hf_folder(path, trust_code=trust_code)
             return LoadedModel(spec, path.name, "hf-folder", model, text.FolderEntry(model), path)
