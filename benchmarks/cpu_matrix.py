@@ -80,6 +80,7 @@ def worker(cap: str, pairs: list[str], threads: int, repeats: int, workdir: Path
     import torch
 
     from modelpress.core.environment import cpu_info, environment
+    from modelpress.core.options import RunOptions
     from modelpress.pipeline import compress
 
     torch.set_num_threads(threads)
@@ -95,10 +96,9 @@ def worker(cap: str, pairs: list[str], threads: int, repeats: int, workdir: Path
         model, recipe = pair.split(":")
         start = time.perf_counter()
         try:
-            _, report = compress(
-                model, recipe, out_dir=workdir / cap / pair.replace(":", "-"), threads=threads,
-                batch_sizes=(1, 32), repeats=repeats, progress=False, overwrite=True, keep_slower=True,
-            )  # fmt: skip
+            opts = RunOptions(threads=threads, batch_sizes=(1, 32), repeats=repeats, progress=False, keep_slower=True)
+            out_dir = workdir / cap / pair.replace(":", "-")
+            _, report = compress(model, recipe, out_dir=out_dir, options=opts, overwrite=True)
         except Exception as e:  # noqa: BLE001 - recorded in the table
             out["pairs"][pair] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             traceback.print_exc()

@@ -38,13 +38,14 @@ def bench_digits(seeds: int, epochs: int, width_ratio: float, threads: int) -> d
     import torch
 
     from modelpress.core.context import Context
+    from modelpress.core.options import RunOptions
     from modelpress.distill import DistillConfig, distill, narrower_cnn
     from modelpress.zoo.digits import accuracy, load_digits_cnn, load_digits_split
 
     torch.set_num_threads(threads)
     teacher = load_digits_cnn()
     train, (Xt, yt) = load_digits_split("train"), load_digits_split("test")
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     kd = {"temperature": 3.0, "alpha": 0.7}
     lrs = (3e-3, 5e-3)  # both methods get the same two learning rates; each keeps its better one
     runs: dict[str, list[float]] = {}
@@ -120,6 +121,7 @@ def bench_minilm(
 
     import modelpress
     from modelpress.core.context import Context
+    from modelpress.core.options import RunOptions
     from modelpress.distill import DistillConfig, distill, fewer_layers, zoo_training_data
     from modelpress.zoo.minilm import MiniLMEntry
     from modelpress.zoo.stsb import default_stsb_dir, load_split, spearman_score
@@ -156,7 +158,12 @@ def bench_minilm(
         bucket_by_length=bucket,
     )
     result = distill(
-        teacher, student, sentences, cfg, ctx=Context(show_progress=True), metric=lambda m: score(m, "dev")
+        teacher,
+        student,
+        sentences,
+        cfg,
+        ctx=Context(options=RunOptions(progress=True)),
+        metric=lambda m: score(m, "dev"),
     )
     train_seconds = time.perf_counter() - start
     student = result.student.eval()

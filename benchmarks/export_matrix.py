@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 
 def run_one(model_name: str, recipe_name: str, workdir: Path) -> dict[str, Any]:
-    from modelpress.core import Context, apply
+    from modelpress.core import Context, RunOptions, apply
     from modelpress.export.artifact import export_artifact
     from modelpress.recipes.recipe import load_recipe
     from modelpress.zoo import get_entry
@@ -32,7 +32,7 @@ def run_one(model_name: str, recipe_name: str, workdir: Path) -> dict[str, Any]:
     entry = get_entry(model_name)
     recipe = load_recipe(recipe_name)
     model = entry.load().eval()
-    ctx = Context(data=entry.calibration_data(64, 8), show_progress=False, train_fn=entry.finetune)
+    ctx = Context(data=entry.calibration_data(64, 8), train_fn=entry.finetune, options=RunOptions(progress=False))
     row: dict[str, Any] = {}
     start = time.perf_counter()
     try:

@@ -134,6 +134,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from modelpress.core.context import Context, default_cache_dir
     from modelpress.core.environment import environment
+    from modelpress.core.options import RunOptions
     from modelpress.export.genai import export_genai
     from modelpress.quant import GPTQConfig, quantize
     from modelpress.zoo import get_entry
@@ -158,7 +159,7 @@ def main() -> None:
     folders["builder-int4"] = builder
     rows["builder-int4"] = {"scheme": "builder: RTN int4 sym block 32, lm_head int4 (tied), accuracy_level 4"}
 
-    ctx = Context(threads=args.threads, show_progress=False)
+    ctx = Context(options=RunOptions(threads=args.threads, progress=False))
     # the w4-gptq recipe's pass: the tied embedding and lm_head int8 in groups of 32, one table for both
     variants = {
         "ours-w4-gptq": GPTQConfig(bits=4, group_size=128, embedding_bits=8, embedding_group_size=32),

@@ -161,6 +161,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from modelpress.core.context import Context
     from modelpress.core.environment import environment
+    from modelpress.core.options import RunOptions
     from modelpress.export.gguf import export_gguf
     from modelpress.quant import LayerFilter, WeightOnlyConfig, quantize
     from modelpress.quant.gptq import GPTQConfig
@@ -176,7 +177,7 @@ def main() -> None:
     fp32 = entry.load()
     source = gguf_path()
     blocks = LayerFilter(exclude=(r"lm_head$",))
-    ctx = Context(threads=args.threads, show_progress=False)
+    ctx = Context(options=RunOptions(threads=args.threads, progress=False))
     files: dict[str, Path] = {"packaged-q4_1": source}
     with ctx.threads_scope():
         export_gguf(fp32, work / "f16.gguf", source_gguf=source, float_type="f16")

@@ -81,6 +81,7 @@ def main() -> None:
 
     from modelpress.core.context import Context
     from modelpress.core.environment import environment
+    from modelpress.core.options import RunOptions
     from modelpress.zoo import get_entry
 
     entry = get_entry("smollm2-135m")
@@ -92,7 +93,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     if out_path.is_file():  # rows not run this time are kept
         results = json.loads(out_path.read_text()).get("rows", {})
-    ctx = Context(threads=args.threads, show_progress=False)
+    ctx = Context(options=RunOptions(threads=args.threads, progress=False))
     for name in ["fp32", *[r for r in chosen if r != "fp32"]]:
         cfg = rows[name]
         start = time.perf_counter()

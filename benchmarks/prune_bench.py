@@ -46,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from modelpress.core import Context  # noqa: E402
+from modelpress.core import Context, RunOptions  # noqa: E402
 from modelpress.measure.size import artifact_size_bytes, count_params  # noqa: E402
 from modelpress.prune import (  # noqa: E402
     PolynomialSchedule,
@@ -109,7 +109,7 @@ def bench_digits(args: argparse.Namespace) -> dict[str, Any]:
     data = entry.calibration_data(256, 32)
     rows: dict[str, Any] = {"unpruned": {"model": base}}
 
-    ctx = Context(show_progress=False, train_fn=entry.finetune)
+    ctx = Context(train_fn=entry.finetune, options=RunOptions(progress=False))
     start = time.perf_counter()
     ours = prune(base, StructuredPruneConfig(channel_ratio=0.5), data=data, ctx=ctx)
     rows["ours"] = {"model": ours, "acc_pruned": entry.evaluate(ours).value}
@@ -198,7 +198,7 @@ def bench_minilm(args: argparse.Namespace) -> dict[str, Any]:
     out["unpruned"] = {"quality": quality.name, "value": quality.value}
 
     start = time.perf_counter()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     ours = prune(base, cfg, ctx=ctx, example_inputs=entry.example_inputs(2))
     out["ours"] = {"prune_s": time.perf_counter() - start, "value_pruned": entry.evaluate(ours).value}
     if sentences:
@@ -258,7 +258,7 @@ def bench_sparse(args: argparse.Namespace) -> dict[str, Any]:
         dense = artifact_size_bytes(base)
         out["unpruned"]["file_bytes"] = dense
         for name, cfg in variants.items():
-            ctx = Context(show_progress=False)
+            ctx = Context(options=RunOptions(progress=False))
             start = time.perf_counter()
             m = prune(base, cfg, data=data, ctx=ctx, train_fn=entry.finetune)
             stats = ctx.report.passes[-1].stats

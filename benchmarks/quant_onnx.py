@@ -189,11 +189,11 @@ def build_recipe(entry: Any, recipe: str, batches: list[Any]) -> tuple[nn.Module
     A distilled student is saved by its pass under the cache dir, so a second benchmark that builds
     the same recipe reuses it; its seconds are then those of the other passes.
     """
-    from modelpress.core import Context, apply
+    from modelpress.core import Context, RunOptions, apply
     from modelpress.recipes.recipe import load_recipe
 
     model = entry.load().eval()
-    ctx = Context(data=batches, show_progress=False)
+    ctx = Context(data=batches, options=RunOptions(progress=False))
     start = time.perf_counter()
     for cfg in load_recipe(recipe).passes:
         model = apply(model, cfg, ctx)

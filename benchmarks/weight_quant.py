@@ -56,6 +56,7 @@ MINILM_GROUP = 32
 
 def run_lm(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from modelpress.core.context import Context
+    from modelpress.core.options import RunOptions
     from modelpress.quant import LayerFilter, WeightOnlyConfig, quantize
     from modelpress.quant.awq import AWQConfig
     from modelpress.quant.gptq import GPTQConfig
@@ -76,7 +77,7 @@ def run_lm(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         rows[f"gptq-{bits}"] = GPTQConfig(bits=bits, group_size=128)
         rows[f"awq-{bits}"] = AWQConfig(bits=bits, group_size=128)
     results: dict[str, Any] = {}
-    ctx = Context(threads=args.quant_threads, show_progress=False)
+    ctx = Context(options=RunOptions(threads=args.quant_threads, progress=False))
     for name, cfg in rows.items():
         start = time.perf_counter()
         model = fp32 if cfg is None else quantize(fp32, cfg, data=data, ctx=ctx)
@@ -143,6 +144,7 @@ def build_anchor(fp32_onnx: Path, out: Path, gather: bool, accuracy_level: int |
 
 def run_minilm(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from modelpress.core.context import Context
+    from modelpress.core.options import RunOptions
     from modelpress.export.onnx import export_onnx
     from modelpress.export.onnx_nbits import export_nbits_onnx
     from modelpress.quant import quantize
@@ -155,7 +157,7 @@ def run_minilm(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     x1 = entry.example_inputs(1)
     batches = entry.calibration_data(MINILM_CALIBRATION, 16)
     start = time.perf_counter()
-    ctx = Context(threads=args.quant_threads, show_progress=False)
+    ctx = Context(options=RunOptions(threads=args.quant_threads, progress=False))
     gq = quantize(fp32, GPTQConfig(bits=4, group_size=MINILM_GROUP, symmetric=False), data=batches, ctx=ctx)
     gptq_s = time.perf_counter() - start
     print(f"MiniLM GPTQ 4-bit g{MINILM_GROUP}: {gptq_s:.1f}s", flush=True)

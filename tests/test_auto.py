@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from modelpress.auto import auto_compress
+from modelpress.auto import AutoSearch, auto_compress
 from modelpress.cli import main
 from modelpress.core import ConfigError
 from modelpress.core.errors import BadInputError
+from modelpress.core.options import RunOptions
 
 
 def test_picks_the_fastest_artifact_within_the_budget(
@@ -27,10 +28,9 @@ def test_picks_the_fastest_artifact_within_the_budget(
 
     monkeypatch.setattr(modelpress.measure, "bench", bench)
     out = tmp_path / "auto"
-    chosen, report = auto_compress(
-        "digits-cnn", max_drop=0.003, candidates=("float", "int8-static"), out_dir=out, threads=2,
-        batch_sizes=(1, 8), repeats=3, progress=False,
-    )  # fmt: skip
+    search = AutoSearch(max_drop=0.003, candidates=("float", "int8-static"))
+    options = RunOptions(threads=2, batch_sizes=(1, 8), repeats=3, progress=False)
+    chosen, report = auto_compress("digits-cnn", search, out_dir=out, options=options)
     rows = report.auto["candidates"]
     assert [(r["recipe"], r["artifact"].split()[0]) for r in rows] == [
         ("float", "model.onnx"), ("float", "model.pt2"), ("int8-static", "model.onnx"), ("int8-static", "model.pt2"),
@@ -54,9 +54,9 @@ def test_picks_the_fastest_artifact_within_the_budget(
 
 def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match="max_drop must be >= 0, got -1"):
-        auto_compress("digits-cnn", max_drop=-1, out_dir=tmp_path / "a")
+        auto_compress("digits-cnn", -1, out_dir=tmp_path / "a")
     with pytest.raises(BadInputError, match="auto mode needs a task metric"):
-        auto_compress("loading_factories:tiny_mlp", max_drop=0.1, out_dir=tmp_path / "a")
+        auto_compress("loading_factories:tiny_mlp", 0.1, out_dir=tmp_path / "a")
     assert main(["compress", "digits-cnn", "--out", str(tmp_path / "b")]) == 2
     assert "either --recipe RECIPE or --auto" in capsys.readouterr().err
     assert main(["compress", "digits-cnn", "--auto", "--out", str(tmp_path / "b")]) == 2

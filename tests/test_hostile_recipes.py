@@ -26,9 +26,9 @@ import modelpress.quant  # noqa: F401  (config classes register on import)
 from modelpress.cli import main
 from modelpress.core import Config, ConfigError
 from modelpress.core.config import _CONFIG_TYPES, MAX_EPOCHS
-from modelpress.core.context import Context
 from modelpress.core.environment import check_threads, usable_cpus
 from modelpress.core.errors import BadInputError
+from modelpress.core.options import RunOptions
 from modelpress.recipes.recipe import (
     MAX_RECIPE_BYTES,
     MAX_RECIPE_DEPTH,
@@ -212,10 +212,13 @@ def test_every_float_field_is_found():
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("name, field", FLOAT_FIELDS, ids=[f"{n}.{f}" for n, f in FLOAT_FIELDS])
 def test_non_finite_floats_are_refused_in_every_config(name, field, value):
-    message = f"{name}.{field} must be a finite number, got {value}"
-    assert message in _refuses(Config.from_dict, {"type": name, field: value})
-    assert message in _refuses(CONFIGS[name], **{field: value})  # direct construction too
-    assert "must be a finite number" in _refuses(Config.from_dict, {"type": name, field: 10**400})
+    mapping = typing.get_origin(typing.get_type_hints(CONFIGS[name])[field]) is dict  # per-layer values
+    wrap = (lambda v: {".*": v}) if mapping else (lambda v: v)
+    where = f"{name}.{field}['.*']" if mapping else f"{name}.{field}"
+    message = f"{where} must be a finite number, got {value}"
+    assert message in _refuses(Config.from_dict, {"type": name, field: wrap(value)})
+    assert message in _refuses(CONFIGS[name], **{field: wrap(value)})  # direct construction too
+    assert "must be a finite number" in _refuses(Config.from_dict, {"type": name, field: wrap(10**400)})
 
 
 def test_nan_threshold_and_nan_weight_in_a_recipe(tmp_path):
@@ -271,8 +274,8 @@ def test_threads_are_checked_in_one_place():
     for bad in (0, -1, cpus + 1, 1000, True, 1.5):
         message = _refuses(check_threads, bad, error=BadInputError)
         assert f"1..{cpus}" in message and f"got {bad!r}" in message
-    assert "positive integer, got 0" in _refuses(Context, threads=0, error=BadInputError)
-    assert f"at most {cpus}" in _refuses(Context, threads=cpus + 1, error=BadInputError)
+    assert "positive integer, got 0" in _refuses(RunOptions, threads=0, error=BadInputError)
+    assert f"at most {cpus}" in _refuses(RunOptions, threads=cpus + 1, error=BadInputError)
 
 
 def test_bench_api_refuses_before_loading_anything():
@@ -290,7 +293,7 @@ def test_bench_api_refuses_before_loading_anything():
 def test_auto_max_drop_must_be_a_finite_non_negative_number(tmp_path, value):
     from modelpress.auto import auto_compress
 
-    message = _refuses(auto_compress, "no-such-model", max_drop=value, out_dir=tmp_path / "a")
+    message = _refuses(auto_compress, "no-such-model", value, out_dir=tmp_path / "a")
     assert "max_drop must be" in message
     assert not (tmp_path / "a").exists()
 

@@ -297,3 +297,16 @@ def test_no_private_name_is_imported_from_another_module() -> None:
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                 bad += [f"{name}:{node.lineno} imports {node.module}.{p}" for p in private]
     assert not bad, "private names imported across modules:\n  " + "\n  ".join(bad)
+
+
+def test_composition_functions_take_a_handful_of_parameters() -> None:
+    """The pipeline and auto mode take the run's settings as one `RunOptions`, not one parameter each."""
+    wide = []
+    for name in ("modelpress.pipeline", "modelpress.auto"):
+        for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+                if count > 7:
+                    wide.append(f"{name}.{node.name}: {count} parameters")
+    assert not wide, "more than 7 parameters (group them, e.g. in RunOptions):\n  " + "\n  ".join(wide)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from modelpress.core.options import RunOptions
 from modelpress.pipeline import compress
 from modelpress.recipes.recipe import load_recipe
 
@@ -16,7 +17,10 @@ def digits_int8(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tu
     out = tmp_path_factory.mktemp("compress") / "digits"
     # keep_slower: both artifacts are checked here even where the tiny CNN's eager model is faster
     _, report = compress(
-        "digits-cnn", "int8-static", out_dir=out, threads=2, batch_sizes=(1, 8), repeats=3, keep_slower=True
+        "digits-cnn",
+        "int8-static",
+        out_dir=out,
+        options=RunOptions(threads=2, batch_sizes=(1, 8), repeats=3, keep_slower=True),
     )
     return out, json.loads((out / "report.json").read_text())
 
@@ -73,7 +77,9 @@ def test_the_speed_gate_stops_what_runs_past_its_limit(
     monkeypatch.setattr(gate, "call_limits", tiny)
     monkeypatch.setattr(runner, "call_limits", tiny)
     out = tmp_path / "gated"
-    _, report = compress("digits-cnn", "w8", out_dir=out, threads=2, batch_sizes=(1, 8), repeats=3, progress=False)
+    _, report = compress(
+        "digits-cnn", "w8", out_dir=out, options=RunOptions(threads=2, batch_sizes=(1, 8), repeats=3, progress=False)
+    )
     saved = json.loads((out / "report.json").read_text())
     assert saved["baseline"]["speed_gate"] is None and set(saved["baseline"]["latency_ms"]) == {"1", "8"}
     names = [a["name"] for a in saved["artifacts"]]
@@ -90,7 +96,12 @@ def test_the_speed_gate_stops_what_runs_past_its_limit(
     assert "STOPPED (bs1" in (out / "report.md").read_text()
 
     kept = tmp_path / "kept"
-    compress("digits-cnn", "w8", out_dir=kept, threads=2, batch_sizes=(1,), repeats=2, progress=False, keep_slower=True)
+    compress(
+        "digits-cnn",
+        "w8",
+        out_dir=kept,
+        options=RunOptions(threads=2, batch_sizes=(1,), repeats=2, progress=False, keep_slower=True),
+    )
     assert (kept / "model.onnx").exists() and (kept / "model.pt2").exists()
 
 
@@ -104,14 +115,20 @@ def test_an_artifact_its_parity_gate_refuses_leaves_the_others(
 
     monkeypatch.setattr(onnx_export, "export_onnx", refuse)
     out = tmp_path / "one"
-    _, report = compress("digits-cnn", "w8", out_dir=out, threads=2, batch_sizes=(1,), repeats=2, progress=False,
-                         keep_slower=True)  # fmt: skip
+    _, report = compress(
+        "digits-cnn",
+        "w8",
+        out_dir=out,
+        options=RunOptions(threads=2, batch_sizes=(1,), repeats=2, progress=False, keep_slower=True),
+    )
     assert (out / "model.pt2").exists() and not (out / "model.onnx").exists()
     assert "model.onnx not written: the int8 graph does not compute" in " ".join(report.warnings)
     assert [a.name for a in report.artifacts] == ["digits-cnn (w8, eager)", "model.pt2 (AOTInductor)"]
     monkeypatch.setattr(onnx_export, "export_onnx", refuse)
     with pytest.raises(onnx_export.ArtifactsRefused, match="model.onnx: the int8 graph"):
-        compress("digits-cnn", load_recipe_with_export("onnx"), out_dir=tmp_path / "none", progress=False)
+        compress(
+            "digits-cnn", load_recipe_with_export("onnx"), out_dir=tmp_path / "none", options=RunOptions(progress=False)
+        )
     assert not (tmp_path / "none").exists()
     from modelpress.core.errors import BadInputError
 
@@ -161,7 +178,9 @@ def test_one_cache_dir_reaches_the_loader_and_the_passes(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(pipeline, "apply", first_pass)
     with pytest.raises(Stop):
-        compress("breast-cancer", "int8-dynamic", cache_dir=tmp_path / "given", threads=1, progress=False)
+        compress(
+            "breast-cancer", "int8-dynamic", options=RunOptions(cache_dir=tmp_path / "given", threads=1, progress=False)
+        )
     assert seen == [tmp_path / "given"]
     assert len(list((tmp_path / "given" / "breast-cancer").glob("*.safetensors"))) == 1
     assert not default.exists()

@@ -44,7 +44,7 @@ def test_builtin_recipes_load_and_round_trip():
         (["not", "a", "mapping"], "expected a mapping"),
         (
             {"passes": [{"type": "StaticQuantConfig"}, {"type": "StructuredPruneConfig", "ffn_ratio": 0.25}]},
-            "pass 2 (StructuredPruneConfig, prune) comes after pass 1 (StaticQuantConfig, quant)",
+            "pass 2 (StructuredPruneConfig, prune) comes after pass 1 (StaticQuantConfig, quantize)",
         ),
         (
             {"passes": [{"type": "WeightOnlyConfig"}, {"type": "DistillConfig"}]},
@@ -134,3 +134,8 @@ def test_an_amx_only_lowering_is_refused_on_a_cpu_without_amx(tmp_path, capsys):
     assert main(["compress", "digits-cnn", "--recipe", str(recipe), "--out", str(out)]) == 2
     assert "needs the CPU feature amx_int8" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_config_that_is_not_a_pass_is_refused_in_a_recipe() -> None:
+    with pytest.raises(ConfigError, match="pass 1: LayerFilter is not a pass .*passes: .*GPTQConfig"):
+        parse_recipe({"passes": [{"type": "LayerFilter"}]}, "r")

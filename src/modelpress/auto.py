@@ -5,7 +5,9 @@ run; each artifact whose task metric stays within `max_drop` of the original's, 
 speed gate did not flag as slower than the original, is eligible; the best one by `objective`
 wins. The candidate table goes into the report.
 
-    >>> model, report = auto_compress("minilm", max_drop=0.5, out_dir="out/minilm-auto")
+    >>> stats, report = auto_compress("minilm", 0.5, out_dir="out/minilm-auto")
+    >>> stats, report = auto_compress("smollm2-135m", AutoSearch(max_drop="5%", candidates=("w4-gptq", "w8")),
+    ...                               out_dir="out/smollm2-auto", options=RunOptions(threads=2))
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
 
 from modelpress.core.atomic import atomic_dir
-from modelpress.core.context import default_cache_dir
 from modelpress.core.errors import BadInputError, ConfigError
+from modelpress.core.options import RunOptions
 from modelpress.core.outputs import check_output
 from modelpress.core.report import ModelStats, Report
-from modelpress.loading import LoadedModel, resolve
+from modelpress.loading import LoadedModel
 from modelpress.recipes.recipe import Recipe, load_recipe
 
 # The float model compiled as it is (bf16 ops in the .pt2 where the CPU has bf16 dot products) is a
@@ -70,56 +73,77 @@ def check_max_drop(max_drop: float | str) -> None:
         raise ConfigError(f"max_drop must be >= 0, got {max_drop}")
 
 
-def auto_compress(
-    model: str | Path | LoadedModel,
-    *,
-    max_drop: float | str,
-    objective: Objective = "latency",
-    candidates: tuple[str, ...] = DEFAULT_CANDIDATES,
-    data: Any | None = None,
-    out_dir: str | Path,
-    threads: int | None = None,
-    eval_data: Path | None = None,
-    batch_sizes: tuple[int, ...] = (1, 32),
-    repeats: int = 20,
-    progress: bool = True,
-    console: Console | None = None,
-    overwrite: bool = False,
-    trust_code: bool = False,
-    cache_dir: str | Path | None = None,
-) -> tuple[Any, Report]:
-    """Compress `model` with every candidate recipe and keep the best artifact within `max_drop`.
+@dataclass(frozen=True)
+class AutoSearch:
+    """What auto mode looks for: the best artifact by `objective` within a quality drop of `max_drop`.
 
     `max_drop` is in the units of the model's task metric (STS-B Spearman x100: 0.5 = half a point;
-    accuracy: 0.005 = half a point). `objective` "latency" ranks by p50 at the largest batch size.
-    `cache_dir` (default: `default_cache_dir()`, resolved once here) goes to the model's loader and every run.
+    accuracy: 0.005 = half a point), or a string percentage of the original's value (`"5%"`: a
+    perplexity may rise 5%). `objective` "latency" ranks by p50 at the largest batch size, "size" by
+    bytes on disk. `candidates`: the recipes tried ("float" is the model as it is, exported). Every
+    value is checked when the object is made (`ConfigError`).
     """
-    from modelpress.pipeline import claim_out_dir, compress, input_paths
 
-    check_output(out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(model, eval_data))
-    budget = parse_max_drop(max_drop)
-    if objective not in ("latency", "size"):
-        raise ConfigError(f"objective must be latency or size, got {objective!r}")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code, cache_dir=cache)
+    max_drop: float | str
+    objective: Objective = "latency"
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+
+    def __post_init__(self) -> None:
+        parse_max_drop(self.max_drop)
+        if self.objective not in ("latency", "size"):
+            raise ConfigError(f"objective must be latency or size, got {self.objective!r}")
+        if isinstance(self.candidates, str) or not self.candidates:
+            raise ConfigError(f"candidates must be a non-empty list of recipe names, got {self.candidates!r}")
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        self.recipes()  # an unknown recipe name fails here, before any work
+
+    def recipes(self) -> list[Recipe]:
+        return [FLOAT if name == "float" else load_recipe(name) for name in self.candidates]
+
+
+def auto_compress(
+    model: str | Path | LoadedModel,
+    search: AutoSearch | float | str,
+    *,
+    out_dir: str | Path,
+    data: Any | None = None,
+    options: RunOptions | None = None,
+    overwrite: bool = False,
+    trust_code: bool = False,
+) -> tuple[Any, Report]:
+    """Compress `model` with every candidate recipe of `search` and keep the best artifact within its budget.
+
+    `search`: an `AutoSearch`, or its `max_drop` alone (latency objective, every built-in candidate).
+    `data`, `options`, `overwrite` and `trust_code` as for `compress`. Returns the chosen artifact's figures
+    (`ModelStats`) and the report, whose `auto` section lists every candidate.
+    """
+    from modelpress.pipeline import calibration_for, claim_out_dir, compress_loaded, input_paths, load_for_run
+
+    opts = options if options is not None else RunOptions()
+    check_output(out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(model, opts.eval_data))
+    search = search if isinstance(search, AutoSearch) else AutoSearch(max_drop=search)
+    budget = parse_max_drop(search.max_drop)
+    recipes = search.recipes()
+    loaded = load_for_run(model, opts, trust_code)
     if loaded.entry is None or not loaded.entry.has_quality:
-        raise BadInputError(f"{loaded.spec}: auto mode needs a task metric (a zoo model or --like); none is known")
-    recipes = [FLOAT if name == "float" else load_recipe(name) for name in candidates]
+        raise BadInputError(
+            f"{loaded.spec}: auto mode needs a task metric; none is known for this model "
+            "(use a zoo model, or give one with --like and its data with --eval-data)"
+        )
+    batches = calibration_for(loaded, data, [r for r in recipes if r.passes])
+    run_opts = opts.replace(validation=True, keep_slower=True)
+    batch_sizes = opts.batch_sizes
     rows: list[dict[str, Any]] = []
     baseline: ModelStats | None = None  # the original, measured with the first candidate only
     best: tuple[float, Path, str, Report] | None = None
     with (
-        claim_out_dir(out_dir, overwrite, loaded, eval_data),
+        claim_out_dir(out_dir, overwrite, loaded, opts.eval_data),
         tempfile.TemporaryDirectory(prefix="modelpress-auto.") as work,
     ):
         for rec in recipes:
             folder = Path(work) / rec.name
             try:
-                _, report = compress(
-                    loaded, rec, data, out_dir=folder, threads=threads, eval_data=eval_data,
-                    batch_sizes=batch_sizes, repeats=repeats, progress=progress, console=console, validation=True,
-                    baseline=baseline, keep_slower=True, cache_dir=cache,
-                )  # fmt: skip
+                _, report = compress_loaded(loaded, rec, batches, folder, run_opts, baseline)
             except BadInputError as e:  # a recipe that does not apply to this model
                 rows.append({"recipe": rec.name, "artifact": "-", "error": str(e)})
                 continue
@@ -135,19 +159,19 @@ def auto_compress(
                 # an artifact slower than the original is never chosen, whatever its quality
                 row["slower_than_original"] = gate.get("status") == "slower"
                 rows.append(row)
-                score = row["p50_ms"] if objective == "latency" else row["size_mb"]
+                score = row["p50_ms"] if search.objective == "latency" else row["size_mb"]
                 eligible = row["within_budget"] and not row["slower_than_original"]
                 if eligible and (best is None or score < best[0]):
                     best = (score, folder, row["artifact"], report)
         if best is None:
             raise BadInputError(
-                f"no candidate stays within a quality drop of {max_drop} at a speed above the original's: "
+                f"no candidate stays within a quality drop of {search.max_drop} at a speed above the original's: "
                 f"{_summary(rows)}"
             )
         _, folder, artifact, report = best
         report.auto = {
-            "max_drop": max_drop,
-            "objective": objective,
+            "max_drop": search.max_drop,
+            "objective": search.objective,
             "batch_size": max(batch_sizes),
             "candidates": rows,
             "chosen": f"{folder.name}: {artifact}",
@@ -159,8 +183,8 @@ def auto_compress(
                 if item.name not in ("report.json", "report.md", "report.html", *flagged):
                     shutil.copy2(item, tmp / item.name)
             report.write(tmp)
-    if progress:
-        (console or Console()).print(f"auto: chose {report.auto['chosen']} (of {len(rows)} measured artifacts)")
+    if opts.progress:
+        (opts.console or Console()).print(f"auto: chose {report.auto['chosen']} (of {len(rows)} measured artifacts)")
     return report.compressed, report
 
 

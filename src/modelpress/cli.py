@@ -235,53 +235,51 @@ def compress(
 
     Example: [bold]modelpress compress minilm --auto --max-drop 0.5 --out out/minilm-auto[/bold]
     """
-    from modelpress.calibration import load_calibration
+    from modelpress.auto import DEFAULT_CANDIDATES, AutoSearch, auto_compress
     from modelpress.loading import resolve
+    from modelpress.pipeline import compress as run_compress
     from modelpress.recipes.recipe import load_recipe
 
-    sizes = parse_batch_sizes(batch_sizes)
-    _quiet_transformers()
     if auto == (recipe is not None):
         raise BadInputError("give either --recipe RECIPE or --auto --max-drop X")
     if auto and max_drop is None:
         raise BadInputError("--auto needs --max-drop, the allowed quality drop (e.g. 0.5 STS-B points)")
     if candidates is not None and not auto:
         raise BadInputError("--candidates goes with --auto")
-    from modelpress.auto import DEFAULT_CANDIDATES, check_max_drop
-
-    if max_drop is not None:
-        check_max_drop(max_drop)  # before the model loads
+    options = _run_options(threads, batch_sizes, eval_data, as_json, keep_slower=keep_slower)
     tried = DEFAULT_CANDIDATES if candidates is None else tuple(c.strip() for c in candidates.split(",") if c.strip())
     if auto and not tried:
         raise BadInputError(f"--candidates {candidates!r} names no recipe")
-    for name in tried if candidates is not None else ():  # a bad name fails before any work
-        if name != "float":
-            load_recipe(name)
-    rec = load_recipe(recipe) if recipe is not None else None  # a bad recipe fails before the model loads
+    # checked before the model loads: a bad budget, recipe, data path or --out
+    search = AutoSearch(max_drop=max_drop, objective=objective, candidates=tried) if auto else None  # type: ignore[arg-type]
+    rec = load_recipe(recipe) if recipe is not None else None
     check_data(data, "--data")
-    check_data(eval_data, "--eval-data")
     _check_out_folder(output, overwrite, model, data, eval_data, recipe, weights)
-    loaded = resolve(model, weights=weights, trust_code=_trust(trust_code, trust_pickle))
-    batches = load_calibration(data, loaded.entry) if data is not None else None
-    if batches is not None:  # too few samples for a calibrating pass: refused before any work
-        from modelpress.calibration import check_calibration_size
+    _quiet_transformers()
+    loaded = resolve(model, weights=weights, trust_code=_trust(trust_code, trust_pickle), cache_dir=options.cache_dir)
+    if search is not None:
+        _, report = auto_compress(loaded, search, out_dir=output, data=data, options=options, overwrite=overwrite)
+    else:
+        _, report = run_compress(loaded, rec, data, out_dir=output, options=options, overwrite=overwrite)  # type: ignore[arg-type]
+    _print_result(report, output, as_json, "model")
 
-        for checked in [rec] if rec is not None else [load_recipe(n) for n in tried if n != "float"]:
-            check_calibration_size(batches, checked, data)
-    if rec is None:
-        from modelpress.auto import auto_compress
 
-        _, report = auto_compress(
-            loaded, max_drop=max_drop, objective=objective, candidates=tried, data=batches, out_dir=output,  # type: ignore[arg-type]
-            threads=threads, eval_data=eval_data, batch_sizes=sizes, progress=not as_json, console=out,
-            overwrite=overwrite,
-        )  # fmt: skip
-        if as_json:
-            out.print_json(report.to_json())
-        return
-    _compress_and_print(
-        loaded, rec, batches, output, threads, eval_data, sizes, as_json, overwrite, "model", keep_slower
-    )
+def _run_options(threads: int | None, batch_sizes: str, eval_data: Path | None, as_json: bool, **more: Any) -> Any:
+    """The run's options from the command line (`RunOptions` checks every value; --json prints no tables)."""
+    from modelpress.core.options import RunOptions
+
+    check_data(eval_data, "--eval-data")
+    return RunOptions(
+        threads=threads, batch_sizes=parse_batch_sizes(batch_sizes), eval_data=eval_data, progress=not as_json,
+        console=out, **more,
+    )  # fmt: skip
+
+
+def _print_result(report: Any, output: Path, as_json: bool, what: str) -> None:
+    if as_json:
+        out.print_json(report.to_json())
+    elif not report.auto:  # auto mode has said what it chose
+        out.print(f"wrote {output}/ ({what} artifacts, report.json, report.md, report.html, recipe.yaml)")
 
 
 def _check_out_folder(output: Path, overwrite: bool, *inputs: Any) -> None:
@@ -289,31 +287,6 @@ def _check_out_folder(output: Path, overwrite: bool, *inputs: Any) -> None:
     from modelpress.core.outputs import check_output
 
     check_output(output, kind="folder", overwrite=overwrite, inputs=inputs)
-
-
-def _compress_and_print(
-    loaded: Any,
-    rec: Any,
-    batches: Any,
-    output: Path,
-    threads: int | None,
-    eval_data: Path | None,
-    sizes: tuple[int, ...],
-    as_json: bool,
-    overwrite: bool,
-    what: str,
-    keep_slower: bool = False,
-) -> None:
-    from modelpress.pipeline import compress as run_compress
-
-    _, report = run_compress(
-        loaded, rec, batches, out_dir=output, threads=threads, eval_data=eval_data, batch_sizes=sizes,
-        progress=not as_json, console=out, overwrite=overwrite, keep_slower=keep_slower,
-    )  # fmt: skip
-    if as_json:
-        out.print_json(report.to_json())
-    else:
-        out.print(f"wrote {output}/ ({what} artifacts, report.json, report.md, report.html, recipe.yaml)")
 
 
 @app.command()
@@ -351,9 +324,10 @@ def distill(
     """
     from modelpress.distill import DistillConfig, StudentConfig
     from modelpress.loading import resolve
+    from modelpress.pipeline import compress as run_compress
     from modelpress.recipes.recipe import Recipe
 
-    sizes = parse_batch_sizes(batch_sizes)
+    options = _run_options(threads, batch_sizes, eval_data, as_json)
     _quiet_transformers()
     try:
         layers = tuple(int(x) for x in student_layers.split(",")) if student_layers else ()
@@ -374,10 +348,10 @@ def distill(
     rec = Recipe(
         name="distill", description="knowledge distillation into a student built from the teacher", passes=(cfg,)
     )
-    check_data(eval_data, "--eval-data")
     _check_out_folder(output, overwrite, teacher, eval_data, weights)
-    loaded = resolve(teacher, weights=weights, trust_code=_trust(trust_code, trust_pickle))
-    _compress_and_print(loaded, rec, None, output, threads, eval_data, sizes, as_json, overwrite, "student")
+    loaded = resolve(teacher, weights=weights, trust_code=_trust(trust_code, trust_pickle), cache_dir=options.cache_dir)
+    _, report = run_compress(loaded, rec, out_dir=output, options=options, overwrite=overwrite)
+    _print_result(report, output, as_json, "student")
 
 
 @app.command()
@@ -454,6 +428,7 @@ def sensitivity(
     Example: [bold]modelpress sensitivity minilm --recipe int8-static[/bold]
     """
     from modelpress.core.context import Context
+    from modelpress.core.options import RunOptions
     from modelpress.loading import resolve
     from modelpress.quant.sensitivity import MixedPrecisionConfig, fidelity_metric
     from modelpress.quant.sensitivity import sensitivity as measure
@@ -481,7 +456,7 @@ def sensitivity(
         score = choice_metric(entry, data)  # the validation split where the model has one
     else:
         score = fidelity_metric(loaded.model, batches[:4])
-    ctx = Context(data=batches, threads=threads, show_progress=not as_json)
+    ctx = Context(data=batches, options=RunOptions(threads=threads, progress=not as_json))
     with ctx.threads_scope():
         base, rows = measure(loaded.model.eval(), cfg, score, ctx)
     if as_json:

@@ -60,6 +60,7 @@ def run_demo(
 ) -> Report:
     """Compress the default model with `recipe` (default: `choose_recipe`), measure it against the original,
     write `out_dir`."""
+    from modelpress.core.options import RunOptions
     from modelpress.pipeline import compress
 
     console = console or Console()
@@ -67,16 +68,9 @@ def run_demo(
         recipe, why = choose_recipe(data)
         if why and progress:
             console.print(why)
-    _, report = compress(
-        DEFAULT_MODEL,
-        recipe,
-        out_dir=out_dir,
-        threads=threads,
-        eval_data=data,
-        progress=progress,
-        console=console,
-        overwrite=True,  # the demo's folder is its own: each run replaces the last
-    )
+    options = RunOptions(threads=threads, eval_data=data, progress=progress, console=console)
+    # the demo's folder is its own: each run replaces the last
+    _, report = compress(DEFAULT_MODEL, recipe, out_dir=out_dir, options=options, overwrite=True)
     if progress:
         base, best = report.baseline, report.compressed
         if base and best:

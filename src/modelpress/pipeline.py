@@ -22,9 +22,10 @@ from torch import nn
 
 from modelpress.calibration import check_calibration_size, check_finite
 from modelpress.core.atomic import atomic_dir
-from modelpress.core.context import Context, default_cache_dir
+from modelpress.core.context import Context
 from modelpress.core.environment import environment
 from modelpress.core.errors import BadInputError, NotAvailableError
+from modelpress.core.options import RunOptions, check_data_path
 from modelpress.core.outputs import check_output, claim_output, estimate_bytes
 from modelpress.core.registry import apply
 from modelpress.core.report import ModelStats, Report
@@ -40,95 +41,126 @@ def compress(
     data: Any | None = None,
     *,
     out_dir: str | Path | None = None,
-    threads: int | None = None,
-    eval_data: Path | None = None,
-    batch_sizes: tuple[int, ...] = (1, 32),
-    repeats: int = 20,
-    progress: bool = True,
-    console: Console | None = None,
+    options: RunOptions | None = None,
     overwrite: bool = False,
-    validation: bool = False,
-    baseline: ModelStats | None = None,
-    keep_slower: bool = False,
     trust_code: bool = False,
-    cache_dir: str | Path | None = None,
 ) -> tuple[nn.Module, Report]:
     """Apply `recipe` to `model`, export its artifacts into `out_dir` and measure everything.
 
-    `data` (calibration / training batches) defaults to the zoo entry's calibration set. An existing,
-    non-empty `out_dir` is refused before any work unless `overwrite` (it is then replaced atomically).
-    `validation` also scores every measured form on the model's validation split (auto mode's budget);
-    `baseline`: the original's figures measured earlier in this run (auto mode measures it once).
-    An artifact the speed gate finds slower than the original (or stops) is not written unless
-    `keep_slower`; its row and the reason stay in the report. `trust_code` allows a model spec that
-    runs code when loaded (see `modelpress.trust`). `cache_dir` (default: `default_cache_dir()`, resolved
-    once here) is where the zoo model's loader and the passes (`Context.cache_dir`) keep their files.
+    `data`: calibration / training batches, or a file or folder to read them from (`load_calibration`);
+    default: the zoo entry's calibration set. `options`: threads, batch sizes, evaluation data, ... for the
+    whole run (`RunOptions`; its `cache_dir` is where the model's loader and the passes keep their files).
+    An existing, non-empty `out_dir` is refused before any work unless `overwrite` (it is then replaced
+    atomically). An artifact the speed gate finds slower than the original (or stops) is not written unless
+    `options.keep_slower`; its row and the reason stay in the report. `trust_code` allows a model spec that
+    runs code when loaded (see `modelpress.trust`).
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    opts = options if options is not None else RunOptions()
     if out_dir is not None:  # a bad --out fails before the model loads
-        check_output(out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(model, eval_data))
-    loaded = model if isinstance(model, LoadedModel) else resolve(model, trust_code=trust_code, cache_dir=cache)
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if data is not None:  # too few samples for a calibrating pass, or NaN, fails before any work
-        check_calibration_size(data, rec, "data")
-        check_finite(data, "data")
-    # chosen (and an explicit lowering this CPU cannot run refused) before any work
-    lowering = _lowering(rec) if "pt2" in rec.export else None
-    with claim_out_dir(out_dir, overwrite, loaded, eval_data):
-        if loaded.kind == "onnx":
-            return _compress_onnx(loaded, rec, data, out_dir, threads, batch_sizes, repeats, progress, console, cache)
-        if not isinstance(loaded.model, nn.Module):
-            raise BadInputError(
-                f"{loaded.spec}: a {loaded.kind} artifact cannot be compressed; give a PyTorch or ONNX model"
-            )
-        entry = loaded.entry
-        entry_for_eval = entry if entry is not None and entry.has_quality else None
-        report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
-        if data is None and entry is not None:
-            try:
-                data = entry.calibration_data(128, 8)
-            except NotAvailableError:  # an entry with synthetic inputs only: the passes ask for --data if they need it
-                data = None
-            else:
-                _record_data(report, entry, "calibration", count=sum(len(batch[0]) for batch in data))
-        ctx = Context(
-            data=data,
-            threads=threads,
-            show_progress=progress,
-            cache_dir=cache,
-            report=report,
-            train_fn=_train_fn(entry, report) if entry is not None else None,
-            metric=choice_metric(entry_for_eval, eval_data, report) if entry_for_eval is not None else None,
+        check_output(
+            out_dir, kind="folder", overwrite=overwrite, inputs=input_paths(model, opts.eval_data, _path(data))
         )
-        compressed = copy.deepcopy(loaded.model).eval()
-        with ctx.threads_scope():
-            for cfg in rec.passes:
-                compressed = apply(compressed, cfg, ctx)
-        _warn_inexact_int8(compressed, report)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if "pt2" in rec.export:  # an explicit lowering this CPU cannot run is refused before the model loads
+        _lowering(rec)
+    loaded = load_for_run(model, opts, trust_code)
+    batches = calibration_for(loaded, data, [rec])
+    with claim_out_dir(out_dir, overwrite, loaded, opts.eval_data):
+        return compress_loaded(loaded, rec, batches, out_dir, opts)
 
-        if out_dir is None:
-            return compressed, report
-        example = entry.example_inputs(2) if entry is not None else None
-        with atomic_dir(out_dir) as tmp:
-            axes = entry.batch_axes if entry is not None else None
-            artifacts = _export(compressed, example, rec, tmp, ctx, axes, lowering)
-            report.parity = _parity(loaded.model, compressed, artifacts, example, threads) if artifacts else None
-            (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
-            _measure(
-                loaded, compressed, artifacts, report, threads, eval_data, batch_sizes, repeats, progress, out_dir,
-                validation, baseline, keep_slower,
-            )  # fmt: skip
-            if entry_for_eval is not None:
-                _record_data(report, entry_for_eval, "evaluation", data=eval_data)
-                if validation:
-                    _record_data(report, entry_for_eval, "validation", data=eval_data)
-            report.write(tmp)
-        if progress:
-            from modelpress.measure import stats_table
 
-            rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
-            (console or Console()).print(stats_table(rows))
+def _path(data: Any) -> Path | None:
+    return Path(data) if isinstance(data, (str, Path)) else None
+
+
+def load_for_run(model: str | Path | nn.Module | LoadedModel, options: RunOptions, trust_code: bool) -> LoadedModel:
+    """`model` resolved (`loading.resolve`) with the run's cache folder; a `LoadedModel` is kept as it is."""
+    if isinstance(model, LoadedModel):
+        return model
+    return resolve(model, trust_code=trust_code, cache_dir=options.cache_dir)
+
+
+def calibration_for(loaded: LoadedModel, data: Any | None, recipes: list[Recipe]) -> Any | None:
+    """`data` as batches (read from a file or folder for `loaded`'s inputs), checked before any work: too
+    few samples for a calibrating pass of `recipes`, or non-finite values, are refused."""
+    if data is None:
+        return None
+    source = data
+    if isinstance(data, (str, Path)):
+        from modelpress.calibration import load_calibration
+
+        source = check_data_path(data, "data")
+        data = load_calibration(source, loaded.entry)
+    for rec in recipes:
+        check_calibration_size(data, rec, source if isinstance(source, Path) else "data")
+    check_finite(data, source if isinstance(source, Path) else "data")
+    return data
+
+
+def compress_loaded(
+    loaded: LoadedModel,
+    rec: Recipe,
+    data: Any | None,
+    out_dir: str | Path | None,
+    options: RunOptions,
+    baseline: ModelStats | None = None,
+) -> tuple[Any, Report]:
+    """`compress` once the model is loaded and the data checked (the output folder is the caller's to hold).
+
+    `baseline`: the original's figures, measured earlier in this run (auto mode measures it once).
+    """
+    lowering = _lowering(rec) if "pt2" in rec.export else None
+    if loaded.kind == "onnx":
+        return _compress_onnx(loaded, rec, data, out_dir, options)
+    if not isinstance(loaded.model, nn.Module):
+        raise BadInputError(
+            f"{loaded.spec}: a {loaded.kind} artifact cannot be compressed; give a PyTorch or ONNX model"
+        )
+    entry = loaded.entry
+    entry_for_eval = entry if entry is not None and entry.has_quality else None
+    threads, eval_data = options.threads, options.eval_data
+    report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
+    if data is None and entry is not None:
+        try:
+            data = entry.calibration_data(128, 8)
+        except NotAvailableError:  # an entry with synthetic inputs only: the passes ask for --data if they need it
+            data = None
+        else:
+            _record_data(report, entry, "calibration", count=sum(len(batch[0]) for batch in data))
+    ctx = Context(
+        data=data,
+        options=options,
+        report=report,
+        train_fn=_train_fn(entry, report) if entry is not None else None,
+        metric=choice_metric(entry_for_eval, eval_data, report) if entry_for_eval is not None else None,
+        training_data=entry.training_set if entry is not None else None,
+    )
+    compressed = copy.deepcopy(loaded.model).eval()
+    with ctx.threads_scope():
+        for cfg in rec.passes:
+            compressed = apply(compressed, cfg, ctx)
+    _warn_inexact_int8(compressed, report)
+
+    if out_dir is None:
         return compressed, report
+    example = entry.example_inputs(2) if entry is not None else None
+    with atomic_dir(out_dir) as tmp:
+        axes = entry.batch_axes if entry is not None else None
+        artifacts = _export(compressed, example, rec, tmp, ctx, axes, lowering)
+        report.parity = _parity(loaded.model, compressed, artifacts, example, threads) if artifacts else None
+        (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
+        _measure(loaded, compressed, artifacts, report, options, out_dir, baseline)
+        if entry_for_eval is not None:
+            _record_data(report, entry_for_eval, "evaluation", data=eval_data)
+            if options.validation:
+                _record_data(report, entry_for_eval, "validation", data=eval_data)
+        report.write(tmp)
+    if options.progress:
+        from modelpress.measure import stats_table
+
+        rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
+        (options.console or Console()).print(stats_table(rows))
+    return compressed, report
 
 
 def _warn_inexact_int8(model: nn.Module, report: Report) -> None:
@@ -204,16 +236,7 @@ def claim_out_dir(
 
 
 def _compress_onnx(
-    loaded: LoadedModel,
-    rec: Recipe,
-    data: Any | None,
-    out_dir: str | Path | None,
-    threads: int | None,
-    batch_sizes: tuple[int, ...],
-    repeats: int,
-    progress: bool,
-    console: Console | None,
-    cache_dir: Path,
+    loaded: LoadedModel, rec: Recipe, data: Any | None, out_dir: str | Path | None, options: RunOptions
 ) -> tuple[Any, Report]:
     """An ONNX graph from any framework: quantized by ONNX Runtime's tools, driven by the recipe's one pass."""
     from modelpress.export.runtime import OnnxModel
@@ -226,15 +249,14 @@ def _compress_onnx(
         )
     if out_dir is None:
         raise BadInputError("compressing an ONNX model writes a new graph: give out_dir (CLI: --out)")
+    threads = options.threads
     report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
-    ctx = Context(data=data, threads=threads, show_progress=progress, cache_dir=cache_dir, report=report)
+    ctx = Context(data=data, options=options, report=report)
     with atomic_dir(out_dir) as tmp, ctx.threads_scope():
         stats = quantize_onnx(loaded.path, tmp / "model.onnx", rec.passes[0], data, ctx)
         report.parity = {"onnx": {"mean_cosine_to_original": stats.get("fidelity")}}
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
-        common: dict[str, Any] = dict(
-            batch_sizes=batch_sizes, threads=threads, repeats=repeats, progress=progress, memory=False
-        )
+        common = _bench_options(options, memory=False)
         original = (f"{loaded.name} (original)", loaded.model, loaded.entry, loaded.path)
         base = bench([original], **common)[0]
         (row,) = _gated_bench([], {"onnx": tmp / "model.onnx"}, loaded.entry, base, common)
@@ -243,10 +265,10 @@ def _compress_onnx(
         rows = [base, row]
         report.baseline, report.artifacts, report.compressed = base, [row], row
         report.write(tmp)
-    if progress:
+    if options.progress:
         from modelpress.measure import stats_table
 
-        (console or Console()).print(stats_table(rows))
+        (options.console or Console()).print(stats_table(rows))
     return OnnxModel(Path(out_dir) / "model.onnx", threads=threads), report
 
 
@@ -445,15 +467,9 @@ def _measure(
     compressed: nn.Module,
     artifacts: dict[str, Path],
     report: Report,
-    threads: int | None,
-    eval_data: Path | None,
-    batch_sizes: tuple[int, ...],
-    repeats: int,
-    progress: bool,
+    options: RunOptions,
     final_dir: str | Path,
-    validation: bool,
     baseline: ModelStats | None = None,
-    keep_slower: bool = False,
 ) -> None:
     """The original first, then every form through the speed gate; flagged artifacts are deleted unless kept."""
     from modelpress.measure import bench
@@ -462,10 +478,7 @@ def _measure(
     entry = loaded.entry
     if entry is None:
         return
-    common: dict[str, Any] = dict(
-        batch_sizes=batch_sizes, threads=threads, repeats=repeats, eval_data=eval_data, validation=validation,
-        progress=progress, memory=False,
-    )  # fmt: skip
+    common = _bench_options(options, memory=False, eval_data=options.eval_data, validation=options.validation)
     if baseline is None:
         baseline = bench([(f"{loaded.name} (original)", loaded.model, entry, loaded.path)], **common)[0]
     label = report.recipe["name"] if report.recipe else "compressed"
@@ -474,7 +487,7 @@ def _measure(
     for s in rows[1:]:
         s.params, s.nonzero_params = params
         s.artifact = str(Path(final_dir) / Path(s.artifact).name) if s.artifact else None
-    _report_gate(report, rows, {} if keep_slower else {path.name: path for path in artifacts.values()})
+    _report_gate(report, rows, {} if options.keep_slower else {path.name: path for path in artifacts.values()})
     report.baseline = baseline
     report.artifacts = rows
     deployable = [s for s in rows if s.artifact] or rows
@@ -482,7 +495,15 @@ def _measure(
     if not passed:
         report.warn("no artifact is faster than the original on this CPU: the fastest measured form is reported")
     report.compressed = min(passed or [s for s in deployable if s.latency_ms] or rows,
-                            key=lambda s: _p50(s, max(batch_sizes)))  # fmt: skip
+                            key=lambda s: _p50(s, max(options.batch_sizes)))  # fmt: skip
+
+
+def _bench_options(options: RunOptions, **extra: Any) -> dict[str, Any]:
+    """`measure.bench`'s keyword arguments for the run's options."""
+    return dict(
+        batch_sizes=options.batch_sizes, threads=options.threads, repeats=options.repeats, progress=options.progress,
+        **extra,
+    )  # fmt: skip
 
 
 _RUNTIME_NAMES = {"onnx": "model.onnx (ONNX Runtime)", "pt2": "model.pt2 (AOTInductor)"}

@@ -26,14 +26,13 @@ reading one blocks or never ends.
 from __future__ import annotations
 
 import json
-import os
-import stat
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from modelpress.core.errors import BadInputError, ModelLoadError, UnsafePickleError, UntrustedCodeError
+from modelpress.core.errors import ModelLoadError, UnsafePickleError, UntrustedCodeError
+from modelpress.core.files import check_not_special as check_not_special
 
 
 class CodeKind(NamedTuple):
@@ -71,28 +70,6 @@ def trust_flag(trust_code: bool, trust_pickle: bool) -> bool:
 
 
 # ---------------------------------------------------------------- files that block
-
-
-_SPECIAL = (
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
-def check_not_special(path: Path, what: str, error: type[BadInputError] = ModelLoadError) -> None:
-    """Refuse `path` if it is a FIFO, socket or device: opening or reading it would block or never end.
-
-    A missing path passes (the caller says what is missing); `what` names the role, e.g. "--data".
-    """
-    try:
-        mode = os.stat(path).st_mode  # stat never opens the file: a FIFO does not block here
-    except OSError:
-        return
-    for test, name in _SPECIAL:
-        if test(mode):
-            raise error(f"{what} {path} is {name}, not a regular file or folder; give a file")
 
 
 def check_folder_files(folder: Path, what: str) -> None:

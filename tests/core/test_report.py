@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from modelpress.core import BadInputError, Context, Latency, ModelStats, Quality, Report
+from modelpress.core import BadInputError, Context, Latency, ModelStats, Quality, Report, RunOptions
 from modelpress.core.atomic import atomic_dir, atomic_path
 
 
@@ -57,11 +57,11 @@ def test_report_json_has_the_contract_keys_and_round_trips(tmp_path):
 
 def test_context_threads_scope_restores_and_validates():
     before = torch.get_num_threads()
-    with Context(threads=1).threads_scope():
+    with Context(options=RunOptions(threads=1)).threads_scope():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     with pytest.raises(BadInputError, match="threads must be a positive integer, got 0"):
-        Context(threads=0)
+        Context(options=RunOptions(threads=0))
 
 
 def test_context_warn_lands_in_report():
@@ -69,7 +69,7 @@ def test_context_warn_lands_in_report():
     with pytest.warns(UserWarning, match="skipped"):
         ctx.warn("skipped lstm: unsupported")
     assert ctx.report.warnings == ["skipped lstm: unsupported"]
-    assert list(Context(show_progress=False).progress(range(3), "x")) == [0, 1, 2]
+    assert list(Context(options=RunOptions(progress=False)).progress(range(3), "x")) == [0, 1, 2]
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

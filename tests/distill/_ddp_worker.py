@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _models import blobs, mlp  # noqa: E402
 
 from modelpress.core.context import Context  # noqa: E402
+from modelpress.core.options import RunOptions
 from modelpress.distill import DistillConfig, distill  # noqa: E402
 from modelpress.distill.trainer import dist_info  # noqa: E402
 
@@ -27,7 +28,7 @@ CONFIG = DistillConfig(
 def run(workdir: Path) -> dict:
     torch.set_num_threads(1)
     teacher, data = mlp(32), blobs(100)
-    ctx = Context(show_progress=False, cache_dir=workdir / "cache")
+    ctx = Context(options=RunOptions(progress=False, cache_dir=workdir / "cache"))
     res = distill(teacher, mlp(8, seed=1), data, CONFIG, ctx=ctx, checkpoint_dir=workdir / "ckpt")
     return {"state": res.student.state_dict(), "history": res.history, "steps": res.steps}
 

@@ -9,6 +9,7 @@ import torch
 
 from modelpress.core.context import Context
 from modelpress.core.errors import DataError
+from modelpress.core.options import RunOptions
 from modelpress.distill import DistillConfig, TensorSamples, distill, teacher_cache
 from modelpress.distill.outputs import model_outputs
 
@@ -26,7 +27,7 @@ class Counter:
 
 
 def _run(teacher: torch.nn.Module, data: tuple, path: Path) -> None:
-    distill(teacher, mlp(8, seed=1), data, CFG, ctx=Context(show_progress=False), cache_path=path)
+    distill(teacher, mlp(8, seed=1), data, CFG, ctx=Context(options=RunOptions(progress=False)), cache_path=path)
 
 
 def test_cache_is_reused_and_invalidated_by_a_changed_teacher(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 from modelpress.core.config import Config
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, DataError
+from modelpress.core.options import RunOptions
 from modelpress.core.registry import apply
 from modelpress.core.report import Report
 from modelpress.distill import DistillConfig, StudentConfig, distill, narrower_cnn
@@ -19,7 +20,7 @@ from modelpress.zoo.digits import accuracy, load_digits_split, train_digits_cnn
 
 from ._models import blobs, mlp, tiny_bert, token_samples
 
-QUIET = Context(show_progress=False)
+QUIET = Context(options=RunOptions(progress=False))
 
 
 def test_digits_distillation_on_unlabelled_images_beats_labels_only(digits_teacher: torch.nn.Module) -> None:
@@ -43,7 +44,7 @@ def test_recipe_pass_builds_the_student_from_the_teacher(digits_teacher: torch.n
          "student": {"width_ratio": 0.48}}
     )  # fmt: skip
     report = Report(model="digits-cnn")
-    ctx = Context(show_progress=False, report=report, cache_dir=tmp_path)
+    ctx = Context(report=report, options=RunOptions(progress=False, cache_dir=tmp_path))
     student = apply(digits_teacher, cfg, ctx)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(student) <= n(digits_teacher) / 4

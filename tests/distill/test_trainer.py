@@ -11,13 +11,14 @@ import torch
 
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError
+from modelpress.core.options import RunOptions
 from modelpress.distill import DistillConfig, Projection, distill
 from modelpress.distill.trainer import lr_lambda
 from modelpress.primitives.kd import hidden_mse
 
 from ._models import blobs, mlp
 
-QUIET = Context(show_progress=False)
+QUIET = Context(options=RunOptions(progress=False))
 
 
 def test_warmup_then_cosine_and_linear_decay() -> None:

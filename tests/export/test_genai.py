@@ -17,6 +17,7 @@ from torch import nn
 
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError
+from modelpress.core.options import RunOptions
 from modelpress.export import genai, genai_graph
 from modelpress.export.genai import export_genai
 from modelpress.export.onnx_nbits import nbits_tensors
@@ -177,7 +178,7 @@ def test_4bit_layers_become_matmul_nbits_with_their_own_codes(tmp_path, tokenize
     if method == "rtn":
         lm = quantize(float_lm, WeightOnlyConfig(bits=4, symmetric=False, granularity="group", group_size=32))
     else:
-        ctx = Context(show_progress=False)
+        ctx = Context(options=RunOptions(progress=False))
         lm = quantize(float_lm, GPTQConfig(bits=4, group_size=32), data=_calibration(), ctx=ctx)
     report = export_genai(lm, tmp_path / "g", tokenizer=tokenizer)
     quantized = {n for n, m in lm.named_modules() if isinstance(m, QLinear)}
@@ -223,7 +224,7 @@ def test_a_tied_head_quantized_with_its_table_is_one_table(tmp_path, tokenizer, 
     the table takes: either way one table in the file, read by the head's MatMulNBits and the lookup."""
     float_lm = _lm(tied=True, vocab_size=1024)  # 65,536 values: a table the pass quantizes
     cfg = GPTQConfig(bits=4, group_size=32, embedding_group_size=32, **table)
-    lm = quantize(float_lm, cfg, data=_calibration(), ctx=Context(show_progress=False))
+    lm = quantize(float_lm, cfg, data=_calibration(), ctx=Context(options=RunOptions(progress=False)))
     report = export_genai(lm, tmp_path / "g", tokenizer=tokenizer)
     assert report["matmul_nbits"]["lm_head"].endswith("its codes also serve the embedding lookup (one table)")
     graph = onnx.load(str(tmp_path / "g" / "model.onnx")).graph
@@ -403,7 +404,7 @@ def test_onnxruntime_genai_generates_torchs_tokens(tmp_path, tokenizer):
 def test_in_a_compress_run_other_models_get_a_warning_not_a_crash(tmp_path, tokenizer):
     from modelpress.zoo.causal_lm import CausalLM
 
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     example = (_prompt(2, 16), torch.ones(2, 16, dtype=torch.long))
     genai.export_to_report(nn.Linear(4, 4), example, tmp_path / "genai", ctx)
     assert "genai/ not written: ONNX Runtime GenAI folders are written for causal language models only" in (

@@ -212,12 +212,13 @@ def test_wrapped_model_tied_embeddings_and_quantized_table(tmp_path):
 
 def test_a_tied_head_quantized_with_its_table_is_written_once(tmp_path):
     from modelpress.core.context import Context
+    from modelpress.core.options import RunOptions
     from modelpress.quant.gptq import GPTQConfig
 
     lm = _llama(vocab=1024, tied=True)  # 65,536 values: a table large enough to quantize
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 1024, (2, 32), generator=g),) for _ in range(4)]
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     q = quantize(lm, GPTQConfig(bits=4, group_size=32, symmetric=True, embedding_bits=8, embedding_group_size=32),
                  data=data, ctx=ctx)  # fmt: skip
     head, table = q.lm_head, q.model.embed_tokens
@@ -236,13 +237,14 @@ def test_a_tied_head_calibrated_at_4_bits_gives_its_codes_to_the_table(tmp_path)
     """`head_bits`: GPTQ quantizes the tied head on its own inputs and the table takes its codes (one 4-bit
     table, written once as Q4_0); with `embedding_bits` too, the two are untied and quantized each its way."""
     from modelpress.core.context import Context
+    from modelpress.core.options import RunOptions
     from modelpress.quant.gptq import GPTQConfig
     from modelpress.quant.modules import holds_table_codes
 
     lm = _llama(vocab=1024, tied=True)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 1024, (2, 32), generator=g),) for _ in range(4)]
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     cfg = GPTQConfig(bits=4, group_size=32, symmetric=True, head_bits=4, embedding_group_size=32)
     q = quantize(lm, cfg, data=data, ctx=ctx)
     head, table = q.lm_head, q.model.embed_tokens
@@ -269,7 +271,7 @@ def test_a_tied_head_calibrated_at_4_bits_gives_its_codes_to_the_table(tmp_path)
     _check_runs_in_transformers(q, tmp_path / "tied-q4.gguf")
 
     untied = quantize(lm, GPTQConfig(bits=4, group_size=32, head_bits=4, embedding_bits=8, embedding_group_size=32),
-                      data=data, ctx=Context(show_progress=False))  # fmt: skip
+                      data=data, ctx=Context(options=RunOptions(progress=False)))  # fmt: skip
     assert untied.lm_head.weight_scheme.bits == 4 and untied.model.embed_tokens.weight_scheme.bits == 8
     assert not holds_table_codes(untied.lm_head, untied.model.embed_tokens)
     report = export_gguf(untied, tmp_path / "untied.gguf")

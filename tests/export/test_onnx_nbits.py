@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import Context
+from modelpress.core import Context, RunOptions
 from modelpress.export.onnx import check_parity
 from modelpress.export.onnx_nbits import export_nbits_onnx, nbits_tensors, supported_bits, unsupported_reason
 from modelpress.primitives.packing import from_unsigned, unpack_bits
@@ -83,7 +83,7 @@ def test_gptq_llama_exports_with_its_own_codes(tmp_path):
     model = Logits().eval()
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 64, (2, 16), generator=g),) for _ in range(4)]
-    q = quantize(model, GPTQConfig(bits=4, group_size=32), data=data, ctx=Context(show_progress=False))
+    q = quantize(model, GPTQConfig(bits=4, group_size=32), data=data, ctx=Context(options=RunOptions(progress=False)))
     path = export_nbits_onnx(q, data[0], tmp_path / "lm.onnx", embeddings="float")
     n_quantized = sum(isinstance(m, QLinear) for m in q.modules())
     assert n_quantized == 14 and _ops(path).count("MatMulNBits") == n_quantized

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import ConfigError, Context, DataError
+from modelpress.core import ConfigError, Context, DataError, RunOptions
 from modelpress.primitives.gptq import hessian_update
 from modelpress.primitives.sparsegpt import column_sq_norms, sparsegpt_prune, wanda_prune
 from modelpress.prune import NMPruneConfig, SparseGPTConfig, UnstructuredPruneConfig, WandaConfig, prune
@@ -125,7 +125,7 @@ def _ids(n: int = 4) -> list[tuple[torch.Tensor]]:
 @pytest.mark.parametrize("cfg", [SparseGPTConfig(), WandaConfig(n=2, m=4)])
 def test_passes_prune_every_block_layer_and_keep_the_head(cfg):
     model = _llama()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     pruned = prune(model, cfg, data=_ids(), ctx=ctx)
     linears = {n: m for n, m in pruned.named_modules() if isinstance(m, nn.Linear)}
     assert len(linears) == 2 * 7 + 1
@@ -140,18 +140,18 @@ def test_passes_prune_every_block_layer_and_keep_the_head(cfg):
 
 def test_n_m_skips_layers_whose_width_does_not_fit_with_a_warning():
     model = _llama(hidden=40)  # q/k/v/o/gate/up take 40 inputs; down takes 64
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     pruned = prune(model, SparseGPTConfig(n=4, m=16), data=_ids(), ctx=ctx)
     assert any("multiple of m=16" in w for w in ctx.report.warnings)
     assert float((pruned.model.layers[0].mlp.down_proj.weight == 0).float().mean()) == 0.75
     assert (pruned.model.layers[0].self_attn.q_proj.weight != 0).all()
     with pytest.raises(ConfigError, match="no selected layer has an input width that is a multiple of m=48"):
-        prune(_llama(hidden=40), WandaConfig(n=2, m=48), data=_ids(), ctx=Context(show_progress=False))
+        prune(_llama(hidden=40), WandaConfig(n=2, m=48), data=_ids(), ctx=Context(options=RunOptions(progress=False)))
 
 
 def test_passes_need_calibration_data():
     with pytest.raises(DataError, match="SparseGPT needs calibration data"):
-        prune(_llama(), SparseGPTConfig(), ctx=Context(show_progress=False))
+        prune(_llama(), SparseGPTConfig(), ctx=Context(options=RunOptions(progress=False)))
 
 
 def test_on_tiny_lm_sparsegpt_loses_less_than_magnitude(tiny_lm):

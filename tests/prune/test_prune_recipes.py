@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import modelpress.prune  # noqa: F401  (registers the pruning config types)
-from modelpress.core import Context
+from modelpress.core import Context, RunOptions
 from modelpress.core.registry import apply
 from modelpress.prune import NMPruneConfig, StructuredPruneConfig, UnstructuredPruneConfig
 from modelpress.recipes.recipe import load_recipe
@@ -38,7 +38,7 @@ def test_sparse_recipe_runs_through_the_registry(cache_dir):
     entry = get_entry("digits-cnn")
     model = entry.load(cache_dir=cache_dir)
     cfg = load_recipe("prune-sparse-80").passes[0]
-    ctx = Context(data=entry.calibration_data(64, 32), train_fn=entry.finetune, show_progress=False)
+    ctx = Context(data=entry.calibration_data(64, 32), train_fn=entry.finetune, options=RunOptions(progress=False))
     out = apply(model, cfg, ctx)
     weights = [m.weight for m in out.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)

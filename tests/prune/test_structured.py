@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.core import BadInputError, ConfigError, Context
+from modelpress.core import BadInputError, ConfigError, Context, RunOptions
 from modelpress.measure.size import count_params
 from modelpress.prune import StructuredPruneConfig, prune
 from modelpress.prune.graph import build_graph
@@ -47,7 +47,7 @@ def test_digits_cnn_zero_channels_are_pruned_with_identical_outputs():
     zero_channels(f[3], f[4], [f[7]], torch.arange(1, 32, 2))
     zero_channels(f[7], f[8], [model.classifier], torch.arange(0, 64, 2))
     x = torch.rand(5, 1, 8, 8)
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     out = prune(model, StructuredPruneConfig(channel_ratio=0.5), data=[(x,)], ctx=ctx)
     torch.testing.assert_close(out(x), model(x), rtol=0, atol=1e-5)
     assert [out.features[i].out_channels for i in (0, 3, 7)] == [8, 16, 32]
@@ -167,7 +167,7 @@ def test_untraceable_op_is_named_with_a_hint_and_exclusion_works():
     x = torch.rand(2, 1, 6, 6)
     with pytest.raises(BadInputError, match=r"'gate' \(Gate\) broke tracing at .*if x.sum\(\) > 0.*exclude it"):
         prune(model, StructuredPruneConfig(channel_ratio=0.5), data=[(x,)])
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     with pytest.raises(BadInputError, match="no channel of Untraceable can be pruned"):
         prune(model, StructuredPruneConfig(channel_ratio=0.5, exclude=("gate",)), data=[(x,)], ctx=ctx)
 
@@ -208,7 +208,7 @@ def test_digits_cnn_recovers_after_half_its_channels_are_removed(cache_dir):
     entry = get_entry("digits-cnn")
     model = entry.load(cache_dir=cache_dir)
     base = entry.evaluate(model).value
-    ctx = Context(show_progress=False, train_fn=entry.finetune)
+    ctx = Context(train_fn=entry.finetune, options=RunOptions(progress=False))
     cfg = StructuredPruneConfig(channel_ratio=0.5, finetune_epochs=20)
     out = prune(model, cfg, data=entry.calibration_data(64, 32), ctx=ctx)
     assert count_params(out)[0] <= 0.30 * count_params(model)[0]

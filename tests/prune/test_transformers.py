@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelpress.core import Context
+from modelpress.core import Context, RunOptions
 from modelpress.measure.size import count_params
 from modelpress.prune import StructuredPruneConfig, prune
 
@@ -63,7 +63,7 @@ def test_bert_zero_heads_and_neurons_are_pruned_with_identical_outputs():
     model = tiny_bert()
     zero_bert_units(model, [1, 3], torch.arange(0, 64, 2))
     x = text_inputs()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     out = prune(model, StructuredPruneConfig(heads_ratio=0.5, ffn_ratio=0.5), ctx=ctx, example_inputs=x)
     torch.testing.assert_close(out(*x), model(*x), rtol=0, atol=1e-5)
     att = out.backbone.encoder.layer[0].attention.self

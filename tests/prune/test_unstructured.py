@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import ConfigError, Context, DataError
+from modelpress.core import ConfigError, Context, DataError, RunOptions
 from modelpress.measure.size import artifact_size_bytes
 from modelpress.primitives.masks import is_nm_sparse
 from modelpress.prune import (
@@ -43,7 +43,7 @@ def layer_zeros(model: nn.Module) -> dict[str, float]:
 @pytest.mark.parametrize("importance", ["magnitude", "gradient", "taylor", "random"])
 def test_one_shot_layer_sparsity_is_exact(importance):
     model = small_net()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     out = prune(model, UnstructuredPruneConfig(sparsity=0.7, importance=importance), data=batches(), ctx=ctx)
     for name, m in out.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -86,7 +86,7 @@ def test_threshold_selection():
 
 def test_masks_survive_training_steps():
     model = small_net()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     out = prune(model, UnstructuredPruneConfig(sparsity=0.6, permanent=False), ctx=ctx)
     stats = ctx.report.passes[-1].stats
     assert stats["nonzero_params"] == stats["nonzero_before"] - sum(
@@ -127,7 +127,7 @@ def _train_fn(steps: int):
 
 @pytest.mark.parametrize("importance", ["magnitude", "movement", "taylor"])
 def test_gradual_schedule_reaches_final_sparsity_while_training(importance):
-    ctx = Context(show_progress=False, train_fn=_train_fn(30))
+    ctx = Context(train_fn=_train_fn(30), options=RunOptions(progress=False))
     cfg = UnstructuredPruneConfig(
         sparsity=0.8, importance=importance, schedule=PolynomialSchedule(steps=20, frequency=5)
     )
@@ -143,7 +143,7 @@ def test_gradual_schedule_reaches_final_sparsity_while_training(importance):
 
 
 def test_short_training_is_finished_at_the_final_sparsity_with_a_warning():
-    ctx = Context(show_progress=False, train_fn=_train_fn(5))
+    ctx = Context(train_fn=_train_fn(5), options=RunOptions(progress=False))
     cfg = UnstructuredPruneConfig(sparsity=0.5, schedule=PolynomialSchedule(steps=50, frequency=5))
     out = prune(small_net(), cfg, ctx=ctx)
     assert all(z == pytest.approx(0.5, abs=1e-2) for z in layer_zeros(out).values())
@@ -151,7 +151,7 @@ def test_short_training_is_finished_at_the_final_sparsity_with_a_warning():
 
 
 def test_nm_pattern_and_skipped_layers():
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     out = prune(small_net(), NMPruneConfig(n=2, m=4), ctx=ctx)
     assert is_nm_sparse(out[4].weight, 2, 4) and is_nm_sparse(out[6].weight, 2, 4)
     assert float((out[4].weight == 0).float().mean()) == 0.5

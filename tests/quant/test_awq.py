@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from modelpress.core import ConfigError, Context
+from modelpress.core import ConfigError, Context, RunOptions
 from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.awq import activation_magnitude, fake_quant_weight, search_clip, search_scale
 from modelpress.quant import LayerFilter, QLinear, WeightOnlyConfig, quantize
@@ -104,7 +104,7 @@ def test_post_norm_encoder_scales_only_foldable_layers():
     model = BertModel(config, add_pooling_layer=False).eval()
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 100, (4, 16), generator=g),) for _ in range(4)]
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     q = quantize(model, AWQConfig(bits=4, group_size=32, n_grid=5), data=data, ctx=ctx)
     (record,) = [p for p in ctx.report.passes if p.name == "quantize/awq"]
     assert set(record.stats["alpha"]) == {f"encoder.layer.{i}.attention.output.dense" for i in range(2)}
@@ -119,7 +119,7 @@ def test_post_norm_encoder_scales_only_foldable_layers():
 def test_awq_on_tiny_lm_beats_round_to_nearest(tiny_lm):
     model, base = tiny_lm
     data = TinyLMEntry(SMALL_SPEC).calibration_data(32, 8)
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     aq = quantize(model, AWQConfig(bits=3, group_size=128, n_grid=10, max_tokens=1024), data=data, ctx=ctx)
     rtn = quantize(model, RTN3)
     assert perplexity(aq) < perplexity(rtn)
@@ -156,7 +156,7 @@ def test_other_decoder_layouts_fold_into_their_norms(kind, unscaled):
                 m.weight.uniform_(0.5, 1.5)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 100, (4, 16), generator=g),) for _ in range(4)]
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     cfg = AWQConfig(bits=4, group_size=32, n_grid=5, layers=NO_HEAD)
     q = quantize(lm, cfg, data=data, ctx=ctx)
     (record,) = [p for p in ctx.report.passes if p.name == "quantize/awq"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import ConfigError, Context, DataError
+from modelpress.core import ConfigError, Context, DataError, RunOptions
 from modelpress.primitives.affine import QuantScheme, dequantize
 from modelpress.primitives.gptq import gptq_quantize, hessian_update
 from modelpress.quant import LayerFilter, QLinear, WeightOnlyConfig, quantize
@@ -72,7 +72,7 @@ def test_qlinear_holds_exactly_the_gptq_codes():
 
 def test_gptq_model_output_beats_round_to_nearest():
     model, data = _mlp(), _correlated_batches()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     with pytest.warns(UserWarning, match="no repeated block list"):
         gq = quantize(model, GPTQConfig(bits=3, group_size=32), data=data, ctx=ctx)
     rtn = quantize(model, WeightOnlyConfig(bits=3, symmetric=False, granularity="group", group_size=32))
@@ -89,7 +89,7 @@ def test_gptq_model_output_beats_round_to_nearest():
 
 def test_a_width_the_group_does_not_divide_gets_a_short_last_group():
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8)).eval()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     q = quantize(model, GPTQConfig(group_size=32), data=_correlated_batches(2), ctx=ctx)
     assert isinstance(q[0], QLinear) and isinstance(q[2], QLinear)
     assert q[2].weight_q.shape == (8, 2, 32)  # 32 + a short group of 16, padded in storage
@@ -98,13 +98,13 @@ def test_a_width_the_group_does_not_divide_gets_a_short_last_group():
 
 def test_gptq_needs_calibration_data():
     with pytest.raises(DataError, match="GPTQ needs calibration data"):
-        quantize(_mlp(), GPTQConfig(), ctx=Context(show_progress=False))
+        quantize(_mlp(), GPTQConfig(), ctx=Context(options=RunOptions(progress=False)))
 
 
 def test_gptq_on_tiny_lm_loses_less_perplexity_than_round_to_nearest(tiny_lm):
     model, base = tiny_lm
     data = TinyLMEntry(SMALL_SPEC).calibration_data(32, 8)
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     gq = quantize(model, GPTQConfig(bits=3, group_size=128), data=data, ctx=ctx)
     rtn = quantize(model, RTN3)
     gptq_ppl, rtn_ppl = perplexity(gq), perplexity(rtn)
@@ -121,9 +121,9 @@ def test_a_group_wider_than_a_layer_is_said_and_wider_than_all_is_refused():
     from modelpress.core import ConfigError
 
     data = [(torch.randn(4, 64),) for _ in range(2)]
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     q = quantize(_mlp(), GPTQConfig(group_size=96), data=data, ctx=ctx)  # reads 64 and 128 values
     assert any("group_size 96 is larger than the input width of 1 layer(s) (0)" in w for w in ctx.report.warnings)
     assert q[0].weight_q.shape[1] == 1  # one short group per row: one scale per output channel
     with pytest.raises(ConfigError, match=r"group_size 256 .* every layer it quantizes \(the widest reads 128"):
-        quantize(_mlp(), GPTQConfig(group_size=256), data=data, ctx=Context(show_progress=False))
+        quantize(_mlp(), GPTQConfig(group_size=256), data=data, ctx=Context(options=RunOptions(progress=False)))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import Context
+from modelpress.core import Context, RunOptions
 from modelpress.core.errors import BadInputError, DataError
 from modelpress.export.onnx import export_onnx
 from modelpress.quant import (
@@ -61,7 +61,7 @@ def ops(path: Path) -> list[str]:
 )
 def test_keras_graph_quantized_with_our_data(keras_dense: Path, tmp_path: Path, config, expected_op: str) -> None:
     out = tmp_path / "q.onnx"
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     stats = quantize_onnx(keras_dense, out, config, batches(), ctx)
     assert expected_op in ops(out) and stats["nodes"] == 2
     assert stats["fidelity"] > 0.999  # first output against the float graph over the calibration batches
@@ -72,11 +72,11 @@ def test_keras_graph_quantized_with_our_data(keras_dense: Path, tmp_path: Path, 
 def test_sensitive_nodes_stay_float_to_meet_the_budget(keras_dense: Path, tmp_path: Path) -> None:
     out = tmp_path / "mixed.onnx"
     cfg = MixedPrecisionConfig(base=StaticQuantConfig(), high_bits=None, max_drop=1e-9)  # nothing may be lost
-    stats = quantize_onnx(keras_dense, out, cfg, batches(), Context(show_progress=False))
+    stats = quantize_onnx(keras_dense, out, cfg, batches(), Context(options=RunOptions(progress=False)))
     assert set(stats["sensitivity"]) == {"/MatMul", "/MatMul_1"} or len(stats["sensitivity"]) == 2
     assert len(stats["float_nodes"]) == 2 and stats["fidelity"] == pytest.approx(1.0, abs=1e-9)
     loose = quantize_onnx(keras_dense, out, cfg.__class__(base=StaticQuantConfig(), high_bits=None, max_drop=0.01),
-                          batches(), Context(show_progress=False))  # fmt: skip
+                          batches(), Context(options=RunOptions(progress=False)))  # fmt: skip
     assert "float_nodes" not in loose  # already within budget: everything quantized, no search
 
 
@@ -104,7 +104,9 @@ def test_our_text_encoder_export_goes_through(tmp_path: Path) -> None:
     ids = torch.randint(1, 100, (2, 12))
     fp32 = export_onnx(encoder, (ids, torch.ones_like(ids)), tmp_path / "bert.onnx")
     data = [(torch.randint(1, 100, (4, 12)), torch.ones(4, 12, dtype=torch.int64)) for _ in range(4)]
-    stats = quantize_onnx(fp32, tmp_path / "int8.onnx", DynamicQuantConfig(), data, Context(show_progress=False))
+    stats = quantize_onnx(
+        fp32, tmp_path / "int8.onnx", DynamicQuantConfig(), data, Context(options=RunOptions(progress=False))
+    )
     assert stats["nodes"] == 8 and stats["fidelity"] > 0.99  # per layer: fused attention, its output, FFN1, FFN2
     assert {"QAttention", "MatMulInteger"} <= set(ops(tmp_path / "int8.onnx"))
     assert (tmp_path / "int8.onnx").stat().st_size < fp32.stat().st_size
@@ -125,3 +127,34 @@ def test_bad_input(keras_dense: Path, tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="no MatMul, Gemm or Conv"):
         quantize_onnx(no_weights, out, DynamicQuantConfig(), batches())
     assert not out.exists() and not list(tmp_path.glob(".x*"))
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (DynamicQuantConfig(bits=4), "DynamicQuantConfig.bits = 4"),
+        (DynamicQuantConfig(act_symmetric=True), "DynamicQuantConfig.act_symmetric = True"),
+        (StaticQuantConfig(dynamic_layers=("fc",)), "StaticQuantConfig.dynamic_layers"),
+        (StaticQuantConfig(weight_observer="mse"), "StaticQuantConfig.weight_observer = 'mse'"),
+        (StaticQuantConfig(layer_bits={"0": 6}), "StaticQuantConfig.layer_bits"),
+        (WeightOnlyConfig(bits=4, granularity="group", group_size=32, embedding_bits=8), "embedding_bits = 8"),
+        (MixedPrecisionConfig(base=StaticQuantConfig(), high_bits=None, metric="task"), "metric = 'task'"),
+    ],
+)
+def test_a_field_onnx_runtime_cannot_honour_is_refused(tmp_path: Path, config, field: str) -> None:
+    graph = tmp_path / "mlp.onnx"
+    export_onnx(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), (torch.randn(2, 8),), graph)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(BadInputError, match=f"{field}.*cannot be honoured for an ONNX model"):
+        quantize_onnx(graph, out, config, batches(), Context(options=RunOptions(progress=False)))
+    assert not out.exists()
+
+
+def test_defaults_onnx_runtime_does_not_follow_are_named_in_the_report(tmp_path: Path) -> None:
+    graph = tmp_path / "mlp.onnx"
+    export_onnx(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), (torch.randn(2, 8),), graph)
+    ctx = Context(options=RunOptions(progress=False))
+    with pytest.warns(UserWarning, match="per tensor"):
+        quantize_onnx(graph, tmp_path / "q.onnx", DynamicQuantConfig(), batches(), ctx)
+    assert any("not per token" in w for w in ctx.report.warnings)
+    assert any("embedding tables stay float" in w for w in ctx.report.warnings)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import BadInputError, ConfigError, Context, DataError
+from modelpress.core import BadInputError, ConfigError, Context, DataError, RunOptions
 from modelpress.primitives.affine import sqnr_db
 from modelpress.quant import (
     DynamicQuantConfig,
@@ -104,7 +104,7 @@ def test_weight_only_group_sqnr_floor(bits, floor_db):
 
 def test_layer_filter_and_skipped_layers_are_reported():
     model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 64), nn.Linear(64, 8)).eval()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     with pytest.warns(UserWarning, match="skipped 1 Embedding"):
         qmodel = quantize(model, WeightOnlyConfig(layers=LayerFilter(exclude=("^2$",))), ctx=ctx)
     assert isinstance(qmodel[1], QLinear) and isinstance(qmodel[2], nn.Linear)
@@ -158,7 +158,7 @@ def test_four_bit_embedding_groups_are_packed_two_per_byte():
 
 def test_group_size_that_does_not_divide_gets_a_short_last_group():
     model = nn.Sequential(nn.Linear(48, 32), nn.Linear(32, 8)).eval()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     qmodel = quantize(model, WeightOnlyConfig(bits=4, granularity="group", group_size=32), ctx=ctx)
     assert isinstance(qmodel[0], QLinear) and isinstance(qmodel[1], QLinear)
     assert qmodel[0].weight_q.shape == (32, 2, 32) and qmodel[0].weight_scale.shape == (32, 2, 1)
@@ -224,7 +224,7 @@ def test_quantize_embeddings_keeps_a_tied_head_on_the_tables_codes():
             return self.head(self.embed(ids) + self.small(ids % 8))
 
     torch.manual_seed(0)
-    model, ctx = TiedLM(), Context(show_progress=False)
+    model, ctx = TiedLM(), Context(options=RunOptions(progress=False))
     ids = torch.randint(0, 1024, (2, 16))
     before = model(ids)
     assert quantize_embeddings(model, 8, 32, ctx) == ["embed", "head"]
@@ -262,14 +262,14 @@ def test_an_embedding_that_scales_its_lookup_is_kept_float():
 
     torch.manual_seed(0)
     model = Tied().eval()
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     q = quantize(model, DynamicQuantConfig(), ctx=ctx)
     assert type(q.embed) is ScaledEmbedding
     assert any("embed kept float: ScaledEmbedding changes the lookup" in w for w in ctx.report.warnings)
     ids = torch.randint(0, 1024, (2, 8))
     torch.testing.assert_close(q.embed(ids), model.embed(ids))
     data = [(torch.randint(0, 1024, (2, 16)),) for _ in range(2)]
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     with pytest.warns(UserWarning, match="no repeated block list"):
         g = quantize(model, GPTQConfig(group_size=32, head_bits=4, embedding_group_size=32,
                                        layers=LayerFilter(exclude=("lm_head",))), data=data, ctx=ctx)  # fmt: skip

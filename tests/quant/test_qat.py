@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import Context, DataError
+from modelpress.core import Context, DataError, RunOptions
 from modelpress.quant import QATConfig, QConv, QLinear, StaticQuantConfig, quantize
 from modelpress.quant.qat import FakeQuantLayer, convert_qat, fake_quant_ste, prepare_qat, round_ste
 from modelpress.zoo import get_entry
@@ -48,7 +48,7 @@ def test_qat_recovers_low_bit_digits_cnn(cache_dir):
     fp32 = entry.evaluate(model).value
     calib = entry.calibration_data(256, 32)
     ptq = entry.evaluate(quantize(model, StaticQuantConfig(bits=3), data=calib)).value
-    ctx = Context(data=calib, train_fn=lambda m: entry.finetune(m, epochs=5), show_progress=False)
+    ctx = Context(data=calib, train_fn=lambda m: entry.finetune(m, epochs=5), options=RunOptions(progress=False))
     qat = quantize(model, QATConfig(bits=3, act_bits=4), ctx=ctx)
     acc = entry.evaluate(qat).value
     assert all(m.weight_bits() == 3 for m in qat.modules() if isinstance(m, (QLinear, QConv)))

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from modelpress.core import Context
+from modelpress.core import Context, RunOptions
 from modelpress.export.onnx import check_parity, export_onnx
 from modelpress.export.onnx_nbits import export_nbits_onnx
 from modelpress.measure.size import count_params
@@ -76,14 +76,14 @@ def float_model() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def rtn(float_model) -> tuple[nn.Module, Context]:
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     cfg = WeightOnlyConfig(bits=4, symmetric=False, granularity="group", group_size=GROUP)
     return quantize(float_model, cfg, ctx=ctx), ctx
 
 
 @pytest.fixture(scope="module")
 def gptq(float_model) -> tuple[nn.Module, Context]:
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     return quantize(float_model, GPTQConfig(bits=4, group_size=GROUP), data=_calibration(), ctx=ctx), ctx
 
 
@@ -97,7 +97,7 @@ def awq(float_model) -> tuple[nn.Module, Context, dict[str, torch.Tensor]]:
             super().__init__(weight, *args, **kwargs)
             weights[id(self)] = weight.detach().float().clone()
 
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     mp = pytest.MonkeyPatch()
     mp.setattr(awq_module, "QLinear", Recording)
     try:

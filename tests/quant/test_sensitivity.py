@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import ConfigError, Context, DataError
+from modelpress.core import ConfigError, Context, DataError, RunOptions
 from modelpress.quant import LayerFilter, MixedPrecisionConfig, QLinear, WeightOnlyConfig, quantize
-from modelpress.quant.sensitivity import _promote, fidelity_metric, sensitivity
+from modelpress.quant.sensitivity import fidelity_metric, promote, sensitivity
 
 
 def _model() -> nn.Module:
@@ -25,7 +25,7 @@ def _data() -> list[tuple[torch.Tensor]]:
 def test_sensitivity_ranks_the_outlier_layer_first():
     model = _model()
     metric = fidelity_metric(model, _data())
-    base, rows = sensitivity(model, WeightOnlyConfig(bits=4), metric, Context(show_progress=False))
+    base, rows = sensitivity(model, WeightOnlyConfig(bits=4), metric, Context(options=RunOptions(progress=False)))
     assert base == pytest.approx(1.0, abs=1e-6)
     assert [r.layer for r in rows][0] == "2"
     assert all(rows[i].drop >= rows[i + 1].drop for i in range(len(rows) - 1))
@@ -36,7 +36,7 @@ def test_mixed_precision_meets_the_budget_with_fewest_promotions(high_bits):
     model = _model()
     data = _data()
     cfg = MixedPrecisionConfig(base=WeightOnlyConfig(bits=4), high_bits=high_bits, max_drop=0.01)
-    ctx = Context(data=data, show_progress=False)
+    ctx = Context(data=data, options=RunOptions(progress=False))
     qmodel = quantize(model, cfg, ctx=ctx)
     stats = ctx.report.passes[-1].stats
     assert stats["drop"] <= 0.01 and len(stats["sensitivity"]) == 3
@@ -61,10 +61,22 @@ def test_mixed_precision_bad_input():
 def test_promotion_keeps_the_base_layer_filter_types(high_bits):
     layers = LayerFilter(include=("^[024]$",), exclude=("^4$",), types=("Linear",))
     cfg = MixedPrecisionConfig(base=WeightOnlyConfig(bits=4, layers=layers), high_bits=high_bits)
-    qcfg, overrides = _promote(cfg, ["2"])
+    qcfg = promote(cfg, ["2"])
     assert qcfg.layers.types == ("Linear",)  # promoting to float must not widen the filter to every type
     assert qcfg.layers.include == ("^[024]$",)
     if high_bits is None:
-        assert qcfg.layers.exclude == ("^4$", "^2$") and overrides == {}
+        assert qcfg.layers.exclude == ("^4$", "^2$") and qcfg.layer_bits == {}
     else:
-        assert qcfg.layers == layers and overrides == {"2": 8}
+        assert qcfg.layers == layers and qcfg.layer_bits == {"^2$": 8}
+
+
+def test_layer_bits_give_single_layers_other_bits() -> None:
+    model = _model()
+    cfg = WeightOnlyConfig(bits=4, granularity="channel", layer_bits={"^2$": 8, "^[0-9]$": 6})
+    q = quantize(model, cfg)
+    assert [q[i].weight_bits() for i in (0, 2, 4)] == [6, 8, 6]  # the first matching pattern wins
+    assert WeightOnlyConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="layer_bits"):
+        WeightOnlyConfig(layer_bits={"^2$": 9})
+    with pytest.raises(ConfigError, match="layer_bits"):
+        WeightOnlyConfig(layer_bits={"(": 8})

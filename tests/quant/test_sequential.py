@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import Context, DataError
+from modelpress.core import Context, DataError, RunOptions
 from modelpress.core.modules import set_submodule
 from modelpress.primitives.affine import QuantScheme
 from modelpress.primitives.sequential import (
@@ -94,7 +94,7 @@ def test_each_block_sees_the_quantized_outputs_of_the_blocks_before():
         for name, layer in scope.layers.items():
             set_submodule(model, name, QLinear.from_float(layer, scheme))
 
-    stats = run_sequential(model, batches, selected, rtn_block, Context(show_progress=False), "test")
+    stats = run_sequential(model, batches, selected, rtn_block, Context(options=RunOptions(progress=False)), "test")
     assert stats["blocks"] == 3 and "outside_blocks" not in stats
     outputs = []
     hooks = [b.register_forward_hook(lambda _m, _a, out: outputs.append(first_tensor(out))) for b in model.model.layers]
@@ -113,7 +113,7 @@ def test_each_block_sees_the_quantized_outputs_of_the_blocks_before():
 
 def test_layers_outside_blocks_are_calibrated_after_them():
     model, batches = _llama(), _ids(2)
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     q = quantize(model, GPTQConfig(bits=4, group_size=16, layers=_everything()), data=batches, ctx=ctx)
     assert isinstance(q.lm_head, QLinear)
     (record,) = [p for p in ctx.report.passes if p.name == "quantize/gptq"]
@@ -126,7 +126,7 @@ def _everything():
 
 def test_gpt2_is_quantized_through_linear_stand_ins():
     model, batches = _gpt2(), _ids(4)
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     q = quantize(model, GPTQConfig(bits=8, group_size=16), data=batches, ctx=ctx)
     assert isinstance(q.transformer.h[1].attn.c_attn, QLinear)
     with torch.no_grad():
@@ -242,7 +242,7 @@ def test_gptq_blocks_are_calibrated_on_what_the_quantized_model_feeds_them():
 
     hooks = [b.register_forward_hook(record(i), with_kwargs=True) for i, b in enumerate(layers)]
     cfg = GPTQConfig(bits=3, group_size=16, calibration_batches=len(batches))
-    quantize(model, cfg, data=batches, ctx=Context(show_progress=False), inplace=True)
+    quantize(model, cfg, data=batches, ctx=Context(options=RunOptions(progress=False)), inplace=True)
     assert isinstance(layers[1].self_attn.q_proj, QLinear)
     # Each block ran on its recorded calls at least twice (GPTQ's statistics, then the quantized block
     # feeding the next); the last run, by the quantized block, is what the next block was calibrated on.
@@ -276,7 +276,12 @@ def test_gptq_on_tiny_lm_called_with_its_cache_beats_round_to_nearest_by_a_margi
     assert lm.config.use_cache
     no_head = LayerFilter(exclude=(r"lm_head$",))
     data = TinyLMEntry(SMALL_SPEC).calibration_data(32, 8)
-    gq = quantize(lm, GPTQConfig(bits=3, group_size=128, layers=no_head), data=data, ctx=Context(show_progress=False))
+    gq = quantize(
+        lm,
+        GPTQConfig(bits=3, group_size=128, layers=no_head),
+        data=data,
+        ctx=Context(options=RunOptions(progress=False)),
+    )
     rtn = quantize(lm, WeightOnlyConfig(bits=3, symmetric=False, granularity="group", group_size=128, layers=no_head))
 
     def ppl(model: nn.Module) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.core import ConfigError, Context
+from modelpress.core import ConfigError, Context, RunOptions
 from modelpress.core.errors import DataError
 from modelpress.primitives.affine import sqnr_db
 from modelpress.quant import StaticQuantConfig, quantize
@@ -66,7 +66,7 @@ def run(model: nn.Module, data: list) -> torch.Tensor:
 def test_smoothing_keeps_the_float_function(kind: str, groups: int) -> None:
     model = tiny(kind)
     assert len(find_groups(model)) == groups
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     smoothed = quantize(model, SmoothQuantConfig(alpha=0.5), data=batches(), ctx=ctx)
     # power-of-two scales: the rescaling is exact up to float rounding of the reordered products
     torch.testing.assert_close(run(smoothed, batches(seed=1)), run(model, batches(seed=1)), atol=2e-5, rtol=1e-4)
@@ -85,8 +85,8 @@ def test_outlier_channels_move_into_the_weights_and_static_int8_improves() -> No
     data, held_out = batches(8), batches(4, seed=5)
     reference = run(model, held_out)
     static = StaticQuantConfig(per_channel=True)
-    plain = quantize(model, static, data=data, ctx=Context(show_progress=False))
-    ctx = Context(show_progress=False)
+    plain = quantize(model, static, data=data, ctx=Context(options=RunOptions(progress=False)))
+    ctx = Context(options=RunOptions(progress=False))
     smoothed = quantize(quantize(model, SmoothQuantConfig(), data=data, ctx=ctx), static, data=data)
 
     def snr(m: nn.Module) -> float:
@@ -161,7 +161,7 @@ def test_other_decoder_layouts_keep_the_float_function(kind: str, scaled: list[s
     from modelpress.quant.smoothquant import norm_offset
 
     model = _decoder(kind)
-    ctx = Context(show_progress=False)
+    ctx = Context(options=RunOptions(progress=False))
     with pytest.warns(UserWarning) if not scaled else contextlib.nullcontext() as caught:
         smoothed = quantize(model, SmoothQuantConfig(alpha=0.5), data=batches(), ctx=ctx)
     torch.testing.assert_close(run(smoothed, batches(seed=1)), run(model, batches(seed=1)), atol=2e-5, rtol=1e-4)

@@ -10,6 +10,7 @@ import torch
 
 from modelpress.core.context import Context
 from modelpress.core.errors import DataError
+from modelpress.core.options import RunOptions
 from modelpress.zoo import text as text_mod
 from modelpress.zoo.text import DOC_SPLITS, _doc_sentences, doc_split, sample_sentences, training_corpus
 
@@ -27,8 +28,9 @@ def entry() -> MiniLMEntry:
 
 
 @pytest.fixture
-def no_stsb(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_stsb(monkeypatch: pytest.MonkeyPatch, entry: MiniLMEntry) -> None:
     monkeypatch.setattr(text_mod, "default_stsb_dir", lambda: None)
+    monkeypatch.setattr(entry, "stsb_dir", None)  # the entry looked its folder up once, when it was made
 
 
 def test_doc_splits_are_disjoint_deterministic_and_broad() -> None:
@@ -68,7 +70,7 @@ def _seen_in_training(
 
     model = entry.model
     seen = {
-        "training corpus": _sentence_rows(entry, training_corpus()[0]),
+        "training corpus": _sentence_rows(entry, training_corpus(entry.stsb_dir)[0]),
         "calibration batches": _token_rows(entry.calibration_data(n=2048, batch_size=16)),
     }
 
@@ -86,7 +88,7 @@ def _seen_in_training(
         entry.finetune(model)
     cfg = DistillConfig(student=StudentConfig(layers=(0, 5)), max_seq_length=model.max_seq_length)
     with pytest.raises(_Stop):
-        distill_api.distill_pass(model, cfg, Context(cache_dir=tmp_path, show_progress=False))
+        distill_api.distill_pass(model, cfg, Context(options=RunOptions(cache_dir=tmp_path, progress=False)))
     return seen
 
 
@@ -143,7 +145,7 @@ def test_with_stsb_no_dev_or_test_sentence_is_trained_on(entry: MiniLMEntry) -> 
     folder = default_stsb_dir()
     if folder is None:
         pytest.skip("STS-B folder not found (set MODELPRESS_STSB or place it at ../shared/data/stsb)")
-    sentences, parts = training_corpus()
+    sentences, parts = training_corpus(folder)
     held_out = {s for split in ("dev", "test") for a, b, _ in load_split(folder, split) for s in (a, b)}
     train = {s for a, b, _ in load_split(folder, "train") for s in (a, b)}
     assert train & held_out  # STS-B's own splits share a few sentences: the corpus must leave them out

@@ -30,8 +30,9 @@ def model(entry: MiniLMEntry) -> TextEncoder:
 
 
 @pytest.fixture
-def no_stsb(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_stsb(monkeypatch: pytest.MonkeyPatch, entry: MiniLMEntry) -> None:
     monkeypatch.setattr(text_mod, "default_stsb_dir", lambda: None)
+    monkeypatch.setattr(entry, "stsb_dir", None)  # the entry looked its folder up once, when it was made
 
 
 def test_registered_and_configured(entry: MiniLMEntry, model: TextEncoder) -> None:

@@ -1,7 +1,7 @@
 """Core abstractions shared by every pass: configs, registry, context, report, errors, module-tree helpers."""
 
 from modelpress.core.config import Config, config_type
-from modelpress.core.context import Context, default_cache_dir
+from modelpress.core.context import Context
 from modelpress.core.errors import (
     BadInputError,
     ConfigError,
@@ -14,6 +14,7 @@ from modelpress.core.errors import (
     UntrustedCodeError,
 )
 from modelpress.core.modules import set_submodule
+from modelpress.core.options import RunOptions, default_cache_dir
 from modelpress.core.registry import PASSES, Registry, apply, register
 from modelpress.core.report import Latency, ModelStats, PassRecord, Quality, Report
 
@@ -21,6 +22,7 @@ __all__ = [
     "Config",
     "config_type",
     "Context",
+    "RunOptions",
     "default_cache_dir",
     "Registry",
     "PASSES",

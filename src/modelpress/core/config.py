@@ -36,6 +36,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # integers reach torch and numpy as 
 # Caps on counts where a larger value is certainly a mistake and would run for days.
 MAX_EPOCHS = 10_000  # training epochs of any pass (recovery fine-tuning, distillation)
 MAX_SEED = 2**32 - 1  # seeds are offset per layer or epoch and handed to torch, numpy and `random`
+# The stages a pass belongs to, in the order a recipe runs them: a quantized layer can be neither pruned
+# nor distilled, and pruning and distillation may come in either order.
+STAGES = ("prune", "distill", "quantize")
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,14 @@ class Config:
     which must be unique (`register_config_type`)."""
 
     type_name: ClassVar[str] = "Config"
+    # A pass's config declares the stage of the pass (one of STAGES); None: not a pass, a part of another
+    # config (a quantization scheme, a layer filter, a schedule).
+    stage: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.stage is not None and cls.stage not in STAGES:
+            raise TypeError(f"{cls.__name__}.stage must be one of {', '.join(STAGES)} or None, got {cls.stage!r}")
         register_config_type(cls)
         cls.type_name = cls.__name__
 

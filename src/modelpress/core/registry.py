@@ -1,6 +1,10 @@
 """Config type -> handler. Adding a pass means registering one function for one config class.
 
->>> @register(ScaleConfig)
+The pass contract: a handler is `handler(model, cfg, ctx) -> model`. Its config class (a frozen `Config`)
+declares the pass's `stage` and holds every per-layer choice; everything else a pass uses (data, loss,
+example inputs, metric, training loop, threads, cache folder, the report) comes from the `Context`.
+
+>>> @register(ScaleConfig)           # ScaleConfig.stage = "quantize"
 ... def _scale(model, cfg, ctx):
 ...     ...
 >>> handler_for(ScaleConfig())   # -> _scale
@@ -14,28 +18,43 @@ and a pass that trains (distillation) asks `training_data(teacher)`, so neither 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from modelpress.core.config import Config
+from modelpress.core.config import STAGES, Config
 from modelpress.core.errors import UnknownConfigError
 
-Handler = Callable[..., Any]
+if TYPE_CHECKING:
+    from modelpress.core.context import Context
+
+# handler(model, cfg, ctx) -> the new model
+Handler = Callable[[Any, Any, "Context"], Any]
 H = TypeVar("H", bound=Handler)
 
 
 class Registry:
-    """Maps config classes to the function that applies them."""
+    """Maps config classes to the function that applies them: `handler(model, cfg, ctx)`.
 
-    def __init__(self, kind: str) -> None:
+    `staged`: the config classes must declare their `stage` (the passes a recipe runs).
+    """
+
+    def __init__(self, kind: str, staged: bool = False) -> None:
         self.kind = kind
+        self.staged = staged
         self._handlers: dict[type[Config], Handler] = {}
 
     def register(self, config_cls: type[Config]) -> Callable[[H], H]:
         if not (isinstance(config_cls, type) and issubclass(config_cls, Config)):
             raise TypeError(f"register() needs a Config subclass, got {config_cls!r}")
+        if self.staged and config_cls.stage not in STAGES:
+            raise TypeError(
+                f"{config_cls.__name__} must declare its stage (a class attribute `stage`, one of "
+                f"{', '.join(STAGES)}) to be registered as a {self.kind}"
+            )
 
         def deco(fn: H) -> H:
+            _check_contract(fn, config_cls, self.kind)
             if config_cls in self._handlers:
                 raise ValueError(f"a {self.kind} handler for {config_cls.__name__} is already registered")
             self._handlers[config_cls] = fn
@@ -60,7 +79,23 @@ class Registry:
         return list(self._handlers)
 
 
-PASSES = Registry("pass")
+def _check_contract(fn: Callable[..., Any], config_cls: type[Config], kind: str) -> None:
+    """A handler takes exactly (model, cfg, ctx): per-layer choices go in the config, the rest in the context."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) != 3 or any(p.kind not in positional for p in params):
+        shown = ", ".join(p.name for p in params)
+        raise TypeError(
+            f"the {kind} handler {getattr(fn, '__name__', fn)!r} for {config_cls.__name__} takes ({shown}); "
+            "a handler takes exactly (model, cfg, ctx): put per-layer choices in the config and anything else "
+            "(data, loss, example inputs, metric) in the Context"
+        )
+
+
+PASSES = Registry("pass", staged=True)
 register = PASSES.register
 handler_for = PASSES.handler_for
 

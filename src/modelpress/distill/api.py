@@ -203,12 +203,11 @@ def _zoo_training(teacher: nn.Module) -> tuple[Any | None, dict[str, Any] | None
 
 
 @register(DistillConfig)
-def distill_pass(
-    model: nn.Module, cfg: DistillConfig, ctx: Context, overrides: dict[str, Any] | None = None
-) -> nn.Module:
+def distill_pass(model: nn.Module, cfg: DistillConfig, ctx: Context) -> nn.Module:
     """Recipe pass: `model` is the teacher; the student is built from it per `cfg.student`; returns the student."""
     start = time.perf_counter()
-    data, record = _zoo_training(model) if cfg.train_data == "auto" else (None, None)
+    provider = ctx.training_data or _zoo_training
+    data, record = provider(model) if cfg.train_data == "auto" else (None, None)
     if data is None:
         data = ctx.data
     if data is None:

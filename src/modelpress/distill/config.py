@@ -60,6 +60,8 @@ class DistillConfig(Config):
     `mode="offline"` runs the teacher once over the data and trains from its outputs cached on disk.
     """
 
+    stage = "distill"
+
     mode: Literal["online", "offline"] = "online"
     temperature: float = 2.0
     alpha: float = 0.5

@@ -18,14 +18,12 @@ import torch
 
 from modelpress.core.environment import check_threads
 from modelpress.core.errors import BadInputError
+from modelpress.core.options import MAX_BATCH_SIZE as MAX_BATCH_SIZE
+from modelpress.core.options import MAX_REPEATS as MAX_REPEATS
 from modelpress.core.report import Latency
 
 Batch = Sequence[torch.Tensor]
-# More runs than this per batch size is certainly a mistake: percentiles are stable after a few
-# hundred, and a slow model would keep the machine busy for hours.
-MAX_REPEATS = 10_000
 MAX_WARMUP = 10_000
-MAX_BATCH_SIZE = 65_536  # inputs of a timed batch; larger ones only exhaust memory
 
 
 def check_runs(repeats: int, warmup: int) -> None:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 from modelpress.core.config import Config
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError
-from modelpress.core.registry import handler_for
+from modelpress.core.registry import apply
 from modelpress.prune.gradients import LossFn
 from modelpress.prune.llm import SparseGPTConfig, WandaConfig
 from modelpress.prune.structured import StructuredPruneConfig
@@ -49,18 +49,9 @@ def prune(
         raise BadInputError(f"prune() needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, Config):
         raise BadInputError(f"prune() needs a pruning config, got {type(config).__name__}")
-    ctx = ctx or Context()
-    if data is not None:
-        ctx.data = data
-    if train_fn is not None:
-        ctx.train_fn = train_fn
+    given = {"data": data, "train_fn": train_fn, "loss_fn": loss_fn, "example_inputs": example_inputs}
+    changes = {k: tuple(v) if k == "example_inputs" else v for k, v in given.items() if v is not None}
+    ctx = dataclasses.replace(ctx or Context(), **changes)  # the caller's report still receives the statistics
     model = model if inplace else copy.deepcopy(model)
-    handler = handler_for(config)
-    kwargs: dict[str, Any] = {}
-    accepted = inspect.signature(handler).parameters
-    if loss_fn is not None and "loss_fn" in accepted:
-        kwargs["loss_fn"] = loss_fn
-    if example_inputs is not None and "example_inputs" in accepted:
-        kwargs["example_inputs"] = tuple(example_inputs)
     with ctx.threads_scope():
-        return handler(model, config, ctx, **kwargs)
+        return apply(model, config, ctx)

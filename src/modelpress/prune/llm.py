@@ -54,6 +54,8 @@ MAX_CALIBRATION_BATCHES = 4096
 class SparseGPTConfig(Config):
     """SparseGPT: prune `sparsity` of every row (or `n` of every `m` inputs) and update the kept weights."""
 
+    stage = "prune"
+
     sparsity: float = 0.5
     n: int = 0  # N:M pattern when n and m are given (`sparsity` is then not used)
     m: int = 0
@@ -74,6 +76,8 @@ class SparseGPTConfig(Config):
 @dataclass(frozen=True)
 class WandaConfig(Config):
     """Wanda: prune the lowest `|w| * ||x||` of every row (or `n` of every `m` inputs); kept weights unchanged."""
+
+    stage = "prune"
 
     sparsity: float = 0.5
     n: int = 0

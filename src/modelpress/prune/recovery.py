@@ -20,6 +20,7 @@ from torch import nn
 
 from modelpress.core.context import Context
 from modelpress.core.errors import DataError, NotAvailableError
+from modelpress.core.options import RunOptions
 from modelpress.primitives.tokens import dynamic_batches, embed
 
 
@@ -78,7 +79,7 @@ def distill_text_encoder(
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     steps = epochs * -(-len(sentences) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    ctx = Context(threads=threads, show_progress=False)
+    ctx = Context(options=RunOptions(threads=threads, progress=False))
     model.train()
     with ctx.threads_scope():
         for _ in range(epochs):

@@ -28,7 +28,7 @@ from modelpress.core.errors import BadInputError, ConfigError, DataError, Modelp
 from modelpress.core.modules import first_batch
 from modelpress.core.registry import register
 from modelpress.primitives.masks import channel_keep
-from modelpress.prune.gradients import LossFn, collect_gradients
+from modelpress.prune.gradients import collect_gradients
 from modelpress.prune.graph.handlers import channel_tensors, cut_in, cut_out
 from modelpress.prune.graph.trace import DependencyGraph, build_graph
 from modelpress.prune.graph.transformer import FFNBlock, HeadBlock, find_ffns, find_heads
@@ -46,6 +46,8 @@ _EXPECTED = ("reaches the model output", "excluded module")
 @dataclass(frozen=True)
 class StructuredPruneConfig(Config):
     """Remove a fraction of channels (`channel_ratio`), attention heads and FFN neurons from every layer."""
+
+    stage = "prune"
 
     channel_ratio: float = 0.0  # of each group of coupled channels (traced graph)
     heads_ratio: float = 0.0  # of each attention layer's heads (K/V head groups for grouped-query attention)
@@ -158,20 +160,17 @@ def prune_structured(
     model: nn.Module,
     cfg: StructuredPruneConfig,
     ctx: Context,
-    overrides: dict[str, Any] | None = None,
-    loss_fn: LossFn | None = None,
-    example_inputs: tuple[Any, ...] | None = None,
 ) -> nn.Module:
     """Score, then cut heads, FFN neurons and channel groups; optionally fine-tune. Returns the model."""
     start = time.perf_counter()
     make_permanent(model)
     check_patterns(model, cfg.exclude, "exclude")
-    example = example_inputs if example_inputs is not None else first_batch(ctx.data)
+    example = ctx.example_inputs if ctx.example_inputs is not None else first_batch(ctx.data)
     before = model_summary(model, example)
     grads: dict[int, torch.Tensor] = {}
     if cfg.importance in NEEDS_GRADIENT:
         params = dict(model.named_parameters())
-        collected = collect_gradients(model, params, ctx.data, loss_fn, cfg.importance_batches)
+        collected = collect_gradients(model, params, ctx.data, ctx.loss_fn, cfg.importance_batches)
         grads = {id(params[n]): g for n, g in collected.items()}
     score = _Scorer(cfg, grads)
     stats: dict[str, Any] = {}

@@ -15,21 +15,22 @@ with a warning.
 
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from modelpress.core.config import MAX_EPOCHS, Config, check_at_most, check_seed
+from modelpress.core.config import MAX_EPOCHS, Config, check_at_most, check_regex, check_seed
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
 from modelpress.core.layer_filter import LayerFilter
 from modelpress.core.modules import count_params, first_batch
 from modelpress.core.registry import register
 from modelpress.primitives.masks import global_rate_masks, nm_mask, rate_mask, threshold_mask
-from modelpress.prune.gradients import LossFn, collect_gradients
+from modelpress.prune.gradients import collect_gradients
 from modelpress.prune.importance import IMPORTANCE_KINDS, NEEDS_GRADIENT, ImportanceKind, element_scores
 from modelpress.prune.layers import weight_layers
 from modelpress.prune.masking import GradualPruner, get_mask, make_permanent, set_mask
@@ -56,6 +57,8 @@ class UnstructuredPruneConfig(Config):
     `threshold` prunes scores at or below a value instead of a rate (one-shot only).
     """
 
+    stage = "prune"
+
     sparsity: float = 0.5
     importance: ImportanceKind = "magnitude"
     scope: Literal["layer", "global"] = "layer"
@@ -66,9 +69,19 @@ class UnstructuredPruneConfig(Config):
     finetune_epochs: int = 0  # recovery epochs after one-shot pruning (schedules always train)
     permanent: bool = True
     seed: int = 0  # random importance
+    # sparsity of single layers (one-shot, layer scope): regular expression on the layer name -> sparsity
+    # (the first that matches wins); the others get `sparsity`
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         check_sparsity(self.sparsity)
+        for pattern, rate in self.layer_sparsity.items():
+            check_regex(pattern, "layer_sparsity")
+            check_sparsity(rate)
+        if self.layer_sparsity and (self.scope != "layer" or self.schedule is not None or self.threshold is not None):
+            raise ConfigError(
+                "layer_sparsity sets one-shot rates per layer: it needs scope 'layer', no schedule and no threshold"
+            )
         check_importance(self.importance)
         if self.scope not in ("layer", "global"):
             raise ConfigError(f"scope must be 'layer' or 'global', got {self.scope!r}")
@@ -91,6 +104,8 @@ class UnstructuredPruneConfig(Config):
 @dataclass(frozen=True)
 class NMPruneConfig(Config):
     """Semi-structured N:M sparsity: `n` weights kept in every `m` consecutive inputs (2:4 by default)."""
+
+    stage = "prune"
 
     n: int = 2
     m: int = 4
@@ -144,13 +159,22 @@ def _nm_layer_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return nm_mask(flat, n, m).view(scores.shape)
 
 
-def _gradients(model: nn.Module, layers: dict[str, nn.Module], cfg: Any, ctx: Context, loss_fn: LossFn | None):
+def _gradients(model: nn.Module, layers: dict[str, nn.Module], cfg: Any, ctx: Context):
     if cfg.importance not in NEEDS_GRADIENT:
         return None
     from modelpress.prune.masking import original_weight
 
     params = {name: original_weight(m) for name, m in layers.items()}
-    return collect_gradients(model, params, ctx.data, loss_fn, cfg.importance_batches)
+    return collect_gradients(model, params, ctx.data, ctx.loss_fn, cfg.importance_batches)
+
+
+def sparsity_for(cfg: UnstructuredPruneConfig, name: str) -> float:
+    """The sparsity `cfg` gives the layer called `name`: its first `layer_sparsity` pattern that matches, else
+    `sparsity`."""
+    for pattern, rate in cfg.layer_sparsity.items():
+        if re.search(pattern, name):
+            return rate
+    return cfg.sparsity
 
 
 def sparsity_stats(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, target: float | str) -> dict[str, Any]:
@@ -189,25 +213,20 @@ def prune_unstructured(
     model: nn.Module,
     cfg: UnstructuredPruneConfig,
     ctx: Context,
-    overrides: dict[str, float] | None = None,
-    loss_fn: LossFn | None = None,
 ) -> nn.Module:
-    """Mask weights one-shot (then optional fine-tuning) or gradually while `ctx.train_fn` trains.
-
-    `overrides` maps layer names to their own sparsity (layer scope, one-shot).
-    """
+    """Mask weights one-shot (then optional fine-tuning) or gradually while `ctx.train_fn` trains."""
     start = time.perf_counter()
     layers = weight_layers(model, cfg.layers, ctx)
 
     params_before, nonzero_before = count_params(model)
     extra: dict[str, Any] = {}
     if cfg.schedule is None:
-        grads = _gradients(model, layers, cfg, ctx, loss_fn)
+        grads = _gradients(model, layers, cfg, ctx)
         scores = layer_scores(layers, cfg.importance, grads, cfg.seed)
         if cfg.threshold is not None:
             masks = {n: threshold_mask(s, cfg.threshold) for n, s in scores.items()}
-        elif overrides and cfg.scope == "layer":
-            masks = {n: rate_mask(s, overrides.get(n, cfg.sparsity)) for n, s in scores.items()}
+        elif cfg.layer_sparsity:
+            masks = {n: rate_mask(s, sparsity_for(cfg, n)) for n, s in scores.items()}
         else:
             masks = rate_masks(scores, cfg.sparsity, cfg.scope)
         with torch.no_grad():
@@ -221,7 +240,7 @@ def prune_unstructured(
                 "gradual pruning prunes while the model trains: it needs a training loop "
                 "(a zoo model with training data, or Context(train_fn=...)); drop `schedule` for one-shot pruning"
             )
-        grads = _gradients(model, layers, cfg, ctx, loss_fn) if cfg.importance in NEEDS_GRADIENT else None
+        grads = _gradients(model, layers, cfg, ctx) if cfg.importance in NEEDS_GRADIENT else None
         pruner = GradualPruner(
             model,
             layers,
@@ -257,8 +276,6 @@ def prune_nm(
     model: nn.Module,
     cfg: NMPruneConfig,
     ctx: Context,
-    overrides: dict[str, Any] | None = None,
-    loss_fn: LossFn | None = None,
 ) -> nn.Module:
     """Apply an N:M mask to every selected layer whose input width is a multiple of `m`."""
     start = time.perf_counter()
@@ -272,7 +289,7 @@ def prune_nm(
             fits[name] = m
     if not fits:
         raise ConfigError(f"no selected layer has an input width that is a multiple of m={cfg.m}")
-    grads = _gradients(model, fits, cfg, ctx, loss_fn)
+    grads = _gradients(model, fits, cfg, ctx)
     scores = layer_scores(fits, cfg.importance, grads, cfg.seed)
     with torch.no_grad():
         for name, m in fits.items():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ from modelpress.quant.gptq import (
     weight_scheme,
 )
 from modelpress.quant.modules import ActSpec, QLinear
-from modelpress.quant.ptq import LayerFilter, check_embedding_bits
+from modelpress.quant.ptq import LayerFilter, check_embedding_bits, check_layer_bits
 from modelpress.quant.smoothquant import is_output_norm, scale_norm_output
 
 # (producer, consumers) paths inside one block whose scale can be folded. Per producer the first entry whose
@@ -88,6 +88,8 @@ FOLD_RTOL = 1e-3  # relative output change of the float block above which a fold
 class AWQConfig(Config):
     """AWQ weight-only quantization; `group_size=0` gives one scale per output channel (no clipping)."""
 
+    stage = "quantize"
+
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
@@ -101,7 +103,12 @@ class AWQConfig(Config):
     embedding_bits: int | None = None
     embedding_group_size: int | None = None
 
+    # bits of single layers: regular expression on the layer name -> bits (the first that matches wins),
+    # e.g. {"lm_head$": 8}; mixed precision promotes its sensitive layers here
+    layer_bits: dict[str, int] = field(default_factory=dict)
+
     def validate(self) -> None:
+        check_layer_bits(self.layer_bits)
         validate_weight_settings(self.bits, self.group_size, self.calibration_batches)
         check_embedding_bits(self.embedding_bits, self.embedding_group_size)
         if self.n_grid < 1:
@@ -217,9 +224,9 @@ def _try_fold(
 
 
 @register(AWQConfig)
-def awq(model: nn.Module, cfg: AWQConfig, ctx: Context, overrides: dict[str, int] | None = None) -> nn.Module:
+def awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> nn.Module:
     start = time.perf_counter()
-    prep = prepare_calibrated(model, cfg, ctx, overrides, "AWQ")
+    prep = prepare_calibrated(model, cfg, ctx, "AWQ")
     batches, converted, scheme_of, selected = prep.batches, prep.converted, prep.scheme_of, prep.selected
     per_call = max(1, cfg.max_tokens // len(batches))
     alphas: dict[str, float] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,8 +39,10 @@ from modelpress.quant.modules import ActSpec, QEmbedding, QLinear
 from modelpress.quant.ptq import (
     MIN_EMBEDDING_VALUES,
     LayerFilter,
+    bits_for,
     check_bits,
     check_embedding_bits,
+    check_layer_bits,
     quantize_embeddings,
 )
 
@@ -50,6 +52,8 @@ from modelpress.quant.ptq import (
 @dataclass(frozen=True)
 class GPTQConfig(Config):
     """GPTQ weight-only quantization; `group_size=0` gives one scale per output channel."""
+
+    stage = "quantize"
 
     bits: int = 4
     group_size: int = 128
@@ -67,7 +71,12 @@ class GPTQConfig(Config):
     # unless `embedding_bits` is given (then the table is quantized on its own and the two are untied)
     head_bits: int | None = None
 
+    # bits of single layers: regular expression on the layer name -> bits (the first that matches wins),
+    # e.g. {"lm_head$": 8}; mixed precision promotes its sensitive layers here
+    layer_bits: dict[str, int] = field(default_factory=dict)
+
     def validate(self) -> None:
+        check_layer_bits(self.layer_bits)
         validate_weight_settings(self.bits, self.group_size, self.calibration_batches)
         if self.head_bits is not None and not 2 <= self.head_bits <= 8:
             raise ConfigError(f"head_bits must be in [2, 8] (or null: the head stays as `layers` says), "
@@ -167,15 +176,13 @@ class Prepared:
     selected: dict[str, nn.Linear]
 
 
-def prepare_calibrated(
-    model: nn.Module, cfg: Any, ctx: Context, overrides: dict[str, int] | None, label: str
-) -> Prepared:
+def prepare_calibrated(model: nn.Module, cfg: Any, ctx: Context, label: str) -> Prepared:
     """Calibration batches, Conv1D converted, per-layer schemes and the Linear layers the pass quantizes."""
     batches = calibration_batches(ctx, cfg.calibration_batches, label)
     converted = convert_conv1d(model)
 
     def scheme_of(name: str) -> QuantScheme:
-        return cfg.weight_scheme((overrides or {}).get(name, cfg.bits))
+        return cfg.weight_scheme(bits_for(cfg, name))
 
     tables = getattr(cfg, "embedding_bits", None) is not None or getattr(cfg, "head_bits", None) is not None
     selected = selected_linears(model, cfg.layers, ctx, label, tables_elsewhere=tables)
@@ -208,9 +215,9 @@ def check_group_widths(layers: dict[str, nn.Linear], group_size: int, ctx: Conte
 
 
 @register(GPTQConfig)
-def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context, overrides: dict[str, int] | None = None) -> nn.Module:
+def gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> nn.Module:
     start = time.perf_counter()
-    prep = prepare_calibrated(model, cfg, ctx, overrides, "GPTQ")
+    prep = prepare_calibrated(model, cfg, ctx, "GPTQ")
     batches, converted, selected = prep.batches, prep.converted, prep.selected
     heads = output_heads(model, ctx) if cfg.head_bits is not None else {}
     selected.update({name: head for name, (head, _) in heads.items()})

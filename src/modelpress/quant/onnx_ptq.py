@@ -14,10 +14,12 @@ quantization tools underneath, driven by our configs, our calibration data and o
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from modelpress.core.atomic import atomic_path
-from modelpress.core.config import Config
+from modelpress.core.config import Config, show_value
 from modelpress.core.context import Context
-from modelpress.core.errors import BadInputError, DataError
+from modelpress.core.errors import BadInputError, DataError, UnknownConfigError
+from modelpress.core.registry import Registry
 from modelpress.core.runtime import OnnxModel
 from modelpress.primitives.tokens import real_positions
 from modelpress.quant.ptq import DynamicQuantConfig, LayerFilter, StaticQuantConfig, WeightOnlyConfig
@@ -147,59 +150,145 @@ class _Quantizer:
         return out
 
 
-def _check(config: Config, ctx: Context) -> Config:
-    base = config.base if isinstance(config, MixedPrecisionConfig) else config
-    if isinstance(base, StaticQuantConfig) and base.observer.kind == "mse":
+@dataclass
+class OnnxJob:
+    """What an ONNX pass works on: a staged copy of the graph (`src`), the file it writes (`out`), the graph's
+    proto (without external data), its real input names, the weighted nodes the config selects, the
+    calibration batches and a scratch folder. A handler writes `out` and adds its figures to `stats`."""
+
+    src: Path
+    out: Path
+    proto: Any
+    names: list[str]
+    nodes: list[str]
+    batches: list[Any]
+    workdir: Path
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# The ONNX-in backend: handler(job, cfg, ctx) -> job. Each handler honours its config's fields or refuses them.
+ONNX_PASSES = Registry("ONNX pass")
+_ONNX_TAKES = (
+    "DynamicQuantConfig, StaticQuantConfig, WeightOnlyConfig (4-bit groups) or MixedPrecisionConfig over the first two"
+)
+
+
+def check_fields(cfg: Config, honoured: set[str], ctx: Context, at_default: dict[str, str] | None = None) -> None:
+    """Refuse every field of `cfg` outside `honoured` that differs from its default (ONNX Runtime's quantizer
+    cannot do what it asks); warn of the fields in `at_default` left at a default it does not follow."""
+    for f in dataclasses.fields(cfg):
+        if f.name in honoured:
+            continue
+        value = getattr(cfg, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if value != default:
+            raise BadInputError(
+                f"{cfg.type_name}.{f.name} = {show_value(value)} cannot be honoured for an ONNX model (ONNX "
+                f"Runtime's quantizer); leave it at {show_value(default)} or compress the PyTorch model instead"
+            )
+        if at_default and f.name in at_default:
+            ctx.warn(f"ONNX model: {at_default[f.name]}")
+
+
+_EMBEDDINGS_FLOAT = "embedding tables stay float (ONNX Runtime's quantizer leaves Gather nodes as they are)"
+
+
+def _check_dynamic(cfg: DynamicQuantConfig, ctx: Context) -> None:
+    check_fields(cfg, {"per_channel", "fold_bn", "layers"}, ctx, {
+        "act_granularity": "activations are scaled per tensor at run time (ONNX Runtime's dynamic quantization), "
+        "not per token",
+        "embedding_bits": _EMBEDDINGS_FLOAT,
+    })  # fmt: skip
+
+
+def _check_static(cfg: StaticQuantConfig, ctx: Context) -> None:
+    honoured = {"per_channel", "act_symmetric", "observer", "calibration_batches", "fold_bn", "layers"}
+    check_fields(cfg, honoured, ctx, {"embedding_bits": _EMBEDDINGS_FLOAT})
+    if cfg.observer.kind == "mse":
         ctx.warn("observer 'mse' has no ONNX Runtime calibrator: this ONNX graph is calibrated with its entropy one")
-    if isinstance(config, MixedPrecisionConfig) and config.high_bits is not None:
-        raise BadInputError("for ONNX models, mixed precision keeps the sensitive nodes in float: set high_bits: null")
-    if isinstance(base, WeightOnlyConfig) and not (base.bits == 4 and base.granularity == "group"):
+
+
+@ONNX_PASSES.register(DynamicQuantConfig)
+def _onnx_dynamic(job: OnnxJob, cfg: DynamicQuantConfig, ctx: Context) -> OnnxJob:
+    _check_dynamic(cfg, ctx)
+    return _ort_quantize(job, cfg, ctx)
+
+
+@ONNX_PASSES.register(StaticQuantConfig)
+def _onnx_static(job: OnnxJob, cfg: StaticQuantConfig, ctx: Context) -> OnnxJob:
+    _check_static(cfg, ctx)
+    return _ort_quantize(job, cfg, ctx)
+
+
+@ONNX_PASSES.register(WeightOnlyConfig)
+def _onnx_weight_only(job: OnnxJob, cfg: WeightOnlyConfig, ctx: Context) -> OnnxJob:
+    check_fields(cfg, {"bits", "symmetric", "granularity", "group_size", "fold_bn", "layers"}, ctx)
+    if not (cfg.bits == 4 and cfg.granularity == "group"):
         raise BadInputError(
-            f"weight-only {base.bits}-bit {base.granularity} quantization of ONNX graphs is not available; "
+            f"weight-only {cfg.bits}-bit {cfg.granularity} quantization of ONNX graphs is not available; "
             "ONNX Runtime runs 4-bit group-wise weights (bits: 4, granularity: group)"
         )
-    if not isinstance(base, (DynamicQuantConfig, StaticQuantConfig, WeightOnlyConfig)):
-        raise BadInputError(
-            f"{type(config).__name__} needs a PyTorch model; ONNX models take DynamicQuantConfig, "
-            "StaticQuantConfig, WeightOnlyConfig (4-bit groups) or MixedPrecisionConfig over the first two"
-        )
-    return base
+    _weight_only_4bit(job.src, job.out, cfg)
+    return job
+
+
+@ONNX_PASSES.register(MixedPrecisionConfig)
+def _onnx_mixed(job: OnnxJob, cfg: MixedPrecisionConfig, ctx: Context) -> OnnxJob:
+    """Sensitivity by the graph's fidelity: the most sensitive nodes stay float, as few as meet `max_drop`."""
+    if cfg.high_bits is not None:
+        raise BadInputError("for ONNX models, mixed precision keeps the sensitive nodes in float: set high_bits: null")
+    if isinstance(cfg.base, WeightOnlyConfig):
+        raise BadInputError(f"for ONNX models, MixedPrecisionConfig's base is static or dynamic ({_ONNX_TAKES})")
+    check_fields(cfg, {"base", "high_bits", "max_drop"}, ctx)
+    if isinstance(cfg.base, StaticQuantConfig):
+        _check_static(cfg.base, ctx)
+    else:
+        _check_dynamic(cfg.base, ctx)
+    return _ort_quantize(job, cfg.base, ctx, max_drop=cfg.max_drop)
+
+
+def _ort_quantize(job: OnnxJob, cfg: Config, ctx: Context, max_drop: float | None = None) -> OnnxJob:
+    """ORT's static or dynamic quantizer over the selected nodes; with a fidelity budget `max_drop`, the most
+    sensitive nodes are then kept float."""
+    if isinstance(cfg, StaticQuantConfig) or max_drop is not None:
+        job.batches = job.batches[: getattr(cfg, "calibration_batches", 32)]
+        if not job.batches:
+            raise DataError("quantizing this ONNX graph needs calibration batches (--data: .npy / .safetensors / .pt)")
+    quantizer = _Quantizer(job.src, cfg, job.batches, job.names, job.workdir)
+    quantizer(job.out, exclude=[n for n in _all_nodes(job.proto) if n not in job.nodes])
+    if job.batches:
+        job.stats["fidelity"] = fidelity(job.src, job.out, job.batches, job.names)
+    if max_drop is not None and 1 - job.stats["fidelity"] > max_drop:
+        job.stats |= _keep_sensitive_float(job.src, job.out, quantizer, job.nodes, max_drop, ctx)
+    job.stats["trials"] = quantizer.trials
+    return job
 
 
 def quantize_onnx(
     src: str | Path, dst: str | Path, config: Config, data: Sequence[Any] | None, ctx: Context | None = None
 ) -> dict[str, Any]:
-    """Quantize the ONNX graph at `src` into `dst` (written atomically); returns the pass statistics."""
+    """Quantize the ONNX graph at `src` into `dst` (written atomically) with the ONNX pass registered for
+    `config` (`ONNX_PASSES`); returns the pass statistics. A config field the pass cannot honour is refused."""
     ctx = ctx or Context()
     start = time.perf_counter()
-    base = _check(config, ctx)
+    try:
+        handler = ONNX_PASSES.handler_for(config)
+    except UnknownConfigError:
+        raise BadInputError(f"{type(config).__name__} needs a PyTorch model; ONNX models take {_ONNX_TAKES}") from None
+    base = config.base if isinstance(config, MixedPrecisionConfig) else config
     src, dst = Path(src), Path(dst)
     proto = onnx.load(str(src), load_external_data=False)
-    names = graph_inputs(proto)
-    nodes = weighted_nodes(proto, base.layers)
+    nodes = weighted_nodes(proto, base.layers)  # type: ignore[attr-defined]
     if not nodes:
         raise BadInputError(f"{src}: no MatMul, Gemm or Conv node with constant weights to quantize")
-    needs_data = isinstance(base, StaticQuantConfig) or isinstance(config, MixedPrecisionConfig)
-    batches = list(data or [])[: getattr(base, "calibration_batches", 32)]
-    if needs_data and not batches:
-        raise DataError("quantizing this ONNX graph needs calibration batches (--data: .npy / .safetensors / .pt)")
-    stats: dict[str, Any] = {"nodes": len(nodes)}
     with tempfile.TemporaryDirectory(prefix="modelpress-onnx.") as tmp, atomic_path(dst) as out:
         work = Path(tmp)
         # ONNX Runtime's quantizer writes `NAME-inferred.onnx` beside the graph it reads: give it a copy
-        src = _staged_copy(src, proto, work / "source")
-        if isinstance(base, WeightOnlyConfig):
-            _weight_only_4bit(src, out, base)
-        else:
-            quantizer = _Quantizer(src, base, batches, names, work)
-            quantizer(out, exclude=[n for n in _all_nodes(proto) if n not in nodes])
-            if batches:
-                stats["fidelity"] = fidelity(src, out, batches, names)
-            if isinstance(config, MixedPrecisionConfig) and 1 - stats["fidelity"] > config.max_drop:
-                stats |= _keep_sensitive_float(src, out, quantizer, nodes, config.max_drop, ctx)
-            stats["trials"] = quantizer.trials
-    ctx.report.add_pass(f"quantize-onnx/{type(config).__name__}", time.perf_counter() - start, **stats)
-    return stats
+        staged = _staged_copy(src, proto, work / "source")
+        job = OnnxJob(staged, out, proto, graph_inputs(proto), nodes, list(data or []), work, {"nodes": len(nodes)})
+        job = handler(job, config, ctx)
+    ctx.report.add_pass(f"quantize-onnx/{type(config).__name__}", time.perf_counter() - start, **job.stats)
+    return job.stats
 
 
 def _all_nodes(proto: Any) -> list[str]:

@@ -46,6 +46,8 @@ MIN_EMBEDDING_VALUES = 1 << 16  # smaller tables (e.g. token types) stay float: 
 class WeightOnlyConfig(Config):
     """Integer weights (any bit width 2–8), float activations."""
 
+    stage = "quantize"
+
     bits: int = 8
     symmetric: bool = True
     granularity: Literal["tensor", "channel", "group"] = "channel"
@@ -55,7 +57,12 @@ class WeightOnlyConfig(Config):
     fold_bn: bool = True
     layers: LayerFilter = LayerFilter()
 
+    # bits of single layers: regular expression on the layer name -> bits (the first that matches wins),
+    # e.g. {"lm_head$": 8}; mixed precision promotes its sensitive layers here
+    layer_bits: dict[str, int] = field(default_factory=dict)
+
     def validate(self) -> None:
+        check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
         check_embedding_bits(self.embedding_bits, self.embedding_group_size)
 
@@ -67,6 +74,8 @@ class WeightOnlyConfig(Config):
 class DynamicQuantConfig(Config):
     """Integer weights and activations whose scale is computed from each input at run time."""
 
+    stage = "quantize"
+
     bits: int = 8
     act_granularity: Literal["tensor", "token"] = "token"
     act_symmetric: bool = False
@@ -76,7 +85,12 @@ class DynamicQuantConfig(Config):
     fold_bn: bool = True
     layers: LayerFilter = LayerFilter(exclude=())
 
+    # bits of single layers: regular expression on the layer name -> bits (the first that matches wins),
+    # e.g. {"lm_head$": 8}; mixed precision promotes its sensitive layers here
+    layer_bits: dict[str, int] = field(default_factory=dict)
+
     def validate(self) -> None:
+        check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
         check_embedding_bits(self.embedding_bits, self.embedding_group_size)
 
@@ -87,6 +101,8 @@ class DynamicQuantConfig(Config):
 @dataclass(frozen=True)
 class StaticQuantConfig(Config):
     """Integer weights and activations with ranges fixed by calibration over real samples."""
+
+    stage = "quantize"
 
     bits: int = 8
     act_symmetric: bool = False
@@ -102,7 +118,12 @@ class StaticQuantConfig(Config):
     embedding_group_size: int | None = None  # values per embedding scale along a row; None: one per row
     layers: LayerFilter = LayerFilter()
 
+    # bits of single layers: regular expression on the layer name -> bits (the first that matches wins),
+    # e.g. {"lm_head$": 8}; mixed precision promotes its sensitive layers here
+    layer_bits: dict[str, int] = field(default_factory=dict)
+
     def validate(self) -> None:
+        check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
         check_embedding_bits(self.embedding_bits, self.embedding_group_size)
         if self.calibration_batches < 1:
@@ -123,6 +144,22 @@ def check_embedding_bits(bits: int | None, group_size: int | None) -> None:
         )
 
 
+def check_layer_bits(layer_bits: dict[str, int]) -> None:
+    """Every pattern of a config's `layer_bits` compiles and gives bits in [2, 8]."""
+    for pattern, bits in layer_bits.items():
+        check_regex(pattern, "layer_bits")
+        if not 2 <= bits <= 8:
+            raise ConfigError(f"layer_bits[{pattern!r}] must be in [2, 8], got {bits}")
+
+
+def bits_for(cfg: Any, name: str) -> int:
+    """The bits `cfg` gives the layer called `name`: its first `layer_bits` pattern that matches, else `bits`."""
+    for pattern, bits in getattr(cfg, "layer_bits", {}).items():
+        if re.search(pattern, name):
+            return bits
+    return cfg.bits
+
+
 def check_bits(bits: int, lo: int, hi: int) -> None:
     if not lo <= bits <= hi:
         raise ConfigError(f"bits must be in [{lo}, {hi}], got {bits}")
@@ -130,7 +167,7 @@ def check_bits(bits: int, lo: int, hi: int) -> None:
 
 @dataclass
 class LayerPlan:
-    """One layer to quantize and the settings it gets (mixed precision overrides `bits`)."""
+    """One layer to quantize and the settings it gets (`layer_bits` may give it other `bits`)."""
 
     name: str
     module: nn.Module
@@ -184,9 +221,7 @@ def why_not_quantizable(module: nn.Module, scheme: QuantScheme) -> str | None:
     return None
 
 
-def plan_layers(
-    model: nn.Module, cfg: Any, act: ActSpec, ctx: Context, overrides: dict[str, int] | None
-) -> list[LayerPlan]:
+def plan_layers(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context) -> list[LayerPlan]:
     plans = []
     embedding_bits = getattr(cfg, "embedding_bits", None)
     for name, module in select_layers(model, cfg.layers, ctx, embeddings=embedding_bits is not None):
@@ -195,7 +230,7 @@ def plan_layers(
             scheme = QuantScheme(embedding_bits, True, "group", 0, group or module.embedding_dim)
             plans.append(LayerPlan(name, module, scheme, ActSpec()))
             continue
-        bits = (overrides or {}).get(name, cfg.bits)
+        bits = bits_for(cfg, name)
         layer_act = act
         if not isinstance(module, nn.Linear) and act.granularity == "token":  # a conv input has no tokens
             layer_act = ActSpec(act.mode, act.bits, act.symmetric, "tensor")
@@ -311,40 +346,34 @@ def _summary(plans: Sequence[LayerPlan]) -> dict[str, Any]:
 
 
 @register(WeightOnlyConfig)
-def weight_only(
-    model: nn.Module, cfg: WeightOnlyConfig, ctx: Context, overrides: dict[str, int] | None = None
-) -> nn.Module:
+def weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> nn.Module:
     start = time.perf_counter()
     folded = fold_conv_bn(model) if cfg.fold_bn else []
-    plans = plan_layers(model, cfg, ActSpec(mode="none"), ctx, overrides)
+    plans = plan_layers(model, cfg, ActSpec(mode="none"), ctx)
     _swap(model, plans)
     ctx.report.add_pass("quantize/weight-only", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
     return model
 
 
 @register(DynamicQuantConfig)
-def dynamic(
-    model: nn.Module, cfg: DynamicQuantConfig, ctx: Context, overrides: dict[str, int] | None = None
-) -> nn.Module:
+def dynamic(model: nn.Module, cfg: DynamicQuantConfig, ctx: Context) -> nn.Module:
     start = time.perf_counter()
     act = ActSpec(mode="dynamic", bits=8, symmetric=cfg.act_symmetric, granularity=cfg.act_granularity)
     folded = fold_conv_bn(model) if cfg.fold_bn else []
-    plans = plan_layers(model, cfg, act, ctx, overrides)
+    plans = plan_layers(model, cfg, act, ctx)
     _swap(model, plans)
     ctx.report.add_pass("quantize/dynamic", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
     return model
 
 
 @register(StaticQuantConfig)
-def static(
-    model: nn.Module, cfg: StaticQuantConfig, ctx: Context, overrides: dict[str, int] | None = None
-) -> nn.Module:
+def static(model: nn.Module, cfg: StaticQuantConfig, ctx: Context) -> nn.Module:
     start = time.perf_counter()
     if ctx.data is None:
         raise DataError("static quantization needs calibration data: pass data=... (CLI: --data) or use a zoo model")
     folded = fold_conv_bn(model) if cfg.fold_bn else []
     act = ActSpec(mode="static", bits=8, symmetric=cfg.act_symmetric)
-    plans = plan_layers(model, cfg, act, ctx, overrides)
+    plans = plan_layers(model, cfg, act, ctx)
     dynamic_pat = [re.compile(p) for p in cfg.dynamic_layers]
     for p in plans:
         if not isinstance(p.module, nn.Embedding) and any(d.search(p.name) for d in dynamic_pat):

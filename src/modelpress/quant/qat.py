@@ -39,6 +39,8 @@ from modelpress.quant.ptq import LayerFilter, calibrate, plan_layers
 class QATConfig(Config):
     """Fake-quantized training at `bits` weights / `act_bits` activations, then conversion."""
 
+    stage = "quantize"
+
     bits: int = 4
     act_bits: int = 8
     quantize_activations: bool = True
@@ -126,7 +128,7 @@ def prepare_qat(
     ctx = ctx or Context()
     fold_conv_bn(model)
     model.eval()
-    plans = plan_layers(model, cfg, ActSpec(mode="static", bits=cfg.act_bits, symmetric=False), ctx, None)
+    plans = plan_layers(model, cfg, ActSpec(mode="static", bits=cfg.act_bits, symmetric=False), ctx)
     if cfg.quantize_activations:
         if data is None:
             raise DataError("QAT with activation quantization needs calibration batches to initialize ranges")
@@ -154,7 +156,7 @@ def convert_qat(model: nn.Module) -> nn.Module:
 
 
 @register(QATConfig)
-def qat(model: nn.Module, cfg: QATConfig, ctx: Context, overrides: dict[str, int] | None = None) -> nn.Module:
+def qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> nn.Module:
     """prepare → `ctx.train_fn(model)` → convert."""
     train_fn = ctx.train_fn
     if train_fn is None:

@@ -47,6 +47,8 @@ class MixedPrecisionConfig(Config):
     the calibration batches; drop = 1 - cosine) or "task" (the zoo entry's metric, slower).
     """
 
+    stage = "quantize"
+
     base: WeightOnlyConfig | DynamicQuantConfig | StaticQuantConfig = WeightOnlyConfig(
         bits=4, granularity="group", group_size=32
     )
@@ -112,7 +114,7 @@ def sensitivity(model: nn.Module, cfg: Any, metric: Metric, ctx: Context) -> tup
     rows = []
     for name in ctx.progress(_layer_names(model, cfg), "sensitivity"):
         trial = copy.deepcopy(model)
-        trial = apply(trial, dataclasses.replace(cfg, layers=_exact(name)), _quiet(ctx))
+        trial = apply(trial, dataclasses.replace(cfg, layers=_exact(name)), ctx.quiet())
         q = metric(trial)
         params = sum(p.numel() for p in model.get_submodule(name).parameters())
         rows.append(SensitivityRow(name, params, q, base - q))
@@ -120,23 +122,14 @@ def sensitivity(model: nn.Module, cfg: Any, metric: Metric, ctx: Context) -> tup
     return base, rows
 
 
-def _quiet(ctx: Context) -> Context:
-    """A context for trial runs: same data and threads, its own throwaway report."""
-    return dataclasses.replace(ctx, show_progress=False, report=copy.deepcopy(ctx.report))
-
-
-def _promote(cfg: MixedPrecisionConfig, names: Sequence[str]) -> tuple[Any, dict[str, int]]:
-    """Base config with `names` kept in float (excluded) or overridden to `high_bits`."""
+def promote(cfg: MixedPrecisionConfig, names: Sequence[str]) -> Any:
+    """The base config with the layers `names` kept in float (excluded) or at `high_bits` (`layer_bits`)."""
+    exact = [f"^{re.escape(n)}$" for n in names]
     if cfg.high_bits is None:
-        excluded = cfg.base.layers.exclude + tuple(f"^{re.escape(n)}$" for n in names)
-        return dataclasses.replace(cfg.base, layers=dataclasses.replace(cfg.base.layers, exclude=excluded)), {}
-    return cfg.base, {n: cfg.high_bits for n in names}
-
-
-def _quantize_with(model: nn.Module, cfg: Any, overrides: dict[str, int], ctx: Context) -> nn.Module:
-    from modelpress.core.registry import PASSES
-
-    return PASSES.handler_for(cfg)(model, cfg, ctx, overrides=overrides)
+        excluded = cfg.base.layers.exclude + tuple(exact)
+        return dataclasses.replace(cfg.base, layers=dataclasses.replace(cfg.base.layers, exclude=excluded))
+    promoted = dict.fromkeys(exact, cfg.high_bits)
+    return dataclasses.replace(cfg.base, layer_bits={**promoted, **cfg.base.layer_bits})
 
 
 @register(MixedPrecisionConfig)
@@ -161,8 +154,7 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -
     def trial(k: int) -> tuple[nn.Module, float]:
         if k == len(order) and cfg.high_bits is None:  # every layer promoted to float
             return copy.deepcopy(model), base
-        qcfg, overrides = _promote(cfg, order[:k])
-        m = _quantize_with(copy.deepcopy(model), qcfg, overrides, _quiet(ctx))
+        m = apply(copy.deepcopy(model), promote(cfg, order[:k]), ctx.quiet())
         return m, metric(m)
 
     # Binary search for the fewest promoted layers that meet the budget (quality grows with k).

@@ -46,6 +46,8 @@ FOLD_RTOL = 1e-3  # relative change of the model's output above which a fold is 
 class SmoothQuantConfig(Config):
     """Fold per-channel activation scales (migration strength `alpha`) into norms and weights."""
 
+    stage = "quantize"
+
     alpha: float = 0.5
     calibration_batches: int = 16
     # Round s to a power of two: the rescaling is then exact in fp32 and bf16 alike.
@@ -288,7 +290,7 @@ class _OutputCheck:
         self.batch = _first_sample(batch)
         self.reference = self._run()
 
-    def run_batch(self) -> torch.Tensor:
+    def _run(self) -> torch.Tensor:
         from modelpress.primitives.sequential import first_tensor
 
         with torch.inference_mode():
@@ -338,7 +340,7 @@ def _tensors(group: SmoothGroup) -> list[torch.Tensor]:
 
 
 @register(SmoothQuantConfig)
-def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: Context, overrides: Any = None) -> nn.Module:
+def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: Context) -> nn.Module:
     start = time.perf_counter()
     if ctx.data is None:
         raise DataError("SmoothQuant needs calibration data: pass data=... (CLI: --data) or use a zoo model")

@@ -30,6 +30,7 @@ import yaml
 
 from modelpress.core.config import Config, show_value
 from modelpress.core.errors import ConfigError
+from modelpress.core.registry import PASSES
 
 MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: built-in recipes are under 2 KiB
 MAX_RECIPE_DEPTH = 32  # nested lists / mappings; a recipe needs about 6
@@ -46,9 +47,10 @@ LOWERING = {
     "int8_sources": ("auto", "signed", "unsigned"),  # int8 GEMM source codes: signed only on AMX
 }
 ORDERS = ("stages", "as-written")
-# Passes come in stages, prune -> distill -> quantize; a quantized layer can be neither pruned nor
-# distilled, so a prune or distill pass after a quantization pass is refused unless `order: as-written`.
-_STAGE_RANK = {"prune": 0, "distill": 0, "quant": 1}
+# Passes come in stages (`Config.stage`), prune -> distill -> quantize; a quantized layer can be neither
+# pruned nor distilled, so a prune or distill pass after a quantization pass is refused unless
+# `order: as-written`.
+_STAGE_RANK = {"prune": 0, "distill": 0, "quantize": 1}
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,15 @@ def parse_recipe(data: Any, name: str) -> Recipe:
     configs = []
     for i, p in enumerate(passes):
         try:
-            configs.append(Config.from_dict(p))
+            cfg = Config.from_dict(p)
         except ConfigError as e:
             raise ConfigError(f"recipe {name}, pass {i + 1}: {e}") from None
+        if cfg.stage is None:
+            raise ConfigError(
+                f"recipe {name}, pass {i + 1}: {cfg.type_name} is not a pass (it is part of a pass's config); "
+                f"passes: {', '.join(sorted(c.type_name for c in PASSES.registered()))}"
+            )
+        configs.append(cfg)
     export = data.get("export", list(DEFAULT_EXPORTS))
     if not isinstance(export, list) or any(e not in EXPORTS for e in export):
         raise ConfigError(f"recipe {name}: 'export' must be a list of {', '.join(EXPORTS)}, got {show_value(export)}")
@@ -141,15 +149,11 @@ def _parse_lowering(value: Any, name: str) -> tuple[tuple[str, str], ...]:
     return tuple((k, str(v)) for k, v in value.items() if v != "auto")
 
 
-def _stage(cfg: Config) -> str:
-    return type(cfg).__module__.split(".")[1]  # modelpress.<prune|distill|quant>...
-
-
 def _check_stages(configs: list[Config], name: str) -> None:
     for i, later in enumerate(configs):
         for j, earlier in enumerate(configs[:i]):
-            a, b = _stage(earlier), _stage(later)
-            if _STAGE_RANK.get(a, 0) > _STAGE_RANK.get(b, 0):
+            a, b = earlier.stage, later.stage
+            if _STAGE_RANK[a] > _STAGE_RANK[b]:  # type: ignore[index]
                 raise ConfigError(
                     f"recipe {name}: pass {i + 1} ({type(later).__name__}, {b}) comes after pass {j + 1} "
                     f"({type(earlier).__name__}, {a}): quantized layers can be neither pruned nor distilled. "

@@ -55,6 +55,14 @@ class ZooEntry(ABC):
         """
         return None
 
+    def training_set(self, model: nn.Module) -> tuple[Any, dict[str, Any] | None]:
+        """The training set a pass that trains `model` (distillation) uses, and the report's record of it:
+        the provider the zoo registered for this kind of model (`core.registry.training_data`), else
+        (None, None)."""
+        from modelpress.core.registry import training_data
+
+        return training_data(model)
+
     def finetune(self, model: nn.Module, epochs: int = 5, lr: float | None = None) -> nn.Module:
         """Train `model` in place on this entry's training data (QAT, recovery after pruning)."""
         from modelpress.core.errors import NotAvailableError

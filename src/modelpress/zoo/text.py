@@ -322,16 +322,15 @@ def sample_sentences(n: int, split: str = "test") -> list[str]:
     return list(sentences[:n])
 
 
-def training_corpus() -> tuple[list[str], list[tuple[str, int]]]:
+def training_corpus(folder: Path | None) -> tuple[list[str], list[tuple[str, int]]]:
     """Every sentence a text encoder may train or calibrate on, and where they come from.
 
-    The unique STS-B train sentences (when the STS-B folder is found; less the few that also occur in
+    The unique STS-B train sentences (from the STS-B `folder` when given; less the few that also occur in
     STS-B dev or test), then the documentation's train split: never a sentence any metric is measured
     on. The second value lists `(source, count)` in order.
     """
     sentences: list[str] = []
     parts: list[tuple[str, int]] = []
-    folder = default_stsb_dir()
     if folder is not None:
         held_out = {s for split in ("dev", "test") for s1, s2, _ in load_split(folder, split) for s in (s1, s2)}
         train = dict.fromkeys(s for s1, s2, _ in load_split(folder, "train") for s in (s1, s2))
@@ -344,10 +343,8 @@ def training_corpus() -> tuple[list[str], list[tuple[str, int]]]:
     return sentences, parts
 
 
-def training_record(count: int, parts: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
+def training_record(count: int, parts: Sequence[tuple[str, int]]) -> dict[str, Any]:
     """The report's record of the first `count` sentences of `training_corpus()`: sources (train splits), counts."""
-    if parts is None:
-        parts = training_corpus()[1]
     taken: dict[str, int] = {}
     left = count
     for source, n in parts:
@@ -375,9 +372,11 @@ class FolderEntry(ZooEntry):
     example_length = 128  # fixed sequence length of `example_inputs` (latency, export)
     fidelity_sentences = 256
 
-    def __init__(self, model: TextEncoder | None = None, name: str = "text-encoder") -> None:
+    def __init__(self, model: TextEncoder | None = None, name: str = "text-encoder", stsb: Any = "find") -> None:
+        """`stsb`: the STS-B folder, looked up once here by default (`default_stsb_dir()`); None: none."""
         self._model = model
         self.name = name
+        self.stsb_dir: Path | None = default_stsb_dir() if stsb == "find" else stsb
         self.description = self.description or "text encoder (token states; mean/CLS pooling)"
         self._reference: dict[str, torch.Tensor] = {}  # fp32 embeddings of each fidelity split
 
@@ -410,7 +409,12 @@ class FolderEntry(ZooEntry):
         return enc["input_ids"].long(), enc["attention_mask"].long()
 
     def _train_sentences(self, n: int) -> list[str]:
-        return training_corpus()[0][:n]
+        return training_corpus(self.stsb_dir)[0][:n]
+
+    def training_set(self, model: nn.Module) -> TrainingData:
+        """Distillation's training set: `training_corpus()` with this entry's STS-B folder."""
+        sentences, parts = training_corpus(self.stsb_dir)
+        return sentences, training_record(len(sentences), parts)
 
     # Sentences per recovery epoch: ~4 minutes of MiniLM training on 2 cores.
     FINETUNE_SENTENCES = 4096
@@ -432,7 +436,7 @@ class FolderEntry(ZooEntry):
 
     def real_batches(self, batch_size: int, n: int = 1024) -> Iterator[tuple[torch.Tensor, ...]]:
         """`n` real sentences in order (STS-B dev when present, else Python docs), dynamically padded."""
-        folder = default_stsb_dir()
+        folder = self.stsb_dir
         if folder is None:
             sentences = list(_doc_sentences()[:n])  # throughput only: any real sentences do
         else:
@@ -468,23 +472,24 @@ class FolderEntry(ZooEntry):
 
     def evaluate(self, model: ModelFn, data: Path | None = None) -> Quality:
         """STS-B test Spearman; without STS-B, mean cosine to the fp32 model on the documentation's test split."""
-        folder = Path(data) if data is not None else default_stsb_dir()
+        folder = Path(data) if data is not None else self.stsb_dir
         return self._stsb(model, folder, "test") if folder is not None else self._fidelity(model, "test")
 
     def validation_quality(self, model: ModelFn, data: Path | None = None) -> Quality:
         """STS-B dev Spearman; without STS-B, fidelity on the documentation's validation split."""
-        folder = Path(data) if data is not None else default_stsb_dir()
+        folder = Path(data) if data is not None else self.stsb_dir
         return self._stsb(model, folder, "dev") if folder is not None else self._fidelity(model, "validation")
 
     def data_record(self, use: str, count: int | None = None, data: Path | None = None) -> dict[str, Any] | None:
         """Where this entry's `use` data comes from (see `ZooEntry.data_record`)."""
         if use in ("training", "calibration"):
+            sentences, parts = training_corpus(self.stsb_dir)
             if count is None:  # training: `finetune`
-                count = min(self.FINETUNE_SENTENCES, len(training_corpus()[0]))
-            return training_record(count)
+                count = min(self.FINETUNE_SENTENCES, len(sentences))
+            return training_record(count, parts)
         if use not in ("evaluation", "validation"):
             return None
-        folder = Path(data) if data is not None else default_stsb_dir()
+        folder = Path(data) if data is not None else self.stsb_dir
         if folder is not None:
             split = "test" if use == "evaluation" else "dev"
             pairs = len(load_split(folder, split))
@@ -496,7 +501,7 @@ class FolderEntry(ZooEntry):
 
 def _training_data(model: nn.Module) -> TrainingData:
     """A text encoder teacher's training set (distillation): `training_corpus()`, never a split scored on."""
-    sentences, parts = training_corpus()
+    sentences, parts = training_corpus(default_stsb_dir())
     return sentences, training_record(len(sentences), parts)
 
 

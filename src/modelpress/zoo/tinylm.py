@@ -32,6 +32,7 @@ from torch import nn
 
 from modelpress.core.context import Context, default_cache_dir
 from modelpress.core.errors import DataError
+from modelpress.core.options import RunOptions
 from modelpress.core.report import Quality
 from modelpress.zoo.base import ModelFn, ZooEntry, register_entry
 from modelpress.zoo.weights_cache import load_or_train
@@ -204,7 +205,7 @@ def train_tiny_lm(model: TinyLM, spec: TinyLMSpec, progress: bool = False, threa
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    ctx = Context(threads=threads, show_progress=progress)
+    ctx = Context(options=RunOptions(threads=threads, progress=progress))
     offsets = torch.arange(spec.seq_len + 1)
     model.train()
     with ctx.threads_scope():

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from modelpress.core.context import Context
+from modelpress.core.options import RunOptions
 from modelpress.zoo.base import ZooEntry
 
 OPTIMIZER = "AdamW+OneCycle"
@@ -51,7 +52,7 @@ def train_classifier(
     opt = torch.optim.AdamW(model.parameters() if params is None else params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
-    ctx = Context(threads=threads, show_progress=progress)
+    ctx = Context(options=RunOptions(threads=threads, progress=progress))
     model.train()
     with ctx.threads_scope():
         for _ in ctx.progress(range(epochs), f"training {label}"):
