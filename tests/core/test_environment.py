@@ -67,3 +67,17 @@ def test_an_explicit_lowering_the_cpu_lacks_is_refused_naming_the_feature(monkey
         inductor.choose_lowering(pt2_float="bf16")
     with pytest.raises(BadInputError, match="unknown CPU feature 'sse9'"):
         environment.has_feature("sse9")
+
+
+def test_the_report_says_how_denormals_are_treated() -> None:
+    import torch
+
+    from modelpress.core.environment import environment
+
+    assert environment(1)["denormals"]["torch"] == "kept (IEEE)"
+    try:
+        supported = torch.set_flush_denormal(True)  # False where the CPU has no flush mode
+        flushed = environment(1)["denormals"]["torch"]
+    finally:
+        torch.set_flush_denormal(False)
+    assert flushed == ("flushed to zero" if supported else "kept (IEEE)")

@@ -228,4 +228,18 @@ def environment(threads: int | None = None) -> dict[str, Any]:
         "cpu": cpu_info(),
         "threads": threads if threads is not None else torch.get_num_threads(),
         "platform": platform.platform(),
+        "denormals": denormals(),
+    }
+
+
+def denormals() -> dict[str, str]:
+    """How float32 denormals are treated, for the report: torch's (measured on this thread: a denormal times
+    one stays non-zero unless flushed) and ONNX Runtime's (set per session, from the graph's metadata)."""
+    import torch
+
+    kept = bool((torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() != 0.0)
+    return {
+        "torch": "kept (IEEE)" if kept else "flushed to zero",
+        "onnxruntime": "as zero inside the sessions of graphs whose metadata asks for it "
+        "(session.set_denormal_as_zero; the calling thread's setting is left as it is)",
     }
