@@ -25,6 +25,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_dir
 from modelpress.core.context import Context
+from modelpress.core.options import RunOptions
 from modelpress.core.registry import apply
 from modelpress.core.report import Report
 from modelpress.export.onnx import export_onnx
@@ -95,8 +96,7 @@ def run(
     report = Report(model=entry.name, recipe={"name": recipe.name, **recipe.to_dict()})
     ctx = Context(
         data=entry.calibration_data(128, 8),  # training split
-        threads=threads,
-        show_progress=False,
+        options=RunOptions(threads=threads, progress=False),
         report=report,
         metric=lambda m: evaluate_split(m, "val").value,  # validation split: the test split stays unseen
     )

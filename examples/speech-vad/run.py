@@ -197,7 +197,9 @@ def run(
         model = entry.load()
         recipe = load_recipe(RECIPE)
         # Calibration: the entry's own speech (other sentences, voices and noise than the clips here).
-        compressed, report = modelpress.compress(entry.name, recipe, threads=threads, progress=False)
+        compressed, report = modelpress.compress(
+            entry.name, recipe, options=modelpress.RunOptions(threads=threads, progress=False)
+        )
         example = entry.example_inputs(2)
         with atomic_dir(out) as tmp, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -31,6 +31,7 @@ from torch import nn
 from modelpress.core.atomic import atomic_dir, atomic_path
 from modelpress.core.context import Context
 from modelpress.core.environment import environment
+from modelpress.core.options import RunOptions
 from modelpress.core.registry import apply
 from modelpress.core.report import Report
 from modelpress.export.artifact import PT2_MIN_COSINE, package_checked
@@ -73,8 +74,7 @@ def compress(name: str, model: nn.Module, recipe: Recipe, threads: int) -> tuple
     report = Report(model=name, recipe={"name": recipe.name, **recipe.to_dict()})
     ctx = Context(
         data=entry.calibration_data(128, 8),
-        threads=threads,
-        show_progress=False,
+        options=RunOptions(threads=threads, progress=False),
         report=report,
         metric=lambda m: entry.validation_quality(m).value,  # choices, if any, on the validation split
     )

@@ -20,6 +20,9 @@ __all__ = [
     "distill",
     "prune",
     "compress",
+    "auto_compress",
+    "AutoSearch",
+    "RunOptions",
     # measurement
     "bench",
     # core
@@ -37,6 +40,9 @@ _LAZY = {
     "quantize": "modelpress.quant",
     "prune": "modelpress.prune",
     "compress": "modelpress.pipeline",
+    "auto_compress": "modelpress.auto",
+    "AutoSearch": "modelpress.auto",
+    "RunOptions": "modelpress.core",
     "Config": "modelpress.core",
     "Context": "modelpress.core",
     "Report": "modelpress.core",
