@@ -277,3 +277,15 @@ def test_an_embedding_that_scales_its_lookup_is_kept_float():
     assert any("embed kept float, untied from lm_head" in w for w in ctx.report.warnings)
     with pytest.raises(ConfigError, match="ScaledEmbedding changes the lookup"):
         QEmbedding(model.embed)
+
+
+def test_a_quantized_conv_answers_what_models_read_of_a_conv() -> None:
+    from modelpress.quant.modules import QConv
+
+    conv = nn.Conv2d(3, 4, (3, 5), stride=2, padding=1)
+    q = quantize(nn.Sequential(conv), WeightOnlyConfig(bits=8))[0]
+    assert isinstance(q, QConv)
+    assert (q.kernel_size, q.stride, q.padding_mode) == ((3, 5), (2, 2), "zeros")
+    assert q.weight.dtype == torch.float32 and q.weight.shape == conv.weight.shape  # ViT reads weight.dtype
+    torch.testing.assert_close(q.weight, q.dequantized_weight())
+    assert "weight" not in dict(q.named_parameters()) and "weight" not in q.state_dict()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from modelpress.core.errors import DataError, ModelLoadError, ModelpressError, UntrustedCodeError
+from modelpress.core.errors import DataError, ModelLoadError, UntrustedCodeError
 from modelpress.loading import resolve
 from modelpress.zoo.images import PHOTO_SPLITS, photo_crops
 from modelpress.zoo.vision import VisionFolderEntry, VisionModel, is_vision_folder
@@ -309,29 +309,7 @@ def test_compress_linear_layers_end_to_end(models: dict[str, Path], tmp_path: Pa
     _check_written(tmp_path / "out", report)
 
 
-# Known failures outside the loading code: strict, so that a fix shows up as XPASS and these markers go.
-QCONV_WEIGHT = (
-    "quant.modules.QConv has no `weight` nor `kernel_size`: HF ViT's forward reads "
-    "embeddings.patch_embeddings.projection.weight.dtype and MobileNetV2's apply_tf_padding conv.kernel_size, "
-    "so their int8 models cannot run"
-)
-RESNET_BN = (
-    "quant.fold.fold_conv_bn finds no Conv-BN pair in HF ResNet (torch.fx cannot trace it; its ConvLayer is no "
-    "nn.Sequential), and the float ONNX export folds the BatchNorm into the Conv weights, which export/onnx_int8's "
-    "quantize_graph then cannot match: 'no ONNX MatMul/Conv carries the weights of ...'"
-)
-QCONV_XFAIL = pytest.mark.xfail(reason=QCONV_WEIGHT, raises=AttributeError, strict=True)
-# ONNX only: every artifact refused (ArtifactsRefused); with .pt2 too: model.onnx left unwritten
-RESNET_XFAIL = pytest.mark.xfail(reason=RESNET_BN, raises=(ModelpressError, AssertionError), strict=True)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param("vit", marks=QCONV_XFAIL),
-        pytest.param("resnet", marks=RESNET_XFAIL),
-    ],
-)
+@pytest.mark.parametrize("name", ["vit", "resnet"])
 def test_compress_int8_dynamic_to_onnx(models: dict[str, Path], tmp_path: Path, name: str) -> None:
     _, report = _compress(models[name], _onnx_only("int8-dynamic"), tmp_path / "out")
     _check_written(tmp_path / "out", report)
@@ -340,13 +318,7 @@ def test_compress_int8_dynamic_to_onnx(models: dict[str, Path], tmp_path: Path, 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param("vit", marks=QCONV_XFAIL),
-        pytest.param("resnet", marks=RESNET_XFAIL),
-        pytest.param("mobilenet_v2", marks=QCONV_XFAIL),
-        "convnext",
-        "swin",
-    ],
+    ["vit", "resnet", "mobilenet_v2", "convnext", "swin"],
 )
 def test_compress_int8_dynamic_builtin(models: dict[str, Path], tmp_path: Path, name: str) -> None:
     _, report = _compress(models[name], "int8-dynamic", tmp_path / "out")

@@ -189,7 +189,14 @@ class QConv(QuantBase):
         self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.padding_mode = conv.kernel_size, conv.padding_mode  # read by models (TF-style padding)
         self._init_quant(conv.weight, conv.bias, wscheme, act, act_range, weight_range)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with, dequantized: models read a conv's `weight.dtype` (ViT's patch
+        embedding casts its input to it)."""
+        return self.dequantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = F.conv1d if self.dims == 1 else F.conv2d

@@ -29,7 +29,7 @@ from modelpress.core.config import Config, check_regex
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError, DataError
 from modelpress.core.layer_filter import LayerFilter
-from modelpress.core.modules import run_batch, set_submodule, take_batches
+from modelpress.core.modules import first_batch, run_batch, set_submodule, take_batches
 from modelpress.core.registry import apply, register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.fold import fold_conv_bn
@@ -348,7 +348,7 @@ def _summary(plans: Sequence[LayerPlan]) -> dict[str, Any]:
 @register(WeightOnlyConfig)
 def weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> nn.Module:
     start = time.perf_counter()
-    folded = fold_conv_bn(model) if cfg.fold_bn else []
+    folded = fold_conv_bn(model, first_batch(ctx.data)) if cfg.fold_bn else []
     plans = plan_layers(model, cfg, ActSpec(mode="none"), ctx)
     _swap(model, plans)
     ctx.report.add_pass("quantize/weight-only", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
@@ -359,7 +359,7 @@ def weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> nn.Mod
 def dynamic(model: nn.Module, cfg: DynamicQuantConfig, ctx: Context) -> nn.Module:
     start = time.perf_counter()
     act = ActSpec(mode="dynamic", bits=8, symmetric=cfg.act_symmetric, granularity=cfg.act_granularity)
-    folded = fold_conv_bn(model) if cfg.fold_bn else []
+    folded = fold_conv_bn(model, first_batch(ctx.data)) if cfg.fold_bn else []
     plans = plan_layers(model, cfg, act, ctx)
     _swap(model, plans)
     ctx.report.add_pass("quantize/dynamic", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
@@ -371,7 +371,7 @@ def static(model: nn.Module, cfg: StaticQuantConfig, ctx: Context) -> nn.Module:
     start = time.perf_counter()
     if ctx.data is None:
         raise DataError("static quantization needs calibration data: pass data=... (CLI: --data) or use a zoo model")
-    folded = fold_conv_bn(model) if cfg.fold_bn else []
+    folded = fold_conv_bn(model, first_batch(ctx.data)) if cfg.fold_bn else []
     act = ActSpec(mode="static", bits=8, symmetric=cfg.act_symmetric)
     plans = plan_layers(model, cfg, act, ctx)
     dynamic_pat = [re.compile(p) for p in cfg.dynamic_layers]

@@ -26,7 +26,7 @@ from torch import nn
 from modelpress.core.config import Config
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
-from modelpress.core.modules import set_submodule
+from modelpress.core.modules import first_batch, set_submodule
 from modelpress.core.registry import register
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.fold import fold_conv_bn
@@ -126,7 +126,7 @@ def prepare_qat(
 ) -> nn.Module:
     """Fold Conv-BN, then wrap selected layers in `FakeQuantLayer`s (activation ranges from `data`), in place."""
     ctx = ctx or Context()
-    fold_conv_bn(model)
+    fold_conv_bn(model, first_batch(data))
     model.eval()
     plans = plan_layers(model, cfg, ActSpec(mode="static", bits=cfg.act_bits, symmetric=False), ctx)
     if cfg.quantize_activations:

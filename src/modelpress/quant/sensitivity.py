@@ -141,7 +141,7 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -
     if not batches:
         raise DataError("the calibration set is empty: mixed precision needs real input batches")
     if isinstance(cfg.base, StaticQuantConfig) and cfg.base.fold_bn:
-        fold_conv_bn(model)  # once, so every trial sees the same folded float model
+        fold_conv_bn(model, batches[0])  # once, so every trial sees the same folded float model
     if cfg.metric == "task":
         if ctx.metric is None:
             raise DataError("metric='task' needs the zoo entry's evaluation (a zoo model), or use 'fidelity'")
