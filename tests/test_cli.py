@@ -176,3 +176,23 @@ def test_ctrl_c_mid_run_leaves_no_output(tmp_path: Path) -> None:
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compress_a_factory_model_with_its_input_shape(tmp_path, capsys):
+    out = tmp_path / "mlp"
+    args = ["compress", "loading_factories:tiny_mlp", "--recipe", "int8-dynamic", "--out", str(out)]
+    args += ["--threads", "1", "--batch-sizes", "1", "--json"]
+    assert main(args) == 2  # inputs unknown: nothing to export or time
+    assert "--input-shape" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--input-shape", "1,5"]) == 2  # does not fit the model's first Linear (4 inputs)
+    err = capsys.readouterr().err
+    assert "--input-shape 1,5 does not fit loading_factories:tiny_mlp" in err and not out.exists()
+    assert main([*args, "--input-shape", "1,x"]) == 2
+    assert "comma-separated positive integers" in capsys.readouterr().err
+    assert main([*args, "--input-shape", "1,4", "--keep-slower"]) == 0  # too small to gain from int8
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "model.onnx").exists() and report["baseline"]["latency_ms"]["1"]["p50"] > 0
+    capsys.readouterr()
+    argv = ["compress", "digits-cnn", "--recipe", "w8", "--input-shape", "1,4", "--out", str(tmp_path / "d")]
+    assert main(argv) == 2
+    assert "brings its own inputs" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from modelpress.cli_options import (
     DataOpt,
+    InputShapeOpt,
     JsonOpt,
     OverwriteOpt,
     ThreadsOpt,
@@ -219,6 +220,7 @@ def compress(
     ] = None,
     threads: ThreadsOpt = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes to time.")] = "1,32",
+    input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
     trust_code: TrustCodeOpt = False,
     trust_pickle: TrustPickleOpt = False,
@@ -234,6 +236,9 @@ def compress(
     Example: [bold]modelpress compress digits-cnn --recipe int8-static --data calib.npy --out out/digits[/bold]
 
     Example: [bold]modelpress compress minilm --auto --max-drop 0.5 --out out/minilm-auto[/bold]
+
+    Example: [bold]modelpress compress mypkg.nets:build --weights ckpt.safetensors --input-shape 1,3,224,224
+    --recipe int8-static --data images/ --out out/net[/bold]
     """
     from modelpress.auto import DEFAULT_CANDIDATES, AutoSearch, auto_compress
     from modelpress.loading import resolve
@@ -254,9 +259,17 @@ def compress(
     search = AutoSearch(max_drop=max_drop, objective=objective, candidates=tried) if auto else None  # type: ignore[arg-type]
     rec = load_recipe(recipe) if recipe is not None else None
     check_data(data, "--data")
+    if input_shape:  # a malformed shape fails before the model loads; one that does not fit, once it has
+        from modelpress.zoo.generic import ShapeEntry
+
+        ShapeEntry.from_shape_text(input_shape)
     _check_out_folder(output, overwrite, model, data, eval_data, recipe, weights)
     _quiet_transformers()
     loaded = resolve(model, weights=weights, trust_code=_trust(trust_code, trust_pickle), cache_dir=options.cache_dir)
+    if input_shape:
+        from modelpress.loading import with_input_shape
+
+        loaded = with_input_shape(loaded, input_shape)
     if search is not None:
         _, report = auto_compress(loaded, search, out_dir=output, data=data, options=options, overwrite=overwrite)
     else:

@@ -42,6 +42,14 @@ TrustCodeOpt = Annotated[
     ),
 ]
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", hidden=True, help="Deprecated: --trust-code.")]
+InputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="Inputs of a model that does not know its own (a package.module:factory), batch first "
+        "(e.g. 1,3,224,224); repeat per input.",
+    ),
+]
 WeightsOpt = Annotated[
     Path | None,
     typer.Option("--weights", help="Weights for a package.module:factory model (.safetensors or weights-only .pt)."),

@@ -15,6 +15,7 @@ refused before it is opened unless `trust_code=True`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pickle
 import re
@@ -125,6 +126,24 @@ def resolve(
         raise ModelLoadError(f"--weights applies to package.module:factory specs, not to {text!r}")
     trust.check_not_special(path, "model")
     return _from_path(path, trust_code)
+
+
+def with_input_shape(loaded: LoadedModel, shapes: str | list[str]) -> LoadedModel:
+    """`loaded` with synthetic example inputs of `shapes` (`--input-shape 1,3,224,224`, batch first; one per
+    input) for a model whose inputs are unknown (a factory, a module, a pickle). The model runs once on
+    them here: a shape it cannot take is refused (`BadInputError`, naming the shape and the model's error).
+    A model whose inputs are known already (a zoo entry, a Hugging Face folder) is refused too."""
+    entry = ShapeEntry.from_shape_text(shapes)
+    shown = " ".join(f"--input-shape {','.join(map(str, s))}" for s in entry.shapes)
+    if loaded.entry is not None and not isinstance(loaded.entry, ShapeEntry):
+        raise BadInputError(f"{shown}: {loaded.spec} brings its own inputs ({loaded.kind}); drop --input-shape")
+    if isinstance(loaded.model, nn.Module):
+        try:
+            with torch.inference_mode():
+                loaded.model(*entry.example_inputs(2))
+        except Exception as e:  # noqa: BLE001 - any error of the user's forward: the shape does not fit
+            raise BadInputError(f"{shown} does not fit {loaded.spec}: {type(e).__name__}: {e}") from None
+    return dataclasses.replace(loaded, entry=entry)
 
 
 def load_model(

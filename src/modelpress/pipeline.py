@@ -110,6 +110,11 @@ def compress_loaded(
     `baseline`: the original's figures, measured earlier in this run (auto mode measures it once).
     """
     lowering = _lowering(rec) if "pt2" in rec.export else None
+    if out_dir is not None and rec.export and loaded.entry is None:  # nothing could be exported or timed
+        raise BadInputError(
+            f"the inputs of {loaded.spec} are unknown, so no artifact can be exported or timed: give its input "
+            "shape (CLI: --input-shape 1,3,224,224; API: loading.with_input_shape), or a recipe with export: []"
+        )
     if loaded.kind == "onnx":
         return _compress_onnx(loaded, rec, data, out_dir, options)
     if not isinstance(loaded.model, nn.Module):
