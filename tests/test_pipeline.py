@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from modelpress.core.options import RunOptions
 from modelpress.pipeline import compress
@@ -184,3 +185,22 @@ def test_one_cache_dir_reaches_the_loader_and_the_passes(tmp_path: Path, monkeyp
     assert seen == [tmp_path / "given"]
     assert len(list((tmp_path / "given" / "breast-cancer").glob("*.safetensors"))) == 1
     assert not default.exists()
+
+
+def test_a_pruned_model_is_also_written_sparse_and_the_report_says_the_runtimes_store_it_dense(tmp_path):
+    from modelpress.prune.sparse_format import load_sparse
+
+    out = tmp_path / "sparse"
+    options = RunOptions(threads=2, batch_sizes=(1,), repeats=2, progress=False, keep_slower=True)
+    model, report = compress("digits-cnn", "prune-sparse-80", out_dir=out, options=options)
+    sparse = out / "model.sparse.safetensors"
+    assert sparse.exists() and sparse.stat().st_size < 0.4 * (out / "model.onnx").stat().st_size
+    state = load_sparse(sparse)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name  # a bit-exact round trip
+    record = next(p for p in report.passes if p.name == "export/sparse")
+    assert record.stats["zero_share"] > 0.75
+    assert any("store them dense" in w and "model.sparse.safetensors" in w for w in report.warnings)
+    dense_out = tmp_path / "dense"
+    compress("digits-cnn", "w8", out_dir=dense_out, options=options)
+    assert not (dense_out / "model.sparse.safetensors").exists()  # integer codes are no pruned weights

@@ -152,6 +152,7 @@ def compress_loaded(
     with atomic_dir(out_dir) as tmp:
         axes = entry.batch_axes if entry is not None else None
         artifacts = _export(compressed, example, rec, tmp, ctx, axes, lowering)
+        _sparse_checkpoint(compressed, artifacts, tmp, ctx)
         report.parity = _parity(loaded.model, compressed, artifacts, example, threads) if artifacts else None
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
         _measure(loaded, compressed, artifacts, report, options, out_dir, baseline)
@@ -166,6 +167,38 @@ def compress_loaded(
         rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
         (options.console or Console()).print(stats_table(rows))
     return compressed, report
+
+
+# Below this share of non-zero weights, a pruned model's weights are written sparse too (the runtimes store
+# them dense).
+SPARSE_CHECKPOINT_BELOW = 0.9
+
+
+def _sparse_checkpoint(model: nn.Module, artifacts: dict[str, Path], folder: Path, ctx: Context) -> None:
+    """Write `model.sparse.safetensors` (bitmask encoding, `prune.load_sparse`) for a model pruned without
+    shrinking its tensors, and say in the report that the runtime artifacts store those zeros dense."""
+    from modelpress.measure.size import artifact_size_bytes
+    from modelpress.prune.sparse_format import save_sparse
+
+    floats = [t for t in model.state_dict().values() if t.is_floating_point() and t.numel() >= 64]
+    params = sum(t.numel() for t in floats)  # integer codes of quantized layers are not pruned weights
+    nonzero = sum(int(t.count_nonzero()) for t in floats)
+    if not params or nonzero >= SPARSE_CHECKPOINT_BELOW * params:
+        return
+    start = time.perf_counter()
+    path = save_sparse(model, folder / "model.sparse.safetensors")
+    sizes = {name: artifact_size_bytes(p) for name, p in artifacts.items()}
+    ctx.report.add_pass(
+        "export/sparse", time.perf_counter() - start, file=path.name, size_bytes=artifact_size_bytes(path),
+        zero_share=round(1 - nonzero / params, 4), runtime_artifact_bytes=sizes,
+    )  # fmt: skip
+    if artifacts:
+        shown = ", ".join(f"{p.name} {sizes[n] / 1e6:.2f} MB" for n, p in artifacts.items())
+        ctx.warn(
+            f"{1 - nonzero / params:.0%} of the weights are zero, but {shown} store them dense (ONNX Runtime and "
+            f"AOTInductor run dense kernels): {path.name} holds the sparse weights in "
+            f"{artifact_size_bytes(path) / 1e6:.2f} MB for PyTorch (modelpress.prune.load_sparse)"
+        )
 
 
 def _warn_inexact_int8(model: nn.Module, report: Report) -> None:
