@@ -46,3 +46,18 @@ def test_a_model_fx_cannot_trace_is_folded_from_one_eager_forward() -> None:
 def test_without_an_example_such_a_model_is_left_as_it_is() -> None:
     model = _model()
     assert fold_conv_bn(model) == [] and isinstance(model.bn_a, nn.BatchNorm2d)
+
+
+def test_a_layer_that_overrides_forward_is_skipped_with_the_reason() -> None:
+    from modelpress.core import Context, RunOptions
+    from modelpress.quant import WeightOnlyConfig, quantize
+
+    class PaddedConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # pads on its own: a QConv would not
+            return super().forward(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+
+    model = nn.Sequential(PaddedConv(3, 4, 3, stride=2), nn.Conv2d(4, 4, 1)).eval()
+    ctx = Context(options=RunOptions(progress=False))
+    q = quantize(model, WeightOnlyConfig(bits=8), ctx=ctx)
+    assert isinstance(q[0], PaddedConv) and type(q[1]).__name__ == "QConv"
+    assert any("PaddedConv overrides Conv2d.forward" in w for w in ctx.report.warnings)

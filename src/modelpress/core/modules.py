@@ -29,6 +29,16 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def custom_forward(module: nn.Module, bases: tuple[type, ...]) -> str | None:
+    """Why a stand-in built from `module`'s weights would not compute what `module` does: its class derives
+    from one of the torch layers `bases` but overrides its `forward` (e.g. a convolution that pads on its
+    own). None when `module` is one of `bases` as torch computes it."""
+    for base in bases:
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            return f"{type(module).__name__} overrides {base.__name__}.forward (a stand-in would compute a plain one)"
+    return None
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters) of `model`, each shared or tied tensor counted once.
 

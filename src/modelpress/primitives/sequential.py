@@ -31,7 +31,7 @@ from torch import nn
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, DataError
 from modelpress.core.layer_filter import LayerFilter
-from modelpress.core.modules import run_batch, set_submodule, take_batches
+from modelpress.core.modules import custom_forward, run_batch, set_submodule, take_batches
 
 # The layers a calibrated pass changes by default: every Linear but a causal LM's output head.
 DEFAULT_LAYERS = LayerFilter(exclude=(r"(^|\.)lm_head$",))
@@ -257,7 +257,9 @@ def selected_linears(
     for name, module in model.named_modules():
         if not name or not layers.selects(name, type(module).__name__):
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and (why := custom_forward(module, (nn.Linear,))) is not None:
+            ctx.warn(f"skipped {name}: {why} ({kept})")
+        elif isinstance(module, nn.Linear):
             chosen[name] = module  # any group size fits: a short last group has its own scale
         elif isinstance(module, nn.Embedding) and tables_elsewhere:
             continue

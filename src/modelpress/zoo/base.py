@@ -104,6 +104,7 @@ _BUILTIN = {
     "mtcnn-onet": "modelpress.zoo.mtcnn",
     "breast-cancer": "modelpress.zoo.breast_cancer",
     "smollm2-135m": "modelpress.zoo.smollm2",
+    "efficientnet-lite0": "modelpress.zoo.efficientnet_lite",
 }
 
 
