@@ -289,3 +289,33 @@ def test_a_quantized_conv_answers_what_models_read_of_a_conv() -> None:
     assert q.weight.dtype == torch.float32 and q.weight.shape == conv.weight.shape  # ViT reads weight.dtype
     torch.testing.assert_close(q.weight, q.dequantized_weight())
     assert "weight" not in dict(q.named_parameters()) and "weight" not in q.state_dict()
+
+
+@pytest.mark.parametrize("config", [WeightOnlyConfig(bits=8), DynamicQuantConfig()])
+def test_layers_torch_reads_as_tensors_are_skipped_with_the_reason(config) -> None:
+    """nn.MultiheadAttention passes `out_proj.weight` to its functional form instead of calling out_proj, and
+    nn.TransformerEncoderLayer's fused inference path reads linear1 / linear2 as tensors: an integer layer there
+    would never run (and has no float `weight`), so it stays float and the report says why."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    attention = nn.MultiheadAttention(16, 2, batch_first=True)
+    model = nn.ModuleDict({"embed": nn.Linear(4, 16), "encoder": encoder, "attention": attention}).eval()
+
+    def forward(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+        h = m["encoder"](m["embed"](x))
+        return m["attention"](h, h, h, need_weights=False)[0]
+
+    ctx = Context(options=RunOptions(progress=False))
+    with pytest.warns(UserWarning, match=r"skipped encoder\.layers\.0\.self_attn\.out_proj: MultiheadAttention reads"):
+        qmodel = quantize(model, config, ctx=ctx)
+    block = qmodel["encoder"].layers[0]
+    kept = [block.self_attn.out_proj, block.linear1, block.linear2, qmodel["attention"].out_proj]
+    assert all(type(m) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) for m in kept)
+    assert isinstance(qmodel["embed"], QLinear)
+    warned = " | ".join(ctx.report.warnings)
+    assert "skipped attention.out_proj: MultiheadAttention reads out_proj.weight directly" in warned
+    assert "skipped encoder.layers.0.linear2: TransformerEncoderLayer's fused inference path reads" in warned
+    x = torch.randn(2, 5, 4)
+    with torch.no_grad():
+        assert sqnr_db(forward(x, model), forward(x, qmodel)) > 20

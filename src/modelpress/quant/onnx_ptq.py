@@ -193,8 +193,14 @@ def check_fields(cfg: Config, honoured: set[str], ctx: Context, at_default: dict
 _EMBEDDINGS_FLOAT = "embedding tables stay float (ONNX Runtime's quantizer leaves Gather nodes as they are)"
 
 
+def _warn_bias_correction(cfg: Any, ctx: Context) -> None:
+    if cfg.bias_correction:
+        ctx.warn("ONNX model: ONNX Runtime's quantizer does not correct the convolutions' biases (bias_correction)")
+
+
 def _check_dynamic(cfg: DynamicQuantConfig, ctx: Context) -> None:
-    check_fields(cfg, {"per_channel", "fold_bn", "layers"}, ctx, {
+    _warn_bias_correction(cfg, ctx)
+    check_fields(cfg, {"per_channel", "fold_bn", "layers", "bias_correction"}, ctx, {
         "act_granularity": "activations are scaled per tensor at run time (ONNX Runtime's dynamic quantization), "
         "not per token",
         "embedding_bits": _EMBEDDINGS_FLOAT,
@@ -202,7 +208,16 @@ def _check_dynamic(cfg: DynamicQuantConfig, ctx: Context) -> None:
 
 
 def _check_static(cfg: StaticQuantConfig, ctx: Context) -> None:
-    honoured = {"per_channel", "act_symmetric", "observer", "calibration_batches", "fold_bn", "layers"}
+    honoured = {
+        "per_channel",
+        "act_symmetric",
+        "observer",
+        "calibration_batches",
+        "fold_bn",
+        "layers",
+        "bias_correction",
+    }
+    _warn_bias_correction(cfg, ctx)
     check_fields(cfg, honoured, ctx, {"embedding_bits": _EMBEDDINGS_FLOAT})
     if cfg.observer.kind == "mse":
         ctx.warn("observer 'mse' has no ONNX Runtime calibrator: this ONNX graph is calibrated with its entropy one")
@@ -222,7 +237,7 @@ def _onnx_static(job: OnnxJob, cfg: StaticQuantConfig, ctx: Context) -> OnnxJob:
 
 @ONNX_PASSES.register(WeightOnlyConfig)
 def _onnx_weight_only(job: OnnxJob, cfg: WeightOnlyConfig, ctx: Context) -> OnnxJob:
-    check_fields(cfg, {"bits", "symmetric", "granularity", "group_size", "fold_bn", "layers"}, ctx)
+    check_fields(cfg, {"bits", "symmetric", "granularity", "group_size", "fold_bn", "layers", "bias_correction"}, ctx)
     if not (cfg.bits == 4 and cfg.granularity == "group"):
         raise BadInputError(
             f"weight-only {cfg.bits}-bit {cfg.granularity} quantization of ONNX graphs is not available; "

@@ -29,9 +29,10 @@ from modelpress.core.config import Config, check_regex
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError, ConfigError, DataError
 from modelpress.core.layer_filter import LayerFilter
-from modelpress.core.modules import first_batch, run_batch, set_submodule, take_batches
+from modelpress.core.modules import custom_forward, first_batch, run_batch, set_submodule, take_batches
 from modelpress.core.registry import apply, register
 from modelpress.primitives.affine import QuantScheme
+from modelpress.quant.bias_correction import conv_input_means, correct_conv_biases
 from modelpress.quant.fold import fold_conv_bn
 from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear, changed_lookup
 from modelpress.quant.observers import ObserverConfig, make_observer
@@ -61,6 +62,8 @@ class WeightOnlyConfig(Config):
     # e.g. {"lm_head$": 8}; mixed precision promotes its sensitive layers here
     layer_bits: dict[str, int] = field(default_factory=dict)
 
+    # the mean output error of each integer convolution's rounded weights folded into its bias (needs data)
+    bias_correction: bool = True
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
@@ -89,6 +92,8 @@ class DynamicQuantConfig(Config):
     # e.g. {"lm_head$": 8}; mixed precision promotes its sensitive layers here
     layer_bits: dict[str, int] = field(default_factory=dict)
 
+    # the mean output error of each integer convolution's rounded weights folded into its bias (needs data)
+    bias_correction: bool = True
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
@@ -122,6 +127,8 @@ class StaticQuantConfig(Config):
     # e.g. {"lm_head$": 8}; mixed precision promotes its sensitive layers here
     layer_bits: dict[str, int] = field(default_factory=dict)
 
+    # the mean output error of each integer convolution's rounded weights folded into its bias (needs data)
+    bias_correction: bool = True
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
@@ -193,8 +200,13 @@ def select_layers(
     out without a warning.
     """
     chosen, skipped = [], {}
+    read_directly = _weights_read_directly(model)
     for name, module in model.named_modules():
         if not name or not layer_filter.selects(name, type(module).__name__):
+            continue
+        if name in read_directly:
+            if ctx is not None:
+                ctx.warn(f"skipped {name}: {read_directly[name]}, so an integer layer would never run (kept in float)")
             continue
         if isinstance(module, nn.Embedding) and (embeddings or tables_elsewhere):
             if module.weight.numel() >= MIN_EMBEDDING_VALUES and not tables_elsewhere:
@@ -214,8 +226,26 @@ def select_layers(
     return chosen
 
 
+def _weights_read_directly(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose owner reads their `weight` instead of calling them -> why. An integer form of such a
+    layer would never run (and has no float `weight` to read): `nn.MultiheadAttention` passes `out_proj.weight`
+    to its functional form, and `nn.TransformerEncoderLayer`'s fused inference path (eval mode, batch first)
+    reads `linear1` / `linear2` (and the attention's weights) as tensors."""
+    out = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.MultiheadAttention):
+            out[f"{prefix}out_proj"] = f"{type(module).__name__} reads out_proj.weight directly instead of calling it"
+        elif isinstance(module, nn.TransformerEncoderLayer):
+            for child in ("linear1", "linear2"):
+                out[f"{prefix}{child}"] = f"{type(module).__name__}'s fused inference path reads {child}.weight directly"
+    return out
+
+
 def why_not_quantizable(module: nn.Module, scheme: QuantScheme) -> str | None:
     """Why `scheme` cannot quantize `module`'s weight, or None when it can."""
+    if (why := custom_forward(module, QUANTIZABLE)) is not None:
+        return why
     if scheme.granularity == "group" and not isinstance(module, nn.Linear):
         return "group-wise quantization applies to Linear layers"
     return None
@@ -247,6 +277,18 @@ def plan_layers(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context) -> list[
             f"supported types are {', '.join(t.__name__ for t in QUANTIZABLE)}"
         )
     return plans
+
+
+def _swap_corrected(model: nn.Module, plans: Sequence[LayerPlan], cfg: Any, data: Any, batches: int) -> list[str]:
+    """`_swap`, then bias correction of the integer convolutions (`cfg.bias_correction`, with data); returns the
+    names of the layers whose bias was corrected."""
+    convs = {p.name: p.module for p in plans if isinstance(p.module, (nn.Conv1d, nn.Conv2d))}
+    if not (getattr(cfg, "bias_correction", False) and convs and data is not None):
+        _swap(model, plans)
+        return []
+    means = conv_input_means(model, list(convs), data, batches)
+    _swap(model, plans)
+    return correct_conv_biases(model, convs, means)
 
 
 def _swap(model: nn.Module, plans: Sequence[LayerPlan]) -> None:
@@ -350,8 +392,11 @@ def weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> nn.Mod
     start = time.perf_counter()
     folded = fold_conv_bn(model, first_batch(ctx.data)) if cfg.fold_bn else []
     plans = plan_layers(model, cfg, ActSpec(mode="none"), ctx)
-    _swap(model, plans)
-    ctx.report.add_pass("quantize/weight-only", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
+    corrected = _swap_corrected(model, plans, cfg, ctx.data, 16)
+    ctx.report.add_pass(
+        "quantize/weight-only", time.perf_counter() - start, folded_bn=folded, bias_corrected=corrected,
+        **_summary(plans),
+    )  # fmt: skip
     return model
 
 
@@ -361,8 +406,11 @@ def dynamic(model: nn.Module, cfg: DynamicQuantConfig, ctx: Context) -> nn.Modul
     act = ActSpec(mode="dynamic", bits=8, symmetric=cfg.act_symmetric, granularity=cfg.act_granularity)
     folded = fold_conv_bn(model, first_batch(ctx.data)) if cfg.fold_bn else []
     plans = plan_layers(model, cfg, act, ctx)
-    _swap(model, plans)
-    ctx.report.add_pass("quantize/dynamic", time.perf_counter() - start, folded_bn=folded, **_summary(plans))
+    corrected = _swap_corrected(model, plans, cfg, ctx.data, 16)
+    ctx.report.add_pass(
+        "quantize/dynamic", time.perf_counter() - start, folded_bn=folded, bias_corrected=corrected,
+        **_summary(plans),
+    )  # fmt: skip
     return model
 
 
@@ -384,11 +432,12 @@ def static(model: nn.Module, cfg: StaticQuantConfig, ctx: Context) -> nn.Module:
         if static_plans
         else 0
     )
-    _swap(model, plans)
+    corrected = _swap_corrected(model, plans, cfg, ctx.data, cfg.calibration_batches)
     ctx.report.add_pass(
         "quantize/static",
         time.perf_counter() - start,
         folded_bn=folded,
+        bias_corrected=corrected,
         calibration_batches=n,
         observer=cfg.observer.kind,
         **_summary(plans),
