@@ -238,7 +238,8 @@ def _weights_read_directly(model: nn.Module) -> dict[str, str]:
             out[f"{prefix}out_proj"] = f"{type(module).__name__} reads out_proj.weight directly instead of calling it"
         elif isinstance(module, nn.TransformerEncoderLayer):
             for child in ("linear1", "linear2"):
-                out[f"{prefix}{child}"] = f"{type(module).__name__}'s fused inference path reads {child}.weight directly"
+                why = f"{type(module).__name__}'s fused inference path reads {child}.weight directly"
+                out[f"{prefix}{child}"] = why
     return out
 
 
