@@ -43,7 +43,7 @@ def test_factory_with_weights_that_do_not_fit(tmp_path):
         ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
         ("loading_factories:missing", "has no callable 'missing'"),
         ("loading_factories:not_a_module", "returned str, expected a torch.nn.Module"),
-        ("bert-huge", "no such file or folder (not a zoo name either; zoo: breast-cancer, digits-cnn, minilm"),
+        ("bert-huge", "not a zoo name either; zoo: breast-cancer, digits-cnn, efficientnet-lite0, minilm"),
         ("/nonexistent/model.onnx", "no such file or folder"),
         ("", "empty model spec"),
     ],

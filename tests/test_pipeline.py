@@ -29,8 +29,11 @@ def digits_int8(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tu
 def test_both_artifacts_match_the_compressed_model(digits_int8: tuple[Path, dict]) -> None:
     out, report = digits_int8
     assert {p.name for p in out.iterdir()} >= {"model.onnx", "model.pt2", "report.json", "report.md", "recipe.yaml"}
+    bf16 = next(p for p in report["passes"] if p["name"] == "export/pt2")["stats"]["float_ops"] == "bf16"
     for kind in ("onnx", "pt2"):
-        assert report["parity"][kind]["mean_cosine"] > 0.9999, report["parity"]
+        # a .pt2 whose float ops run in bf16 (where the CPU has bf16 dot products) rounds every conv's output
+        bar = 0.9995 if kind == "pt2" and bf16 else 0.9999
+        assert report["parity"][kind]["mean_cosine"] > bar, report["parity"]
         assert report["parity"][kind]["mean_cosine_to_original"] > 0.999
     assert load_recipe(out / "recipe.yaml").passes == load_recipe("int8-static").passes
 
