@@ -29,7 +29,7 @@ import json
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from modelpress.core.errors import ModelLoadError, UnsafePickleError, UntrustedCodeError
 from modelpress.core.files import check_not_special as check_not_special
@@ -123,17 +123,21 @@ def hf_custom_code(folder: Path) -> list[tuple[Path, list[str]]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"{file} is not valid JSON: {e}") from None
         auto_map = config.get("auto_map") if isinstance(config, dict) else None
-        if not auto_map:
-            continue
-        named: dict[str, None] = {}  # ordered set
-        for ref in auto_map.values() if isinstance(auto_map, dict) else [auto_map]:
-            for item in ref if isinstance(ref, list) else [ref]:
-                if isinstance(item, str) and "--" not in item and "." in item:
-                    named.setdefault(f"{item.rsplit('.', 1)[0].replace('.', '/')}.py")
-                elif item is not None:
-                    named.setdefault(str(item))
-        found.append((file, list(named) or [json.dumps(auto_map)[:80]]))
+        if auto_map:
+            found.append((file, auto_map_code(auto_map)))
     return found
+
+
+def auto_map_code(auto_map: Any) -> list[str]:
+    """The code files (or references) a Hugging Face `auto_map` names, in order, each once."""
+    named: dict[str, None] = {}  # ordered set
+    for ref in auto_map.values() if isinstance(auto_map, dict) else [auto_map]:
+        for item in ref if isinstance(ref, list) else [ref]:
+            if isinstance(item, str) and "--" not in item and "." in item:
+                named.setdefault(f"{item.rsplit('.', 1)[0].replace('.', '/')}.py")
+            elif item is not None:
+                named.setdefault(str(item))
+    return list(named) or [json.dumps(auto_map)[:80]]
 
 
 ST_MODULES = ("Transformer", "Pooling", "Normalize")  # the sentence_transformers.models classes modelpress reads

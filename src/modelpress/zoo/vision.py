@@ -218,16 +218,7 @@ def _processor_code(file: Path) -> list[str]:
     """The code an image processor's `auto_map` names (empty when it needs none)."""
     settings = _read_json(file) if file.is_file() else None
     auto_map = settings.get("auto_map") if isinstance(settings, dict) else None
-    if not auto_map:
-        return []
-    named: dict[str, None] = {}  # ordered set; named as `trust.hf_custom_code` names them
-    for ref in auto_map.values() if isinstance(auto_map, dict) else [auto_map]:
-        for item in ref if isinstance(ref, list) else [ref]:
-            if isinstance(item, str) and "--" not in item and "." in item:
-                named.setdefault(f"{item.rsplit('.', 1)[0].replace('.', '/')}.py")
-            elif item is not None:
-                named.setdefault(str(item))
-    return list(named) or [json.dumps(auto_map)[:80]]
+    return trust.auto_map_code(auto_map) if auto_map else []
 
 
 def _processor(folder: Path, trust_code: bool) -> Any:
