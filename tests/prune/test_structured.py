@@ -172,6 +172,63 @@ def test_untraceable_op_is_named_with_a_hint_and_exclusion_works():
         prune(model, StructuredPruneConfig(channel_ratio=0.5, exclude=("gate",)), data=[(x,)], ctx=ctx)
 
 
+class WidthReader(nn.Module):
+    """Attention written out the way users do: the head width comes from the residual's `x.shape`, not a -1."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(6, dim)
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, t, d = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        x = x + self.out(a.transpose(1, 2).reshape(b, t, d))
+        x = x + self.fc2(F.relu(self.fc1(x)))
+        return self.head(x.mean(dim=1))
+
+
+def test_a_width_read_as_a_number_keeps_its_channels_whole():
+    """`b, t, d = x.shape` then a view to `d // heads`: cutting x's channels would break the view, so they stay
+    whole (with the reason) and the FFN's inner channels, whose width nothing reads, are cut."""
+    torch.manual_seed(0)
+    model = WidthReader().eval()
+    x = torch.randn(2, 5, 6)
+    ctx = Context(options=RunOptions(progress=False))
+    out = prune(model, StructuredPruneConfig(channel_ratio=0.5), data=[(x,)], ctx=ctx)
+    assert out(x).shape == (2, 3)
+    assert out.embed.out_features == 16 and out.fc1.out_features == 16 and out.fc2.in_features == 16
+    assert any(
+        "kept the output channels of embed whole: its width is read as a number" in w for w in ctx.report.warnings
+    )
+    graph = build_graph(WidthReader().eval(), (x,))
+    assert [g.producers for g in graph.groups] == [["fc1"]]
+    # sizes of other dims read no channel: a CNN's `x.view(x.size(0), -1)` or `x.shape[2:]` still prunes
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    graph = build_graph(_SizeReadingCNN(cnn).eval(), (torch.rand(2, 1, 8, 8),))
+    assert sorted(p for g in graph.groups for p in g.producers) == ["cnn.0", "cnn.2"], graph.blocked
+
+
+class _SizeReadingCNN(nn.Module):
+    def __init__(self, cnn: nn.Sequential) -> None:
+        super().__init__()
+        self.cnn = cnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.cnn[2](self.cnn[1](self.cnn[0](x)))
+        h = h + torch.zeros(h.shape[2:])  # reads the spatial dims only
+        return self.cnn[4](h.view(h.size(0), -1))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

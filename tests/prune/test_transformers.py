@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelpress.core import Context, RunOptions
+from modelpress.core import BadInputError, Context, RunOptions
 from modelpress.measure.size import count_params
 from modelpress.prune import StructuredPruneConfig, prune
 
@@ -151,3 +151,61 @@ def test_pruned_minilm_exports_to_onnx(tmp_path):
     out = prune(model, StructuredPruneConfig(heads_ratio=1 / 3, ffn_ratio=0.5), example_inputs=x)
     path = export_onnx(out, x, tmp_path / "minilm.onnx")
     assert check_parity(out, path, entry.example_inputs(4))["max_abs"] < 1e-3
+
+
+def test_swin_heads_are_cut_with_their_relative_position_bias():
+    """Swin's attention holds a relative position bias per head beside its projections: cut with the heads."""
+    from transformers import SwinConfig, SwinModel
+
+    torch.manual_seed(0)
+    cfg = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4)
+    model = SwinModel(cfg).eval()
+    attn = model.encoder.layers[1].blocks[0].attention
+    with torch.no_grad():  # head 1 of the second stage contributes nothing
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.weight[8:] = 0
+            lin.bias[8:] = 0
+        attn.o_proj.weight[:, 8:] = 0
+        attn.relative_position_bias.relative_position_bias_table.normal_()
+    table = attn.relative_position_bias.relative_position_bias_table.detach().clone()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(pixel_values=x).last_hidden_state
+    out = prune(model, StructuredPruneConfig(heads_ratio=0.5), example_inputs=(x,))
+    torch.testing.assert_close(out(pixel_values=x).last_hidden_state, ref, rtol=0, atol=1e-5)
+    cut = out.encoder.layers[1].blocks[0].attention
+    assert cut.num_attention_heads == 1 and cut.q_proj.out_features == 8
+    torch.testing.assert_close(cut.relative_position_bias.relative_position_bias_table, table[:, :1])
+
+
+class _GatedHeads(torch.nn.Module):
+    """Llama-style names with a learned gate per head the pass does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_dim, self.heads = 8, 4
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(32, 32) for _ in range(4))
+        self.head_gate = torch.nn.Parameter(torch.rand(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (
+            p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v * self.head_gate[:, None, None]
+        return self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_an_attention_layer_with_an_unknown_per_head_tensor_keeps_its_heads():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_GatedHeads(), torch.nn.Linear(32, 32)).eval()
+    x = torch.randn(2, 5, 32)
+    ctx = Context(options=RunOptions(progress=False))
+    with pytest.raises(
+        BadInputError, match=r"no attention layer of Sequential can be cut: 0\.head_gate \[4\] may hold"
+    ):
+        prune(model, StructuredPruneConfig(heads_ratio=0.5), example_inputs=(x,), ctx=ctx)
+    ref = model(x)
+    with pytest.warns(UserWarning, match=r"kept the heads of 0: 0\.head_gate \[4\] may hold one value per head"):
+        out = prune(model, StructuredPruneConfig(heads_ratio=0.5, channel_ratio=0.5), example_inputs=(x,), ctx=ctx)
+    assert out[0].q_proj.out_features == 32 and out[0].heads == 4
+    assert out(x).shape == ref.shape

@@ -319,3 +319,19 @@ def test_layers_torch_reads_as_tensors_are_skipped_with_the_reason(config) -> No
     x = torch.randn(2, 5, 4)
     with torch.no_grad():
         assert sqnr_db(forward(x, model), forward(x, qmodel)) > 20
+
+
+@pytest.mark.parametrize("config", [WeightOnlyConfig(bits=8), DynamicQuantConfig(), StaticQuantConfig()])
+def test_gpt2_conv1d_layers_are_quantized_as_the_linear_they_are(config) -> None:
+    """transformers' Conv1D (GPT-2's projections: y = x @ W + b, W stored (in, out)) becomes the equal Linear
+    and is quantized like one, instead of being passed over."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(32, 64), nn.GELU(), Conv1D(64, 32)).eval()  # Conv1D(nf=out, nx=in)
+    qmodel = quantize(model, config, data=_batches())
+    assert isinstance(qmodel[0], QLinear) and isinstance(qmodel[2], QLinear)
+    assert type(model[0]) is Conv1D  # the input model is untouched
+    x = _batches(1)[0][0]
+    with torch.no_grad():
+        assert sqnr_db(model(x), qmodel(x)) > 25

@@ -178,11 +178,20 @@ def prune_structured(
     head_plan: list[tuple[Any, torch.Tensor]] = []
     ffn_plan: list[tuple[Any, torch.Tensor]] = []
     if cfg.heads_ratio > 0:
-        blocks = find_heads(model)
-        if not blocks:
+        found = find_heads(model)
+        if not found:
             raise BadInputError(
                 f"heads_ratio={cfg.heads_ratio} but {type(model).__name__} has no recognized attention layer "
                 "(BERT-style query/key/value or Llama-style q_proj/k_proj/v_proj/o_proj)"
+            )
+        blocks = [b for b in found if b.skipped is None]
+        for block in found:
+            if block.skipped is not None:
+                ctx.warn(f"kept the heads of {block.name}: {block.skipped}")
+        if not blocks and not cfg.ffn_ratio and not cfg.channel_ratio:
+            raise BadInputError(
+                f"heads_ratio={cfg.heads_ratio} but no attention layer of {type(model).__name__} can be cut: "
+                + "; ".join(str(b.skipped) for b in found[:3])
             )
         head_plan = _plan_blocks(blocks, cfg.heads_ratio, 1, cfg, score)
     if cfg.ffn_ratio > 0:

@@ -6,11 +6,12 @@ Each flavour is a frozen config with a registered handler; `quantize()` applies 
     >>> model = quantize(model, DynamicQuantConfig())                  # activations scaled at run time
     >>> model = quantize(model, WeightOnlyConfig(bits=4, granularity="group", group_size=32))
 
-Linear and Conv1d/Conv2d layers are quantized; Conv-BN pairs are folded first. Layers that
-cannot be quantized (an unsupported type named in `include`, a convolution under a group-wise
-scheme, ...) are skipped with a warning that the report lists. Any group size fits any Linear: a
-width it does not divide ends in a short last group with its own scale, and a group wider than
-the layer is one group per row (`primitives.affine`).
+Linear and Conv1d/Conv2d layers are quantized (transformers' GPT-2 `Conv1D`, a Linear stored
+transposed, as the Linear it is); Conv-BN pairs are folded first. Layers that cannot be quantized
+(an unsupported type named in `include`, a convolution under a group-wise scheme, a Linear whose
+owner reads its weight instead of calling it, ...) are skipped with a warning that the report
+lists. Any group size fits any Linear: a width it does not divide ends in a short last group with
+its own scale, and a group wider than the layer is one group per row (`primitives.affine`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from modelpress.core.layer_filter import LayerFilter
 from modelpress.core.modules import custom_forward, first_batch, run_batch, set_submodule, take_batches
 from modelpress.core.registry import apply, register
 from modelpress.primitives.affine import QuantScheme
+from modelpress.primitives.sequential import convert_conv1d
 from modelpress.quant.bias_correction import conv_input_means, correct_conv_biases
 from modelpress.quant.fold import fold_conv_bn
 from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear, changed_lookup
@@ -64,6 +66,7 @@ class WeightOnlyConfig(Config):
 
     # the mean output error of each integer convolution's rounded weights folded into its bias (needs data)
     bias_correction: bool = True
+
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
@@ -94,6 +97,7 @@ class DynamicQuantConfig(Config):
 
     # the mean output error of each integer convolution's rounded weights folded into its bias (needs data)
     bias_correction: bool = True
+
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
@@ -129,6 +133,7 @@ class StaticQuantConfig(Config):
 
     # the mean output error of each integer convolution's rounded weights folded into its bias (needs data)
     bias_correction: bool = True
+
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
@@ -195,10 +200,12 @@ def select_layers(
 ) -> list[tuple[str, nn.Module]]:
     """(name, module) of the layers `layer_filter` selects; unsupported selected types are warned about.
 
-    With `embeddings`, embedding tables of at least `MIN_EMBEDDING_VALUES` values are selected too;
-    `tables_elsewhere` (the pass quantizes them on its own, e.g. GPTQ's `embedding_bits`) leaves them
-    out without a warning.
+    transformers' GPT-2 style `Conv1D` layers (a Linear with its weight stored transposed) are turned into the
+    equal `nn.Linear` first, in place, as GPTQ / AWQ / SparseGPT do. With `embeddings`, embedding tables of at
+    least `MIN_EMBEDDING_VALUES` values are selected too; `tables_elsewhere` (the pass quantizes them on its
+    own, e.g. GPTQ's `embedding_bits`) leaves them out without a warning.
     """
+    convert_conv1d(model)
     chosen, skipped = [], {}
     read_directly = _weights_read_directly(model)
     for name, module in model.named_modules():

@@ -300,8 +300,9 @@ class _Analysis:
         maps = [self.env.get(a) for a in args]
         x = maps[0] if maps else None
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        if _shape(node) is None:
-            return None  # shape arithmetic (x.size(0), x.shape[1], ...) carries no channels
+        if _shape(node) is None:  # shape arithmetic (x.size(0), x.shape[1], ...) carries no channels, but
+            self.size_read(node, x)  # a channel dim's width read as a number must not change
+            return None
         if (method and target in _ELEMENTWISE_METHODS) or (not method and target in _ELEMENTWISE_FNS):
             return x if len(args) == 1 else self.binary(node, args, maps, name)
         if (method and target in _BINARY_METHODS) or (not method and target in _BINARY):
@@ -328,6 +329,26 @@ class _Analysis:
             return self.reduce(node, x, name)
         self.block_all(node, f"unsupported op {name} ({node.name})")
         return None
+
+    def size_read(self, node: torch.fx.Node, x: ChannelMap | None) -> None:
+        """Block `x`'s channels when `node` reads their number (`x.shape`, `x.size(d)`, `x.numel()`): the model
+        computes with it (`y.view(b, t, heads, d // heads)` with `b, t, d = x.shape`), so cutting them would
+        change what it computes, typically a view that no longer fits."""
+        if x is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return
+        ndim = len(_shape(node.args[0]) or ())
+        target, method = node.target, node.op == "call_method"
+        if method and target == "size":
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = _indexed_dims(node, ndim) if dim is None else {int(dim) % ndim}
+        elif not method and target is getattr and node.args[1:2] == ("shape",):
+            dims = _indexed_dims(node, ndim)
+        elif (method and target == "numel") or target is torch.numel:
+            dims = {x.dim}
+        else:
+            return
+        if x.dim in dims:
+            self.block(x, f"its width is read as a number ({node.name}) that the model computes with")
 
     # ------------------------------------------------------------ op rules
 
@@ -479,6 +500,21 @@ class _Analysis:
             for module, cmap in self.consumers.items()
         }
         return DependencyGraph(list(roots.values()), blocked, rooted)
+
+
+def _indexed_dims(node: torch.fx.Node, ndim: int) -> set[int]:
+    """The dims of a size (`x.shape`, `x.size()`) that `node`'s users read: an int or slice index each; every
+    dim when the size is used whole (passed on, compared, multiplied out)."""
+    dims: set[int] = set()
+    for user in node.users:
+        index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+        if isinstance(index, int):
+            dims.add(index % ndim)
+        elif isinstance(index, slice) and all(isinstance(v, int | None) for v in (index.start, index.stop, index.step)):
+            dims.update(range(ndim)[index])
+        else:
+            return set(range(ndim))
+    return dims
 
 
 def seg_index(seg: Segment) -> torch.Tensor:

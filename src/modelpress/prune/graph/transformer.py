@@ -39,6 +39,9 @@ class HeadBlock:
     num_kv_heads: int
     o_name: str = ""
     linear_names: list[str] = field(default_factory=list)
+    # per-head tensors of the layer beside its projections: (module holding it, attribute, dim of the heads)
+    per_head: list[tuple[nn.Module, str, int]] = field(default_factory=list)
+    skipped: str | None = None  # why its heads cannot be cut (a tensor of the layer that is not understood)
 
     @property
     def units(self) -> int:
@@ -69,6 +72,9 @@ class HeadBlock:
         cut_out(self.k, kv_rows)
         cut_out(self.v, kv_rows)
         cut_in(self.o, q_rows)
+        for module, attr, dim in self.per_head:
+            tensor = getattr(module, attr)
+            tensor.data = tensor.data.index_select(dim, q_heads).contiguous()
         self.num_heads = int(q_heads.numel())
         self.num_kv_heads = int(keep_units.numel())
         owner = self.owner
@@ -112,8 +118,34 @@ def _linear(m: nn.Module, *names: str) -> list[nn.Linear] | None:
     return out if all(isinstance(x, nn.Linear) for x in out) else None  # type: ignore[return-value]
 
 
+# Per-head tensors known beside the projections: attribute -> the dim that holds the heads
+_PER_HEAD = {"relative_position_bias_table": -1}  # Swin / BEiT: a bias per relative position and head
+
+
+def _per_head_tensors(block: HeadBlock) -> HeadBlock:
+    """`block` with the per-head tensors its layer holds beside Q/K/V/O (Swin's relative position bias table), or
+    `skipped` with the reason when the layer holds one whose heads cannot be told apart. A vector of `head_dim`
+    values (Qwen3's and Gemma3's q/k norms) is shared by every head and stays as it is."""
+    inside = {id(p) for lin in (block.q, block.k, block.v, block.o) for p in lin.parameters()}
+    for pname, p in block.owner.named_parameters():
+        if id(p) in inside:
+            continue
+        holder, _, attr = pname.rpartition(".")
+        dim = _PER_HEAD.get(attr)
+        if dim is not None and p.shape[dim] == block.num_heads and block.num_kv_heads == block.num_heads:
+            block.per_head.append((block.owner.get_submodule(holder) if holder else block.owner, attr, dim))
+        elif p.dim() == 1 and p.shape[0] == block.head_dim:
+            continue
+        elif block.num_heads in p.shape or block.num_kv_heads in p.shape:
+            block.skipped = (
+                f"{block.name}.{pname} {list(p.shape)} may hold one value per head, and head pruning does not know "
+                "how to cut it"
+            )
+    return block
+
+
 def find_heads(model: nn.Module) -> list[HeadBlock]:
-    """Every recognized attention layer of `model`, in module order."""
+    """Every recognized attention layer of `model`, in module order (`skipped` says why one cannot be cut)."""
     blocks = []
     for name, m in model.named_modules():
         parent_name = name.rpartition(".")[0]
@@ -127,7 +159,7 @@ def find_heads(model: nn.Module) -> list[HeadBlock]:
             heads = bert[0].out_features // hd
             o_name = f"{parent_name}.output.dense" if parent_name else "output.dense"
             lin = [f"{name}.{n}" for n in ("query", "key", "value")] + [o_name]
-            blocks.append(HeadBlock(name, m, *bert, out, hd, heads, heads, o_name, lin))
+            blocks.append(_per_head_tensors(HeadBlock(name, m, *bert, out, hd, heads, heads, o_name, lin)))
             continue
         llama = _linear(m, "q_proj", "k_proj", "v_proj", "o_proj")
         if llama is not None and isinstance(getattr(m, "head_dim", None), int):
@@ -136,7 +168,7 @@ def find_heads(model: nn.Module) -> list[HeadBlock]:
             if heads % kv:
                 continue
             lin = [f"{name}.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-            blocks.append(HeadBlock(name, m, *llama, hd, heads, kv, f"{name}.o_proj", lin))
+            blocks.append(_per_head_tensors(HeadBlock(name, m, *llama, hd, heads, kv, f"{name}.o_proj", lin)))
     return blocks
 
 
