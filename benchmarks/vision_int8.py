@@ -45,9 +45,11 @@ from modelpress.zoo import get_entry  # noqa: E402
 def ort_int8(fp32: Path, out: Path, calibration: list[tuple[torch.Tensor, ...]]) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    name = OnnxModel(fp32).input_names[0]
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.feeds = iter([{"pixel_values": b[0].numpy()} for b in calibration])
+            self.feeds = iter([{name: b[0].numpy()} for b in calibration])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
@@ -118,10 +120,9 @@ def main() -> None:
     out = cpu_results_dir(env["cpu"]) / "vision_int8.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     rounds = {"quiet": gate.quiet, "noisy": gate.noisy}
-    recipe_passes = [p.to_dict() for p in report.passes]
-    out.write_text(
-        json.dumps({"environment": env, "rounds": rounds, "results": results, "ours_passes": recipe_passes}, indent=1)
-    )
+    passes = [{"name": p.name, "stats": p.stats} for p in report.passes]
+    payload = {"environment": env, "rounds": rounds, "results": results, "ours_passes": passes}
+    out.write_text(json.dumps(payload, indent=1, default=str))
     print(f"wrote {out}")
 
 

@@ -279,7 +279,6 @@ def all_recipes() -> tuple[str, ...]:
 _UNTRACEABLE = r"cannot trace \w+ for channel pruning: the op in '[\w.]+' \(\w+\) broke tracing at .*exclude it"
 _NO_HEADS = r"heads_ratio=0\.3334 but \w+ has no recognized attention layer"
 _NO_TASK = r"metric='task' needs the zoo entry's evaluation \(a zoo model\), or use 'fidelity'"
-_NO_BLOCKS = r"TextEncoder has no transformer blocks \(looked for encoder\.layer, model\.layers, "
 _NOT_A_CHAIN = r"width_ratio students need (a plain conv chain|all convolutions before the classifier)"
 # (family or "*", recipe) -> (the reason a refusal must name, its short form for the matrix); every other
 # cell must be OK
@@ -295,8 +294,6 @@ REFUSED: dict[tuple[str, str], tuple[str, str]] = {
     ("distilbert", "prune-transformer"): (_NO_HEADS, "q_lin/k_lin/v_lin not known"),
     ("user-block", "prune-transformer"): (_NO_HEADS, "q/k/v/out not known"),
     ("user-torch-encoder", "prune-transformer"): (_NO_HEADS, "nn.MultiheadAttention not known"),
-    # a layer-picking student finds BERT's encoder.layer and Llama's model.layers; DistilBERT's are transformer.layer
-    **{("distilbert", r): (_NO_BLOCKS, "its blocks not found") for r in TEXT_DISTILL},
     # mixed precision on the task metric needs one: a user module has inputs, not a task
     **{(f, "medical-mixed"): (_NO_TASK, "no task metric") for f in USER},
     # a width_ratio student is built from a plain chain of convolutions

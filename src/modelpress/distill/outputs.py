@@ -24,6 +24,7 @@ from modelpress.distill.data import Batch
 Outputs = dict[str, torch.Tensor]
 _BLOCK_PATHS = (
     "encoder.layer", "model.layers", "model.decoder.layers", "layers", "transformer.h", "h", "decoder.layers",
+    "transformer.layer",  # DistilBERT
 )  # fmt: skip
 
 
