@@ -291,7 +291,6 @@ REFUSED: dict[tuple[str, str], tuple[str, str]] = {
         "nn.TransformerEncoder not traced into",
     ),
     # head pruning knows BERT's query/key/value and Llama's q/k/v/o_proj
-    ("distilbert", "prune-transformer"): (_NO_HEADS, "q_lin/k_lin/v_lin not known"),
     ("user-block", "prune-transformer"): (_NO_HEADS, "q/k/v/out not known"),
     ("user-torch-encoder", "prune-transformer"): (_NO_HEADS, "nn.MultiheadAttention not known"),
     # mixed precision on the task metric needs one: a user module has inputs, not a task

@@ -209,3 +209,17 @@ def test_an_attention_layer_with_an_unknown_per_head_tensor_keeps_its_heads():
         out = prune(model, StructuredPruneConfig(heads_ratio=0.5, channel_ratio=0.5), example_inputs=(x,), ctx=ctx)
     assert out[0].q_proj.out_features == 32 and out[0].heads == 4
     assert out(x).shape == ref.shape
+
+
+def test_distilbert_heads_and_ffn_are_cut() -> None:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=100, dim=32, n_heads=4, n_layers=2, hidden_dim=64, max_position_embeddings=16)
+    model = DistilBertModel(cfg).eval()
+    ids = torch.randint(1, 100, (2, 7))
+    out = prune(model, StructuredPruneConfig(heads_ratio=0.5, ffn_ratio=0.5), example_inputs=(ids,))
+    attn = out.transformer.layer[0].attention
+    assert attn.q_lin.out_features == 16 and attn.out_lin.in_features == 16 and attn.n_heads == 2
+    assert out.transformer.layer[0].ffn.lin1.out_features == 32 and out.transformer.layer[0].ffn.lin2.in_features == 32
+    assert out(ids).last_hidden_state.shape == (2, 7, 32)

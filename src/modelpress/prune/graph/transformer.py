@@ -81,6 +81,7 @@ class HeadBlock:
         for attr, value in (
             ("num_attention_heads", self.num_heads),
             ("num_heads", self.num_heads),
+            ("n_heads", self.num_heads),
             ("num_key_value_heads", self.num_kv_heads),
             ("all_head_size", self.num_heads * hd),
         ):
@@ -161,6 +162,13 @@ def find_heads(model: nn.Module) -> list[HeadBlock]:
             lin = [f"{name}.{n}" for n in ("query", "key", "value")] + [o_name]
             blocks.append(_per_head_tensors(HeadBlock(name, m, *bert, out, hd, heads, heads, o_name, lin)))
             continue
+        distil = _linear(m, "q_lin", "k_lin", "v_lin", "out_lin")  # DistilBERT
+        if distil is not None and isinstance(getattr(m, "attention_head_size", None), int):
+            hd = m.attention_head_size
+            heads = distil[0].out_features // hd
+            lin = [f"{name}.{n}" for n in ("q_lin", "k_lin", "v_lin", "out_lin")]
+            blocks.append(_per_head_tensors(HeadBlock(name, m, *distil, hd, heads, heads, f"{name}.out_lin", lin)))
+            continue
         llama = _linear(m, "q_proj", "k_proj", "v_proj", "o_proj")
         if llama is not None and isinstance(getattr(m, "head_dim", None), int):
             hd = m.head_dim
@@ -188,7 +196,9 @@ def find_ffns(model: nn.Module) -> list[FFNBlock]:
             names = [f"{prefix}{n}" for n in ("gate_proj", "up_proj", "down_proj")]
             blocks.append(FFNBlock(name, gated[:2], gated[2], names))
             continue
-        fc = _linear(m, "fc1", "fc2")
-        if fc is not None and fc[0].out_features == fc[1].in_features:
-            blocks.append(FFNBlock(name, [fc[0]], fc[1], [f"{prefix}fc1", f"{prefix}fc2"]))
+        for up, down in (("fc1", "fc2"), ("lin1", "lin2")):  # OPT / Phi / ViT-style, DistilBERT
+            pair = _linear(m, up, down)
+            if pair is not None and pair[0].out_features == pair[1].in_features:
+                blocks.append(FFNBlock(name, [pair[0]], pair[1], [f"{prefix}{up}", f"{prefix}{down}"]))
+                break
     return blocks
