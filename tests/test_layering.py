@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     # what comes out of a compressed model, and how it is measured
     ("artifacts", True, ("export", "measure")),
     # composition: the pipeline, and auto mode built on it
-    ("composition", False, ("pipeline", "auto")),
+    ("composition", False, ("pipeline", "artifacts", "auto")),
     # the command line and the public facade
     ("interface", False, ("cli", "cli_options", "signals", "demo", "")),
 )
