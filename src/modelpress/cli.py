@@ -191,7 +191,7 @@ def compress(
         str | None, typer.Option("--recipe", "-r", help="Built-in recipe name or YAML file (or --auto).")
     ] = None,
     auto: Annotated[
-        bool, typer.Option("--auto", help="Try the built-in recipes; keep the best artifact within --max-drop.")
+        bool, typer.Option("--auto", help="Search compressions; keep the best artifact within --max-drop.")
     ] = False,
     max_drop: Annotated[
         str | None,
@@ -204,8 +204,22 @@ def compress(
     objective: Annotated[str, typer.Option(help="Auto mode: latency (at the largest batch size) or size.")] = "latency",
     candidates: Annotated[
         str | None,
-        typer.Option("--candidates", help="Auto mode: comma-separated recipes to try (default: every built-in one)."),
+        typer.Option(
+            "--candidates",
+            help="Auto mode: comma-separated candidates to try (generated names, built-in recipes, recipe files; "
+            "default: the space generated for the model and this CPU).",
+        ),
     ] = None,
+    time_budget: Annotated[
+        str | None,
+        typer.Option("--time-budget", help="Auto mode: wall time of the search, e.g. 90s, 5m, 1h (default: none)."),
+    ] = None,
+    exhaustive: Annotated[
+        bool, typer.Option("--exhaustive", help="Auto mode: measure every candidate in full (no screening).")
+    ] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Auto mode: neither reuse nor keep measurements in the cache.")
+    ] = False,
     overwrite: OverwriteOpt = False,
     data: Annotated[
         Path | None,
@@ -235,12 +249,12 @@ def compress(
 
     Example: [bold]modelpress compress digits-cnn --recipe int8-static --data calib.npy --out out/digits[/bold]
 
-    Example: [bold]modelpress compress minilm --auto --max-drop 0.5 --out out/minilm-auto[/bold]
+    Example: [bold]modelpress compress minilm --auto --max-drop 0.5 --time-budget 5m --out out/minilm-auto[/bold]
 
     Example: [bold]modelpress compress mypkg.nets:build --weights ckpt.safetensors --input-shape 1,3,224,224
     --recipe int8-static --data images/ --out out/net[/bold]
     """
-    from modelpress.auto import DEFAULT_CANDIDATES, AutoSearch, auto_compress
+    from modelpress.auto import AutoSearch, auto_compress
     from modelpress.loading import resolve
     from modelpress.pipeline import compress as run_compress
     from modelpress.recipes.recipe import load_recipe
@@ -249,14 +263,27 @@ def compress(
         raise BadInputError("give either --recipe RECIPE or --auto --max-drop X")
     if auto and max_drop is None:
         raise BadInputError("--auto needs --max-drop, the allowed quality drop (e.g. 0.5 STS-B points)")
-    if candidates is not None and not auto:
-        raise BadInputError("--candidates goes with --auto")
+    for given, flag in ((candidates, "--candidates"), (time_budget, "--time-budget"), (exhaustive, "--exhaustive"),
+                        (no_cache, "--no-cache")):  # fmt: skip
+        if given and not auto:
+            raise BadInputError(f"{flag} goes with --auto")
     options = _run_options(threads, batch_sizes, eval_data, as_json, keep_slower=keep_slower)
-    tried = DEFAULT_CANDIDATES if candidates is None else tuple(c.strip() for c in candidates.split(",") if c.strip())
-    if auto and not tried:
+    tried = None if candidates is None else tuple(c.strip() for c in candidates.split(",") if c.strip())
+    if auto and tried == ():
         raise BadInputError(f"--candidates {candidates!r} names no recipe")
-    # checked before the model loads: a bad budget, recipe, data path or --out
-    search = AutoSearch(max_drop=max_drop, objective=objective, candidates=tried) if auto else None  # type: ignore[arg-type]
+    # checked before the model loads: a bad budget (quality or time), recipe, data path or --out
+    search = (
+        AutoSearch(
+            max_drop=max_drop,
+            objective=objective,
+            candidates=tried,
+            time_budget=time_budget,  # type: ignore[arg-type]
+            strategy="exhaustive" if exhaustive else "search",
+            cache=not no_cache,
+        )  # fmt: skip
+        if auto
+        else None
+    )
     rec = load_recipe(recipe) if recipe is not None else None
     check_data(data, "--data")
     if input_shape:  # a malformed shape fails before the model loads; one that does not fit, once it has

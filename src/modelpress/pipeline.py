@@ -120,33 +120,12 @@ def compress_loaded(
         raise BadInputError(
             f"{loaded.spec}: a {loaded.kind} artifact cannot be compressed; give a PyTorch or ONNX model"
         )
+    compressed, report, ctx = apply_recipe(loaded, rec, data, options)
+    if out_dir is None:
+        return compressed, report
     entry = loaded.entry
     entry_for_eval = entry if entry is not None and entry.has_quality else None
     threads, eval_data = options.threads, options.eval_data
-    report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
-    if data is None and entry is not None:
-        try:
-            data = entry.calibration_data(128, 8)
-        except NotAvailableError:  # an entry with synthetic inputs only: the passes ask for --data if they need it
-            data = None
-        else:
-            _record_data(report, entry, "calibration", count=sum(len(batch[0]) for batch in data))
-    ctx = Context(
-        data=data,
-        options=options,
-        report=report,
-        train_fn=_train_fn(entry, report) if entry is not None else None,
-        metric=choice_metric(entry_for_eval, eval_data, report) if entry_for_eval is not None else None,
-        training_data=entry.training_set if entry is not None else None,
-    )
-    compressed = copy.deepcopy(loaded.model).eval()
-    with ctx.threads_scope():
-        for cfg in rec.passes:
-            compressed = apply(compressed, cfg, ctx)
-    _warn_inexact_int8(compressed, report)
-
-    if out_dir is None:
-        return compressed, report
     example = entry.example_inputs(2) if entry is not None else None
     with atomic_dir(out_dir) as tmp:
         axes = entry.batch_axes if entry is not None else None
@@ -156,9 +135,9 @@ def compress_loaded(
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
         _measure(loaded, compressed, artifacts, report, options, out_dir, baseline)
         if entry_for_eval is not None:
-            _record_data(report, entry_for_eval, "evaluation", data=eval_data)
+            record_data(report, entry_for_eval, "evaluation", data=eval_data)
             if options.validation:
-                _record_data(report, entry_for_eval, "validation", data=eval_data)
+                record_data(report, entry_for_eval, "validation", data=eval_data)
         report.write(tmp)
     if options.progress:
         from modelpress.measure import stats_table
@@ -166,6 +145,40 @@ def compress_loaded(
         rows = [s for s in (report.baseline, *report.artifacts) if s is not None]
         (options.console or Console()).print(stats_table(rows))
     return compressed, report
+
+
+def apply_recipe(
+    loaded: LoadedModel, rec: Recipe, data: Any | None, options: RunOptions
+) -> tuple[nn.Module, Report, Context]:
+    """The passes of `rec` on a copy of `loaded.model` (a PyTorch model): the compressed model, the report that
+    records them and the context they ran in (for the exports that follow). `data`: calibration batches, or
+    None for the zoo entry's own set (named in the report)."""
+    entry = loaded.entry
+    entry_for_eval = entry if entry is not None and entry.has_quality else None
+    report = Report(
+        model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(options.threads)
+    )
+    if data is None and entry is not None:
+        try:
+            data = entry.calibration_data(128, 8)
+        except NotAvailableError:  # an entry with synthetic inputs only: the passes ask for --data if they need it
+            data = None
+        else:
+            record_data(report, entry, "calibration", count=sum(len(batch[0]) for batch in data))
+    ctx = Context(
+        data=data,
+        options=options,
+        report=report,
+        train_fn=_train_fn(entry, report) if entry is not None else None,
+        metric=choice_metric(entry_for_eval, options.eval_data, report) if entry_for_eval is not None else None,
+        training_data=entry.training_set if entry is not None else None,
+    )
+    compressed = copy.deepcopy(loaded.model).eval()
+    with ctx.threads_scope():
+        for cfg in rec.passes:
+            compressed = apply(compressed, cfg, ctx)
+    _warn_inexact_int8(compressed, report)
+    return compressed, report, ctx
 
 
 def _warn_inexact_int8(model: nn.Module, report: Report) -> None:
@@ -191,7 +204,7 @@ def choice_metric(
     def metric(model: nn.Module) -> float:
         quality = entry.validation_quality(model, eval_data)
         if quality is not None and report is not None:
-            _record_data(report, entry, "validation", data=eval_data)
+            record_data(report, entry, "validation", data=eval_data)
         if quality is None:
             if report is not None:
                 report.warn(
@@ -203,7 +216,7 @@ def choice_metric(
     return metric
 
 
-def _record_data(report: Report, entry: ZooEntry, use: str, **kw: Any) -> None:
+def record_data(report: Report, entry: ZooEntry, use: str, **kw: Any) -> None:
     """Name in the report the data `use` ran on, where the entry says (see `ZooEntry.data_record`)."""
     if use not in report.data and (record := entry.data_record(use, **kw)) is not None:
         report.data[use] = record
@@ -213,7 +226,7 @@ def _train_fn(entry: ZooEntry, report: Report) -> Callable[..., nn.Module]:
     """The entry's `finetune`, its training data named in the report."""
 
     def train(model: nn.Module, **kw: Any) -> nn.Module:
-        _record_data(report, entry, "training")
+        record_data(report, entry, "training")
         return entry.finetune(model, **kw)
 
     return train
@@ -264,9 +277,9 @@ def _compress_onnx(
         common = _bench_options(options, memory=False)
         original = (f"{loaded.name} (original)", loaded.model, loaded.entry, loaded.path)
         base = bench([original], **common)[0]
-        (row,) = _gated_bench([], {"onnx": tmp / "model.onnx"}, loaded.entry, base, common)
+        (row,) = gated_bench([], {"onnx": tmp / "model.onnx"}, loaded.entry, base, common)
         row.artifact = str(Path(out_dir) / "model.onnx")
-        _report_gate(report, [row], {})  # the one graph asked for is written even when flagged
+        report_gate(report, [row], {})  # the one graph asked for is written even when flagged
         rows = [base, row]
         report.baseline, report.artifacts, report.compressed = base, [row], row
         report.write(tmp)
@@ -297,12 +310,12 @@ def _measure(
     if baseline is None:
         baseline = bench([(f"{loaded.name} (original)", loaded.model, entry, loaded.path)], **common)[0]
     label = report.recipe["name"] if report.recipe else "compressed"
-    rows = _gated_bench([(f"{loaded.name} ({label}, eager)", compressed, entry)], artifacts, entry, baseline, common)
+    rows = gated_bench([(f"{loaded.name} ({label}, eager)", compressed, entry)], artifacts, entry, baseline, common)
     params = count_params(compressed)
     for s in rows[1:]:
         s.params, s.nonzero_params = params
         s.artifact = str(Path(final_dir) / Path(s.artifact).name) if s.artifact else None
-    _report_gate(report, rows, {} if options.keep_slower else {path.name: path for path in artifacts.values()})
+    report_gate(report, rows, {} if options.keep_slower else {path.name: path for path in artifacts.values()})
     report.baseline = baseline
     report.artifacts = rows
     deployable = [s for s in rows if s.artifact] or rows
@@ -321,10 +334,10 @@ def _bench_options(options: RunOptions, **extra: Any) -> dict[str, Any]:
     )  # fmt: skip
 
 
-_RUNTIME_NAMES = {"onnx": "model.onnx (ONNX Runtime)", "pt2": "model.pt2 (AOTInductor)"}
+RUNTIME_NAMES = {"onnx": "model.onnx (ONNX Runtime)", "pt2": "model.pt2 (AOTInductor)"}
 
 
-def _gated_bench(
+def gated_bench(
     in_process: list[Any],
     artifacts: dict[str, Path],
     entry: ZooEntry | None,
@@ -339,7 +352,7 @@ def _gated_bench(
     threads = common["threads"]
     specs, stopped = list(in_process), []
     for kind, path in artifacts.items():
-        name = _RUNTIME_NAMES[kind]
+        name = RUNTIME_NAMES[kind]
         result = _probe(kind, path, entry, common["batch_sizes"], baseline, threads) if entry is not None else None
         if result is not None and result.stopped is not None:
             stopped.append(stopped_stats(name, path, result, baseline))
@@ -348,7 +361,7 @@ def _gated_bench(
     return [*bench(specs, **common, reference=baseline), *stopped]
 
 
-def _report_gate(report: Report, rows: list[ModelStats], deletable: dict[str, Path]) -> None:
+def report_gate(report: Report, rows: list[ModelStats], deletable: dict[str, Path]) -> None:
     """Warn of every form the speed gate flagged; delete the flagged files named in `deletable` (by file name)."""
     for row in rows:
         message, gate = gate_message(row), row.speed_gate

@@ -114,28 +114,7 @@ class Report:
             lines += ["", "## Passes", "", "| pass | seconds |", "|---|---:|"]
             lines += [f"| {p.name} | {p.seconds:.2f} |" for p in self.passes]
         if self.auto:
-            lines += [
-                "",
-                f"## Auto mode: {self.auto['objective']} within a quality drop of {self.auto['max_drop']}",
-                "",
-            ]
-            lines += [
-                "| candidate | artifact | quality (reported split) | validation | drop (split) | p50 ms | size MB "
-                "| within budget |",
-                "|---|---|---:|---:|---:|---:|---:|---|",
-            ]
-            for c in self.auto["candidates"]:
-                if "error" in c:
-                    lines.append(f"| {c['recipe']} | - | refused: {c['error']} | | | | | no |")
-                    continue
-                val = "-" if c.get("validation_quality") is None else f"{c['validation_quality']:.4f}"
-                lines.append(
-                    f"| {c['recipe']} | {c['artifact']} | {c['quality']:.4f} | {val} | "
-                    f"{c['drop']:.4f} ({c.get('drop_split', 'test')}) | {c['p50_ms']:.2f} | {c['size_mb']:.2f} | "
-                    f"{'yes' if c['within_budget'] else 'no'}"
-                    f"{' (slower than the original: not eligible)' if c.get('slower_than_original') else ''} |"
-                )
-            lines += ["", f"Chosen: {self.auto['chosen']}"]
+            lines += auto_markdown(self.auto)
         if self.warnings:
             lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
         env = self.environment
@@ -163,6 +142,46 @@ class Report:
         atomic_write_text(paths[1], self.to_markdown())
         atomic_write_text(paths[2], render_html(self))
         return paths
+
+
+def auto_markdown(auto: dict[str, Any]) -> list[str]:
+    """Auto mode's section: the budgets, every candidate (screened or measured, and why each was dropped)."""
+    budget = f", time budget {auto['time_budget_s']:.0f} s" if auto.get("time_budget_s") else ""
+    lines = ["", f"## Auto mode: {auto['objective']} within a quality drop of {auto['max_drop']}{budget}", ""]
+    if auto.get("elapsed_s") is not None:
+        n = len({c["recipe"] for c in auto["candidates"]})
+        hits = (auto.get("cache") or {}).get("hits", 0)
+        head = f"{auto.get('strategy', 'search')} over {n} candidates ({auto.get('family', '?')})"
+        lines += [
+            f"{head} in {auto['elapsed_s']:.0f} s; measured in full: {auto.get('measured', '?')}; cache hits: {hits}"
+        ]
+        lines.append("")
+    lines += [
+        "| candidate | artifact | stage | validation | drop (split) | test quality | p50 ms | size MB | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def num(value: Any, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for c in auto["candidates"]:
+        if "error" in c:  # reports written before the search kept refusals this way
+            lines.append(f"| {c['recipe']} | - | - | | | | | | refused: {_cell(c['error'])} |")
+            continue
+        drop = "-" if c.get("drop") is None else f"{c['drop']:.4f} ({c.get('drop_split', 'test')})"
+        why = f": {_cell(c['why'])}" if c.get("why") else ""
+        val, test = num(c.get("validation_quality"), ".4f"), num(c.get("quality"), ".4f")
+        ms, mb = num(c.get("p50_ms"), ".2f"), num(c.get("size_mb"), ".2f")
+        status = c.get("status", "within budget" if c.get("within_budget") else "over budget")
+        stage = c.get("stage", "measured")
+        lines.append(
+            f"| {c['recipe']} | {c['artifact']} | {stage} | {val} | {drop} | {test} | {ms} | {mb} | {status}{why} |"
+        )
+    lines += [
+        "",
+        f"Chosen: {auto['chosen']}" + (f" (its recipe: `{auto['recipe_file']}`)" if auto.get("recipe_file") else ""),
+    ]
+    return lines
 
 
 def _cell(text: str) -> str:

@@ -76,31 +76,40 @@ def _tradeoff(rows: list[ModelStats], cost: str, batch: str | None = None) -> st
     return _png(fig)
 
 
-def _candidates(auto: dict[str, Any]) -> str | None:
-    """Auto mode: every measured candidate, drop against latency (or size), the budget and the choice."""
+def _candidates(auto: dict[str, Any], cost: str, higher: bool) -> str | None:
+    """Auto mode: every candidate with figures, validation quality against `cost` ("p50_ms" or "size_mb"):
+    measured forms filled, screened ones hollow, the Pareto front of the measured ones, the choice in bold."""
     import matplotlib.pyplot as plt
 
-    rows = [r for r in auto.get("candidates", []) if "error" not in r]
+    rows = [
+        r for r in auto.get("candidates", []) if r.get(cost) is not None and r.get("validation_quality") is not None
+    ]
     if len(rows) < 2:
         return None
-    cost = "size_mb" if auto.get("objective") == "size" else "p50_ms"
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for ok, color, label in ((True, "tab:green", "within budget"), (False, "tab:red", "over budget")):
-        pts = [(r[cost], r["drop"]) for r in rows if r["within_budget"] == ok]
+    for stage, style in (
+        ("measured", {"color": "tab:blue"}),
+        ("screened", {"facecolors": "none", "edgecolors": "gray"}),
+    ):
+        pts = [(r[cost], r["validation_quality"]) for r in rows if r.get("stage", "measured") == stage]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, zorder=3)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=stage, zorder=3, **style)
+    measured = [r for r in rows if r.get("stage", "measured") == "measured"]
+    points = [(r[cost], r["validation_quality"]) for r in measured]
+    front = pareto_front(points, higher) if len(points) > 1 else []
+    if front:
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:orange",
+                label="Pareto front (measured)")  # fmt: skip
     for r in rows:
-        chosen = f"{r['recipe']}: {r['artifact']}" == auto.get("chosen")
-        label = f"{r['recipe']} {r['artifact'].split()[0]}" + (" (chosen)" if chosen else "")
-        ax.annotate(label, (r[cost], r["drop"]), textcoords="offset points", xytext=(5, 4), fontsize=7,
+        chosen = r.get("status") == "chosen"
+        label = f"{r['recipe']} {str(r['artifact']).split()[0]}" + (" (chosen)" if chosen else "")
+        ax.annotate(label, (r[cost], r["validation_quality"]), textcoords="offset points", xytext=(5, 4), fontsize=7,
                     weight="bold" if chosen else "normal")  # fmt: skip
-    ax.axhline(auto["max_drop"], color="tab:orange", linestyle="--", label=f"budget {auto['max_drop']}")
     xs = [r[cost] for r in rows]
-    if max(xs) > 20 * min(xs):
+    if min(xs) > 0 and max(xs) > 20 * min(xs):
         ax.set_xscale("log")
-    split = rows[0].get("drop_split", "test")
     ax.set_xlabel(f"p50 latency at batch {auto.get('batch_size')} (ms)" if cost == "p50_ms" else "size on disk (MB)")
-    ax.set_ylabel(f"quality drop ({split} split)")
+    ax.set_ylabel("validation quality")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return _png(fig)
@@ -155,8 +164,11 @@ def render_html(report: Report) -> str:
             figures.append((f"Quality against latency, batch {batch}", png))
     if (png := _tradeoff(rows, "size")) is not None:
         figures.append(("Quality against size", png))
-    if report.auto and (png := _candidates(report.auto)) is not None:
-        figures.append(("Auto mode: every candidate against the quality budget", png))
+    base_quality = report.baseline.quality if report.baseline is not None else None
+    higher = base_quality.higher_is_better if base_quality is not None else True
+    for cost, what in (("p50_ms", "latency"), ("size_mb", "size")):
+        if report.auto and (png := _candidates(report.auto, cost, higher)) is not None:
+            figures.append((f"Auto mode: every candidate's validation quality against {what}", png))
     figures += _layer_charts(report)
     esc = html.escape
     parts = [

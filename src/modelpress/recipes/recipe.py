@@ -107,8 +107,12 @@ def parse_recipe(data: Any, name: str) -> Recipe:
             f"recipe {name}: unknown key {show_value(unknown[0])}; allowed keys: {', '.join(sorted(_KEYS))}"
         )
     passes = data.get("passes")
-    if not isinstance(passes, list) or not passes:
-        raise ConfigError(f"recipe {name}: 'passes' must be a non-empty list of pass configs")
+    # `passes: []` with an explicit `export` list: the model exported as it is (auto mode's float candidate)
+    if not isinstance(passes, list) or (not passes and not data.get("export")):
+        raise ConfigError(
+            f"recipe {name}: 'passes' must be a non-empty list of pass configs (an empty one only with an "
+            "'export' list: the model exported as it is)"
+        )
     configs = []
     for i, p in enumerate(passes):
         try:
