@@ -1,9 +1,15 @@
-"""Depth pruning of a real LLM recovered by distillation: SmolLM2-135M with a third of its blocks cut.
+"""Depth or width pruning of a real LLM recovered by distillation: SmolLM2-135M with a third of its blocks,
+or of its FFN neurons and attention head groups, cut.
 
     HF_HUB_OFFLINE=1 python benchmarks/llm_depth.py [--threads 2] [--minutes 30] [--depth-ratio 0.667]
+    HF_HUB_OFFLINE=1 python benchmarks/llm_depth.py --width-ratio 0.667 [--heads-ratio 0.667] [--minutes 15]
 
-The student keeps the `depth-ratio` most influential of the 30 blocks (block influence, `1 - cos(input,
-output)` of the hidden states, on 16 train windows) and starts from their weights. It is trained to
+Depth: the student keeps the `depth-ratio` most influential of the 30 blocks (block influence, `1 - cos(input,
+output)` of the hidden states, on 16 train windows) and starts from their weights. Width (`--width-ratio`):
+the student keeps every block with `width-ratio` of each FFN's neurons and `heads-ratio` (default: the same)
+of each attention layer's K/V head groups with their query heads, the units that write the most into the
+residual stream on 16 train windows (`||x|| * |W|` of the output projections' columns), and a config that
+says so (results/…/llm_width.json). It is trained to
 imitate the original (KL on the next-token distributions, plus MSE between each kept block's output
 and the teacher block it came from) on the documentation's train split, 256-token windows, for as many
 steps as the time budget allows at the measured speed of the first steps. Quality: perplexity per token
@@ -12,7 +18,7 @@ on 8192 tokens of the test split (`CausalLMEntry.evaluate`), disjoint from the t
 Target (issue: real LLMs): a depth- or width-pruned SmolLM2 with >= 25% fewer parameters recovers at
 least half of its perplexity increase by distillation within 30 minutes on 2 cores.
 
-Results go to results/<cpu>/llm_depth.json with the environment.
+Results go to results/<cpu>/llm_depth.json (llm_width.json) with the environment.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole recovery")
     parser.add_argument("--depth-ratio", type=float, default=0.667)
+    parser.add_argument("--width-ratio", type=float, default=None, help="width pruning instead of depth")
+    parser.add_argument("--heads-ratio", type=float, default=None, help="width: kept head groups (default: width)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--hidden-weight", type=float, default=0.01)
@@ -46,20 +54,27 @@ def main() -> None:
 
     from modelpress.core.environment import environment
     from modelpress.distill import DistillConfig, StudentConfig, build_student, distill
-    from modelpress.distill.api import _causal_lm_training, _probe_batches
+    from modelpress.distill.api import _probe_batches, _zoo_training
     from modelpress.distill.data import as_samples
     from modelpress.zoo import get_entry
 
     entry = get_entry("smollm2-135m")
     teacher = entry.load()
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    ids, record = _causal_lm_training(teacher)
+    ids, record = _zoo_training(teacher)  # the train split's windows (the registry's causal-LM training set)
     samples = as_samples(ids, teacher)
-    student = build_student(teacher, StudentConfig(depth_ratio=args.depth_ratio), _probe_batches(samples))
+    if args.width_ratio is not None:
+        shape = StudentConfig(width_ratio=args.width_ratio, heads_ratio=args.heads_ratio)
+    else:
+        shape = StudentConfig(depth_ratio=args.depth_ratio)
+    start = time.perf_counter()
+    student = build_student(teacher, shape, _probe_batches(samples))
+    build_seconds = time.perf_counter() - start
     fewer = 1 - params(student) / params(teacher)
     base = entry.evaluate(teacher).value
     cut = entry.evaluate(student).value
-    print(f"teacher {params(teacher):,} params, perplexity {base:.3f}; student keeps blocks {student.teacher_layers}:"
+    kept = getattr(student, "width_pruned", {}).get("config") or f"blocks {student.teacher_layers}"
+    print(f"teacher {params(teacher):,} params, perplexity {base:.3f}; student keeps {kept}:"
           f" {params(student):,} params ({fewer:.1%} fewer), perplexity {cut:.3f}", flush=True)  # fmt: skip
 
     def config(steps: int) -> DistillConfig:
@@ -68,9 +83,9 @@ def main() -> None:
                              weight_decay=0.0)  # fmt: skip
 
     start = time.perf_counter()
-    probe = build_student(teacher, StudentConfig(depth_ratio=args.depth_ratio), _probe_batches(samples))
-    distill(teacher, probe, samples, config(args.probe_steps))
-    per_step = (time.perf_counter() - start) / args.probe_steps
+    probe = build_student(teacher, shape, _probe_batches(samples))
+    timed = distill(teacher, probe, samples, config(args.probe_steps))
+    per_step = timed.seconds / max(timed.steps, 1)  # the training steps alone (building the probe is not a step)
     del probe
     budget = args.minutes * 60 - (time.perf_counter() - start)
     steps = max(1, int(budget / per_step * 0.92))  # the rest: evaluation-free margin for slower steps
@@ -88,6 +103,8 @@ def main() -> None:
             "params": params(student),
             "fewer_params": fewer,
             "kept_blocks": list(student.teacher_layers),
+            "width": getattr(student, "width_pruned", None),
+            "build_seconds": build_seconds,
             "perplexity_cut": cut,
             "perplexity_recovered": recovered,
         },  # fmt: skip
@@ -107,7 +124,7 @@ def main() -> None:
         },  # fmt: skip
         "environment": env,
     }
-    out = cpu_results_dir() / "llm_depth.json"
+    out = cpu_results_dir() / ("llm_width.json" if args.width_ratio is not None else "llm_depth.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"CPU: {env['cpu']['model']}, {args.threads} threads; wrote {out}")

@@ -36,7 +36,7 @@ OPTIONAL = ("qwen3", "phi", "falcon")
 RECIPES = (
     "w8", "w4", "w4-gptq", "w4-awq", "int8-dynamic", "int8-smooth", "int8-static",
     "prune-2of4", "prune-sparse-80", "prune-channels-50", "prune-transformer", "prune-wanda-2of4", "prune-sparsegpt-50",
-    "distill-lm-depth",
+    "distill-lm-depth", "distill-lm-width",
 )  # fmt: skip
 DEFAULT_RECIPES = ("w4-gptq",)  # in the default run for every required family; the rest is slow
 GGUF_LAYOUTS = ("llama", "qwen2", "mistral")  # what llama.cpp's llama / qwen2 layouts take
@@ -44,15 +44,19 @@ GGUF_LAYOUTS = ("llama", "qwen2", "mistral")  # what llama.cpp's llama / qwen2 l
 # (family or "*", recipe) -> the reason a refusal must name; every other cell must be OK
 _NOT_TRACEABLE = r"cannot trace CausalLM for channel pruning: .* broke tracing"
 _NO_HEADS = r"heads_ratio=0\.3334 but CausalLM has no recognized attention layer"
+_NOT_NARROWED = r"CausalLM has no attention layer \(Llama-, BERT-style\) or FFN .* that a narrower width can be cut"
 REFUSED: dict[tuple[str, str], str] = {
-    # torch.fx cannot trace transformers' mask construction (data-dependent control flow)
-    ("*", "prune-channels-50"): _NOT_TRACEABLE,
-    # head pruning knows BERT's query/key/value and Llama's q/k/v/o_proj; these name theirs otherwise
-    ("phi3", "prune-transformer"): _NO_HEADS,  # fused qkv_proj
-    ("gpt2", "prune-transformer"): _NO_HEADS,  # fused c_attn (Conv1D)
-    ("opt", "prune-transformer"): _NO_HEADS,  # out_proj
-    ("phi", "prune-transformer"): _NO_HEADS,  # dense
-    ("falcon", "prune-transformer"): _NO_HEADS,  # fused query_key_value
+    # torch.fx cannot trace transformers' mask construction (data-dependent control flow); the model is then
+    # traced part by part, and the MLPs of these hold nothing the graph can cut (a fused gate_up_proj split by
+    # chunk, GPT-2's Conv1D, Falcon's dense_h_to_4h)
+    **{
+        (f, "prune-channels-50"): _NOT_TRACEABLE + r".*traced part by part, none of the"
+        for f in ("phi3", "gpt2", "falcon")
+    },
+    # head and FFN pruning know BERT's, Llama's (o_proj / out_proj / dense), OPT's and Phi's layouts; these fuse
+    # their projections (qkv_proj + gate_up_proj, Conv1D c_attn + c_fc, query_key_value + dense_h_to_4h)
+    **{(f, "prune-transformer"): _NO_HEADS for f in ("phi3", "gpt2", "falcon")},
+    **{(f, "distill-lm-width"): _NOT_NARROWED for f in ("phi3", "gpt2", "falcon")},
 }
 # smallest mean cosine of the compressed eager model's logits to the original's (random weights: the
 # logits are near uniform, so this is where a broken pass shows, rather than in the perplexity)

@@ -234,7 +234,7 @@ FAMILIES = (*TEXT, *VISION, *ZOO, *USER, *DECODERS)
 #   (heads and FFN neurons): models with transformer blocks (text encoders, ViT, Swin, the user blocks);
 # - w4-gptq, w4-awq, prune-sparsegpt-50, prune-wanda-2of4 (calibrated one transformer block at a time,
 #   written for language models): the text encoders, whose blocks are the same as a decoder's;
-#   distill-lm-depth is for causal LMs only (tests/test_llm_breadth.py);
+#   distill-lm-depth and distill-lm-width are for causal LMs only (tests/test_llm_breadth.py);
 # - distill-minilm-l3, distill-l3-int8, distill-l4-int8 (a 6-layer text encoder's teacher layers): the
 #   text encoders;
 # - distill-cnn-quarter (a narrower CNN): the CNNs (ResNet, ConvNeXt, MobileNetV2, digits-cnn, user-cnn);
@@ -250,7 +250,7 @@ TRANSFORMER_RECIPES = ("int8-smooth", "prune-transformer")
 LM_RECIPES = ("w4-gptq", "w4-awq", "prune-sparsegpt-50", "prune-wanda-2of4")
 TEXT_DISTILL = ("distill-minilm-l3", "distill-l3-int8", "distill-l4-int8")
 CNN_DISTILL = ("distill-cnn-quarter",)
-NOT_HERE = ("distill-lm-depth",)  # causal LMs: tests/test_llm_breadth.py
+NOT_HERE = ("distill-lm-depth", "distill-lm-width")  # causal LMs: tests/test_llm_breadth.py
 CNNS = ("resnet", "convnext", "mobilenet_v2", "digits-cnn", "user-cnn")
 TRANSFORMERS = (*TEXT, "vit", "swin", "user-block", "user-torch-encoder")
 
@@ -276,30 +276,25 @@ def all_recipes() -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- expected outcomes
 
-_UNTRACEABLE = r"cannot trace \w+ for channel pruning: the op in '[\w.]+' \(\w+\) broke tracing at .*exclude it"
-_NO_HEADS = r"heads_ratio=0\.3334 but \w+ has no recognized attention layer"
 _NO_TASK = r"metric='task' needs the zoo entry's evaluation \(a zoo model\), or use 'fidelity'"
-_NOT_A_CHAIN = r"width_ratio students need (a plain conv chain|all convolutions before the classifier)"
+_NOT_A_CHAIN = r"width_ratio students need a plain conv chain"
+_DEPTHWISE = _NOT_A_CHAIN + r"; Conv2d\(.*groups=\d+.*\) is a depthwise conv \(groups=\d+\)"
 # (family or "*", recipe) -> (the reason a refusal must name, its short form for the matrix); every other
 # cell must be OK
 REFUSED: dict[tuple[str, str], tuple[str, str]] = {
-    # torch.fx cannot trace Hugging Face models (data-dependent checks of the inputs, mask construction)
-    **{(f, "prune-channels-50"): (_UNTRACEABLE, "fx cannot trace it") for f in (*TEXT, *VISION)},
-    # nn.TransformerEncoder is a leaf the channel graph does not enter; its input and output are blocked
-    ("user-torch-encoder", "prune-channels-50"): (
-        r"no channel of UserTorchEncoder can be pruned: embed: unsupported module encoder \(TransformerEncoder\)",
-        "nn.TransformerEncoder not traced into",
-    ),
-    # head pruning knows BERT's query/key/value and Llama's q/k/v/o_proj
-    ("user-block", "prune-transformer"): (_NO_HEADS, "q/k/v/out not known"),
-    ("user-torch-encoder", "prune-transformer"): (_NO_HEADS, "nn.MultiheadAttention not known"),
     # mixed precision on the task metric needs one: a user module has inputs, not a task
     **{(f, "medical-mixed"): (_NO_TASK, "no task metric") for f in USER},
-    # a width_ratio student is built from a plain chain of convolutions
-    ("resnet", "distill-cnn-quarter"): (_NOT_A_CHAIN, "not a plain conv chain"),
-    ("convnext", "distill-cnn-quarter"): (_NOT_A_CHAIN, "not a plain conv chain"),
-    ("mobilenet_v2", "distill-cnn-quarter"): (_NOT_A_CHAIN, "not a plain conv chain"),
-    ("user-cnn", "distill-cnn-quarter"): (_NOT_A_CHAIN, "not a plain conv chain"),
+    # a width_ratio student is built from a plain chain of convolutions; each refusal names what breaks the chain
+    ("resnet", "distill-cnn-quarter"): (
+        _NOT_A_CHAIN + r"; Conv2d\(.*\) does not feed Conv2d\(.*\) \(a residual shortcut",
+        "residual shortcut",
+    ),
+    ("convnext", "distill-cnn-quarter"): (
+        _NOT_A_CHAIN + r" and one final Linear; Linear\(.*\) comes before Conv2d",
+        "Linear layers between convs",
+    ),
+    ("mobilenet_v2", "distill-cnn-quarter"): (_DEPTHWISE, "depthwise conv"),
+    ("user-cnn", "distill-cnn-quarter"): (_DEPTHWISE, "depthwise conv"),
 }
 
 
@@ -316,9 +311,11 @@ DEFAULT_CELLS = {
     ("bert", "int8-dynamic"),
     ("resnet", "int8-static"),  # Conv-BN pairs folded in an untraceable model
     ("swin", "prune-transformer"),  # a per-head relative position bias cut with the heads
-    ("mobilenet_v2", "prune-channels-50"),  # refused: fx cannot trace it
+    ("mobilenet_v2", "prune-channels-50"),  # traced by parts: inverted residuals' expansions, depthwise convs
+    ("bert", "prune-channels-50"),  # traced by parts: FFN neurons cut by their layout
     ("user-cnn", "prune-channels-50"),  # depthwise and grouped convolutions, GroupNorm, a residual
     ("user-block", "prune-channels-50"),  # a width read from x.shape keeps its channels
+    ("user-torch-encoder", "prune-transformer"),  # nn.MultiheadAttention keeps its heads, linear1/linear2 are cut
     ("user-torch-encoder", "int8-dynamic"),  # nn.MultiheadAttention's out_proj kept float
     ("gpt2", "int8-static"),  # Conv1D projections, quantized as the Linear layers they are
     ("opt", "int8-static"),  # a learned position embedding with its own forward (the issue's crash)
@@ -334,6 +331,21 @@ REPORT_SAYS: dict[tuple[str, str], str] = {
     ("user-torch-encoder", "int8-dynamic"): _MHA_OUT_PROJ_KEPT,
     ("swin", "prune-transformer"): r'"net\.swin\.encoder\.layers\.1\.blocks\.0\.attention": "2->1"',
     ("user-block", "prune-channels-50"): r'"mlp\.0": "128->64"',
+    # fx cannot trace Hugging Face models whole: their sub-modules that trace are cut inside, FFNs by layout
+    ("mobilenet_v2", "prune-channels-50"): r'"net\.mobilenet_v2\.layer\.0\.expand_1x1\.convolution": "48->24"',
+    ("resnet", "prune-channels-50"): r'"net\.resnet\.encoder\.stages\.1\.layers\.0\.layer\.0\.convolution": "16->8"',
+    ("convnext", "prune-channels-50"): r'"net\.convnext\.encoder\.stages\.1\.layers\.0\.pwconv1": "64->32"',
+    ("bert", "prune-channels-50"): r'"backbone\.encoder\.layer\.5": "128->64"',
+    # nn.TransformerEncoder is a leaf of the traced graph: its layers' FFNs (linear1 / linear2) are cut by layout
+    ("user-torch-encoder", "prune-channels-50"): r'"encoder\.layers\.1": "64->32"',
+    # a user's q/k/v/out attention is tried with fewer heads: its view(b, t, heads, d // heads) keeps them whole
+    (
+        "user-block",
+        "prune-transformer",
+    ): r'(?s)"mlp": "128->64".*kept the heads of attn: Attention\'s forward no longer',
+    ("user-torch-encoder", "prune-transformer"): (
+        r'(?s)"encoder\.layers\.1": "64->32".*kept the heads of encoder\.layers\.0\.self_attn: nn\.MultiheadAttention'
+    ),
 }
 
 

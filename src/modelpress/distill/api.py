@@ -252,6 +252,7 @@ def distill_pass(model: nn.Module, cfg: DistillConfig, ctx: Context) -> nn.Modul
         best_metric=result.best_metric,
         stopped_early=result.stopped_early,
         saved_student=str(saved) if saved is not None else None,
+        **({"student_width": student.width_pruned} if hasattr(student, "width_pruned") else {}),
     )
     return result.student
 

@@ -16,17 +16,21 @@ from modelpress.primitives.kd import EMBEDDING_LOSSES
 
 @dataclass(frozen=True)
 class StudentConfig(Config):
-    """A student built from the teacher: fewer transformer `layers`, or a narrower CNN (`width_ratio`).
+    """A student built from the teacher: fewer transformer `layers`, or a narrower model (`width_ratio`).
 
     `layers` lists the teacher layers (0-based) whose weights initialise the student's layers, in
     order; `depth_ratio` keeps that fraction of the teacher's blocks, the ones that change the hidden
     states most on the training data (the least influential are removed); neither, with no
-    `width_ratio`, means every other layer (0, 2, 4, ...).
+    `width_ratio`, means every other layer (0, 2, 4, ...). `width_ratio` keeps that fraction of a CNN's
+    channels, or of a transformer's FFN neurons and attention head groups (grouped-query attention: whole
+    K/V heads with their query heads), the units that write the most into the residual stream on the
+    training data; `heads_ratio` keeps another fraction of the head groups (1.0: every head).
     """
 
     layers: tuple[int, ...] = ()
     width_ratio: float | None = None
     depth_ratio: float | None = None
+    heads_ratio: float | None = None  # transformers with width_ratio: kept fraction of head groups (default: width)
 
     def validate(self) -> None:
         given = [n for n in ("layers", "width_ratio", "depth_ratio") if getattr(self, n) not in ((), None)]
@@ -43,6 +47,11 @@ class StudentConfig(Config):
             raise ConfigError(f"student.layers must not repeat a layer, got {list(self.layers)}")
         if self.width_ratio is not None and not 0.0 < self.width_ratio < 1.0:
             raise ConfigError(f"student.width_ratio must be in (0, 1), got {self.width_ratio}")
+        if self.heads_ratio is not None:
+            if self.width_ratio is None:
+                raise ConfigError("student.heads_ratio narrows a transformer's attention with width_ratio: give both")
+            if not 0.0 < self.heads_ratio <= 1.0:
+                raise ConfigError(f"student.heads_ratio must be in (0, 1], got {self.heads_ratio}")
 
 
 @dataclass(frozen=True)

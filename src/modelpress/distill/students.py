@@ -4,6 +4,7 @@
 >>> student = narrower_cnn(digits_cnn, 0.5)          # half the channels, kept by L1 importance
 >>> student = build_student(teacher, StudentConfig(layers=(0, 2, 4)))
 >>> student = build_student(llm, StudentConfig(depth_ratio=0.67), data=batches)   # least influential blocks cut
+>>> student = build_student(llm, StudentConfig(width_ratio=0.67), data=batches)   # 2/3 of heads and FFN neurons
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from modelpress.core.errors import BadInputError, DataError
 from modelpress.core.modules import run_batch
 from modelpress.distill.config import StudentConfig
 from modelpress.distill.outputs import hf_model, transformer_blocks
+from modelpress.primitives.width import narrow_transformer
 
 
 def fewer_layers(teacher: nn.Module, layers: Sequence[int] | None = None) -> nn.Module:
@@ -74,7 +76,10 @@ def _chain(model: nn.Module) -> tuple[list[tuple[nn.Conv2d, nn.BatchNorm2d | Non
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             if linears:
-                raise BadInputError("width_ratio students need all convolutions before the classifier")
+                raise BadInputError(
+                    f"width_ratio students need a plain conv chain and one final Linear; {linears[-1]} comes before "
+                    f"{m} (Linear layers inside the network, such as a ConvNeXt block's pointwise projections)"
+                )
             convs.append((m, None))
         elif isinstance(m, nn.BatchNorm2d):
             if not convs or convs[-1][1] is not None or convs[-1][0].out_channels != m.num_features:
@@ -88,8 +93,18 @@ def _chain(model: nn.Module) -> tuple[list[tuple[nn.Conv2d, nn.BatchNorm2d | Non
             f"{len(convs)} Conv2d and {len(linears)} Linear"
         )
     for (a, _), (b, _) in zip(convs, convs[1:], strict=False):
-        if a.out_channels != b.in_channels or b.groups != 1:
-            raise BadInputError(f"width_ratio students need a plain conv chain; {a} does not feed {b}")
+        if b.groups != 1:
+            kind = "a depthwise" if b.groups == b.in_channels == b.out_channels else "a grouped"
+            raise BadInputError(
+                f"width_ratio students need a plain conv chain; {b} is {kind} conv (groups={b.groups}), whose "
+                "channels are tied group by group to the conv before it (structured channel pruning, "
+                "prune-channels-50, cuts such convs with their input where the model traces)"
+            )
+        if a.out_channels != b.in_channels:
+            raise BadInputError(
+                f"width_ratio students need a plain conv chain; {a} does not feed {b} (a residual shortcut or a "
+                "parallel branch; structured channel pruning, prune-channels-50, cuts across residual additions)"
+            )
     if linears[0].in_features != convs[-1][0].out_channels:
         raise BadInputError("width_ratio students need the classifier to read the last conv's channels (global pool)")
     return convs, linears[0]
@@ -180,10 +195,31 @@ def most_influential(model: nn.Module, batches: Sequence[tuple[Any, ...]], ratio
     return sorted(sorted(range(len(influence)), key=lambda i: -influence[i])[:k])
 
 
+def narrower_transformer(
+    teacher: nn.Module, width_ratio: float, heads_ratio: float | None, data: Sequence[tuple[Any, ...]] | None
+) -> nn.Module:
+    """A copy of a transformer keeping `width_ratio` of every FFN's neurons and `heads_ratio` (default: the same)
+    of every attention layer's head groups, the ones that write the most into the residual stream on `data`
+    (`primitives.width`). The config follows (Llama-style decoders), so the student saves and reloads as it is.
+    """
+    if not data:
+        raise DataError("a transformer's width_ratio student is scored on data: give training data")
+    student = copy.deepcopy(teacher).eval()
+    blocks = transformer_blocks(student)
+    stats = narrow_transformer(student, width_ratio if heads_ratio is None else heads_ratio, width_ratio, data)
+    if blocks is not None:
+        student.teacher_layers = tuple(range(len(blocks)))  # block i learns from teacher block i (hidden states)
+    student.width_pruned = stats
+    return student
+
+
 def build_student(teacher: nn.Module, cfg: StudentConfig, data: Sequence[tuple[Any, ...]] | None = None) -> nn.Module:
-    """The student `cfg` describes: `width_ratio` → `narrower_cnn`, `depth_ratio` → the most influential
-    blocks on `data` (batches of inputs), else `fewer_layers(layers)`."""
+    """The student `cfg` describes: `width_ratio` → `narrower_transformer` (on `data`) for a transformer,
+    `narrower_cnn` otherwise; `depth_ratio` → the most influential blocks on `data` (batches of inputs), else
+    `fewer_layers(layers)`."""
     if cfg.width_ratio is not None:
+        if transformer_blocks(teacher) is not None:
+            return narrower_transformer(teacher, cfg.width_ratio, cfg.heads_ratio, data)
         return narrower_cnn(teacher, cfg.width_ratio)
     if cfg.depth_ratio is not None:
         if not data:

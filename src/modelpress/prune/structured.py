@@ -5,16 +5,20 @@
 
 `channel_ratio` cuts every group of coupled channels found by tracing (`prune.graph`): a conv's
 output channels with the BatchNorm after it and the input channels of every layer reading them,
-across residual additions, concatenations and flattens. `heads_ratio` and `ffn_ratio` cut
-recognized transformer blocks (`graph.transformer`), which need no tracing. Every layer keeps
-at least one channel, head and neuron; `exclude` (regexes on module names) keeps modules whole.
-The tensors are cut physically, so parameters, FLOPs and latency drop; `finetune_epochs` runs
-the context's training loop to recover.
+across residual additions, concatenations and flattens. A model `torch.fx` cannot trace whole (Hugging
+Face models: data-dependent checks, mask construction) is traced sub-module by sub-module
+(`graph.submodules`): the channels inside each part that traces are cut, and the FFN neurons of its
+recognized transformer blocks (an FFN's intermediate width is its channel group). `heads_ratio` and
+`ffn_ratio` cut recognized transformer blocks (`prune.blocks`), which need no tracing; with
+`importance: activation` they are scored on the calibration data (what each unit writes into the residual
+stream). Every layer keeps at least one channel, head and neuron; `exclude` (regexes on module names)
+keeps modules whole. The tensors are cut physically, so parameters, FLOPs and latency drop; a Llama-style
+model's config follows (`num_attention_heads`, `num_key_value_heads`, `intermediate_size`), so it saves
+and reloads at its new size; `finetune_epochs` runs the context's training loop to recover.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,10 +32,20 @@ from modelpress.core.errors import BadInputError, ConfigError, DataError, Modelp
 from modelpress.core.modules import first_batch
 from modelpress.core.registry import register
 from modelpress.primitives.masks import channel_keep
+from modelpress.primitives.width import sync_config
+from modelpress.prune.blocks import (
+    activation_plans,
+    find_ffns,
+    head_blocks,
+    n_prune,
+    no_blocks_error,
+    plan,
+    untraced_ffns,
+)
 from modelpress.prune.gradients import collect_gradients
 from modelpress.prune.graph.handlers import channel_tensors, cut_in, cut_out
+from modelpress.prune.graph.parts import build_graph_by_parts
 from modelpress.prune.graph.trace import DependencyGraph, build_graph
-from modelpress.prune.graph.transformer import FFNBlock, HeadBlock, find_ffns, find_heads
 from modelpress.prune.importance import NEEDS_GRADIENT, channel_scores
 from modelpress.prune.layers import check_patterns
 from modelpress.prune.masking import make_permanent
@@ -52,7 +66,8 @@ class StructuredPruneConfig(Config):
     channel_ratio: float = 0.0  # of each group of coupled channels (traced graph)
     heads_ratio: float = 0.0  # of each attention layer's heads (K/V head groups for grouped-query attention)
     ffn_ratio: float = 0.0  # of each FFN's intermediate neurons
-    importance: Literal["magnitude", "gradient", "taylor", "random"] = "magnitude"
+    # activation: heads and FFN neurons scored on calibration data (|W| x ||x|| of the output projection's columns)
+    importance: Literal["magnitude", "gradient", "taylor", "random", "activation"] = "magnitude"
     norm: Literal["l1", "l2"] = "l2"
     exclude: tuple[str, ...] = ()  # regexes on module names: kept whole
     round_to: int = 1  # kept channels / neurons rounded up to a multiple (e.g. 8 for SIMD-friendly widths)
@@ -67,7 +82,12 @@ class StructuredPruneConfig(Config):
                 raise ConfigError(f"{field} must be in [0, 1), got {value} (1 would remove a whole layer)")
         if not (self.channel_ratio or self.heads_ratio or self.ffn_ratio):
             raise ConfigError("set channel_ratio, heads_ratio or ffn_ratio above 0: nothing would be pruned")
-        check_importance(self.importance, ("magnitude", "gradient", "taylor", "random"))
+        check_importance(self.importance, ("magnitude", "gradient", "taylor", "random", "activation"))
+        if self.importance == "activation" and self.channel_ratio:
+            raise ConfigError(
+                "importance 'activation' scores attention heads and FFN neurons (heads_ratio, ffn_ratio); "
+                "channel_ratio groups take magnitude, gradient, taylor or random"
+            )
         if self.norm not in ("l1", "l2"):
             raise ConfigError(f"norm must be 'l1' or 'l2', got {self.norm!r}")
         for pattern in self.exclude:
@@ -80,10 +100,6 @@ class StructuredPruneConfig(Config):
             raise ConfigError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         check_at_most(self, "finetune_epochs", MAX_EPOCHS, "training epochs")
         check_seed(self)
-
-
-def _n_prune(units: int, ratio: float) -> int:
-    return min(int(round(ratio * units)), units - 1)  # a layer keeps at least one unit
 
 
 class _Scorer:
@@ -102,22 +118,6 @@ class _Scorer:
         triples = [(m[0], m[3] if len(m) > 3 else self.grads.get(id(m[0])), m[1]) for m in members]
         maps = [m[2] for m in members]
         return channel_scores(self.cfg.importance, triples, self.cfg.norm, self.cfg.seed + self.calls, maps)
-
-
-def _excluded(names: list[str], patterns: tuple[str, ...]) -> bool:
-    return any(re.search(p, n) for p in patterns for n in names)
-
-
-def _plan_blocks(
-    blocks: list[HeadBlock] | list[FFNBlock], ratio: float, round_to: int, cfg: StructuredPruneConfig, score: _Scorer
-) -> list[tuple[Any, torch.Tensor]]:
-    plan = []
-    for b in blocks:
-        if _excluded([b.name, *b.linear_names], cfg.exclude):
-            continue
-        keep = channel_keep(score(b.members()), _n_prune(b.units, ratio), min_keep=1, round_to=round_to)
-        plan.append((b, keep))
-    return plan
 
 
 def _group_members(model: nn.Module, group: Any, score: _Scorer) -> list[tuple[Any, ...]]:
@@ -177,51 +177,63 @@ def prune_structured(
 
     head_plan: list[tuple[Any, torch.Tensor]] = []
     ffn_plan: list[tuple[Any, torch.Tensor]] = []
-    if cfg.heads_ratio > 0:
-        found = find_heads(model)
-        if not found:
-            raise BadInputError(
-                f"heads_ratio={cfg.heads_ratio} but {type(model).__name__} has no recognized attention layer "
-                "(BERT-style query/key/value or Llama-style q_proj/k_proj/v_proj/o_proj)"
-            )
-        blocks = [b for b in found if b.skipped is None]
-        for block in found:
-            if block.skipped is not None:
-                ctx.warn(f"kept the heads of {block.name}: {block.skipped}")
-        if not blocks and not cfg.ffn_ratio and not cfg.channel_ratio:
-            raise BadInputError(
-                f"heads_ratio={cfg.heads_ratio} but no attention layer of {type(model).__name__} can be cut: "
-                + "; ".join(str(b.skipped) for b in found[:3])
-            )
-        head_plan = _plan_blocks(blocks, cfg.heads_ratio, 1, cfg, score)
-    if cfg.ffn_ratio > 0:
-        blocks_f = find_ffns(model)
-        if not blocks_f:
-            raise BadInputError(
-                f"ffn_ratio={cfg.ffn_ratio} but {type(model).__name__} has no recognized FFN "
-                "(intermediate.dense/output.dense, gate_proj/up_proj/down_proj or fc1/fc2)"
-            )
-        ffn_plan = _plan_blocks(blocks_f, cfg.ffn_ratio, cfg.round_to, cfg, score)
+    heads, kept = head_blocks(model, cfg.heads_ratio, example, ctx) if cfg.heads_ratio > 0 else ([], [])
+    ffns = find_ffns(model) if cfg.ffn_ratio > 0 else []
+    if (cfg.heads_ratio or cfg.ffn_ratio) and not heads and not ffns and not cfg.channel_ratio:
+        what = f"heads_ratio={cfg.heads_ratio}" if cfg.heads_ratio else f"ffn_ratio={cfg.ffn_ratio}"
+        raise no_blocks_error(model, what, kept)
+    if cfg.heads_ratio > 0 and not heads and not kept:
+        ctx.warn(f"heads_ratio={cfg.heads_ratio}: no attention layer of {type(model).__name__} can be cut")
+    if cfg.ffn_ratio > 0 and not ffns:
+        ctx.warn(f"ffn_ratio={cfg.ffn_ratio}: {type(model).__name__} has no recognized FFN")
+    if cfg.importance == "activation":
+        head_plan, ffn_plan = activation_plans(
+            model, (heads, cfg.heads_ratio), (ffns, cfg.ffn_ratio), ctx, cfg.importance_batches,
+            (cfg.round_to, cfg.exclude),
+        )  # fmt: skip
+    else:
+        head_plan = plan(heads, cfg.heads_ratio, 1, cfg.exclude, score)
+        ffn_plan = plan(ffns, cfg.ffn_ratio, cfg.round_to, cfg.exclude, score)
 
     graph, keeps = None, {}
     if cfg.channel_ratio > 0:
         if example is None:
             raise DataError("channel pruning traces the model on one real batch: pass data=... (CLI: --data)")
-        graph = build_graph(model, example, cfg.exclude)
+        untraceable: BadInputError | None = None
+        try:
+            graph = build_graph(model, example, cfg.exclude)
+        except BadInputError as e:  # traced part by part: the channels inside each part that traces
+            graph, traced = build_graph_by_parts(model, example, cfg.exclude)
+            untraceable, stats["traced_parts"] = e, traced
         taken = {n for b, _ in head_plan + ffn_plan for n in b.linear_names}
         for group in graph.groups:
             if _touches(group, taken):
                 continue
             scores = score(_group_members(model, group, score))
             keeps[group.space] = channel_keep(
-                scores, _n_prune(group.size, cfg.channel_ratio), min_keep=1, round_to=cfg.round_to
+                scores, n_prune(group.size, cfg.channel_ratio), min_keep=1, round_to=cfg.round_to
             )
-        if not keeps:
+        channel_ffns = plan(untraced_ffns(model, graph, taken), cfg.channel_ratio, cfg.round_to, cfg.exclude, score)
+        if not keeps and not channel_ffns:
+            if untraceable is not None:
+                raise BadInputError(
+                    f"{untraceable}; traced part by part, none of the {len(stats['traced_parts'])} sub-modules that "
+                    "trace holds channels that can be cut"
+                ) from None
             raise BadInputError(
                 f"no channel of {type(model).__name__} can be pruned: "
                 + "; ".join(f"{m}: {', '.join(r)}" for m, r in list(graph.blocked.items())[:6])
             )
-        limits = {m: r for m, r in graph.blocked.items() if not all(any(e in x for e in _EXPECTED) for x in r)}
+        ffn_plan += channel_ffns
+        if untraceable is not None:
+            ctx.warn(
+                f"{type(model).__name__} cannot be traced whole ({str(untraceable).split(';')[0]}): cut the channels "
+                f"inside the {len(stats['traced_parts'])} sub-modules that trace and {len(channel_ffns)} FFNs by their "
+                "layout; the rest is kept whole"
+            )
+        # a part's inputs cannot be cut by construction: what meets them is no limit worth a warning either
+        expected = _EXPECTED if untraceable is None else (*_EXPECTED, "with a tensor that cannot be cut")
+        limits = {m: r for m, r in graph.blocked.items() if not all(any(e in x for e in expected) for x in r)}
         for m, r in limits.items():
             ctx.warn(f"kept the output channels of {m} whole: {'; '.join(r)}")
         stats["kept_whole"] = graph.blocked
@@ -239,6 +251,7 @@ def prune_structured(
                 ",".join(g.producers): f"{g.size}->{keeps[g.space].numel()}" for g in graph.groups if g.space in keeps
             }
             _cut_graph(model, graph, keeps)
+        stats["config"] = sync_config(model)  # a Llama-style config follows its new widths
     _check_runs(model, example)
     if cfg.finetune_epochs > 0:
         model, stats["finetuned"] = finetune(model, ctx, cfg.finetune_epochs, "structured pruning recovery")

@@ -17,6 +17,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from modelpress.primitives.transformer_blocks import cut_linear_in, cut_linear_out, index_tensor
+
+__all__ = [
+    "register_out", "register_in", "can_cut_out", "can_cut_in", "cut_out", "cut_in", "index_tensor",
+    "channel_tensors",
+]  # fmt: skip
+
 Handler = Callable[[nn.Module, torch.Tensor], None]
 _OUT: dict[type[nn.Module], Handler] = {}
 _IN: dict[type[nn.Module], Handler] = {}
@@ -71,18 +78,6 @@ def cut_in(module: nn.Module, keep: torch.Tensor) -> None:
     fn(module, keep)
 
 
-def index_tensor(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
-    """Replace parameter or buffer `name` of `module` by its slice `keep` along `dim` (None stays None)."""
-    t = getattr(module, name, None)
-    if t is None:
-        return
-    new = torch.index_select(t.detach(), dim, keep.to(t.device)).clone()
-    if isinstance(t, nn.Parameter):
-        setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad))
-    else:
-        module._buffers[name] = new
-
-
 @register_out(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv_out(m: nn.Module, keep: torch.Tensor) -> None:
     depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
@@ -105,15 +100,12 @@ def _conv_in(m: nn.Module, keep: torch.Tensor) -> None:
 
 @register_out(nn.Linear)
 def _linear_out(m: nn.Module, keep: torch.Tensor) -> None:
-    index_tensor(m, "weight", 0, keep)  # (out, in)
-    index_tensor(m, "bias", 0, keep)
-    m.out_features = int(keep.numel())
+    cut_linear_out(m, keep)  # type: ignore[arg-type]
 
 
 @register_in(nn.Linear)
 def _linear_in(m: nn.Module, keep: torch.Tensor) -> None:
-    index_tensor(m, "weight", 1, keep)
-    m.in_features = int(keep.numel())
+    cut_linear_in(m, keep)  # type: ignore[arg-type]
 
 
 @register_out(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

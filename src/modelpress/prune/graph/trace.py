@@ -20,9 +20,11 @@ leaves and block everything they touch.
 
 from __future__ import annotations
 
+import importlib
 import math
 import operator
 import re
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,13 +98,15 @@ class _Tracer(torch.fx.Tracer):
     """fx tracer that treats `leaves` as leaf modules and remembers where tracing failed."""
 
     def __init__(self, leaves: set[str]) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=spatial_helpers())
         self.leaves = leaves
         self.stack: list[str] = []
         self.failed_in: list[str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        # transformers' activation classes are elementwise modules like torch's own (see `_Analysis.module`)
+        hf_activation = type(m).__module__ == "transformers.activations"
+        return qualname in self.leaves or hf_activation or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         self.stack.append(self.path_of_module(m))
@@ -114,6 +118,26 @@ class _Tracer(torch.fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+# Library functions that pad the spatial dims by an amount computed from the input's height and width (a
+# number, which fx cannot trace): recorded as one call each, which keeps the channels (dim 1) as they are.
+SPATIAL_HELPERS = (
+    ("transformers.models.mobilenet_v2.modeling_mobilenet_v2", "apply_tf_padding"),
+    ("transformers.models.mobilenet_v1.modeling_mobilenet_v1", "apply_tf_padding"),
+)
+
+
+def spatial_helpers() -> tuple[Any, ...]:
+    """The `SPATIAL_HELPERS` of the libraries already imported (a model of theirs is being traced)."""
+    out = []
+    for module, name in SPATIAL_HELPERS:
+        if module.partition(".")[0] in sys.modules:
+            try:
+                out.append(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError):
+                continue
+    return tuple(out)
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -134,11 +158,12 @@ def excluded_modules(model: nn.Module, exclude: tuple[str, ...]) -> set[str]:
     return out
 
 
-def trace(model: nn.Module, leaves: set[str]) -> torch.fx.GraphModule:
-    """fx trace of `model`; BadInputError naming the module and source line that broke tracing."""
+def trace(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+    """fx trace of `model` (`concrete_args`: forward arguments fixed to a value); BadInputError naming the module
+    and source line that broke tracing."""
     tracer = _Tracer(leaves)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:
         where = tracer.failed_in[-1] if tracer.failed_in else ""
         kind = type(model.get_submodule(where)).__name__ if where else type(model).__name__
@@ -156,12 +181,18 @@ def trace(model: nn.Module, leaves: set[str]) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph)
 
 
-def build_graph(model: nn.Module, example_inputs: tuple[Any, ...], exclude: tuple[str, ...] = ()) -> DependencyGraph:
-    """Trace `model` on `example_inputs` and group its coupled channels."""
+def build_graph(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    exclude: tuple[str, ...] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> DependencyGraph:
+    """Trace `model` on `example_inputs` (the leading positional arguments; `concrete_args` fixes others to a
+    value) and group its coupled channels."""
     leaves = excluded_modules(model, exclude)
-    gm = trace(model, leaves)
+    gm = trace(model, leaves, concrete_args)
     with eval_mode(model), torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+        ShapeProp(gm).propagate(*example_inputs, *(concrete_args or {}).values())  # fixed values are checked
     return _Analysis(gm, leaves).run()
 
 
@@ -279,8 +310,8 @@ class _Analysis:
             if m.weight is not None or isinstance(m, _BN):  # holds per-channel tensors to cut
                 self.carry(name, x.segments[0].space)
             return x
-        if isinstance(m, _ELEMENTWISE_MODULES):
-            return x
+        if isinstance(m, _ELEMENTWISE_MODULES) or type(m).__module__ == "transformers.activations":
+            return x  # transformers' activation classes (GELUActivation, ...) are all elementwise
         if isinstance(m, _SPATIAL_MODULES):
             if x is not None and x.dim != 1:
                 self.block(x, f"{name} pools over dims that hold channels")
@@ -302,12 +333,14 @@ class _Analysis:
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
         if _shape(node) is None:  # shape arithmetic (x.size(0), x.shape[1], ...) carries no channels, but
             self.size_read(node, x)  # a channel dim's width read as a number must not change
+            if not _describes(node):  # a tuple of tensors (chunk, split, unbind): where they go is not followed
+                self.block_all(node, f"unsupported op {name} ({node.name}) returns several tensors")
             return None
         if (method and target in _ELEMENTWISE_METHODS) or (not method and target in _ELEMENTWISE_FNS):
             return x if len(args) == 1 else self.binary(node, args, maps, name)
         if (method and target in _BINARY_METHODS) or (not method and target in _BINARY):
             return self.binary(node, args, maps, name)
-        if not method and target in _SPATIAL_FNS:
+        if not method and (target in _SPATIAL_FNS or target in spatial_helpers()):
             if x is not None and x.dim != 1:
                 self.block(x, f"{name} pools over dims that hold channels")
                 return None
@@ -500,6 +533,24 @@ class _Analysis:
             for module, cmap in self.consumers.items()
         }
         return DependencyGraph(list(roots.values()), blocked, rooted)
+
+
+# What a non-tensor node may read of a tensor without moving its channels: its size, type, place.
+_DESCRIBING_METHODS = {"size", "dim", "numel", "nelement", "get_device", "is_floating_point", "is_contiguous", "type"}
+_DESCRIBING_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "T"}
+
+
+def _describes(node: torch.fx.Node) -> bool:
+    """Whether a node without tensor output only describes its input (`x.shape`, `x.dtype`, `x.size(1)`)."""
+    if node.op == "call_method":
+        return node.target in _DESCRIBING_METHODS
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _DESCRIBING_ATTRS
+    return (
+        node.target in (torch.numel, len)
+        or node.op != "call_function"
+        or not any(isinstance(a, torch.fx.Node) and _shape(a) is not None for a in node.args)
+    )
 
 
 def _indexed_dims(node: torch.fx.Node, ndim: int) -> set[int]:
