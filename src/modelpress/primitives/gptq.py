@@ -203,3 +203,44 @@ def layer_output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: 
     """`trace((W - W_hat) H (W - W_hat)^T)`: the mean squared output error (x2) of a layer on its inputs."""
     d = (weight.float() - weight_hat.float()).double()
     return float(torch.einsum("nk,kl,nl->", d, hessian.double(), d))
+
+
+def gptq_quantize_grouped(
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ for many independent small problems at once: `weight` (G, R, K) against `hessian` (G, K, K), one
+    scale per row (per output channel) from the weight before any update, columns in their own order.
+
+    A depthwise convolution is G = channels problems of one row and K = kernel taps: one call instead of a
+    `gptq_quantize` per channel. Returns codes (G, R, K) in the scheme's storage dtype, scales and zero
+    points (G, R, 1). Dead inputs get a unit diagonal; damping rises tenfold until every problem factors."""
+    if weight.dim() != 3 or hessian.shape != (weight.shape[0], weight.shape[2], weight.shape[2]):
+        raise ConfigError(
+            f"grouped GPTQ needs weights (G, R, K) and Hessians (G, K, K), got {tuple(weight.shape)} and "
+            f"{tuple(hessian.shape)}"
+        )
+    w = weight.detach().float().clone()
+    h = hessian.detach().double().clone()
+    h[~torch.isfinite(h).all(-1).all(-1)] = torch.eye(h.shape[-1], dtype=h.dtype)  # nothing to learn from
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag[dead] = 1.0
+    eye = torch.eye(h.shape[-1], dtype=h.dtype)
+    mean_diag = diag.mean(-1, keepdim=True).unsqueeze(-1)  # (G, 1, 1)
+    for _ in range(MAX_DAMP_TRIES):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if not info.any():
+            break
+        damp *= 10.0
+    else:
+        raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {damp / 10:g}")
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()  # (G, K, K)
+    scale, zero = qparams_from_range(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), scheme)  # (G, R, 1)
+    codes = torch.zeros_like(w, dtype=torch.int32)
+    for i in range(w.shape[-1]):
+        col = w[..., i : i + 1]  # (G, R, 1)
+        q = (torch.round(col / scale) + zero).clamp(scheme.qmin, scheme.qmax)
+        codes[..., i : i + 1] = q.to(torch.int32)
+        err = (col - (q - zero) * scale) / upper[:, i, i].reshape(-1, 1, 1)
+        w[..., i:] -= err * upper[:, i : i + 1, i:]  # (G, R, 1) x (G, 1, K - i)
+    return codes.to(scheme.storage_dtype), scale, zero

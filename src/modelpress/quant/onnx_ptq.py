@@ -196,11 +196,15 @@ _EMBEDDINGS_FLOAT = "embedding tables stay float (ONNX Runtime's quantizer leave
 def _warn_bias_correction(cfg: Any, ctx: Context) -> None:
     if cfg.bias_correction:
         ctx.warn("ONNX model: ONNX Runtime's quantizer does not correct the convolutions' biases (bias_correction)")
+    if cfg.weight_rounding != "nearest":
+        ctx.warn(
+            f"ONNX model: ONNX Runtime's quantizer rounds weights to nearest (weight_rounding {cfg.weight_rounding!r})"
+        )
 
 
 def _check_dynamic(cfg: DynamicQuantConfig, ctx: Context) -> None:
     _warn_bias_correction(cfg, ctx)
-    check_fields(cfg, {"per_channel", "fold_bn", "layers", "bias_correction"}, ctx, {
+    check_fields(cfg, {"per_channel", "fold_bn", "layers", "bias_correction", "weight_rounding"}, ctx, {
         "act_granularity": "activations are scaled per tensor at run time (ONNX Runtime's dynamic quantization), "
         "not per token",
         "embedding_bits": _EMBEDDINGS_FLOAT,
@@ -216,6 +220,7 @@ def _check_static(cfg: StaticQuantConfig, ctx: Context) -> None:
         "fold_bn",
         "layers",
         "bias_correction",
+        "weight_rounding",
     }
     _warn_bias_correction(cfg, ctx)
     check_fields(cfg, honoured, ctx, {"embedding_bits": _EMBEDDINGS_FLOAT})
@@ -237,7 +242,8 @@ def _onnx_static(job: OnnxJob, cfg: StaticQuantConfig, ctx: Context) -> OnnxJob:
 
 @ONNX_PASSES.register(WeightOnlyConfig)
 def _onnx_weight_only(job: OnnxJob, cfg: WeightOnlyConfig, ctx: Context) -> OnnxJob:
-    check_fields(cfg, {"bits", "symmetric", "granularity", "group_size", "fold_bn", "layers", "bias_correction"}, ctx)
+    honoured = {"bits", "symmetric", "granularity", "group_size", "fold_bn", "layers", "bias_correction"}
+    check_fields(cfg, honoured, ctx)
     if not (cfg.bits == 4 and cfg.granularity == "group"):
         raise BadInputError(
             f"weight-only {cfg.bits}-bit {cfg.granularity} quantization of ONNX graphs is not available; "

@@ -38,6 +38,7 @@ from modelpress.quant.bias_correction import conv_input_means, correct_conv_bias
 from modelpress.quant.fold import fold_conv_bn
 from modelpress.quant.modules import ActSpec, QConv, QEmbedding, QLinear, changed_lookup
 from modelpress.quant.observers import ObserverConfig, make_observer
+from modelpress.quant.rounding import gptq_round, layer_hessians
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Layer types users commonly expect to be quantized that have no integer form here: skipped with a warning.
@@ -66,11 +67,14 @@ class WeightOnlyConfig(Config):
 
     # the mean output error of each integer convolution's rounded weights folded into its bias (needs data)
     bias_correction: bool = True
+    # how weights meet their grid: "nearest", or "gptq" (against each layer's calibration inputs, `quant.rounding`)
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
 
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
         check_embedding_bits(self.embedding_bits, self.embedding_group_size)
+        check_rounding(self.weight_rounding, self.granularity)
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.symmetric, self.granularity, 0, self.group_size)
@@ -97,11 +101,14 @@ class DynamicQuantConfig(Config):
 
     # the mean output error of each integer convolution's rounded weights folded into its bias (needs data)
     bias_correction: bool = True
+    # how weights meet their grid: "nearest", or "gptq" (against each layer's calibration inputs, `quant.rounding`)
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
 
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
         check_embedding_bits(self.embedding_bits, self.embedding_group_size)
+        check_rounding(self.weight_rounding, "channel" if self.per_channel else "tensor")
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
@@ -133,6 +140,8 @@ class StaticQuantConfig(Config):
 
     # the mean output error of each integer convolution's rounded weights folded into its bias (needs data)
     bias_correction: bool = True
+    # how weights meet their grid: "nearest", or "gptq" (against each layer's calibration inputs, `quant.rounding`)
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
 
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
@@ -142,6 +151,7 @@ class StaticQuantConfig(Config):
             raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
         for pattern in self.dynamic_layers:
             check_regex(pattern, "dynamic_layers")
+        check_rounding(self.weight_rounding, "channel" if self.per_channel else "tensor")
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, True, "channel" if self.per_channel else "tensor")
@@ -153,6 +163,16 @@ def check_embedding_bits(bits: int | None, group_size: int | None) -> None:
     if group_size is not None and (bits is None or group_size < 2):
         raise ConfigError(
             f"embedding_group_size must be >= 2 and needs embedding_bits, got {group_size} with embedding_bits {bits}"
+        )
+
+
+def check_rounding(rounding: str, granularity: str) -> None:
+    if rounding not in ("nearest", "gptq"):
+        raise ConfigError(f"weight_rounding must be 'nearest' or 'gptq', got {rounding!r}")
+    if rounding == "gptq" and granularity == "tensor":
+        raise ConfigError(
+            "weight_rounding 'gptq' needs a scale per output channel or per group (per_channel: true, or "
+            "granularity channel / group), got one scale per tensor"
         )
 
 
@@ -287,19 +307,28 @@ def plan_layers(model: nn.Module, cfg: Any, act: ActSpec, ctx: Context) -> list[
     return plans
 
 
-def _swap_corrected(model: nn.Module, plans: Sequence[LayerPlan], cfg: Any, data: Any, batches: int) -> list[str]:
-    """`_swap`, then bias correction of the integer convolutions (`cfg.bias_correction`, with data); returns the
-    names of the layers whose bias was corrected."""
+def _swap_corrected(
+    model: nn.Module, plans: Sequence[LayerPlan], cfg: Any, data: Any, batches: int, notes: list[str]
+) -> list[str]:
+    """`_swap` (GPTQ's codes where `cfg.weight_rounding` asks, its notes added to `notes`), then bias correction of
+    the integer convolutions (`cfg.bias_correction`, with data); returns the names of the layers whose bias was
+    corrected."""
     convs = {p.name: p.module for p in plans if isinstance(p.module, (nn.Conv1d, nn.Conv2d))}
-    if not (getattr(cfg, "bias_correction", False) and convs and data is not None):
-        _swap(model, plans)
+    hessians: dict[str, torch.Tensor] = {}
+    if cfg.weight_rounding == "gptq":
+        if data is None:
+            raise DataError("weight_rounding 'gptq' needs calibration data: pass data=... (CLI: --data)")
+        layers = {p.name: p.module for p in plans if not isinstance(p.module, nn.Embedding)}
+        hessians = dict(layer_hessians(model, layers, data, batches))
+    if not (cfg.bias_correction and convs and data is not None):
+        _swap(model, plans, hessians, notes)
         return []
     means = conv_input_means(model, list(convs), data, batches)
-    _swap(model, plans)
+    _swap(model, plans, hessians, notes)
     return correct_conv_biases(model, convs, means)
 
 
-def _swap(model: nn.Module, plans: Sequence[LayerPlan]) -> None:
+def _swap(model: nn.Module, plans: Sequence[LayerPlan], hessians: dict[str, torch.Tensor], notes: list[str]) -> None:
     for plan in plans:
         m = plan.module
         if isinstance(m, nn.Embedding):
@@ -308,6 +337,8 @@ def _swap(model: nn.Module, plans: Sequence[LayerPlan]) -> None:
             new = QLinear.from_float(m, plan.weight, plan.act, plan.act_range)
         else:
             new = QConv(m, plan.weight, plan.act, plan.act_range)
+        if plan.name in hessians:
+            notes += [f"{plan.name}: {note}" for note in gptq_round(new, m, hessians.pop(plan.name))]
         set_submodule(model, plan.name, new)
 
 
@@ -391,8 +422,12 @@ def _check_finite(model: nn.Module) -> None:
             raise BadInputError(f"parameter {name} has non-finite values (NaN or inf); cannot quantize")
 
 
-def _summary(plans: Sequence[LayerPlan]) -> dict[str, Any]:
-    return {"layers": len(plans), "bits": {p.name: p.weight.bits for p in plans}}
+def _summary(plans: Sequence[LayerPlan], cfg: Any, notes: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"layers": len(plans), "bits": {p.name: p.weight.bits for p in plans}}
+    out["weight_rounding"] = cfg.weight_rounding
+    if notes:
+        out["rounding_notes"] = notes
+    return out
 
 
 @register(WeightOnlyConfig)
@@ -400,10 +435,11 @@ def weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> nn.Mod
     start = time.perf_counter()
     folded = fold_conv_bn(model, first_batch(ctx.data)) if cfg.fold_bn else []
     plans = plan_layers(model, cfg, ActSpec(mode="none"), ctx)
-    corrected = _swap_corrected(model, plans, cfg, ctx.data, 16)
+    notes: list[str] = []
+    corrected = _swap_corrected(model, plans, cfg, ctx.data, 16, notes)
     ctx.report.add_pass(
         "quantize/weight-only", time.perf_counter() - start, folded_bn=folded, bias_corrected=corrected,
-        **_summary(plans),
+        **_summary(plans, cfg, notes),
     )  # fmt: skip
     return model
 
@@ -414,10 +450,11 @@ def dynamic(model: nn.Module, cfg: DynamicQuantConfig, ctx: Context) -> nn.Modul
     act = ActSpec(mode="dynamic", bits=8, symmetric=cfg.act_symmetric, granularity=cfg.act_granularity)
     folded = fold_conv_bn(model, first_batch(ctx.data)) if cfg.fold_bn else []
     plans = plan_layers(model, cfg, act, ctx)
-    corrected = _swap_corrected(model, plans, cfg, ctx.data, 16)
+    notes: list[str] = []
+    corrected = _swap_corrected(model, plans, cfg, ctx.data, 16, notes)
     ctx.report.add_pass(
         "quantize/dynamic", time.perf_counter() - start, folded_bn=folded, bias_corrected=corrected,
-        **_summary(plans),
+        **_summary(plans, cfg, notes),
     )  # fmt: skip
     return model
 
@@ -440,7 +477,8 @@ def static(model: nn.Module, cfg: StaticQuantConfig, ctx: Context) -> nn.Module:
         if static_plans
         else 0
     )
-    corrected = _swap_corrected(model, plans, cfg, ctx.data, cfg.calibration_batches)
+    notes: list[str] = []
+    corrected = _swap_corrected(model, plans, cfg, ctx.data, cfg.calibration_batches, notes)
     ctx.report.add_pass(
         "quantize/static",
         time.perf_counter() - start,
@@ -448,7 +486,7 @@ def static(model: nn.Module, cfg: StaticQuantConfig, ctx: Context) -> nn.Module:
         bias_corrected=corrected,
         calibration_batches=n,
         observer=cfg.observer.kind,
-        **_summary(plans),
+        **_summary(plans, cfg, notes),
     )
     return model
 
