@@ -211,14 +211,19 @@ def measure_baseline(setting: Setting, display: Display) -> None:
 
 def run(setting: Setting, trials: list[Trial], search: AutoSearch, display: Display) -> None:
     """Screen the cheap candidates, measure the best of them in full (a result is secured early), then screen
-    the candidates that train (students, pruning with fine-tuning) while time is left, and measure the other
-    finalists. `exhaustive`: every candidate screened and every form measured, nothing dropped."""
+    the candidates that train (students, pruning with fine-tuning) while time is left, each measured at once
+    when it leads, and measure the other finalists. `exhaustive`: every candidate screened and every form
+    measured, nothing dropped."""
     costs: list[float] = []
     cheap = [t for t in trials if t.cand.cost < TRAINED]
     screen_all(setting, cheap, (costs, MAX_FINALISTS * setting.measure_s), search, display)
     best = measure_all(setting, shortlist(setting, trials, search, display)[:1], None, search, display)
-    rest = [t for t in trials if t.cand.cost >= TRAINED]
-    screen_all(setting, rest, (costs, (MAX_FINALISTS - 1) * setting.measure_s), search, display)
+    for trial in [t for t in trials if t.cand.cost >= TRAINED]:
+        screen_all(setting, [trial], (costs, (MAX_FINALISTS - 1) * setting.measure_s), search, display)
+        if search.strategy != "exhaustive" and trial.status == "screened":
+            # a trained candidate that leads is measured at once: the next one's training may use up the budget
+            top = [t for t in shortlist(setting, trials, search, display)[:1] if not t.measured]
+            best = measure_all(setting, top, best, search, display)
     finalists = shortlist(setting, trials, search, display)
     measure_all(setting, [t for t in finalists if not t.measured], best, search, display)
     for trial in trials:
