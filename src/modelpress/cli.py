@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from modelpress.cli_options import (
+    AutoFlags,
     DataOpt,
     InputShapeOpt,
     JsonOpt,
@@ -254,36 +255,16 @@ def compress(
     Example: [bold]modelpress compress mypkg.nets:build --weights ckpt.safetensors --input-shape 1,3,224,224
     --recipe int8-static --data images/ --out out/net[/bold]
     """
-    from modelpress.auto import AutoSearch, auto_compress
+    from modelpress.auto import auto_compress
     from modelpress.loading import resolve
     from modelpress.pipeline import compress as run_compress
     from modelpress.recipes.recipe import load_recipe
 
     if auto == (recipe is not None):
         raise BadInputError("give either --recipe RECIPE or --auto --max-drop X")
-    if auto and max_drop is None:
-        raise BadInputError("--auto needs --max-drop, the allowed quality drop (e.g. 0.5 STS-B points)")
-    for given, flag in ((candidates, "--candidates"), (time_budget, "--time-budget"), (exhaustive, "--exhaustive"),
-                        (no_cache, "--no-cache")):  # fmt: skip
-        if given and not auto:
-            raise BadInputError(f"{flag} goes with --auto")
-    options = _run_options(threads, batch_sizes, eval_data, as_json, keep_slower=keep_slower)
-    tried = None if candidates is None else tuple(c.strip() for c in candidates.split(",") if c.strip())
-    if auto and tried == ():
-        raise BadInputError(f"--candidates {candidates!r} names no recipe")
     # checked before the model loads: a bad budget (quality or time), recipe, data path or --out
-    search = (
-        AutoSearch(
-            max_drop=max_drop,
-            objective=objective,
-            candidates=tried,
-            time_budget=time_budget,  # type: ignore[arg-type]
-            strategy="exhaustive" if exhaustive else "search",
-            cache=not no_cache,
-        )  # fmt: skip
-        if auto
-        else None
-    )
+    search = AutoFlags(auto, max_drop, objective, candidates, time_budget, exhaustive, no_cache).search()
+    options = _run_options(threads, batch_sizes, eval_data, as_json, keep_slower=keep_slower)
     rec = load_recipe(recipe) if recipe is not None else None
     check_data(data, "--data")
     if input_shape:  # a malformed shape fails before the model loads; one that does not fit, once it has

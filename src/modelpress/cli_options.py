@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -79,3 +80,42 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     if max(sizes) > MAX_BATCH_SIZE:
         raise BadInputError(f"--batch-sizes must each be at most {MAX_BATCH_SIZE}, got {max(sizes)}")
     return sizes
+
+
+@dataclass(frozen=True)
+class AutoFlags:
+    """`compress`'s auto-mode flags as given on the command line."""
+
+    auto: bool
+    max_drop: str | None
+    objective: str
+    candidates: str | None
+    time_budget: str | None
+    exhaustive: bool
+    no_cache: bool
+
+    def search(self) -> Any:
+        """The `AutoSearch` the flags ask for (None without --auto); a flag that needs --auto, or a bad value, is
+        refused here, before the model loads."""
+        from modelpress.auto import AutoSearch
+
+        if self.auto and self.max_drop is None:
+            raise BadInputError("--auto needs --max-drop, the allowed quality drop (e.g. 0.5 STS-B points)")
+        given = (("--candidates", self.candidates), ("--time-budget", self.time_budget),
+                 ("--exhaustive", self.exhaustive), ("--no-cache", self.no_cache))  # fmt: skip
+        for flag, value in given:
+            if value and not self.auto:
+                raise BadInputError(f"{flag} goes with --auto")
+        if not self.auto:
+            return None
+        tried = None if self.candidates is None else tuple(c.strip() for c in self.candidates.split(",") if c.strip())
+        if tried == ():
+            raise BadInputError(f"--candidates {self.candidates!r} names no recipe")
+        return AutoSearch(
+            max_drop=self.max_drop,  # type: ignore[arg-type]
+            objective=self.objective,  # type: ignore[arg-type]
+            candidates=tried,
+            time_budget=self.time_budget,
+            strategy="exhaustive" if self.exhaustive else "search",
+            cache=not self.no_cache,
+        )

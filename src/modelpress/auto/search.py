@@ -22,7 +22,7 @@ from typing import Any, Literal
 from modelpress.auto.budget import Clock, format_duration, parse_duration, parse_max_drop
 from modelpress.auto.cache import SearchCache
 from modelpress.auto.display import Display
-from modelpress.auto.space import TRAINED, Candidate, candidates, family, pt2_worth_timing
+from modelpress.auto.space import Candidate, candidates, family, pt2_worth_timing
 from modelpress.auto.table import artifact_name, measured_row, screened_rows, summary
 from modelpress.auto.trial import (
     SCREEN_CALLS,
@@ -210,42 +210,55 @@ def measure_baseline(setting: Setting, display: Display) -> None:
 
 
 def run(setting: Setting, trials: list[Trial], search: AutoSearch, display: Display) -> None:
-    """Screen the cheap candidates, measure the best of them in full (a result is secured early), then screen
-    the candidates that train (students, pruning with fine-tuning) while time is left, each measured at once
-    when it leads, and measure the other finalists. `exhaustive`: every candidate screened and every form
-    measured, nothing dropped."""
-    costs: list[float] = []
-    cheap = [t for t in trials if t.cand.cost < TRAINED]
-    screen_all(setting, cheap, (costs, MAX_FINALISTS * setting.measure_s), search, display)
-    best = measure_all(setting, shortlist(setting, trials, search, display)[:1], None, search, display)
-    for trial in [t for t in trials if t.cand.cost >= TRAINED]:
-        screen_all(setting, [trial], (costs, (MAX_FINALISTS - 1) * setting.measure_s), search, display)
-        if search.strategy != "exhaustive" and trial.status == "screened":
-            # a trained candidate that leads is measured at once: the next one's training may use up the budget
-            top = [t for t in shortlist(setting, trials, search, display)[:1] if not t.measured]
-            best = measure_all(setting, top, best, search, display)
+    """Screen the candidates cheapest first (those that train last) while time is left; each one that leads
+    when screened is measured in full at once (its `.onnx`), so a result is secured early and no later
+    candidate's calibration or training can use up the time its measurement needs; then the finalists' other
+    forms (`.pt2`) are measured. `exhaustive`: every candidate screened and every form measured, nothing dropped."""
+    exhaustive = search.strategy == "exhaustive"
+    costs: dict[int, list[float]] = {}
+    best: float | None = None
+    for trial in sorted(trials, key=lambda t: t.cand.cost):
+        reserve = (MAX_FINALISTS if best is None else MAX_FINALISTS - 1) * setting.measure_s
+        screen_all(setting, [trial], (costs, reserve), search, display)
+        if not exhaustive and trial.status == "screened" and leads(setting, trial, trials, search):
+            best = measure_all(setting, [trial], best, search, display)
     finalists = shortlist(setting, trials, search, display)
-    measure_all(setting, [t for t in finalists if not t.measured], best, search, display)
+    measure_all(setting, [t for t in finalists if not t.measured or len(t.measured) < len(t.forms)], best, search,
+                display)  # fmt: skip
     for trial in trials:
         if trial.status == "screened":  # screened within budget, not measured: say why
             trial.status, trial.why = "dropped", dominated(setting, trial, trials, search)
 
 
+def leads(setting: Setting, trial: Trial, trials: list[Trial], search: AutoSearch) -> bool:
+    """Whether `trial`, just screened within budget, is the best screened or measured candidate so far."""
+    value = score(setting, trial, search)
+    others = [score(setting, t, search) for t in trials if t is not trial and t.status in ("screened", "measured")]
+    return value < float("inf") and all(value < other for other in others)
+
+
 def screen_all(
-    setting: Setting, trials: list[Trial], spent: tuple[list[float], float], search: AutoSearch, display: Display
+    setting: Setting,
+    trials: list[Trial],
+    spent: tuple[dict[int, list[float]], float],
+    search: AutoSearch,
+    display: Display,
 ) -> None:
-    """Screen `trials` in order while the time they are estimated to take (the mean so far) and `spent`'s
-    reserve (for the full measurements still to come) fit the budget."""
+    """Screen `trials` in order while the time each is estimated to take (the mean of its cost class so far,
+    else the longest screening so far) and `spent`'s reserve (for the full measurements still to come) fit
+    the budget."""
     costs, reserve = spent
     for trial in trials:
         display.step(f"screening {trial.cand.name}")
-        estimate = sum(costs) / len(costs) if costs else 0.0
+        same = costs.get(trial.cand.cost, [])
+        seen = [c for cls in costs.values() for c in cls]
+        estimate = sum(same) / len(same) if same else max(seen, default=0.0)
         if not setting.clock.affords(estimate + reserve):
             trial.status, trial.why = "skipped", "not tried: the time budget ran out"
         else:
             start = time.perf_counter()
             screen(setting, trial, search.strategy == "exhaustive")
-            costs.append(time.perf_counter() - start)
+            costs.setdefault(trial.cand.cost, []).append(time.perf_counter() - start)
         display.advance(best_screened(setting, trials, search))
 
 
@@ -275,7 +288,9 @@ def measure_all(
     for trial in finalists:
         if not exhaustive and best is not None and best * (1 + TOLERANCE) < score(setting, trial, search):
             continue
-        for kind in [k for k, f in trial.forms.items() if exhaustive or f.get("status") == "ok"]:
+        for kind in [k for k, f in trial.forms.items() if (exhaustive or f.get("status") == "ok")]:
+            if kind in trial.measured:  # measured when it led
+                continue
             display.step(f"measuring {trial.cand.name} {artifact_name(kind)}")
             row = measure(setting, trial, kind)
             display.advance(None)
