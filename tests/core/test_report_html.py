@@ -63,8 +63,10 @@ def test_auto_mode_candidates_are_plotted_and_tabled() -> None:
         ],
     }  # fmt: skip
     page = render_html(r)
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 6
-    assert "Auto mode: every candidate against the quality budget" in page
+    # the five of the report, and the candidates' validation quality against latency and against size
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 7
+    assert "Auto mode: every candidate&#x27;s validation quality against latency" in page
+    assert "Auto mode: every candidate&#x27;s validation quality against size" in page
     assert "<h2>Auto mode: latency within a quality drop of 0.01</h2>" in page
     assert "refused: not a transformer" in page and "chosen: <b>int8: model.onnx</b>" in page
 
