@@ -8,8 +8,8 @@ from modelpress.measure import peak_memory
 def test_peak_memory_sees_a_large_temporary_allocation():
     def allocate(n: int) -> None:
         block = torch.ones(n)  # touched pages: resident
-        time.sleep(0.2)  # many 1 ms sampler periods, even when another thread delays the sampler (a 20 ms hold
-        # once saw no growth in a full suite run)
+        time.sleep(1.0)  # many 1 ms sampler periods, even when other threads delay the sampler (20 ms and then
+        # 200 ms holds each once saw no growth in a full suite run on 2 busy cores)
         del block
 
     n = 16 * 2**20  # 64 MiB of float32
