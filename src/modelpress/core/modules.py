@@ -88,6 +88,20 @@ def first_batch(data: Any) -> tuple[Any, ...] | None:
     return None
 
 
+def run_hooked(model: nn.Module, handles: list[Any], batches: Iterable[Any]) -> None:
+    """Run `batches` through `model` without gradients for the hooks behind `handles`, then remove the hooks
+    (also when a batch fails)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_batch(model: nn.Module, batch: Any) -> Any:
     """Call `model` on one batch: a tuple/list is positional, a dict is keyword, a tensor is the input."""
     try:

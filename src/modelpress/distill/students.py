@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from modelpress.core.errors import BadInputError, DataError
-from modelpress.core.modules import run_batch
+from modelpress.core.modules import run_hooked
 from modelpress.distill.config import StudentConfig
 from modelpress.distill.outputs import hf_model, transformer_blocks
 from modelpress.primitives.width import narrow_transformer
@@ -176,13 +176,7 @@ def block_influence(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> lis
 
     handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, handles, batches)
     return [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from modelpress.core.errors import BadInputError, DataError
-from modelpress.core.modules import run_batch
+from modelpress.core.modules import run_hooked
 from modelpress.primitives.masks import channel_keep
 from modelpress.primitives.sparsegpt import column_sq_norms
 from modelpress.primitives.transformer_blocks import FFNBlock, HeadBlock, find_ffns, find_heads
@@ -47,13 +47,7 @@ def input_sq_norms(model: nn.Module, layers: Sequence[nn.Linear], batches: Seque
         return fold
 
     handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, handles, batches)
     missing = [i for i, s in enumerate(sums) if s is None]
     if missing:
         raise DataError(f"{len(missing)} of the scored layers never ran on the calibration data")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelpress.core.modules import run_batch, take_batches
+from modelpress.core.modules import run_hooked, take_batches
 
 
 def conv_input_means(
@@ -40,13 +40,7 @@ def conv_input_means(
         return record
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for batch in take_batches(data, batches):
-                run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, handles, take_batches(data, batches))
     return {n: sums[n] / counts[n] for n in sums}
 
 

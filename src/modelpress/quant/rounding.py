@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.core.modules import run_batch, take_batches
+from modelpress.core.modules import run_hooked, take_batches
 from modelpress.primitives.gptq import gptq_quantize, gptq_quantize_grouped
 
 HESSIAN_BYTES = 1 << 30  # float32 second-moment matrices held at once (a chunk of layers per calibration pass)
@@ -117,13 +117,7 @@ def layer_hessians(
             return record
 
         handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-        try:
-            with torch.no_grad():
-                for batch in take_batches(data, batches):
-                    run_batch(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
+        run_hooked(model, handles, take_batches(data, batches))
         for n in names:
             if n in sums:
                 yield n, sums.pop(n)
