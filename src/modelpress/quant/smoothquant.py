@@ -35,7 +35,7 @@ from torch import nn
 from modelpress.core.config import Config
 from modelpress.core.context import Context
 from modelpress.core.errors import ConfigError, DataError
-from modelpress.core.modules import run_batch, take_batches
+from modelpress.core.modules import run_batch, run_hooked, take_batches
 from modelpress.core.registry import register
 from modelpress.quant.ptq import LayerFilter
 
@@ -202,13 +202,7 @@ def input_absmax(model: nn.Module, modules: dict[str, nn.Module], batches: Seque
             stats[key] = torch.maximum(stats[key], x) if key in stats else x
 
         handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, handles, batches)
     return stats
 
 
