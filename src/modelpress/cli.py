@@ -58,7 +58,9 @@ def bench(
     ],
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,32",
     threads: ThreadsOpt = None,
-    repeats: Annotated[int, typer.Option(help="Timed runs per batch size (after warm-up).", min=1)] = 30,
+    repeats: Annotated[
+        int, typer.Option(help="Timed runs per batch size (a slow model: 20 s, 3 at least).", min=1)
+    ] = 30,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per batch size.", min=0)] = 5,
     data: DataOpt = None,
     quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Evaluate each model's task metric.")] = True,

@@ -101,3 +101,27 @@ def test_throughput_min_time_adds_passes():
 def test_throughput_needs_a_batch():
     with pytest.raises(BadInputError, match="at least one batch"):
         measure_throughput(lambda: None, [], 1, threads=1)
+
+
+def test_max_time_stops_a_slow_model_early_after_three_timed_calls():
+    calls: list[float] = []
+
+    def slow() -> None:
+        calls.append(time.perf_counter())
+        time.sleep(0.1)
+
+    lat = measure_latency(slow, (), warmup=5, repeats=30, max_time_s=0.35)
+    # warm-up stops once it passed 0.35 / 4 s (one call); timing once the timed calls add up to 0.35 s
+    assert len(calls) == 1 + lat.runs
+    assert lat.runs == 4
+    assert lat.p50 >= 100.0
+    lat = measure_latency(slow, (), warmup=0, repeats=30, max_time_s=0.01)
+    assert lat.runs == 3  # never fewer than three
+
+
+def test_max_time_leaves_a_fast_model_its_repeats_and_is_checked():
+    lat = measure_latency(lambda: None, (), warmup=2, repeats=25, max_time_s=5.0)
+    assert lat.runs == 25
+    for bad in (0, -1.0):
+        with pytest.raises(BadInputError, match="max_time_s"):
+            measure_latency(lambda: None, (), max_time_s=bad)

@@ -1,4 +1,5 @@
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,3 +186,43 @@ def test_write_json_is_valid_and_round_trips(two_stats, tmp_path):
 def test_write_json_default_environment(two_stats, tmp_path):
     doc = json.loads(write_json(two_stats[:1], tmp_path / "b.json").read_text())
     assert {"versions", "cpu", "threads"} <= set(doc["environment"])
+
+
+class SlowEntry(MLPEntry):
+    """The MLP behind a 0.2 s call: bench's time caps must bound the calls it makes."""
+
+    name = "slow-mlp"
+
+    def load(self, cache_dir: Path | None = None) -> nn.Module:
+        mlp = self._mlp(0)
+
+        class Slow(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.calls = 0
+                self.mlp = mlp
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                self.calls += 1
+                time.sleep(0.2)
+                return self.mlp(x)
+
+        return Slow().eval()
+
+
+def test_slow_model_timing_and_throughput_are_bounded_by_max_time(monkeypatch):
+    import modelpress.measure.runner as runner
+
+    monkeypatch.setattr(runner, "THROUGHPUT_MAX_TIME_S", 0.5)
+    entry = SlowEntry()
+    model = entry.load()
+    (s,) = bench([("slow", model, entry)], batch_sizes=(2,), repeats=30, warmup=5, threads=1, progress=False,
+                 memory=False, quality=False, max_time_s=0.7)  # fmt: skip
+    assert s.latency_ms["2"].runs == 4  # 0.2 s calls: timing stops once 0.7 s is passed
+    assert s.throughput["batches"] == 2  # 0.5 s of 0.2 s batches
+    # the input check, 1 warm-up (past 0.7 / 4 s), 4 timed; throughput: 2 warm-up batches (a batch under 1 s),
+    # then 2 batches per pass for at least 0.5 s
+    assert model.calls == 1 + 1 + 4 + 2 + 2 * s.throughput["passes"]
+    (full,) = bench([("slow", entry.load(), entry)], batch_sizes=(2,), repeats=3, warmup=1, threads=1,
+                    progress=False, memory=False, quality=False, throughput=False, max_time_s=None)  # fmt: skip
+    assert full.latency_ms["2"].runs == 3

@@ -13,6 +13,7 @@ What was measured is cached (`auto.cache`): a second run on the same model, data
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ TOLERANCE = 0.3  # screened timings (3 calls) may be this far off: a candidate t
 MAX_FINALISTS = 3  # candidates measured in full
 PT2_SCREENED = 3  # candidates whose .pt2 is compiled and screened (the best .onnx ones)
 MEASURE_SHARE = 0.02  # of the time budget, one form's full measurement may take (sets its timed calls)
+PT2_FIRST_FACTOR = 4.0  # before any .pt2 was compiled, one is estimated at this many times its .onnx build
 
 
 @dataclass(frozen=True)
@@ -169,12 +171,14 @@ def prepare(setting: Setting, opts: RunOptions) -> None:
     setting.original_screen = screen_score(setting, loaded.model)
     score_s = time.perf_counter() - start
     # the full measurement: (warm-up + timed) calls per batch size on full-length inputs, test + validation
-    per_call_s = sum(setting.original_ms.values()) / 1e3 * (4 if causal else 1)
+    calls_s = [ms / 1e3 * (4 if causal else 1) for ms in setting.original_ms.values()]
+    per_call_s = sum(calls_s)
     budget_s = setting.clock.budget_s
     setting.repeats = opts.repeats if budget_s is None else \
         max(3, min(opts.repeats, int(MEASURE_SHARE * budget_s / max(per_call_s, 1e-6))))  # fmt: skip
     scale = (loaded.entry.eval_windows / setting.screen_entry.eval_windows) if setting.subset else 1.0  # type: ignore[union-attr]
-    setting.measure_s = (setting.repeats + 3) * per_call_s + 2 * scale * score_s  # a form's full measurement
+    timing_full = sum(call * full_calls(call, setting.repeats) for call in calls_s)
+    setting.measure_s = timing_full + 2 * scale * score_s  # a form's full measurement
     estimate = timing_s + score_s + setting.measure_s
     cached = setting.cache.get("baseline", baseline_key(setting))
     if cached is not None:
@@ -186,6 +190,16 @@ def prepare(setting: Setting, opts: RunOptions) -> None:
             f"{1e3 * per_call_s:.1f} ms over the batch sizes, and its quality on the test and validation splits, "
             f"{format_duration(score_s * scale)} each); give a larger --time-budget"
         )
+
+
+def full_calls(call_s: float, repeats: int, warmup: int = 2) -> int:
+    """The calls `bench` makes at one batch size for a call of `call_s`: the input check, the warm-up and the
+    timed calls, both bounded in time (`LATENCY_MAX_TIME_S`)."""
+    from modelpress.measure.runner import LATENCY_MAX_TIME_S
+
+    call_s = max(call_s, 1e-6)
+    warm = min(warmup, max(1, math.ceil(LATENCY_MAX_TIME_S / 4 / call_s)))
+    return 1 + warm + min(repeats, max(3, math.ceil(LATENCY_MAX_TIME_S / call_s)))
 
 
 def baseline_key(setting: Setting) -> dict[str, Any]:
@@ -221,6 +235,8 @@ def run(setting: Setting, trials: list[Trial], search: AutoSearch, display: Disp
         reserve = (MAX_FINALISTS if best is None else MAX_FINALISTS - 1) * setting.measure_s
         screen_all(setting, [trial], (costs, reserve), search, display)
         if not exhaustive and trial.status == "screened" and leads(setting, trial, trials, search):
+            if "pt2" not in trial.forms:  # its fastest form is the one to secure
+                add_pt2(setting, trial, display, reserve)
             best = measure_all(setting, [trial], best, search, display)
     finalists = shortlist(setting, trials, search, display)
     measure_all(setting, [t for t in finalists if not t.measured or len(t.measured) < len(t.forms)], best, search,
@@ -268,9 +284,9 @@ def shortlist(setting: Setting, trials: list[Trial], search: AutoSearch, display
     eligible = sorted(
         (t for t in trials if t.status in ("screened", "measured")), key=lambda t: score(setting, t, search)
     )
-    for trial in eligible if exhaustive else eligible[:PT2_SCREENED]:
-        if "pt2" not in trial.forms:
-            add_pt2(setting, trial, display)
+    for i, trial in enumerate(eligible if exhaustive else eligible[:PT2_SCREENED]):
+        if "pt2" not in trial.forms:  # the measurements of the finalists ahead of it are still to come
+            add_pt2(setting, trial, display, 0.0 if exhaustive else min(i + 1, MAX_FINALISTS) * setting.measure_s)
     eligible.sort(key=lambda t: score(setting, t, search))
     if exhaustive or not eligible:
         return eligible
@@ -281,24 +297,33 @@ def shortlist(setting: Setting, trials: list[Trial], search: AutoSearch, display
 def measure_all(
     setting: Setting, finalists: list[Trial], best: float | None, search: AutoSearch, display: Display
 ) -> float | None:
-    """Measure the forms of `finalists` in full; a finalist whose screened figure a measured one already beats
-    by more than TOLERANCE is skipped. Returns the best measured figure within budget."""
+    """Measure the forms of `finalists` in full, each finalist's fastest screened form first; a form whose
+    screened figure a measured one's screened figure beats by more than TOLERANCE is skipped (screening and
+    full measurement can use different inputs: a causal LM is screened on shorter sequences, so like is
+    compared with like). Returns the best screened figure of a form measured within budget."""
     exhaustive = search.strategy == "exhaustive"
     display.grow(sum(len(t.forms) for t in finalists))
     for trial in finalists:
-        if not exhaustive and best is not None and best * (1 + TOLERANCE) < score(setting, trial, search):
-            continue
-        for kind in [k for k, f in trial.forms.items() if (exhaustive or f.get("status") == "ok")]:
-            if kind in trial.measured:  # measured when it led
+        kinds = [k for k, f in trial.forms.items() if (exhaustive or f.get("status") == "ok")]
+        for kind in sorted(kinds, key=lambda k: form_score(setting, trial, k, search)):
+            screened = form_score(setting, trial, kind, search)
+            if kind in trial.measured or (not exhaustive and best is not None and best * (1 + TOLERANCE) < screened):
                 continue
             display.step(f"measuring {trial.cand.name} {artifact_name(kind)}")
             row = measure(setting, trial, kind)
             display.advance(None)
             if row is not None and row["within_budget"] and not row["slower_than_original"]:
-                value = row["p50_ms"] if search.objective == "latency" else row["size_mb"]
-                best = value if best is None else min(best, value)
+                best = screened if best is None else min(best, screened)
                 display.best(f"{trial.cand.name} {artifact_name(kind)} {row['p50_ms']:.2f} ms, drop {row['drop']:.3g}")
     return best
+
+
+def form_score(setting: Setting, trial: Trial, kind: str, search: AutoSearch) -> float:
+    """One form's screened figure: its size in MB, or its screened p50 at the largest batch size."""
+    form = trial.forms[kind]
+    if search.objective == "size":
+        return form.get("size_bytes", 0) / 1e6 or float("inf")
+    return form.get("ms", {}).get(str(max(setting.options.batch_sizes)), float("inf"))
 
 
 def dominated(setting: Setting, trial: Trial, trials: list[Trial], search: AutoSearch) -> str:
@@ -344,8 +369,10 @@ def screen(setting: Setting, trial: Trial, exhaustive: bool) -> None:
     setting.cache.put("screen", key, store(trial))
 
 
-def add_pt2(setting: Setting, trial: Trial, display: Display) -> None:
-    """Compile and screen the candidate's .pt2 where this CPU makes it worth timing."""
+def add_pt2(setting: Setting, trial: Trial, display: Display, reserve: float = 0.0) -> None:
+    """Compile and screen the candidate's .pt2 where this CPU makes it worth timing and the time budget, less
+    `reserve` seconds kept for measurements still to come, affords its compilation (estimated from those
+    compiled so far, or from its .onnx build before the first)."""
     largest = str(max(setting.options.batch_sizes))
     worth, why = pt2_worth_timing(trial.cand, cpu(), setting.original_ms[largest])
     if not worth:
@@ -356,13 +383,21 @@ def add_pt2(setting: Setting, trial: Trial, display: Display) -> None:
     if cached is not None:
         trial.forms["pt2"] = cached
         return
+    costs = setting.pt2_costs
+    estimate = sum(costs) / len(costs) if costs else PT2_FIRST_FACTOR * trial.build_s
+    if not setting.clock.affords(estimate + reserve):
+        trial.forms["pt2"] = {"status": "not timed", "why": f"not compiled: the time budget ran out (about "
+                              f"{format_duration(estimate)} to compile)"}  # fmt: skip
+        return
     display.step(f"compiling {trial.cand.name} model.pt2")
+    start = setting.clock.now()
     try:
         build(setting, trial, ("pt2",))
         if "pt2" in trial.forms:
             screen_speed(setting, trial, "pt2")
     except Exception as e:  # noqa: BLE001 - a .pt2 that cannot be built leaves the .onnx in the race
         trial.forms["pt2"] = {"status": "refused", "why": f"{type(e).__name__}: {e}".strip()[:500]}
+    costs.append(setting.clock.now() - start)
     setting.cache.put("screen", key, {k: v for k, v in trial.forms["pt2"].items() if k != "path"})
 
 

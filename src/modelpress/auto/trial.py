@@ -50,6 +50,7 @@ class Setting:
     repeats: int = 20
     measure_s: float = 0.0  # estimated seconds of one form's full measurement (the original's)
     subset: bool = False  # screening quality on a subset of the validation split
+    pt2_costs: list[float] = field(default_factory=list)  # seconds each .pt2 compiled so far took (and its screening)
 
 
 @dataclass

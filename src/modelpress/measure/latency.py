@@ -24,6 +24,7 @@ from modelpress.core.report import Latency
 
 Batch = Sequence[torch.Tensor]
 MAX_WARMUP = 10_000
+MIN_TIMED_CALLS = 3  # a median of fewer calls says too little, however slow they are
 
 
 def check_runs(repeats: int, warmup: int) -> None:
@@ -67,12 +68,16 @@ def measure_latency(
     warmup: int = 5,
     repeats: int = 30,
     min_time_s: float | None = None,
+    max_time_s: float | None = None,
     threads: int | None = None,
 ) -> Latency:
     """Per-call latency of `fn(*inputs)` in milliseconds.
 
     Runs `warmup` untimed calls, then at least `repeats` timed calls; with `min_time_s` it keeps going
-    until the timed calls add up to that many seconds (so fast models get more samples).
+    until the timed calls add up to that many seconds (so fast models get more samples). With
+    `max_time_s` a slow model stops early: warm-up ends once it has taken a quarter of that time (after
+    one call at least), timing once the timed calls add up to it (after `MIN_TIMED_CALLS` at least);
+    `Latency.runs` says how many calls were timed.
 
         >>> lat = measure_latency(model, entry.example_inputs(32), threads=2)
         >>> lat.p50, lat.p90  # ms
@@ -80,10 +85,17 @@ def measure_latency(
     check_runs(repeats, warmup)
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     times: list[float] = []
+    if max_time_s is not None and not max_time_s > 0:
+        raise BadInputError(f"max_time_s must be a positive number of seconds, got {max_time_s!r}")
     with _timing_scope(threads):
+        begin = time.perf_counter()
         for _ in range(warmup):
             fn(*args)
+            if max_time_s is not None and time.perf_counter() - begin > max_time_s / 4:
+                break
         while len(times) < repeats or (min_time_s is not None and sum(times) < min_time_s):
+            if max_time_s is not None and len(times) >= MIN_TIMED_CALLS and sum(times) >= max_time_s:
+                break
             start = time.perf_counter()
             fn(*args)
             times.append(time.perf_counter() - start)

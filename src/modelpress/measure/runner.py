@@ -47,6 +47,8 @@ Resolver = Callable[[str], Resolved]
 
 MAX_THROUGHPUT_ITEMS = 512  # enough real batches for a stable figure, few enough to stay quick
 THROUGHPUT_MIN_TIME_S = 0.5  # fast models repeat the batches until timing noise is small
+THROUGHPUT_MAX_TIME_S = 15.0  # slow models (a causal LM at batch 32) take fewer real batches, at least one
+LATENCY_MAX_TIME_S = 20.0  # per batch size: slow calls stop being timed past this (3 timed calls at least)
 
 
 def resolve_zoo(name: str) -> Resolved:
@@ -70,6 +72,7 @@ def bench(
     progress: bool = True,
     resolve: Resolver | None = None,
     reference: ModelStats | None = None,
+    max_time_s: float | None = LATENCY_MAX_TIME_S,
 ) -> list[ModelStats]:
     """Measure each model in turn, all with the same `threads` (default: `torch.get_num_threads()`).
 
@@ -85,6 +88,11 @@ def bench(
     (`measure/gate.py`): a model whose first call at a batch size runs past the limit derived from
     the reference is not measured further (`speed_gate` status "stopped"), and every model's medians
     are compared with the reference's (`speed_gate` status "ok" or "slower", with the speedups).
+
+    `max_time_s` bounds the timing of slow models: at each batch size, warm-up stops after a quarter of
+    it and timing once the timed calls add up to it (at least 3 are timed; `Latency.runs` says how many);
+    throughput then takes only the real batches that fit in `THROUGHPUT_MAX_TIME_S`. None: always
+    `warmup` + `repeats` calls and up to 512 items.
 
         >>> bench(["digits-cnn"], batch_sizes=(1, 64), threads=2, quality=False)
         [ModelStats(name='digits-cnn', size_bytes=..., latency_ms={'1': Latency(...), '64': ...}, ...)]
@@ -148,7 +156,7 @@ def bench(
                     stats.speed_gate = stopped_gate(name, str(bs), 2 * limit, reference, took_s=first)
                     break
                 stats.latency_ms[str(bs)] = measure_latency(
-                    model, inputs, warmup=warmup, repeats=repeats, threads=threads
+                    model, inputs, warmup=warmup, repeats=repeats, max_time_s=max_time_s, threads=threads
                 )
                 bar.advance(task)
             if stats.speed_gate is not None:  # stopped: nothing more is run on it
@@ -159,7 +167,8 @@ def bench(
                 stats.speed_gate = verdict(stats, reference)
             if throughput:
                 phase(f"throughput @bs{largest}")
-                stats.throughput = _throughput(model, entry, largest, threads)
+                per_batch = stats.latency_ms[str(largest)].p50 / 1e3 if max_time_s is not None else None
+                stats.throughput = _throughput(model, entry, largest, threads, per_batch)
                 generation = entry.generation_speed(model)  # causal LMs: prefill / decode tokens/s
                 if generation is not None:
                     stats.throughput = {**(stats.throughput or {}), "generation": generation}
@@ -200,21 +209,28 @@ def _runnable_inputs(model: ModelFn, entry: ZooEntry, batch_size: int, name: str
     return inputs
 
 
-def _throughput(model: ModelFn, entry: ZooEntry, batch_size: int, threads: int) -> dict[str, Any] | None:
+def _throughput(
+    model: ModelFn, entry: ZooEntry, batch_size: int, threads: int, per_batch_s: float | None = None
+) -> dict[str, Any] | None:
+    """Items/s over up to MAX_THROUGHPUT_ITEMS real items; where a batch is known to take `per_batch_s`,
+    only the batches that fit in THROUGHPUT_MAX_TIME_S (one at least), after one warm-up batch if slow."""
     batches = entry.real_batches(batch_size)
     if batches is None:
         return None
+    most = None if per_batch_s is None else max(1, int(THROUGHPUT_MAX_TIME_S / max(per_batch_s, 1e-9)))
     taken, items = [], 0
     for b in batches:
         taken.append(b)
         items += entry.items_per_batch(b)
-        if items >= MAX_THROUGHPUT_ITEMS:
+        if items >= MAX_THROUGHPUT_ITEMS or (most is not None and len(taken) >= most):
             break
     if not taken:
         return None
+    slow = per_batch_s is not None and per_batch_s > 1.0
     measured = measure_throughput(
-        model, taken, entry.items_per_batch, threads=threads, min_time_s=THROUGHPUT_MIN_TIME_S
-    )
+        model, taken, entry.items_per_batch, threads=threads, warmup_batches=1 if slow else 2,
+        min_time_s=THROUGHPUT_MIN_TIME_S,
+    )  # fmt: skip
     return {"batch_size": batch_size, **measured}
 
 
