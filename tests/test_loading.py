@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -138,18 +144,58 @@ def test_weights_only_for_factories(tmp_path):
         resolve("digits-cnn", weights=tmp_path / "w.safetensors")
 
 
-def test_aoti_package(tmp_path, reference):
+@pytest.fixture(scope="module")
+def aoti_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from torch._inductor import aoti_compile_and_package
 
+    program = torch.export.export(tiny_mlp(), (X,))
+    return Path(aoti_compile_and_package(program, package_path=str(tmp_path_factory.mktemp("aoti") / "m.pt2")))
+
+
+def test_aoti_package(aoti_package, reference):
     from modelpress.export.runtime import AotiModel
 
-    program = torch.export.export(tiny_mlp(), (X,))
-    path = aoti_compile_and_package(program, package_path=str(tmp_path / "m.pt2"))
     with pytest.raises(UntrustedCodeError, match="is an AOTInductor package: loading it runs the compiled library"):
-        resolve(path)
-    loaded = resolve(path, trust_code=True)
+        resolve(aoti_package)
+    loaded = resolve(aoti_package, trust_code=True)
     assert loaded.kind == "aoti" and isinstance(loaded.model, AotiModel)
     torch.testing.assert_close(loaded.model(X), reference(X), atol=1e-5, rtol=1e-5)
+
+
+def test_aoti_package_leaves_nothing_in_the_temporary_directory(aoti_package, reference, tmp_path, monkeypatch):
+    from modelpress.export.runtime import AotiModel
+
+    # torch's C++ loader unpacks the package (library, sources) into TMPDIR/aotinductor_XXXXXX
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = AotiModel(aoti_package)
+    assert list(tmp_path.iterdir()) == []  # unpacked, loaded and removed
+    assert os.environ["TMPDIR"] == str(tmp_path)
+    torch.testing.assert_close(model(X), reference(X), atol=1e-5, rtol=1e-5)  # runs from the unlinked library
+    del model
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_aoti_package_leaves_nothing_behind_a_killed_process(aoti_package, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    # The speed gate kills a child that overruns its limit (SIGKILL: no destructors run).
+    code = (
+        "import sys, time; from modelpress.core.runtime import AotiModel; "
+        "model = AotiModel(sys.argv[1]); print('ready', flush=True); time.sleep(60)"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": cache_dir()}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(aoti_package)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_onnx_inputs_are_derived_from_the_graph(tmp_path):

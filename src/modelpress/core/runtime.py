@@ -14,6 +14,11 @@ written or the user trusts (`modelpress.loading.resolve` asks for `trust_code=Tr
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -107,18 +112,55 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+# The process environment is shared: one package load at a time points TMPDIR at its own folder.
+_TMPDIR_LOCK = threading.Lock()
+
+
+def _load_package(path: Path) -> tuple[Any, str]:
+    """`aoti_load_package(path)` with the package unpacked into a fresh folder of ours: (runner, folder).
+
+    torch's C++ loader unpacks the package into `aotinductor_XXXXXX` under the C++ temporary
+    directory (TMPDIR) and removes it only when the loader is destroyed, so a process that is killed
+    (the speed gate's child past its limit) leaves the library and sources behind. The folder is
+    chosen through TMPDIR, set for the load only.
+    """
+    from torch._inductor import aoti_load_package
+
+    folder = tempfile.mkdtemp(prefix="modelpress-aoti.")  # also fixes tempfile's own choice before TMPDIR moves
+    try:
+        with _TMPDIR_LOCK:
+            before = os.environ.get("TMPDIR")
+            os.environ["TMPDIR"] = folder
+            try:
+                return aoti_load_package(str(path)), folder
+            finally:
+                if before is None:
+                    del os.environ["TMPDIR"]
+                else:
+                    os.environ["TMPDIR"] = before
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 class AotiModel(nn.Module):
-    """An AOTInductor package (`.pt2` from `aoti_compile_and_package`) as a callable module."""
+    """An AOTInductor package (`.pt2` from `aoti_compile_and_package`) as a callable module.
+
+    The unpacked package is deleted as soon as it is loaded (the library stays mapped; POSIX lets a
+    loaded file be unlinked), so nothing is left in the temporary directory even when the process
+    is killed later. Where the files cannot be removed while loaded, they go when the model does.
+    """
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        from torch._inductor import aoti_load_package
-
         self.path = Path(path)
         try:
-            self.runner = aoti_load_package(str(self.path))
+            self.runner, folder = _load_package(self.path)
         except Exception as e:
             raise ModelLoadError(f"cannot load AOTInductor package {self.path}: {e}") from None
+        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.exists(folder):  # e.g. Windows, which keeps a loaded library's file
+            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         out = self.runner(*inputs)
