@@ -423,8 +423,10 @@ def measure(setting: Setting, trial: Trial, kind: str) -> dict[str, Any] | None:
         if not setting.clock.affords(setting.measure_s):  # the original's: an upper bound for a faster form
             trial.forms[kind]["why"] = "not measured in full: the time budget ran out"
             return None
-        if not Path(str(trial.forms[kind].get("path", ""))).exists():  # screened in an earlier run: rebuild
+        screened = trial.forms[kind]
+        if not (screened.get("path") and Path(screened["path"]).exists()):  # screened in an earlier run: rebuild
             build(setting, trial, (kind,))
+            trial.forms[kind] = {**screened, "path": trial.forms[kind]["path"]}  # its screened figures kept
         stats = measure_form(setting, trial, kind)
         setting.cache.put("full", key, stats.to_dict())
     trial.measured[kind] = stats
