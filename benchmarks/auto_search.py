@@ -17,6 +17,7 @@ quiet one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -80,13 +81,22 @@ def main() -> None:
     ap.add_argument("--fixed", default="", help="comma-separated built-in recipes measured alone for comparison")
     ap.add_argument("--no-exhaustive", action="store_true")
     ap.add_argument("--retime", type=int, default=0, help="rounds of interleaved re-timing of the chosen artifacts")
+    ap.add_argument("--reuse", type=Path, default=None, help="a kept work folder (--keep): re-time its runs only")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the runs' folders here (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     drop = args.max_drop if args.max_drop.endswith("%") else float(args.max_drop)
     options = RunOptions(threads=args.threads, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
     results = []
-    with tempfile.TemporaryDirectory(prefix="auto-bench.") as tmp:
-        work = Path(tmp)
+    if args.reuse is not None:  # the runs' figures from their reports; the artifacts re-timed
+        results = [reused(folder) for folder in sorted(args.reuse.iterdir()) if (folder / "report.json").exists()]
+        timed = retime(args.model, results, options, args.retime or 3)
+        report(results, timed, options, args.out)
+        return
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)  # kept: --reuse re-times them later
+        work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="auto-bench.")))
         results.append(
             run(args.model, AutoSearch(max_drop=drop, time_budget=args.time_budget), options, work, "search")
         )
@@ -100,6 +110,23 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a fixed recipe over the budget is a result too
                 results.append({"label": f"fixed {name}", "error": str(e)[:300]})
         timed = retime(args.model, results, options, args.retime) if args.retime else None
+    report(results, timed, options, args.out)
+
+
+def reused(folder: Path) -> dict:
+    """A run's figures read back from its folder's report."""
+    doc = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    row = next(r for r in doc["auto"]["candidates"] if r["status"] == "chosen")
+    label = "search" if folder.name == "search" else folder.name.replace("-", " ", 1)
+    artifact = next((str(p) for p in (folder / "model.onnx", folder / "model.pt2") if
+                     p.name.startswith(row["artifact"].split()[0]) and p.exists()), None)  # fmt: skip
+    return {"label": label, "wall_s": doc["auto"]["elapsed_s"], "chosen": doc["auto"]["chosen"],
+            "p50_ms": row["p50_ms"], "drop": row["drop"], "test_drop": row.get("test_drop"),
+            "relative_drop": row.get("relative_drop"), "measured": doc["auto"]["measured"],
+            "artifact": artifact}  # fmt: skip
+
+
+def report(results: list[dict], timed: dict | None, options: RunOptions, out: Path | None) -> None:
     for r in results:
         print(json.dumps(r))
     if len(results) > 1 and "p50_ms" in results[1] and not results[1]["label"].startswith("fixed"):
@@ -110,9 +137,9 @@ def main() -> None:
         for name, per in timed.items():
             ratio = f", search's choice / this: {ours / per[largest]:.3f}" if ours and largest in per else ""
             print(f"re-timed {name}: {per} ms{ratio}")
-    if args.out is not None:
+    if out is not None:
         doc = {"runs": results, "retimed_ms": timed}
-        args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

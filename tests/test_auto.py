@@ -200,3 +200,71 @@ def test_a_causal_lm_within_a_relative_budget(tmp_path: Path, cache_dir: Path) -
     chosen = next(r for r in report.auto["candidates"] if r["status"] == "chosen")
     assert chosen["relative_drop"] <= 0.05
     assert (tmp_path / "lm" / "model.gguf").exists() and (tmp_path / "lm" / "genai").is_dir()
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """digits-cnn exported to ONNX: a graph from outside, with no metric of its own."""
+    path = tmp_path_factory.mktemp("onnx") / "digits.onnx"
+    assert main(["export", "digits-cnn", "--out", str(path), "--json"]) == 0
+    return path
+
+
+def test_an_onnx_model_is_searched_over_onnx_runtime_quantizations(
+    tmp_path: Path, digits_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ONNX model borrowing digits-cnn's metric: ONNX Runtime's quantizations of its graph, .onnx only. The
+    original is timed 2 ms slower per call than its graph runs (a deployment slower than the candidates' own
+    sessions), so the race between graphs of a model this small (0.1 ms) is not left to the machine's noise."""
+    import dataclasses
+
+    from modelpress.core.runtime import OnnxModel
+    from modelpress.loading import resolve, with_entry_like
+
+    class SlowOriginal(OnnxModel):
+        def __call__(self, *inputs):  # noqa: ANN002, ANN204
+            time.sleep(0.002)
+            return super().__call__(*inputs)
+
+    loaded = with_entry_like(resolve(digits_onnx), "digits-cnn")
+    space = candidates(loaded)
+    names = [c.name for c in space]  # Conv and Gemm nodes: no MatMul for 4-bit weight groups
+    assert names == ["int8-dynamic", "int8-static", "int8-static-entropy", "int8-mixed"]  # no float: the original
+    assert all(c.forms == ("onnx",) and c.recipe.export == ("onnx",) for c in space)
+    assert pt2_worth_timing(space[1], {"int8": "amx", "bf16": "amx"}, 100.0) == (
+        False, "an ONNX model has only its .onnx form: there is no .pt2 to compile")  # fmt: skip
+    assert [c.recipe.export for c in candidates(loaded, ("w8",))] == [("onnx",)]  # a named recipe: its .onnx only
+    slow = dataclasses.replace(loaded, model=SlowOriginal(digits_onnx, threads=1))
+    out = tmp_path / "auto"
+    search = AutoSearch(max_drop=0.005, cache=False)
+    chosen, report = auto_compress(slow, search, out_dir=out, options=RunOptions(**QUIET))
+    rows = report.auto["candidates"]
+    assert {r["recipe"] for r in rows} == set(names)
+    for r in rows:
+        assert r["status"] in ("chosen", "measured", "dropped", "stopped", "skipped", "not timed", "slower"), r
+        assert r["status"] not in ("dropped", "stopped", "skipped") or r["why"]
+    assert all(r["why"].startswith("an ONNX model has only its .onnx form") for r in rows if "pt2" in r["artifact"])
+    (winner,) = [r for r in rows if r["status"] == "chosen"]
+    assert winner["artifact"].startswith("model.onnx") and winner["drop"] <= 0.005
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model.")) == ["model.onnx"]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["recipe"]["export"] == ["onnx"] and saved["parity"]["onnx"]["mean_cosine_to_original"] > 0.99
+    # the choice as a recipe: `compress --recipe` takes it on the same ONNX model, scored like digits-cnn
+    recipe = load_recipe(out / "recipe.yaml")
+    assert [p.to_dict() for p in recipe.passes] == saved["recipe"]["passes"] and recipe.export == ("onnx",)
+    again = tmp_path / "again"
+    capsys.readouterr()
+    args = ["compress", str(digits_onnx), "--recipe", str(out / "recipe.yaml"), "--like", "digits-cnn"]
+    assert main([*args, "--out", str(again), "--threads", "1", "--batch-sizes", "1,8", "--json"]) == 0
+    rebuilt = json.loads((again / "report.json").read_text())
+    assert rebuilt["compressed"]["quality"]["value"] == pytest.approx(winner["quality"], abs=1e-9)
+
+
+def test_auto_mode_on_an_onnx_model_needs_a_metric(
+    tmp_path: Path, digits_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["compress", str(digits_onnx), "--auto", "--max-drop", "0.01", "--out", str(tmp_path / "a")]
+    assert main([*args, "--threads", "1", "--batch-sizes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "auto mode needs a task metric" in err and "--like" in err and "--eval-data" in err
+    assert not (tmp_path / "a").exists()

@@ -61,6 +61,7 @@ def test_fastest_form_first_and_slow_forms_skipped(tmp_path: Path, monkeypatch: 
     # a's .pt2 first; a's .onnx (20 ms) and b's .pt2 (30 ms) are beaten by more than 30% by a's .pt2 (10 ms)
     assert measured == [(id(a), "pt2"), (id(b), "onnx")]
     assert best == 10.0  # screened figures compare with screened figures, not with the full measurement's 40 ms
+    assert "more than 30% behind a measured form's 10" in a.forms["onnx"]["why"]
 
 
 def test_pt2_compiled_only_when_the_budget_affords_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from modelpress.cli_options import (
     DataOpt,
     InputShapeOpt,
     JsonOpt,
+    LikeOpt,
     OverwriteOpt,
     ThreadsOpt,
     TrustCodeOpt,
@@ -66,14 +67,7 @@ def bench(
     quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Evaluate each model's task metric.")] = True,
     output: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
-    like: Annotated[
-        str | None,
-        typer.Option(
-            "--like",
-            help="Zoo entry whose inputs and metric apply to models that have none "
-            "(e.g. an exported MiniLM: --like minilm).",
-        ),
-    ] = None,
+    like: LikeOpt = None,
     input_shape: Annotated[
         list[str] | None,
         typer.Option(
@@ -238,6 +232,7 @@ def compress(
     threads: ThreadsOpt = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes to time.")] = "1,32",
     input_shape: InputShapeOpt = None,
+    like: LikeOpt = None,
     weights: WeightsOpt = None,
     trust_code: TrustCodeOpt = False,
     trust_pickle: TrustPickleOpt = False,
@@ -258,7 +253,7 @@ def compress(
     --recipe int8-static --data images/ --out out/net[/bold]
     """
     from modelpress.auto import auto_compress
-    from modelpress.loading import resolve
+    from modelpress.loading import resolve, with_entry_like
     from modelpress.pipeline import compress as run_compress
     from modelpress.recipes.recipe import load_recipe
 
@@ -280,6 +275,8 @@ def compress(
         from modelpress.loading import with_input_shape
 
         loaded = with_input_shape(loaded, input_shape)
+    if like:  # an ONNX or other model without a metric of its own, scored like a zoo entry
+        loaded = with_entry_like(loaded, like)
     if search is not None:
         _, report = auto_compress(loaded, search, out_dir=output, data=data, options=options, overwrite=overwrite)
     else:

@@ -51,6 +51,14 @@ InputShapeOpt = Annotated[
         "(e.g. 1,3,224,224); repeat per input.",
     ),
 ]
+LikeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--like",
+        help="Zoo entry whose inputs and metric apply to models that have none "
+        "(e.g. an exported MiniLM: --like minilm).",
+    ),
+]
 WeightsOpt = Annotated[
     Path | None,
     typer.Option("--weights", help="Weights for a package.module:factory model (.safetensors or weights-only .pt)."),

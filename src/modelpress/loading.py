@@ -146,6 +146,16 @@ def with_input_shape(loaded: LoadedModel, shapes: str | list[str]) -> LoadedMode
     return dataclasses.replace(loaded, entry=entry)
 
 
+def with_entry_like(loaded: LoadedModel, name: str) -> LoadedModel:
+    """`loaded` with the inputs and task metric of the zoo entry `name` (`--like digits-cnn`: an exported or
+    converted digits CNN scored on the digits test and validation splits) where it has no metric of its own;
+    a model with one keeps it (as `bench --like` does)."""
+    entry = get_entry(name)
+    if loaded.entry is not None and loaded.entry.has_quality:
+        return loaded
+    return dataclasses.replace(loaded, entry=entry)
+
+
 def load_model(
     spec: str | Path | nn.Module,
     *,

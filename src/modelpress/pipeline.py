@@ -256,23 +256,16 @@ def claim_out_dir(
 def _compress_onnx(
     loaded: LoadedModel, rec: Recipe, data: Any | None, out_dir: str | Path | None, options: RunOptions
 ) -> tuple[Any, Report]:
-    """An ONNX graph from any framework: quantized by ONNX Runtime's tools, driven by the recipe's one pass."""
+    """An ONNX graph from any framework: quantized by ONNX Runtime's tools, driven by the recipe's one pass (a
+    recipe without passes: the graph as it is, measured against the original)."""
     from modelpress.export.runtime import OnnxModel
     from modelpress.measure import bench
-    from modelpress.quant.onnx_ptq import quantize_onnx
 
-    if len(rec.passes) != 1:
-        raise BadInputError(
-            f"an ONNX model takes a recipe with one quantization pass; {rec.name} has {len(rec.passes)}"
-        )
     if out_dir is None:
         raise BadInputError("compressing an ONNX model writes a new graph: give out_dir (CLI: --out)")
     threads = options.threads
-    report = Report(model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(threads))
-    ctx = Context(data=data, options=options, report=report)
-    with atomic_dir(out_dir) as tmp, ctx.threads_scope():
-        stats = quantize_onnx(loaded.path, tmp / "model.onnx", rec.passes[0], data, ctx)
-        report.parity = {"onnx": {"mean_cosine_to_original": stats.get("fidelity")}}
+    with atomic_dir(out_dir) as tmp:
+        report = build_onnx(loaded, rec, data, tmp / "model.onnx", options)
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
         common = _bench_options(options, memory=False)
         original = (f"{loaded.name} (original)", loaded.model, loaded.entry, loaded.path)
@@ -288,6 +281,31 @@ def _compress_onnx(
 
         (options.console or Console()).print(stats_table(rows))
     return OnnxModel(Path(out_dir) / "model.onnx", threads=threads), report
+
+
+def build_onnx(loaded: LoadedModel, rec: Recipe, data: Any | None, dst: Path, options: RunOptions) -> Report:
+    """The ONNX graph of `loaded` through the recipe's one pass (ONNX Runtime's quantizers, `quant.onnx_ptq`)
+    into `dst`; a recipe without passes copies the graph as it is. `data`: calibration batches, or None for the
+    entry's own set where it has one (a model borrowing a zoo entry's). Returns the report recording the pass."""
+    from modelpress.quant.onnx_ptq import copy_onnx, quantize_onnx
+
+    if len(rec.passes) > 1:
+        raise BadInputError(
+            f"an ONNX model takes a recipe with one quantization pass; {rec.name} has {len(rec.passes)}"
+        )
+    report = Report(
+        model=loaded.name, recipe={"name": rec.name, **rec.to_dict()}, environment=environment(options.threads)
+    )
+    if data is None and rec.passes and loaded.entry is not None:
+        with contextlib.suppress(NotAvailableError):  # synthetic inputs only: a pass that needs data says so
+            data = loaded.entry.calibration_data(128, 8)
+            record_data(report, loaded.entry, "calibration", count=sum(len(batch[0]) for batch in data))
+    ctx, src = Context(data=data, options=options, report=report), loaded.path
+    assert src is not None  # an ONNX model is loaded from its file
+    with ctx.threads_scope():
+        stats = quantize_onnx(src, dst, rec.passes[0], data, ctx) if rec.passes else copy_onnx(src, dst)
+    report.parity = {"onnx": {"mean_cosine_to_original": stats.get("fidelity")}}
+    return report
 
 
 def _measure(

@@ -66,10 +66,15 @@ def data_key(data: Any, eval_data: Path | None) -> str:
 
 
 def model_key(loaded: LoadedModel) -> str:
-    """Hash of the model's class and weights (a zoo model retrained differently is another model)."""
+    """Hash of the model's class and weights (a zoo model retrained differently is another model); an ONNX
+    model's: its file (path, size, modification time) and the entry whose metric it borrows."""
     from modelpress.distill.cache import weights_fingerprint
 
     model = loaded.model
+    if loaded.kind == "onnx" and loaded.path is not None:
+        info = loaded.path.stat()
+        entry = loaded.entry.name if loaded.entry is not None else None
+        return _digest(loaded.name, loaded.kind, str(loaded.path.resolve()), info.st_size, info.st_mtime_ns, entry)
     weights = weights_fingerprint(model) if hasattr(model, "state_dict") else str(loaded.path)
     return _digest(loaded.name, loaded.kind, weights)
 

@@ -7,6 +7,8 @@ within budget is faster by more than screening's noise) is dropped there. The fe
 get their `.pt2` form where this CPU makes it worth timing, then the full measurement of `compress`;
 the best measured artifact within budget, not flagged by the speed gate, is written with its recipe.
 What was measured is cached (`auto.cache`): a second run on the same model, data and machine reuses it.
+An ONNX model (given a metric, `--like`) is searched over ONNX Runtime's quantizations of its graph
+(`space.onnx_space`), its `.onnx` form only.
 
     >>> stats, report = auto_compress("minilm", AutoSearch(max_drop=0.5, time_budget="5m"), out_dir="out/a")
 """
@@ -122,10 +124,10 @@ def auto_compress(
             f"{loaded.spec}: auto mode needs a task metric; none is known for this model "
             "(use a zoo model, or give one with --like and its data with --eval-data)"
         )
-    if loaded.kind == "onnx" or not hasattr(loaded.model, "state_dict"):
+    if loaded.kind != "onnx" and not hasattr(loaded.model, "state_dict"):
         raise BadInputError(
-            f"{loaded.spec}: auto mode searches PyTorch models; compress a {loaded.kind} model with a recipe "
-            "(--recipe int8-static, int8-dynamic, w4)"
+            f"{loaded.spec}: auto mode searches PyTorch and ONNX models; a {loaded.kind} artifact cannot be "
+            "compressed; give its PyTorch or ONNX model"
         )
     space = candidates(loaded, search.candidates)
     batches = calibration_for(loaded, data, [c.recipe for c in space if c.recipe.passes])
@@ -307,7 +309,11 @@ def measure_all(
         kinds = [k for k, f in trial.forms.items() if (exhaustive or f.get("status") == "ok")]
         for kind in sorted(kinds, key=lambda k: form_score(setting, trial, k, search)):
             screened = form_score(setting, trial, kind, search)
-            if kind in trial.measured or (not exhaustive and best is not None and best * (1 + TOLERANCE) < screened):
+            if kind in trial.measured:
+                continue
+            if not exhaustive and best is not None and best * (1 + TOLERANCE) < screened:
+                trial.forms[kind]["why"] = (f"not measured in full: {screened:.3g} when screened, more than "
+                                            f"{TOLERANCE:.0%} behind a measured form's {best:.3g}")  # fmt: skip
                 continue
             display.step(f"measuring {trial.cand.name} {artifact_name(kind)}")
             row = measure(setting, trial, kind)
@@ -415,6 +421,8 @@ def score(setting: Setting, trial: Trial, search: AutoSearch) -> float:
 
 def measure(setting: Setting, trial: Trial, kind: str) -> dict[str, Any] | None:
     """One form measured in full (or taken from the cache); its row, None where it was not measured."""
+    if kind not in trial.cand.forms:  # an ONNX model's .pt2: there is none to measure
+        return None
     key = {"full": recipe_key(trial.cand.recipe), "kind": kind, "repeats": setting.repeats}
     cached = setting.cache.get("full", key)
     if cached is not None:

@@ -13,7 +13,9 @@ say what was tried and why. The family comes from the model itself:
 - `causal-lm`: RTN / GPTQ / AWQ weight-only at 4 and 8 bits in groups of 32 and 128, mixed precision
   (a 4-bit head and embedding table, or the most sensitive layers at 8 bits), SparseGPT / Wanda, the
   GGUF and ONNX Runtime GenAI targets written for the chosen group-wise candidate;
-- anything else: the int8 and weight-only candidates.
+- anything else: the int8 and weight-only candidates;
+- an ONNX model (from any framework): ONNX Runtime's quantizations of its graph (`quant.onnx_ptq`) for the
+  weighted op types it has, and its `.onnx` form only: see `onnx_space`.
 
 The runtime form (`.onnx`, `.pt2`) is part of the space too; which forms are worth timing follows the
 CPU's capabilities (`core.environment.cpu_info`), never its model name: see `pt2_worth_timing`.
@@ -25,6 +27,7 @@ CPU's capabilities (`core.environment.cpu_info`), never its model name: see `pt2
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +57,7 @@ class Candidate:
     cost: int = PLAIN  # FREE, PLAIN, CALIBRATED or TRAINED
     int8_activations: bool = False  # int8 GEMMs at run time (their .pt2 form needs VNNI or AMX)
     targets: tuple[str, ...] = ()  # untimed exports written for the chosen one (gguf, genai)
+    forms: tuple[str, ...] = ("onnx", "pt2")  # the runtime forms it can have (an ONNX model's: .onnx only)
 
 
 def family(loaded: LoadedModel) -> str:
@@ -89,6 +93,8 @@ def spread_layers(n_teacher: int, n_student: int) -> list[int]:
 
 def pt2_worth_timing(cand: Candidate, cpu: dict[str, Any], original_ms: float) -> tuple[bool, str]:
     """Whether the `.pt2` form of `cand` can win on this CPU, and why (the report keeps the reason)."""
+    if "pt2" not in cand.forms:
+        return False, "an ONNX model has only its .onnx form: there is no .pt2 to compile"
     if original_ms < PT2_MIN_MS:
         return False, f"the original takes {original_ms:.2f} ms: a .pt2's per-call overhead outweighs its gain"
     if cand.int8_activations and cpu.get("int8") not in ("amx", "avx512_vnni", "avx_vnni"):
@@ -265,20 +271,67 @@ def lm_space(loaded: LoadedModel) -> list[Candidate]:
     return out
 
 
+def onnx_space(loaded: LoadedModel) -> list[Candidate]:
+    """An ONNX model's candidates: what ONNX Runtime's quantizers (`quant.onnx_ptq`) do to the weighted op types
+    the graph has: dynamic int8 (MatMul / Gemm / Attention), static int8 in QDQ form with
+    min-max or entropy ranges, and with the nodes most sensitive to it kept float (MatMul / Gemm / Conv), and
+    4-bit weight groups (MatMulNBits: MatMul). Every config is one `quantize_onnx` honours."""
+    from modelpress.quant.onnx_ptq import DYNAMIC_OPS, QUANTIZABLE_OPS, weighted_op_types
+
+    ops = weighted_op_types(loaded.path)  # type: ignore[arg-type]
+    minmax = {"type": "StaticQuantConfig", "observer": {"kind": "minmax"}, "calibration_batches": 16}
+    mixed = {"type": "MixedPrecisionConfig", "base": minmax, "high_bits": None, "max_drop": 0.002}
+    out: list[Candidate] = []  # no "float": the graph as it is is the original itself, not a result
+    if ops & set(DYNAMIC_OPS):
+        out.append(_onnx("int8-dynamic", [{"type": "DynamicQuantConfig"}], "int8 weights, int8 activations scaled "
+                         "per tensor at run time (ONNX Runtime)", PLAIN, activations="dynamic", bits=8))  # fmt: skip
+    if ops & set(QUANTIZABLE_OPS):
+        out += [
+            _onnx("int8-static", [minmax], "int8 weights and static int8 activations (QDQ, min-max ranges)",
+                  CALIBRATED, activations="static", bits=8, observer="minmax"),
+            _onnx("int8-static-entropy", [{**minmax, "observer": {"kind": "kl"}}], "int8 weights and static int8 "
+                  "activations (QDQ, entropy ranges)", CALIBRATED, activations="static", bits=8, observer="kl"),
+            _onnx("int8-mixed", [mixed], "static int8, the nodes most sensitive to it kept float (fidelity 0.2%)",
+                  CALIBRATED, activations="static", bits=8, sensitivity=True),
+        ]  # fmt: skip
+    if "MatMul" in ops:
+        for g in (32, 128):
+            cfg = {"type": "WeightOnlyConfig", "bits": 4, "granularity": "group", "group_size": g, "symmetric": False}
+            out.append(_onnx(f"w4-g{g}", [cfg], f"4-bit weights in groups of {g} (MatMulNBits)", PLAIN, method="rtn",
+                             bits=4, group_size=g))  # fmt: skip
+    return out
+
+
+def _onnx(name: str, passes: list[dict[str, Any]], why: str, cost: int, **params: Any) -> Candidate:
+    recipe = parse_recipe({"description": why, "passes": passes, "export": ["onnx"]}, name)
+    return onnx_only(Candidate(name=name, recipe=recipe, params={**params, "runtime": "onnxruntime"}, cost=cost,
+                               int8_activations=any(p["type"] != "WeightOnlyConfig" for p in passes)))  # fmt: skip
+
+
+def onnx_only(cand: Candidate) -> Candidate:
+    """`cand` for an ONNX model: its `.onnx` form only (no .pt2, no GGUF or GenAI targets)."""
+    rec = cand.recipe
+    recipe = Recipe(rec.name, rec.description, rec.passes, ("onnx",), rec.order, rec.lowering)
+    return dataclasses.replace(cand, recipe=recipe, targets=(), forms=("onnx",))
+
+
 def candidates(loaded: LoadedModel, names: tuple[str, ...] | None = None) -> list[Candidate]:
     """The search space for `loaded` (cheapest first), or the candidates `names` (generated names, built-in
-    recipes or recipe files) where given. The float model exported as it is always comes first."""
-    kind = family(loaded)
-    generated = {"encoder": encoder_space, "cnn": cnn_space, "causal-lm": lm_space}.get(kind)
+    recipes or recipe files) where given. The float model exported as it is always comes first. An ONNX model
+    gets `onnx_space`; a named recipe is tried on its `.onnx` form (ONNX Runtime refuses what it cannot do)."""
+    onnx = loaded.kind == "onnx"
+    kind = "onnx" if onnx else family(loaded)
+    generated = {"encoder": encoder_space, "cnn": cnn_space, "causal-lm": lm_space, "onnx": onnx_space}.get(kind)
     space = generated(loaded) if generated is not None else _int8("", [], PLAIN, {}) + _weight_only((32,))
-    space = [named("float"), *space]
+    space = space if onnx else [named("float"), *space]
     if names is None:
         return sorted(space, key=lambda c: c.cost)  # stable: the family's order within a cost class
     by_name = {c.name: c for c in space}
     out = []
     for name in names:
         try:
-            out.append(by_name[name] if name in by_name else named(name))  # recipe:NAME skips the generated one
+            cand = by_name[name] if name in by_name else named(name)  # recipe:NAME skips the generated one
         except BadInputError as e:
             raise type(e)(f"{e}; generated candidates for this {kind} model: {', '.join(by_name)}") from None
+        out.append(onnx_only(cand) if onnx else cand)
     return out

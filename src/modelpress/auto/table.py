@@ -51,9 +51,12 @@ def screened_rows(setting: Setting, trial: Trial) -> list[dict[str, Any]]:
             continue
         row = _common(trial, kind)
         ms = form.get("ms", {}).get(largest)
+        status = trial.status if form.get("status") in ("ok", "built", None) else form["status"]
+        if status == "measured":  # another form of the candidate was: this one was left behind
+            status = "dropped"
         row.update(
-            stage="screened", status=trial.status if form.get("status") in ("ok", "built", None) else form["status"],
-            why=form.get("why") or trial.why, p50_ms=ms if ms is not None else float("inf"),
+            stage="screened", status=status, why=form.get("why") or trial.why or "not measured in full",
+            p50_ms=ms if ms is not None else float("inf"),
             size_mb=form["size_bytes"] / 1e6 if form.get("size_bytes") else None,
             validation_quality=trial.screen_quality,
             drop=trial.screen_drop, drop_split="validation subset" if setting.subset else "validation",

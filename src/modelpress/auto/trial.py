@@ -20,6 +20,7 @@ import torch
 from modelpress.auto.budget import Clock
 from modelpress.auto.cache import SearchCache
 from modelpress.auto.space import Candidate
+from modelpress.core.errors import BadInputError
 from modelpress.core.model_stats import ModelStats, Quality
 from modelpress.core.options import RunOptions
 from modelpress.loading import LoadedModel
@@ -94,14 +95,24 @@ def recipe_key(rec: Recipe) -> str:
 
 
 def build(setting: Setting, trial: Trial, export: tuple[str, ...]) -> None:
-    """Apply the candidate's passes and export the forms `export` into its folder (`trial.model` kept)."""
+    """Apply the candidate's passes and export the forms `export` into its folder (`trial.model` kept). An ONNX
+    model's candidate is its graph through ONNX Runtime's quantizer (`pipeline.build_onnx`): `.onnx` only."""
     from modelpress.artifacts import export_artifacts, parity_of, recipe_lowering
-    from modelpress.pipeline import apply_recipe
+    from modelpress.pipeline import apply_recipe, build_onnx
 
     loaded, entry = setting.loaded, setting.loaded.entry
     assert entry is not None
     rec = trial.cand.recipe
     start = time.perf_counter()
+    if loaded.kind == "onnx":
+        if other := sorted(set(export) - {"onnx"}):
+            raise BadInputError(f"an ONNX model has only its .onnx form, not {', '.join(other)}")
+        trial.folder.mkdir(parents=True, exist_ok=True)
+        trial.report["report"] = build_onnx(loaded, rec, setting.data, trial.folder / "model.onnx", setting.options)
+        trial.report["parity"] = dict(trial.report["report"].parity or {})
+        trial.forms["onnx"] = {"path": str(trial.folder / "model.onnx"), "status": "built"}
+        trial.build_s += time.perf_counter() - start
+        return
     if trial.model is None:
         trial.model, report, trial.report["ctx"] = apply_recipe(loaded, rec, setting.data, setting.options)
         trial.report["report"] = report

@@ -55,13 +55,19 @@ def graph_inputs(proto: Any) -> list[str]:
 
 def weighted_nodes(proto: Any, layers: LayerFilter) -> list[str]:
     """MatMul / Gemm / Conv nodes with a constant weight that `layers` selects (by node name)."""
+    return [node.name for node in _weighted(proto) if layers.selects(node.name, node.op_type)]
+
+
+def weighted_op_types(path: str | Path) -> set[str]:
+    """The op types of the graph at `path` that carry a constant weight (MatMul, Gemm, Conv, Attention): what
+    ONNX Runtime's quantizers can work on (dynamic: `DYNAMIC_OPS`; static: `QUANTIZABLE_OPS`; 4-bit: MatMul)."""
+    return {node.op_type for node in _weighted(onnx.load(str(path), load_external_data=False))}
+
+
+def _weighted(proto: Any) -> list[Any]:
     inits = {t.name for t in proto.graph.initializer}
-    out = []
-    for node in proto.graph.node:
-        weighted = node.op_type in (*QUANTIZABLE_OPS, "Attention") and any(i in inits for i in node.input[1:2])
-        if weighted and layers.selects(node.name, node.op_type):
-            out.append(node.name)
-    return out
+    return [n for n in proto.graph.node if n.op_type in (*QUANTIZABLE_OPS, "Attention") and
+            any(i in inits for i in n.input[1:2])]  # fmt: skip
 
 
 class _Reader:
@@ -349,9 +355,26 @@ def _keep_sensitive_float(
 
 def _staged_copy(src: Path, proto: onnx.ModelProto, folder: Path) -> Path:
     """Copy the graph at `src` and its external data files into `folder`; the user's folder is never written."""
+    folder.mkdir()
+    _copy_external_data(src, proto, folder)
+    staged = folder / src.name
+    shutil.copy2(src, staged)
+    return staged
+
+
+def copy_onnx(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """The graph at `src` as it is, copied to `dst` (written atomically) with its external data files beside it:
+    an ONNX model's float form. Returns its pass statistics (the same function: fidelity 1)."""
+    src, dst = Path(src), Path(dst)
+    _copy_external_data(src, onnx.load(str(src), load_external_data=False), dst.parent)
+    with atomic_path(dst) as out:
+        shutil.copy2(src, out)
+    return {"fidelity": 1.0}
+
+
+def _copy_external_data(src: Path, proto: onnx.ModelProto, folder: Path) -> None:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    folder.mkdir()
     root = src.parent.resolve()
     for tensor in _get_all_tensors(proto):
         if not uses_external_data(tensor):
@@ -366,9 +389,6 @@ def _staged_copy(src: Path, proto: onnx.ModelProto, folder: Path) -> Path:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(data, target)
-    staged = folder / src.name
-    shutil.copy2(src, staged)
-    return staged
 
 
 def _weight_only_4bit(src: Path, out: Path, cfg: WeightOnlyConfig) -> None:
