@@ -9,7 +9,9 @@ Rows, all measured in this process, interleaved round by round at batch 1 (and 8
   uint8 activations, its MinMax calibrator over the same calibration batches as ours;
 - `ours-int8`: `modelpress.compress("efficientnet-lite0", "int8-static")`'s `model.onnx` (per-channel int8
   weights, static per-tensor activations calibrated by the MSE observer, Conv-BN folded, bias-corrected);
-- `ours-int8-pt2`: the same compressed model's AOTInductor package, where it is not pathologically slow.
+- `ours-w8-accurate`: `compress` with `benchmarks/recipes/cnn-w8-accurate.yaml`: int8 weights per channel,
+  asymmetric, GPTQ-rounded, bias-corrected, the depthwise convolutions kept float, float activations (what the
+  int8-static graph computes too, since its convolutions run in float on dequantized weights).
 
 Quality: top-1 agreement with the fp32 model on 256 crops of the test photographs (scikit-image samples;
 whole photographs disjoint from the calibration ones), and mean cosine of the logits. Calibration: 64
@@ -39,6 +41,7 @@ from modelpress.core.options import RunOptions  # noqa: E402
 from modelpress.core.runtime import OnnxModel  # noqa: E402
 from modelpress.export.onnx import export_onnx  # noqa: E402
 from modelpress.pipeline import compress  # noqa: E402
+from modelpress.recipes.recipe import load_recipe  # noqa: E402
 from modelpress.zoo import get_entry  # noqa: E402
 
 
@@ -90,13 +93,17 @@ def main() -> None:
     anchor = ort_int8(fp32_onnx, work / "ort-int8.onnx", calibration)
     options = RunOptions(threads=args.threads, batch_sizes=(1,), repeats=5, progress=False, keep_slower=True)
     _, report = compress("efficientnet-lite0", "int8-static", out_dir=work / "ours", options=options)
+    accurate = load_recipe(Path(__file__).parent / "recipes" / "cnn-w8-accurate.yaml")
+    compress("efficientnet-lite0", accurate, out_dir=work / "ours-accurate", options=options)
     forms: dict[str, Any] = {
         "torch-fp32": model,
         "ort-fp32": OnnxModel(fp32_onnx, threads=args.threads),
         "ort-int8": OnnxModel(anchor, threads=args.threads),
         "ours-int8": OnnxModel(work / "ours" / "model.onnx", threads=args.threads),
+        "ours-w8-accurate": OnnxModel(work / "ours-accurate" / "model.onnx", threads=args.threads),
     }
-    files = {"ort-fp32": fp32_onnx, "ort-int8": anchor, "ours-int8": work / "ours" / "model.onnx"}
+    files = {"ort-fp32": fp32_onnx, "ort-int8": anchor, "ours-int8": work / "ours" / "model.onnx",
+             "ours-w8-accurate": work / "ours-accurate" / "model.onnx"}  # fmt: skip
 
     x = entry._photo_inputs("test")
     with torch.inference_mode():

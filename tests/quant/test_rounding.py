@@ -120,3 +120,23 @@ def test_bad_rounding_choices_are_refused() -> None:
         WeightOnlyConfig(granularity="tensor", weight_rounding="gptq")
     with pytest.raises(DataError, match="weight_rounding 'gptq' needs calibration data"):
         quantize(_Net().eval(), WeightOnlyConfig(weight_rounding="gptq"))
+
+
+def test_depthwise_float_keeps_only_the_depthwise_convolutions_in_float() -> None:
+    """`depthwise: float`: a depthwise convolution keeps its float weights, a grouped (not depthwise) one and the
+    pointwise ones are quantized; the pass lists what it kept; a bad value is refused."""
+    from modelpress.core.context import Context
+    from modelpress.quant.modules import QConv
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 3, groups=2),
+                        nn.Conv2d(8, 2, 1))  # fmt: skip
+    data = [(torch.randn(2, 4, 10, 10),) for _ in range(2)]
+    ctx = Context()
+    q = quantize(net, WeightOnlyConfig(bits=8, depthwise="float"), data=data, ctx=ctx)
+    assert [isinstance(m, QConv) for m in q] == [True, False, True, True]
+    assert torch.equal(q[1].weight, net[1].weight)
+    (entry,) = [p for p in ctx.report.passes if p.name == "quantize/weight-only"]
+    assert entry.stats["depthwise_kept_float"] == ["1"]
+    with pytest.raises(ConfigError, match="depthwise must be"):
+        WeightOnlyConfig(depthwise="int4")  # type: ignore[arg-type]

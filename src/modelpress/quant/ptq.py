@@ -69,12 +69,17 @@ class WeightOnlyConfig(Config):
     bias_correction: bool = True
     # how weights meet their grid: "nearest", or "gptq" (against each layer's calibration inputs, `quant.rounding`)
     weight_rounding: Literal["nearest", "gptq"] = "nearest"
+    # depthwise convolutions (one filter per channel, a few weights each: their rounding error does not average
+    # out, and they are the layers of MobileNet / EfficientNet most sensitive to it): "quantize", or "float"
+    depthwise: Literal["quantize", "float"] = "quantize"
 
     def validate(self) -> None:
         check_layer_bits(self.layer_bits)
         check_bits(self.bits, 2, 8)
         check_embedding_bits(self.embedding_bits, self.embedding_group_size)
         check_rounding(self.weight_rounding, self.granularity)
+        if self.depthwise not in ("quantize", "float"):
+            raise ConfigError(f"depthwise must be 'quantize' or 'float', got {self.depthwise!r}")
 
     def weight_scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.symmetric, self.granularity, 0, self.group_size)
@@ -270,6 +275,12 @@ def _weights_read_directly(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A convolution with one filter per input channel (`groups == in_channels > 1`)."""
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return isinstance(module, convs) and module.groups > 1 and module.groups == module.in_channels
+
+
 def why_not_quantizable(module: nn.Module, scheme: QuantScheme) -> str | None:
     """Why `scheme` cannot quantize `module`'s weight, or None when it can."""
     if (why := custom_forward(module, QUANTIZABLE)) is not None:
@@ -436,9 +447,14 @@ def weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> nn.Mod
     folded = fold_conv_bn(model, first_batch(ctx.data)) if cfg.fold_bn else []
     plans = plan_layers(model, cfg, ActSpec(mode="none"), ctx)
     notes: list[str] = []
+    kept = [p.name for p in plans if is_depthwise(p.module)] if cfg.depthwise == "float" else []
+    plans = [p for p in plans if p.name not in kept]
+    if not plans:
+        raise BadInputError("every selected layer is a depthwise convolution kept in float (depthwise: float)")
     corrected = _swap_corrected(model, plans, cfg, ctx.data, 16, notes)
     ctx.report.add_pass(
         "quantize/weight-only", time.perf_counter() - start, folded_bn=folded, bias_corrected=corrected,
+        depthwise_kept_float=kept,
         **_summary(plans, cfg, notes),
     )  # fmt: skip
     return model
