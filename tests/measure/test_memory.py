@@ -1,3 +1,4 @@
+import mmap
 import time
 
 import torch
@@ -7,12 +8,14 @@ from modelpress.measure import peak_memory
 
 def test_peak_memory_sees_a_large_temporary_allocation():
     def allocate(n: int) -> None:
-        block = torch.ones(n)  # touched pages: resident
-        time.sleep(1.0)  # many 1 ms sampler periods, even when other threads delay the sampler (20 ms and then
-        # 200 ms holds each once saw no growth in a full suite run on 2 busy cores)
-        del block
+        # fresh anonymous pages, touched: resident for sure. A malloc'd tensor can be served from memory the
+        # process already holds (a full suite run saw no growth for torch.ones(64 MiB) held 20 ms, 200 ms, 1 s)
+        block = mmap.mmap(-1, n)
+        block.write(b"\1" * n)
+        time.sleep(0.2)  # many 1 ms sampler periods
+        block.close()
 
-    n = 16 * 2**20  # 64 MiB of float32
+    n = 64 * 2**20
     assert peak_memory(allocate, (n,), threads=1, calls=2) >= 32 * 2**20
 
 
