@@ -80,3 +80,40 @@ def test_layer_bits_give_single_layers_other_bits() -> None:
         WeightOnlyConfig(layer_bits={"^2$": 9})
     with pytest.raises(ConfigError, match="layer_bits"):
         WeightOnlyConfig(layer_bits={"(": 8})
+
+
+def test_layer_ranking_scores_each_layers_own_output_error_in_one_pass():
+    """ranking "layer": tr(dW H dW^T) / tr(W H W^T) per layer, checked against the layer's output error computed
+    directly; the outlier layer first; the same promotion search as "model"; "auto" picks it past 64 layers."""
+    from modelpress.primitives.affine import dequantize_tensor, quantize_tensor
+    from modelpress.quant.sensitivity import LAYER_RANKING_FROM, layer_sensitivity, ranking_of
+
+    model, data = _model(), _data()
+    cfg = WeightOnlyConfig(bits=4)
+    rows = layer_sensitivity(model, cfg, data, Context(options=RunOptions(progress=False)))
+    assert [r.layer for r in rows][0] == "2" and len(rows) == 3
+    inputs: list[torch.Tensor] = []
+    handle = model[2].register_forward_pre_hook(lambda m, x: inputs.append(x[0]))
+    with torch.no_grad():
+        for (x,) in data:
+            model(x)
+    handle.remove()
+    x = torch.cat(inputs)
+    w = model[2].weight.detach()
+    dw = dequantize_tensor(quantize_tensor(w, cfg.weight_scheme())) - w
+    direct = float((x @ dw.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    (row,) = [r for r in rows if r.layer == "2"]
+    assert row.drop == pytest.approx(direct, rel=1e-4) and row.quality == pytest.approx(1 - direct, rel=1e-6)
+    ctx = Context(data=data, options=RunOptions(progress=False))
+    quantize(model, MixedPrecisionConfig(base=cfg, high_bits=8, max_drop=0.01, ranking="layer"), ctx=ctx)
+    stats = ctx.report.passes[-1].stats
+    assert stats["ranking"] == "layer" and stats["drop"] <= 0.01 and stats["promoted"][0] == "2"
+    auto = MixedPrecisionConfig(base=cfg)
+    assert ranking_of(auto, 3) == "model" and ranking_of(auto, LAYER_RANKING_FROM + 1) == "layer"
+    from modelpress.quant import StaticQuantConfig
+
+    assert ranking_of(MixedPrecisionConfig(base=StaticQuantConfig()), 1000) == "model"  # activations matter too
+    with pytest.raises(ConfigError, match="ranking 'layer' ranks weight error only"):
+        MixedPrecisionConfig(base=StaticQuantConfig(), ranking="layer")
+    with pytest.raises(ConfigError, match="ranking must be"):
+        MixedPrecisionConfig(ranking="fast")

@@ -35,7 +35,7 @@ HESSIAN_BYTES = 1 << 30  # float32 second-moment matrices held at once (a chunk 
 _PATCH_VALUES = 1 << 24  # unfolded values per step (64 MiB of float32), the batch split to stay below
 
 
-def _columns(module: nn.Module) -> tuple[int, int]:
+def layer_columns(module: nn.Module) -> tuple[int, int]:
     """(groups, K): the second-moment matrices a layer needs, each K x K."""
     if isinstance(module, nn.Linear):
         return 1, module.in_features
@@ -74,7 +74,7 @@ def _patches(module: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
         pads = _padding(module) + [0, 0]
     else:
         kernel, stride, dilation, pads = module.kernel_size, module.stride, module.dilation, _padding(module)
-    groups, k = _columns(module)
+    groups, k = layer_columns(module)
     per_item = k * groups * max(1, x[0, 0].numel())
     step = max(1, _PATCH_VALUES // per_item)
     for i in range(0, x.shape[0], step):
@@ -88,7 +88,7 @@ def _chunks(modules: Mapping[str, nn.Module]) -> Iterator[list[str]]:
     chunk: list[str] = []
     size = 0
     for name, m in modules.items():
-        groups, k = _columns(m)
+        groups, k = layer_columns(m)
         need = groups * k * k * 4
         if chunk and size + need > HESSIAN_BYTES:
             yield chunk
@@ -126,7 +126,7 @@ def layer_hessians(
 def gptq_round(layer: nn.Module, original: nn.Module, hessian: torch.Tensor) -> list[str]:
     """Replace the codes of `layer` (a `QLinear` / `QConv` made from `original`) by GPTQ's on the same scheme;
     returns GPTQ's notes (damping raised, a Hessian that fell back to the identity)."""
-    groups, _ = _columns(original)
+    groups, _ = layer_columns(original)
     weight = original.weight.detach().float()
     rows = weight.reshape(groups, weight.shape[0] // groups, -1)  # (groups, out / groups, K)
     notes: list[str] = []

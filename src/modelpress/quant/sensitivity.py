@@ -37,6 +37,7 @@ from modelpress.quant.ptq import (
 )
 
 Metric = Callable[[nn.Module], float]  # higher is better
+LAYER_RANKING_FROM = 64  # layers: past this, "auto" ranks them by their own output error, not the model's
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ class MixedPrecisionConfig(Config):
     max_drop: float = 0.005
     metric: str = "fidelity"
     eval_batches: int = 8
+    # How the layers are ranked before the binary search: "model" (each layer quantized alone and the whole
+    # model scored: one forward pass over the eval batches per layer), "layer" (each layer's own output error
+    # on its calibration inputs, tr(dW H dW^T) / tr(W H W^T) with H the second moment of its inputs: every
+    # layer in one calibration pass; weight error only), or "auto": "layer" for weight-only quantization of a
+    # model with more than LAYER_RANKING_FROM layers (an LLM's hundreds), else "model".
+    ranking: str = "auto"
 
     def validate(self) -> None:
         if self.high_bits is not None and not 2 <= self.high_bits <= 8:
@@ -64,6 +71,11 @@ class MixedPrecisionConfig(Config):
             raise ConfigError(f"max_drop must be >= 0, got {self.max_drop}")
         if self.metric not in ("fidelity", "task"):
             raise ConfigError(f"metric must be 'fidelity' or 'task', got {self.metric!r}")
+        if self.ranking not in ("auto", "model", "layer"):
+            raise ConfigError(f"ranking must be 'auto', 'model' or 'layer', got {self.ranking!r}")
+        if self.ranking == "layer" and not isinstance(self.base, WeightOnlyConfig):
+            raise ConfigError(f"ranking 'layer' ranks weight error only: it needs a WeightOnlyConfig base, "
+                              f"got {type(self.base).__name__}")  # fmt: skip
 
 
 @dataclass
@@ -122,6 +134,46 @@ def sensitivity(model: nn.Module, cfg: Any, metric: Metric, ctx: Context) -> tup
     return base, rows
 
 
+def layer_sensitivity(
+    model: nn.Module, cfg: WeightOnlyConfig, batches: Sequence[Any], ctx: Context
+) -> list[SensitivityRow]:
+    """One row per layer, most sensitive first: `drop` is the layer's relative output error under `cfg`'s weight
+    grid (rounded to nearest) on its calibration inputs, tr(dW H dW^T) / tr(W H W^T); `quality` is 1 - drop.
+    The second moments H of every layer come from one pass over `batches` (in chunks, `quant.rounding`)."""
+    from modelpress.primitives.affine import QuantScheme, dequantize_tensor, quantize_tensor
+    from modelpress.quant.ptq import bits_for
+    from modelpress.quant.rounding import layer_columns, layer_hessians
+
+    modules = {n: model.get_submodule(n) for n in _layer_names(model, cfg)}
+    base = cfg.weight_scheme()
+    rows = []
+    hessians = layer_hessians(model, modules, batches, len(batches))
+    for name, h in ctx.progress(hessians, "sensitivity (per layer)", total=len(modules)):
+        module = modules[name]
+        scheme = QuantScheme(bits_for(cfg, name), base.symmetric, base.granularity, base.axis, base.group_size)
+        w = module.weight.detach().float()
+        dw = dequantize_tensor(quantize_tensor(w, scheme)) - w
+        groups, k = layer_columns(module)
+        dw, w, h = dw.reshape(groups, -1, k), w.reshape(groups, -1, k), h.float()
+        err = torch.einsum("gok,gkl,gol->", dw, h, dw)
+        energy = torch.einsum("gok,gkl,gol->", w, h, w).clamp_min(1e-30)
+        rel = float(err / energy)
+        rows.append(SensitivityRow(name, sum(p.numel() for p in module.parameters()), 1.0 - rel, rel))
+    rows.sort(key=lambda r: r.drop, reverse=True)
+    return rows
+
+
+def ranking_of(cfg: MixedPrecisionConfig, layers: int) -> str:
+    """The ranking `cfg` asks for, "auto" resolved for a model with `layers` quantizable layers."""
+    if cfg.ranking != "auto":
+        return cfg.ranking
+    return "layer" if isinstance(cfg.base, WeightOnlyConfig) and layers > LAYER_RANKING_FROM else "model"
+
+
+def _rankable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+
+
 def promote(cfg: MixedPrecisionConfig, names: Sequence[str]) -> Any:
     """The base config with the layers `names` kept in float (excluded) or at `high_bits` (`layer_bits`)."""
     exact = [f"^{re.escape(n)}$" for n in names]
@@ -148,7 +200,17 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -
         metric = ctx.metric
     else:
         metric = fidelity_metric(model, batches)
-    base, rows = sensitivity(model, cfg.base, metric, ctx)
+    names = _layer_names(model, cfg.base)
+    ranking = ranking_of(cfg, len(names))
+    if ranking == "layer" and not all(_rankable(model.get_submodule(n)) for n in names):
+        if cfg.ranking == "layer":
+            raise ConfigError("ranking 'layer' scores Linear and Conv1d/Conv2d layers only; this model has others: "
+                              "use ranking 'model'")  # fmt: skip
+        ranking = "model"
+    if ranking == "layer":
+        base, rows = metric(model), layer_sensitivity(model, cfg.base, batches, ctx)  # type: ignore[arg-type]
+    else:
+        base, rows = sensitivity(model, cfg.base, metric, ctx)
     order = [r.layer for r in rows]
 
     def trial(k: int) -> tuple[nn.Module, float]:
@@ -180,6 +242,7 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -
         "quantize/mixed-precision",
         time.perf_counter() - start,
         metric=cfg.metric,
+        ranking=ranking,
         baseline=base,
         quality=quality,
         drop=base - quality,
