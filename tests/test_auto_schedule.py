@@ -98,3 +98,46 @@ def test_full_calls_are_bounded_like_bench() -> None:
     assert search.full_calls(0.01, repeats=20) == 1 + 2 + 20  # fast: every repeat
     assert search.full_calls(6.4, repeats=20) == 1 + 1 + 4  # a causal LM at batch 32: 20 s of timed calls
     assert search.full_calls(30.0, repeats=20) == 1 + 1 + 3  # never fewer than three timed
+
+
+def test_runoff_times_close_forms_again_and_picks_the_lowest_median(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from modelpress.auto import runoff as ro
+    from modelpress.measure import gate
+
+    class Entry:
+        def example_inputs(self, bs: int) -> tuple[torch.Tensor, ...]:
+            return (torch.zeros(bs, 3),)
+
+    class Loaded:
+        entry = Entry()
+
+    probed: list[str] = []
+    speed = {"a.onnx": 110.0, "b.pt2": 90.0}
+
+    def probe(kind: str, path: str, inputs: dict, limits: dict, threads: Any, calls: int) -> gate.ProbeResult:
+        probed.append(Path(path).name)
+        assert set(inputs) == {"8"} and calls == ro.RUNOFF_CALLS
+        return gate.ProbeResult(ms={"8": speed[Path(path).name]})
+
+    monkeypatch.setattr(gate, "probe", probe)
+    s = setting(tmp_path, None, Now())
+    s.loaded = Loaded()  # type: ignore[assignment]
+    a, b, c = trial(tmp_path, "a", onnx=20.0), trial(tmp_path, "b", pt2=21.0), trial(tmp_path, "c", onnx=30.0)
+    for t, kind, name in ((a, "onnx", "a.onnx"), (b, "pt2", "b.pt2"), (c, "onnx", "c.onnx")):
+        t.forms[kind]["path"] = str(tmp_path / name)
+        (tmp_path / name).write_bytes(b"x")
+    measured = [(100.0, a, "onnx"), (105.0, b, "pt2"), (200.0, c, "onnx")]  # c: more than 15% behind
+    close = ro.contenders(measured)
+    assert [x[1] for x in close] == [a, b]
+    won = ro.runoff(s, close)
+    assert won is not None and won[1] is b  # measured 5% slower, faster when timed again together
+    assert probed == ["a.onnx", "b.pt2"] * ro.RUNOFF_ROUNDS  # interleaved, round by round
+    assert s.runoff is not None and s.runoff["chosen"] == "float model.pt2" and s.runoff["median_ms"]
+    tight = setting(tmp_path, 1.0, Now())  # a budget that cannot afford the rounds: the measured choice stands
+    tight.loaded = Loaded()  # type: ignore[assignment]
+    assert ro.runoff(tight, close) is None and "time budget" in tight.runoff["skipped"]  # type: ignore[index]
+    assert ro.runoff(s, close[:1]) is None  # nothing to run off

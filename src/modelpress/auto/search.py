@@ -25,6 +25,7 @@ from typing import Any, Literal
 from modelpress.auto.budget import Clock, format_duration, parse_duration, parse_max_drop
 from modelpress.auto.cache import SearchCache
 from modelpress.auto.display import Display
+from modelpress.auto.runoff import contenders, runoff
 from modelpress.auto.space import Candidate, candidates, family, pt2_worth_timing
 from modelpress.auto.table import artifact_name, measured_row, screened_rows, summary
 from modelpress.auto.trial import (
@@ -456,15 +457,19 @@ def finish(setting: Setting, trials: list[Trial], search: AutoSearch, out_dir: P
 
     rows: list[dict[str, Any]] = []
     winner: tuple[float, Trial, str] | None = None
+    eligible: list[tuple[float, Trial, str]] = []
     for trial in trials:
         for kind, stats in trial.measured.items():
             row = measured_row(setting, trial, kind, stats)
             rows.append(row)
             if row["within_budget"] and not row["slower_than_original"]:
                 value = row["p50_ms"] if search.objective == "latency" else row["size_mb"]
+                eligible.append((value, trial, kind))
                 if winner is None or value < winner[0]:
                     winner = (value, trial, kind)
         rows += screened_rows(setting, trial)
+    if search.objective == "latency":  # forms too close to call by one measurement are timed again together
+        winner = runoff(setting, contenders(eligible)) or winner
     if winner is None:
         raise BadInputError(
             f"no candidate stays within a quality drop of {search.max_drop} at a speed above the original's: "

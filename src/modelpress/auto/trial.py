@@ -51,6 +51,7 @@ class Setting:
     repeats: int = 20
     measure_s: float = 0.0  # estimated seconds of one form's full measurement (the original's)
     subset: bool = False  # screening quality on a subset of the validation split
+    runoff: dict[str, Any] | None = None  # the finalists timed again before the choice (`auto.runoff`)
     pt2_costs: list[float] = field(default_factory=list)  # seconds each .pt2 compiled so far took (and its screening)
 
 

@@ -66,6 +66,7 @@ def write_winner(
         "candidates": clean,
         "measured": len({r["recipe"] for r in clean if r["stage"] == "measured"}),
         "pareto": {"latency": pareto(clean, "p50_ms", higher), "size": pareto(clean, "size_mb", higher)},
+        "runoff": setting.runoff,
         "chosen": f"{rec.name}: {report.compressed.name}",
         "recipe_file": "recipe.yaml",
     }

@@ -181,6 +181,11 @@ def auto_markdown(auto: dict[str, Any]) -> list[str]:
         "",
         f"Chosen: {auto['chosen']}" + (f" (its recipe: `{auto['recipe_file']}`)" if auto.get("recipe_file") else ""),
     ]
+    runoff = auto.get("runoff") or {}
+    if runoff.get("median_ms"):
+        timed = ", ".join(f"{name} {ms:.2f} ms" for name, ms in runoff["median_ms"].items())
+        lines += ["", f"Runoff (forms within 15% of each other, timed again together at batch {runoff['batch_size']}, "
+                  f"median of {runoff['rounds']} rounds): {timed}"]  # fmt: skip
     return lines
 
 

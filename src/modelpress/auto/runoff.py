@@ -1,0 +1,69 @@
+"""The runoff: measured forms too close to call by one full measurement are timed again, together.
+
+Two forms whose full measurements lie within `RUNOFF_SHARE` of each other are inside the run-to-run spread
+of one measurement (MiniLM's 4-layer student: its `.pt2` measured 78 ms and its `.onnx` 81 ms in one run,
+85 and 72 ms in the next). Before the choice they are timed again at the largest batch size, each in a child
+process as the speed gate times them (`measure.gate.probe`), interleaved over `RUNOFF_ROUNDS` rounds; the
+lowest median wins. The report keeps every round (`auto.runoff`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from modelpress.auto.table import artifact_name
+from modelpress.auto.trial import Setting, Trial
+
+RUNOFF_SHARE = 0.15  # measured forms within this share of the best one are timed again before the choice
+RUNOFF_ROUNDS = 3
+RUNOFF_CALLS = 5  # timed calls per form and round (after one warm-up call)
+
+Contender = tuple[float, Trial, str]  # (measured p50 ms at the largest batch size, trial, form)
+
+
+def contenders(measured: list[Contender]) -> list[Contender]:
+    """The measured forms within RUNOFF_SHARE of the fastest, fastest first, whose files are still here."""
+    if not measured:
+        return []
+    ranked = sorted(measured, key=lambda c: c[0])
+    best = ranked[0][0]
+    close = [c for c in ranked if c[0] <= best * (1 + RUNOFF_SHARE)]
+    return [c for c in close if Path(str(c[1].forms.get(c[2], {}).get("path", ""))).is_file()]
+
+
+def runoff(setting: Setting, close: list[Contender]) -> Contender | None:
+    """Time `close` again, interleaved in child processes; the contender with the lowest median, None where
+    fewer than two can run or the time budget does not afford it. Records the rounds in `setting.runoff`."""
+    from modelpress.measure.gate import probe
+
+    if len(close) < 2 or setting.loaded.entry is None:
+        return None
+    largest = str(max(setting.options.batch_sizes))
+    per_round = sum(c[0] / 1e3 * (RUNOFF_CALLS + 1) for c in close) + 3.0 * len(close)  # calls + a load each
+    if not setting.clock.affords(RUNOFF_ROUNDS * per_round):
+        setting.runoff = {"skipped": f"the time budget does not afford it (about {RUNOFF_ROUNDS * per_round:.0f} s)"}
+        return None
+    inputs = {largest: tuple(setting.loaded.entry.example_inputs(int(largest)))}
+    limit = {largest: max(10.0, 3 * max(c[0] for c in close) / 1e3)}
+    times: dict[str, list[float]] = {}
+    names = {name_of(c): c for c in close}
+    for _ in range(RUNOFF_ROUNDS):
+        for name, (_, trial, kind) in names.items():
+            result = probe(kind, trial.forms[kind]["path"], inputs, limit, setting.options.threads,
+                           calls=RUNOFF_CALLS)  # fmt: skip
+            if largest in result.ms:
+                times.setdefault(name, []).append(result.ms[largest])
+    medians = {name: statistics.median(v) for name, v in times.items() if len(v) == RUNOFF_ROUNDS}
+    if not medians:
+        return None
+    winner = min(medians, key=lambda n: medians[n])
+    setting.runoff = {"batch_size": int(largest), "rounds": RUNOFF_ROUNDS, "calls": RUNOFF_CALLS,
+                      "measured_ms": {n: round(c[0], 3) for n, c in names.items()},
+                      "ms": {n: [round(t, 3) for t in v] for n, v in times.items()},
+                      "median_ms": {n: round(m, 3) for n, m in medians.items()}, "chosen": winner}  # fmt: skip
+    return names[winner]
+
+
+def name_of(contender: Contender) -> str:
+    return f"{contender[1].cand.name} {artifact_name(contender[2])}"
