@@ -32,8 +32,16 @@ def test_chooses_the_fastest_measured_artifact_and_writes_its_recipe(
     assert measured and {r["recipe"] for r in rows} == {"float", "int8-static"}
     eligible = [r for r in measured if r["within_budget"] and not r["slower_than_original"]]
     fastest = min(eligible, key=lambda r: r["p50_ms"])
-    assert fastest["status"] == "chosen" and report.auto["chosen"] == f"{fastest['recipe']}: {fastest['artifact']}"
-    assert chosen.name == fastest["artifact"] and fastest["drop"] <= 0.003
+    (chosen_row,) = [r for r in rows if r["status"] == "chosen"]
+    runoff = report.auto["runoff"] or {}
+    if runoff.get("chosen"):  # forms within 15% timed again together: the lowest median wins
+        assert f"{fastest['recipe']} {fastest['artifact'].split()[0]}" in runoff["median_ms"]
+        assert runoff["chosen"] == f"{chosen_row['recipe']} {chosen_row['artifact'].split()[0]}"
+        assert runoff["median_ms"][runoff["chosen"]] == min(runoff["median_ms"].values())
+    else:
+        assert fastest["status"] == "chosen"
+        assert report.auto["chosen"] == f"{fastest['recipe']}: {fastest['artifact']}"
+    assert chosen.name == chosen_row["artifact"] and chosen_row["drop"] <= 0.003
     # the budget is checked on the held-out validation split; the test split is what is reported
     base_val = report.baseline.validation_quality
     assert base_val is not None and base_val.details["split"] == "val"

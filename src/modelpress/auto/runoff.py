@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from modelpress.auto.table import artifact_name
-from modelpress.auto.trial import Setting, Trial
+from modelpress.auto.trial import Setting, Trial, recipe_key
 
 RUNOFF_SHARE = 0.15  # measured forms within this share of the best one are timed again before the choice
 RUNOFF_ROUNDS = 3
@@ -23,13 +23,11 @@ Contender = tuple[float, Trial, str]  # (measured p50 ms at the largest batch si
 
 
 def contenders(measured: list[Contender]) -> list[Contender]:
-    """The measured forms within RUNOFF_SHARE of the fastest, fastest first, whose files are still here."""
+    """The measured forms within RUNOFF_SHARE of the fastest, fastest first."""
     if not measured:
         return []
     ranked = sorted(measured, key=lambda c: c[0])
-    best = ranked[0][0]
-    close = [c for c in ranked if c[0] <= best * (1 + RUNOFF_SHARE)]
-    return [c for c in close if Path(str(c[1].forms.get(c[2], {}).get("path", ""))).is_file()]
+    return [c for c in ranked if c[0] <= ranked[0][0] * (1 + RUNOFF_SHARE)]
 
 
 def runoff(setting: Setting, close: list[Contender]) -> Contender | None:
@@ -40,14 +38,22 @@ def runoff(setting: Setting, close: list[Contender]) -> Contender | None:
     if len(close) < 2 or setting.loaded.entry is None:
         return None
     largest = str(max(setting.options.batch_sizes))
-    per_round = sum(c[0] / 1e3 * (RUNOFF_CALLS + 1) for c in close) + 3.0 * len(close)  # calls + a load each
+    names = {name_of(c): c for c in close}
+    key = {"runoff": {n: recipe_key(c[1].cand.recipe) + c[2] for n, c in names.items()}, "batch_size": largest}
+    cached = setting.cache.get("runoff", key)
+    if cached is not None and cached.get("chosen") in names:  # a second run decides as the first did
+        setting.runoff = cached
+        return names[cached["chosen"]]
+    names = {n: c for n, c in names.items() if Path(str(c[1].forms[c[2]].get("path", ""))).is_file()}
+    if len(names) < 2:  # files of an earlier run, not rebuilt: the measured choice stands
+        return None
+    per_round = sum(c[0] / 1e3 * (RUNOFF_CALLS + 1) for c in names.values()) + 3.0 * len(names)  # + a load each
     if not setting.clock.affords(RUNOFF_ROUNDS * per_round):
         setting.runoff = {"skipped": f"the time budget does not afford it (about {RUNOFF_ROUNDS * per_round:.0f} s)"}
         return None
     inputs = {largest: tuple(setting.loaded.entry.example_inputs(int(largest)))}
-    limit = {largest: max(10.0, 3 * max(c[0] for c in close) / 1e3)}
+    limit = {largest: max(10.0, 3 * max(c[0] for c in names.values()) / 1e3)}
     times: dict[str, list[float]] = {}
-    names = {name_of(c): c for c in close}
     for _ in range(RUNOFF_ROUNDS):
         for name, (_, trial, kind) in names.items():
             result = probe(kind, trial.forms[kind]["path"], inputs, limit, setting.options.threads,
@@ -62,6 +68,7 @@ def runoff(setting: Setting, close: list[Contender]) -> Contender | None:
                       "measured_ms": {n: round(c[0], 3) for n, c in names.items()},
                       "ms": {n: [round(t, 3) for t in v] for n, v in times.items()},
                       "median_ms": {n: round(m, 3) for n, m in medians.items()}, "chosen": winner}  # fmt: skip
+    setting.cache.put("runoff", key, setting.runoff)
     return names[winner]
 
 
