@@ -119,7 +119,7 @@ _TMPDIR_LOCK = threading.Lock()
 def _load_package(path: Path) -> tuple[Any, str]:
     """`aoti_load_package(path)` with the package unpacked into a fresh folder of ours: (runner, folder).
 
-    torch's C++ loader unpacks the package into `aotinductor_XXXXXX` under the C++ temporary
+    torch's C++ loader unpacks the package into a randomly named `aotinductor_*` folder under the C++ temporary
     directory (TMPDIR) and removes it only when the loader is destroyed, so a process that is killed
     (the speed gate's child past its limit) leaves the library and sources behind. The folder is
     chosen through TMPDIR, set for the load only.
