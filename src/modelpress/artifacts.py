@@ -133,7 +133,10 @@ def _export_gguf(model: nn.Module, example: tuple, folder: Path, ctx: Context) -
     from modelpress.export.onnx import is_causal_lm
 
     if not is_causal_lm(model):
-        ctx.report.warn("model.gguf not written: GGUF is written for causal language models only")
+        ctx.report.warn(
+            f"model.gguf not written: GGUF is written for transformers causal language models only (a "
+            f"causal-LM folder, a .gguf file, smollm2-135m), not {type(model).__name__}"
+        )
         return
     from modelpress.export.gguf import export_gguf
 

@@ -407,8 +407,8 @@ def test_in_a_compress_run_other_models_get_a_warning_not_a_crash(tmp_path, toke
     ctx = Context(options=RunOptions(progress=False))
     example = (_prompt(2, 16), torch.ones(2, 16, dtype=torch.long))
     genai.export_to_report(nn.Linear(4, 4), example, tmp_path / "genai", ctx)
-    assert "genai/ not written: ONNX Runtime GenAI folders are written for causal language models only" in (
-        ctx.report.warnings)  # fmt: skip
+    assert "genai/ not written: ONNX Runtime GenAI folders are written for transformers causal language models only " \
+        "(a causal-LM folder, a .gguf file, smollm2-135m), not Linear" in ctx.report.warnings  # fmt: skip
     qwen = CausalLM(_lm("qwen2", use_sliding_window=True, sliding_window=8), tokenizer)
     genai.export_to_report(qwen, example, tmp_path / "genai", ctx)
     assert any("use_sliding_window=True" in w for w in ctx.report.warnings)
@@ -417,3 +417,33 @@ def test_in_a_compress_run_other_models_get_a_warning_not_a_crash(tmp_path, toke
     stats = next(p for p in ctx.report.passes if p.name == "export/genai" and "refused" not in p.stats).stats
     assert stats["parity_positions"] == 16 + genai.DECODE_STEPS and stats["parity_mean_cosine"] > 0.999
     assert (tmp_path / "genai" / "genai_config.json").is_file()
+    assert stats["generation"]["bs1"]["decode_tokens_per_s"] > 0 and stats["generation"]["prompt_tokens"] == 16
+    assert "| genai/ (ONNX Runtime) |" in ctx.report.to_markdown()  # beside the eager model's generation speed
+
+
+def test_decode_speed_times_a_prefill_then_one_cached_call_per_new_token(tmp_path, tokenizer, monkeypatch):
+    lm = _lm()
+    export_genai(lm, tmp_path / "g", tokenizer=tokenizer, accuracy_level=0, lm_head_bits=None)
+    shapes: list[tuple[tuple[int, ...], int]] = []
+    make = genai._session
+
+    class Counting:
+        def __init__(self, path, threads):
+            self.inner = make(path, threads)
+
+        def get_outputs(self):
+            return self.inner.get_outputs()
+
+        def run(self, names, feed):
+            shapes.append((feed["input_ids"].shape, feed["past_key_values.0.key"].shape[2]))
+            return self.inner.run(names, feed)
+
+    monkeypatch.setattr(genai, "_session", Counting)
+    speed = genai.decode_speed(tmp_path / "g" / "model.onnx", _prompt(2, 16), genai._spec(lm), new_tokens=5,
+                               batches=(1, 3), repeats=2)  # fmt: skip
+    assert speed["prompt_tokens"] == 16 and speed["new_tokens"] == 5
+    for batch in ("bs1", "bs3"):
+        assert speed[batch]["prefill_tokens_per_s"] > 0 and speed[batch]["decode_tokens_per_s"] > 0
+    timed = shapes[3:8]  # after the 3 calls of the warm-up: a prefill on an empty cache, then 4 cached steps
+    assert [s for s, _ in timed] == [(1, 16)] + [(1, 1)] * 4 and [p for _, p in timed] == [0, 16, 17, 18, 19]
+    assert len(shapes) == 2 * (3 + 2 * 5) and shapes[-1] == ((3, 1), 19)

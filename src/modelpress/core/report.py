@@ -97,7 +97,8 @@ class Report:
             lines += [f"| {name} | {_cell(str(d['greedy']))} |" for name, d in greedy]
         speeds = [(r.name, (r.throughput or {}).get("generation")) for r in rows]
         speeds = [(name, g) for name, g in speeds if g]
-        if speeds:  # causal LMs in eager form (the KV cache): prompt and generated tokens per second
+        speeds += [("genai/ (ONNX Runtime)", p.stats["generation"]) for p in self.passes if "generation" in p.stats]
+        if speeds:  # causal LMs in eager form and the GenAI decoder (the KV cache): prompt and generated tokens/s
             lines += ["", f"## Generation ({speeds[0][1]['prompt_tokens']}-token prompt, greedy, KV cache)", ""]
             lines += ["| model | prefill tok/s bs1 | decode tok/s bs1 | prefill tok/s bs8 | decode tok/s bs8 |"]
             lines += ["|---|---:|---:|---:|---:|"]

@@ -27,8 +27,10 @@ written by `genai_graph`.
 
 The written model is run with plain ONNX Runtime before the folder is kept: a prefill, then decode steps
 feeding `present` back as `past`; its logits must match the compressed torch model's (mean cosine >=
-`MIN_COSINE`), else nothing is written. Llama (SmolLM2, ...), Mistral and Qwen2 are mapped; anything else,
-and rope variants that depend on the sequence length, are refused with `BadInputError`.
+`MIN_COSINE`), else nothing is written. In a compress run its prefill and decode tokens/s are then measured
+the same way (`decode_speed`), beside the eager model's in the report's Generation table. Llama (SmolLM2,
+...), Mistral and Qwen2 are mapped; anything else, and rope variants that depend on the sequence length, are
+refused with `BadInputError`.
 
     >>> report = export_genai(qmodel, "out/genai")       # CausalLM or a transformers *ForCausalLM
     >>> report["parity"]["mean_cosine"], report["matmul_nbits"]
@@ -283,30 +285,10 @@ def check_decoder(
     """Run the decoder in ONNX Runtime as a generator does (prefill with an empty cache, then `steps` greedy
     tokens one at a time, `present` fed back as `past`) and compare every position's logits with the torch
     model's on the whole sequence: `mean_cosine`, `max_abs`, and `greedy_agreement` of the next tokens."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ids = prompt_ids.numpy().astype(np.int64)
-    batch = ids.shape[0]
-    empty = np.zeros((batch, spec["kv_heads"], 0, spec["head_dim"]), dtype=np.float32)
-    feed: dict[str, np.ndarray] = {f"past_key_values.{i}.{kv}": empty for i in range(spec["layers"])
-                                   for kv in ("key", "value")}  # fmt: skip
-    names = [o.name for o in session.get_outputs()]
-    step_ids, seq, logits = ids, ids, []
-    for _ in range(steps + 1):
-        feed |= {"input_ids": step_ids, "attention_mask": np.ones_like(seq)}
-        out = dict(zip(names, session.run(None, feed), strict=True))
-        logits.append(torch.from_numpy(out["logits"]))
-        feed |= {f"past_key_values.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(spec["layers"])
-                 for kv in ("key", "value")}  # fmt: skip
-        step_ids = out["logits"][:, -1:].argmax(-1).astype(np.int64)
-        seq = np.concatenate([seq, step_ids], axis=1)
-    actual = torch.cat(logits, dim=1).float()
-    full = torch.from_numpy(seq[:, :-1])
+    session = _session(path, threads)
+    seq, logits = _generate(session, prompt_ids.numpy().astype(np.int64), spec, steps)
+    actual = torch.cat([torch.from_numpy(x) for x in logits], dim=1).float()
+    full = torch.from_numpy(seq)
     with torch.inference_mode():
         expected = lm(input_ids=full, attention_mask=torch.ones_like(full), use_cache=False).logits.float()
     parity = compare_outputs(expected, actual)
@@ -315,6 +297,70 @@ def check_decoder(
     kl = F.kl_div(actual.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     parity["kl_div"] = float(kl.mean())  # per token, torch's distribution against the graph's
     return parity
+
+
+def _session(path: str | Path, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _generate(
+    session: Any, ids: np.ndarray, spec: dict[str, Any], steps: int, stamps: list[float] | None = None
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Greedy generation as a generator runs the decoder: a prefill with an empty cache, then `steps` tokens one
+    at a time, `present` fed back as `past`. Returns the whole sequence but its last token and the logits of each
+    call; `stamps` (if given) receives the clock after every call."""
+    import time
+
+    empty = np.zeros((ids.shape[0], spec["kv_heads"], 0, spec["head_dim"]), dtype=np.float32)
+    cache = [f"{i}.{kv}" for i in range(spec["layers"]) for kv in ("key", "value")]
+    feed: dict[str, np.ndarray] = {f"past_key_values.{c}": empty for c in cache}
+    names = [o.name for o in session.get_outputs()]
+    step_ids, seq, logits = ids, ids, []
+    for _ in range(steps + 1):
+        feed |= {"input_ids": step_ids, "attention_mask": np.ones_like(seq)}
+        out = dict(zip(names, session.run(None, feed), strict=True))
+        if stamps is not None:
+            stamps.append(time.perf_counter())
+        logits.append(out["logits"])
+        feed |= {f"past_key_values.{c}": out[f"present.{c}"] for c in cache}
+        step_ids = out["logits"][:, -1:].argmax(-1).astype(np.int64)
+        seq = np.concatenate([seq, step_ids], axis=1)
+    return seq[:, :-1], logits
+
+
+def decode_speed(
+    path: str | Path, prompt_ids: torch.Tensor, spec: dict[str, Any], threads: int | None = None,
+    new_tokens: int = 32, batches: tuple[int, ...] = (1, 8), repeats: int = 3,
+) -> dict[str, Any]:  # fmt: skip
+    """Prefill and decode tokens/s of the decoder in plain ONNX Runtime, greedy with the KV cache fed back, at
+    each batch size of `batches` (the first prompt row repeated), the median of `repeats` after a warm-up: the
+    figures `generation_speed` gives for an eager causal LM. onnxruntime-genai runs the same graph sharing one
+    cache buffer between past and present, so its decode is at least this fast."""
+    import time
+
+    session = _session(path, threads)
+    row = prompt_ids.reshape(-1, prompt_ids.shape[-1])[:1].numpy().astype(np.int64)
+    row = row[:, : max(1, spec["context"] - new_tokens)]
+    out: dict[str, Any] = {"prompt_tokens": int(row.shape[1]), "new_tokens": new_tokens, "runtime": "onnxruntime"}
+    for batch in batches:
+        ids = np.repeat(row, batch, axis=0)
+        _generate(session, ids, spec, 2)  # warm-up
+        prefill, decode = [], []
+        for _ in range(repeats):
+            start, stamps = time.perf_counter(), []
+            _generate(session, ids, spec, new_tokens - 1, stamps)
+            prefill.append(stamps[0] - start)
+            decode.append(stamps[-1] - stamps[0])
+        p, d = sorted(prefill)[len(prefill) // 2], sorted(decode)[len(decode) // 2]
+        out[f"bs{batch}"] = {"prefill_tokens_per_s": batch * row.shape[1] / max(p, 1e-9),
+                             "decode_tokens_per_s": batch * (new_tokens - 1) / max(d, 1e-9)}  # fmt: skip
+    return out
 
 
 # ---- in a compress run -------------------------------------------------------------------------
@@ -328,7 +374,10 @@ def export_to_report(model: nn.Module, example: tuple, folder: Path, ctx: Any) -
     from modelpress.export.onnx_float import is_causal_lm
 
     if not is_causal_lm(model):
-        ctx.report.warn("genai/ not written: ONNX Runtime GenAI folders are written for causal language models only")
+        ctx.report.warn(
+            f"genai/ not written: ONNX Runtime GenAI folders are written for transformers causal language "
+            f"models only (a causal-LM folder, a .gguf file, smollm2-135m), not {type(model).__name__}"
+        )
         return
     start = time.perf_counter()
     try:
@@ -338,11 +387,14 @@ def export_to_report(model: nn.Module, example: tuple, folder: Path, ctx: Any) -
         ctx.report.add_pass("export/genai", time.perf_counter() - start, refused=str(e))
         return
     parity = written["parity"]
+    speed = decode_speed(folder / "model.onnx", example[0], _spec(find_causal_lm(model)), threads=ctx.threads)
     stats = {"matmul_nbits": len(written["matmul_nbits"]), "float": len(written["float"]),
-             "accuracy_level": written["accuracy_level"]} | {f"parity_{k}": v for k, v in parity.items()}  # fmt: skip
+             "accuracy_level": written["accuracy_level"], "generation": speed} | {
+             f"parity_{k}": v for k, v in parity.items()}  # fmt: skip
     ctx.report.warn(
         f"genai/ ({len(written['matmul_nbits'])} layers as MatMulNBits, GroupQueryAttention with a KV cache) is for "
         f"onnxruntime-genai: run with a KV cache in ONNX Runtime, its logits match the compressed model's (mean "
-        f"cosine {parity['mean_cosine']:.6f}); its speed is not measured here"
+        f"cosine {parity['mean_cosine']:.6f}); it decodes {speed['bs1']['decode_tokens_per_s']:,.0f} tokens/s at "
+        f"batch 1 there (the Generation table)"
     )
     ctx.report.add_pass("export/genai", time.perf_counter() - start, **stats)

@@ -135,16 +135,17 @@ def sensitivity(model: nn.Module, cfg: Any, metric: Metric, ctx: Context) -> tup
 
 
 def layer_sensitivity(
-    model: nn.Module, cfg: WeightOnlyConfig, batches: Sequence[Any], ctx: Context
+    model: nn.Module, cfg: WeightOnlyConfig, batches: Sequence[Any], ctx: Context, names: Sequence[str] | None = None
 ) -> list[SensitivityRow]:
     """One row per layer, most sensitive first: `drop` is the layer's relative output error under `cfg`'s weight
     grid (rounded to nearest) on its calibration inputs, tr(dW H dW^T) / tr(W H W^T); `quality` is 1 - drop.
-    The second moments H of every layer come from one pass over `batches` (in chunks, `quant.rounding`)."""
+    The second moments H of every layer come from one pass over `batches` (in chunks, `quant.rounding`).
+    `names`: the layers `cfg` quantizes, when the caller has them already."""
     from modelpress.primitives.affine import QuantScheme, dequantize_tensor, quantize_tensor
     from modelpress.quant.ptq import bits_for
     from modelpress.quant.rounding import layer_columns, layer_hessians
 
-    modules = {n: model.get_submodule(n) for n in _layer_names(model, cfg)}
+    modules = {n: model.get_submodule(n) for n in (_layer_names(model, cfg) if names is None else names)}
     base = cfg.weight_scheme()
     rows = []
     hessians = layer_hessians(model, modules, batches, len(batches))
@@ -208,7 +209,7 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, ctx: Context) -
                               "use ranking 'model'")  # fmt: skip
         ranking = "model"
     if ranking == "layer":
-        base, rows = metric(model), layer_sensitivity(model, cfg.base, batches, ctx)  # type: ignore[arg-type]
+        base, rows = metric(model), layer_sensitivity(model, cfg.base, batches, ctx, names)  # type: ignore[arg-type]
     else:
         base, rows = sensitivity(model, cfg.base, metric, ctx)
     order = [r.layer for r in rows]

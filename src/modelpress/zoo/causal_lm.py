@@ -340,8 +340,9 @@ class CausalLMEntry(ZooEntry):
     def generation_speed(self, model: ModelFn, new_tokens: int = 32) -> dict[str, Any] | None:
         """Prefill and decode tokens/s of greedy generation with the KV cache, at batch 1 and 8.
 
-        Only an eager `CausalLM` keeps a KV cache; an exported artifact recomputes the whole sequence
-        per token, so its decode speed is not comparable and is not measured (None).
+        Only an eager `CausalLM` keeps a KV cache here; `model.onnx` and `model.pt2` recompute the whole
+        sequence per token, so their decode speed is not comparable and is not measured (None). The GenAI
+        decoder (`genai/`, with its KV cache) is measured by `export.genai.decode_speed` when it is written.
         """
         if not isinstance(model, CausalLM):
             return None

@@ -1,0 +1,122 @@
+"""Every causal-LM recipe through `modelpress compress`, as a user runs it, on a real LM: the parity matrix.
+
+    HF_HUB_OFFLINE=1 python benchmarks/llm_recipes.py [--model smollm2-135m] [--recipes w8 w4-gptq ...]
+        [--threads 2] [--work DIR] [--out FILE]
+
+Each recipe runs in its own process: `modelpress compress MODEL --recipe R --out DIR --threads N`. A cell
+ends either with exit 0, its artifacts written and each export's parity gate passed (report.json's `parity`;
+a refused export is a warning naming why and is not written), or with exit 2 and one `error:` line. Anything
+else (another exit code, a traceback, a half-written folder after a refusal) is a failure of the cell. Per
+cell the script records the exit code, the wall time, the error line, every form's perplexity on the held-out
+split and its speed-gate verdict with the ratios to the original, the parity figures, and the GGUF / GenAI
+lines of the report. Results are written after every cell (results/<cpu>/llm_recipes.json), so a run cut
+short keeps what it measured.
+
+The distillation recipes (`distill-lm-depth`, `distill-lm-width`: 300 training steps, about 40 minutes each
+on 2 cores) are left out of the default list; `benchmarks/llm_depth.py` measures their settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quant_onnx import cpu_results_dir  # noqa: E402
+
+RECIPES = (
+    "w8", "w4", "w4-gptq", "w4-awq", "int8-dynamic", "int8-smooth", "int8-static",
+    "prune-sparsegpt-50", "prune-wanda-2of4", "prune-2of4", "prune-sparse-80", "prune-channels-50", "prune-transformer",
+)  # fmt: skip
+
+
+def run_cell(model: str, recipe: str, folder: Path, threads: int) -> dict[str, Any]:
+    """One `compress` run in a child process, and what its exit code and report say."""
+    cli = Path(sys.executable).parent / "modelpress"
+    cmd = [str(cli), "compress", model, "--recipe", recipe, "--out", str(folder), "--threads", str(threads),
+           "--overwrite"]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cell: dict[str, Any] = {"exit": proc.returncode, "wall_s": round(time.perf_counter() - start, 1)}
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith(("error:", "internal error:"))]
+    cell["traceback"] = "Traceback (most recent call last)" in proc.stderr
+    if proc.returncode != 0:
+        cell["error"] = errors[-1] if errors else proc.stderr.strip().splitlines()[-1:]
+        cell["left_behind"] = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+        cell["verdict"] = "refused" if proc.returncode == 2 and errors and not cell["traceback"] else "FAILED"
+        return cell
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    cell["parity"] = report.get("parity")
+    cell["forms"] = {
+        a["name"]: {
+            "perplexity": (a.get("quality") or {}).get("value"),
+            "size_mb": None if a.get("size_bytes") is None else round(a["size_bytes"] / 1e6, 1),
+            "p50_ms": {bs: round(v["p50"], 1) for bs, v in (a.get("latency_ms") or {}).items()},
+            "speed_gate": (a.get("speed_gate") or {}).get("status"),
+            "speedup": {bs: round(v, 2) for bs, v in ((a.get("speed_gate") or {}).get("speedup") or {}).items()},
+        }
+        for a in report["artifacts"]
+    }
+    base = report["baseline"]
+    cell["original"] = {"perplexity": (base.get("quality") or {}).get("value"),
+                        "p50_ms": {bs: round(v["p50"], 1) for bs, v in base["latency_ms"].items()}}  # fmt: skip
+    cell["exports"] = [p["name"] for p in report["passes"] if p["name"].startswith("export/")]
+    cell["written"] = sorted(p.name for p in folder.iterdir())
+    cell["not_written"] = [w for w in report["warnings"] if "not written" in w]
+    cell["runtime_files"] = [w for w in report["warnings"] if w.startswith(("model.gguf", "genai/"))]
+    cell["pass_s"] = {p["name"]: round(p["seconds"], 1) for p in report["passes"]}
+    cell["verdict"] = "ok" if "model.onnx" in cell["written"] else "FAILED"
+    return cell
+
+
+def line(recipe: str, cell: dict[str, Any]) -> str:
+    if cell["verdict"] != "ok":
+        error = str(cell.get("error"))[:160]
+        return f"| {recipe} | {cell['exit']} | {cell['verdict']}: {error} | | | {cell['wall_s']:.0f} |"
+    forms = []
+    for name, f in cell["forms"].items():
+        short = name.split(" ")[0] if name.startswith("model") else "eager"
+        ratio = "/".join(f"{v:.2f}x" for v in f["speedup"].values())
+        forms.append(f"{short} {f['perplexity']:.3f} ({ratio}{' SLOWER' if f['speed_gate'] == 'slower' else ''})")
+    parity = cell.get("parity") or {}
+    gate = ", ".join(f"{k} cos {v['mean_cosine']:.5f}" for k, v in parity.items() if isinstance(v, dict)
+                     and v.get("mean_cosine") is not None)  # fmt: skip
+    refused = "; ".join(w[:90] for w in cell["not_written"])
+    return f"| {recipe} | 0 | {'; '.join(forms)} | {gate} | {refused or '-'} | {cell['wall_s']:.0f} |"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/llm_recipes"))
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    out = args.out or cpu_results_dir() / f"llm_recipes_{args.model}.json"
+    doc: dict[str, Any] = {"model": args.model, "threads": args.threads, "cells": {}}
+    if out.exists():  # a run cut short goes on where it stopped
+        doc = json.loads(out.read_text(encoding="utf-8"))
+    for recipe in args.recipes:
+        print(f"{args.model} / {recipe} ...", flush=True)
+        load = os.getloadavg()[0]
+        cell = run_cell(args.model, recipe, args.work / f"{args.model}-{recipe}", args.threads)
+        cell["load_before"] = round(load, 2)
+        doc["cells"][recipe] = cell
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        print(line(recipe, cell), flush=True)
+    print("| recipe | exit | forms: perplexity (speed vs original bs1/bs32) | parity | not written | wall s |")
+    print("|---|---:|---|---|---|---:|")
+    for recipe, cell in doc["cells"].items():
+        print(line(recipe, cell))
+
+
+if __name__ == "__main__":
+    main()
