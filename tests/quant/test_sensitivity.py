@@ -83,8 +83,9 @@ def test_layer_bits_give_single_layers_other_bits() -> None:
 
 
 def test_layer_ranking_scores_each_layers_own_output_error_in_one_pass():
-    """ranking "layer": tr(dW H dW^T) / tr(W H W^T) per layer, checked against the layer's output error computed
-    directly; the outlier layer first; the same promotion search as "model"; "auto" picks it past 64 layers."""
+    """ranking "layer": dW_o H dW_o^T / W_o H W_o^T per output channel, averaged, checked against the layer's
+    output error computed directly; the outlier layer first; the same promotion search as "model"; "auto" picks
+    it past 64 layers."""
     from modelpress.primitives.affine import dequantize_tensor, quantize_tensor
     from modelpress.quant.sensitivity import LAYER_RANKING_FROM, layer_sensitivity, ranking_of
 
@@ -101,7 +102,7 @@ def test_layer_ranking_scores_each_layers_own_output_error_in_one_pass():
     x = torch.cat(inputs)
     w = model[2].weight.detach()
     dw = dequantize_tensor(quantize_tensor(w, cfg.weight_scheme())) - w
-    direct = float((x @ dw.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    direct = float(((x @ dw.T).pow(2).sum(0) / (x @ w.T).pow(2).sum(0)).mean())  # per output channel, averaged
     (row,) = [r for r in rows if r.layer == "2"]
     assert row.drop == pytest.approx(direct, rel=1e-4) and row.quality == pytest.approx(1 - direct, rel=1e-6)
     ctx = Context(data=data, options=RunOptions(progress=False))
@@ -117,3 +118,29 @@ def test_layer_ranking_scores_each_layers_own_output_error_in_one_pass():
         MixedPrecisionConfig(base=StaticQuantConfig(), ranking="layer")
     with pytest.raises(ConfigError, match="ranking must be"):
         MixedPrecisionConfig(ranking="fast")
+
+
+def test_a_layer_writing_a_massive_activation_is_ranked_by_the_error_it_spreads_into_the_other_channels():
+    """An LLM's massive-activation layer: one input feature and one output channel thousands of times larger than
+    the rest, the weights reading that feature tiny. Relative to its whole output (dominated by the massive
+    channel) its error is small; relative to each channel's own signal, it is the worst layer by far."""
+    from modelpress.primitives.affine import dequantize_tensor, quantize_tensor
+    from modelpress.quant.sensitivity import layer_sensitivity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    with torch.no_grad():
+        model[0].weight[0].abs_().mul_(0.0).add_(0.01)  # feature 0 of layer 2's input: always on...
+        model[0].bias[0] = 3000.0  # ... and massive
+        model[2].weight[1:, 0] *= 1e-3  # the other channels read it through tiny weights
+        model[2].weight[0] *= 1000.0  # channel 0 writes the massive activation, its largest weight on feature 0
+        model[2].weight[0, 0] = model[2].weight[0].abs().max()
+    data, cfg = _data(), WeightOnlyConfig(bits=4, granularity="group", group_size=32)
+    rows = layer_sensitivity(model, cfg, data, Context(options=RunOptions(progress=False)))
+    assert [r.layer for r in rows][0] == "2"
+    x = torch.relu(model[0](torch.cat([b[0] for b in data])))
+    w = model[2].weight.detach()
+    dw = dequantize_tensor(quantize_tensor(w, cfg.weight_scheme())) - w
+    whole = float((x @ dw.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    (last,) = [r for r in rows if r.layer == "4"]
+    assert whole < last.drop  # ranked on its whole output, it would come after the plain layer

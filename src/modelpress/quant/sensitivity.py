@@ -59,8 +59,9 @@ class MixedPrecisionConfig(Config):
     eval_batches: int = 8
     # How the layers are ranked before the binary search: "model" (each layer quantized alone and the whole
     # model scored: one forward pass over the eval batches per layer), "layer" (each layer's own output error
-    # on its calibration inputs, tr(dW H dW^T) / tr(W H W^T) with H the second moment of its inputs: every
-    # layer in one calibration pass; weight error only), or "auto": "layer" for weight-only quantization of a
+    # on its calibration inputs, dW_o H dW_o^T / W_o H W_o^T per output channel o averaged, with H the second
+    # moment of its inputs: every layer in one calibration pass; weight error only; `layer_sensitivity`), or
+    # "auto": "layer" for weight-only quantization of a
     # model with more than LAYER_RANKING_FROM layers (an LLM's hundreds), else "model".
     ranking: str = "auto"
 
@@ -138,7 +139,11 @@ def layer_sensitivity(
     model: nn.Module, cfg: WeightOnlyConfig, batches: Sequence[Any], ctx: Context, names: Sequence[str] | None = None
 ) -> list[SensitivityRow]:
     """One row per layer, most sensitive first: `drop` is the layer's relative output error under `cfg`'s weight
-    grid (rounded to nearest) on its calibration inputs, tr(dW H dW^T) / tr(W H W^T); `quality` is 1 - drop.
+    grid (rounded to nearest) on its calibration inputs, per output channel o, dW_o H dW_o^T / W_o H W_o^T, averaged
+    over the channels; `quality` is 1 - drop. Per channel, not over the whole output: a layer writing one massive
+    activation (SmolLM2's block 11 `down_proj`, an output of 24,000 where the others are near 6) has a tiny error
+    relative to its whole output, while the error its massive inputs spread into every other channel is as large
+    as those channels; ranked on the whole output it came 188th of 210, and every layer before it was promoted.
     The second moments H of every layer come from one pass over `batches` (in chunks, `quant.rounding`).
     `names`: the layers `cfg` quantizes, when the caller has them already."""
     from modelpress.primitives.affine import QuantScheme, dequantize_tensor, quantize_tensor
@@ -156,9 +161,9 @@ def layer_sensitivity(
         dw = dequantize_tensor(quantize_tensor(w, scheme)) - w
         groups, k = layer_columns(module)
         dw, w, h = dw.reshape(groups, -1, k), w.reshape(groups, -1, k), h.float()
-        err = torch.einsum("gok,gkl,gol->", dw, h, dw)
-        energy = torch.einsum("gok,gkl,gol->", w, h, w).clamp_min(1e-30)
-        rel = float(err / energy)
+        err = torch.einsum("gok,gkl,gol->go", dw, h, dw)
+        energy = torch.einsum("gok,gkl,gol->go", w, h, w)
+        rel = float(torch.where(energy > 0, err / energy.clamp_min(1e-30), 0.0).mean())
         rows.append(SensitivityRow(name, sum(p.numel() for p in module.parameters()), 1.0 - rel, rel))
     rows.sort(key=lambda r: r.drop, reverse=True)
     return rows
