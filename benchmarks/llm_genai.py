@@ -19,7 +19,9 @@ Measured: perplexity per token on the held-out documentation (the test split: 32
 SmolLM2's tokenizer, the same tokens for every row), computed with plain ONNX Runtime on each folder's
 `model.onnx` (empty KV cache, full-sequence logits); with `--time`, decode tokens/s at batch 1 through
 onnxruntime-genai's generator (greedy, 128-token prompt, 64 new tokens, the prefill's first token left
-out), rows interleaved round by round after a warm-up round, median of `--rounds`. Sizes are the folder's
+out), rows interleaved round by round after a warm-up round, median of `--rounds`; then each folder's graph in
+plain ONNX Runtime with the KV cache fed back (`modelpress.export.genai.decode_speed`, the figure `compress`
+reports for its genai/ folder; median of `--rounds` after a warm-up). Sizes are the folder's
 model.onnx(.data). Timings mean something only on a quiet machine: the script records the load average.
 
 Target (issue: ONNX Runtime GenAI): our folder decodes at >= the builder's tokens/s with lower perplexity.
@@ -117,6 +119,21 @@ def onnx_perplexity(folder: Path, data: Any, threads: int) -> float:
     return math.exp(nll / count)
 
 
+def plain_ort_decode(folder: Path, prompt: list[int], new_tokens: int, rounds: int, threads: int) -> float:
+    """Decode tokens/s at batch 1 of the folder's graph in plain ONNX Runtime, greedy with the KV cache fed back
+    (`modelpress.export.genai.decode_speed`, the figure a compress run reports for its genai/ folder)."""
+    import torch
+
+    from modelpress.export.genai import decode_speed
+
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    spec = {"kv_heads": decoder["num_key_value_heads"], "head_dim": decoder["head_size"],
+            "layers": decoder["num_hidden_layers"], "context": 2048}  # fmt: skip
+    speed = decode_speed(folder / "model.onnx", torch.tensor([prompt]), spec, threads=threads, new_tokens=new_tokens,
+                         batches=(1,), repeats=rounds)  # fmt: skip
+    return speed["bs1"]["decode_tokens_per_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--genai-python", required=True, help="python of an environment with onnxruntime-genai")
@@ -209,6 +226,9 @@ def main() -> None:
         timed = json.loads(run_child(args.genai_python, ["-c", CHILD, json.dumps(job)]).strip().splitlines()[-1])
         for name, speeds in timed["speeds"].items():
             rows[name] |= {"decode_tokens_per_s": statistics.median(speeds), "decode_rounds": speeds}
+        for name, folder in folders.items():  # the same graphs in plain ONNX Runtime: what `compress` reports
+            speed = plain_ort_decode(folder, prompt, args.new_tokens, args.rounds, args.threads)
+            rows[name] |= {"plain_ort_decode_tokens_per_s": speed}
     anchor = rows["builder-int4"]
     targets: dict[str, Any] = {}
     for name in variants:  # each of our folders against the builder's: both at once for the target
@@ -225,10 +245,11 @@ def main() -> None:
     out = cpu_results_dir() / "llm_genai.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print("\n| folder | perplexity (ORT) | decode tok/s bs1 | MB |\n|---|---:|---:|---:|")
+    print("\n| folder | perplexity (ORT) | decode tok/s bs1 (genai) | plain ORT | MB |\n|---|---:|---:|---:|---:|")
     for k, r in rows.items():
         tps = f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else "not timed"
-        print(f"| {k} | {r['perplexity']:.3f} | {tps} | {r['size_mb']:.1f} |")
+        plain = f"{r['plain_ort_decode_tokens_per_s']:.1f}" if "plain_ort_decode_tokens_per_s" in r else "not timed"
+        print(f"| {k} | {r['perplexity']:.3f} | {tps} | {plain} | {r['size_mb']:.1f} |")
     print(f"\ntorch fp32 perplexity {torch_fp32:.3f}; targets: {targets}")
     print(f"CPU: {env['cpu']['model']}, {args.threads} threads; onnxruntime-genai {genai_version.strip()}; "
           f"load average {load_before}")  # fmt: skip
