@@ -51,8 +51,13 @@ def run_cell(model: str, recipe: str, folder: Path, threads: int) -> dict[str, A
         cell["left_behind"] = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
         cell["verdict"] = "refused" if proc.returncode == 2 and errors and not cell["traceback"] else "FAILED"
         return cell
+    return {**cell, **from_report(folder)}
+
+
+def from_report(folder: Path) -> dict[str, Any]:
+    """What a finished cell's report.json and folder say."""
     report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-    cell["parity"] = report.get("parity")
+    cell: dict[str, Any] = {"parity": report.get("parity")}
     cell["forms"] = {
         a["name"]: {
             "perplexity": (a.get("quality") or {}).get("value"),
@@ -71,6 +76,11 @@ def run_cell(model: str, recipe: str, folder: Path, threads: int) -> dict[str, A
     cell["not_written"] = [w for w in report["warnings"] if "not written" in w]
     cell["runtime_files"] = [w for w in report["warnings"] if w.startswith(("model.gguf", "genai/"))]
     cell["pass_s"] = {p["name"]: round(p["seconds"], 1) for p in report["passes"]}
+    generation = {a["name"]: (a.get("throughput") or {}).get("generation") for a in [base, *report["artifacts"]]}
+    for p in report["passes"]:
+        if "generation" in p.get("stats", {}):
+            generation["genai/ (ONNX Runtime)"] = p["stats"]["generation"]
+    cell["decode_tokens_per_s_bs1"] = {k: round(g["bs1"]["decode_tokens_per_s"], 1) for k, g in generation.items() if g}
     cell["verdict"] = "ok" if "model.onnx" in cell["written"] else "FAILED"
     return cell
 
@@ -98,12 +108,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/llm_recipes"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--from-reports", action="store_true", help="re-read the finished cells' folders, run nothing")
     args = ap.parse_args()
     out = args.out or cpu_results_dir() / f"llm_recipes_{args.model}.json"
     doc: dict[str, Any] = {"model": args.model, "threads": args.threads, "cells": {}}
     if out.exists():  # a run cut short goes on where it stopped
         doc = json.loads(out.read_text(encoding="utf-8"))
-    for recipe in args.recipes:
+    for recipe in args.recipes if not args.from_reports else ():
         print(f"{args.model} / {recipe} ...", flush=True)
         load = os.getloadavg()[0]
         cell = run_cell(args.model, recipe, args.work / f"{args.model}-{recipe}", args.threads)
@@ -112,6 +123,12 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         print(line(recipe, cell), flush=True)
+    if args.from_reports:
+        for recipe, cell in doc["cells"].items():
+            folder = args.work / f"{args.model}-{recipe}"
+            if cell.get("exit") == 0 and (folder / "report.json").is_file():
+                cell.update(from_report(folder))
+        out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     print("| recipe | exit | forms: perplexity (speed vs original bs1/bs32) | parity | not written | wall s |")
     print("|---|---:|---|---|---|---:|")
     for recipe, cell in doc["cells"].items():
