@@ -220,6 +220,7 @@ def parity_of(
     """Each artifact's first output against the compressed eager model (the export check) and the original."""
     import torch
 
+    from modelpress.export.artifact import PT2_MIN_COSINE
     from modelpress.export.onnx import compare_outputs, real_positions
     from modelpress.export.onnx_quant import MIN_COSINE, noise_floor
     from modelpress.export.runtime import AotiModel, OnnxModel
@@ -237,7 +238,7 @@ def parity_of(
         check = compare_outputs(expected, actual, positions)
         to_original = compare_outputs(reference, actual, positions)["mean_cosine"]
         out[kind] = {**check, "mean_cosine_to_original": to_original}
-        if kind == "onnx" and check["mean_cosine"] < MIN_COSINE:  # passed the gate within the model's own spread
+        if check["mean_cosine"] < (MIN_COSINE if kind == "onnx" else PT2_MIN_COSINE):  # within the model's spread
             out[kind]["noise_floor"] = noise_floor(compressed, example)
     out["eager_mean_cosine_to_original"] = compare_outputs(reference, expected, positions)["mean_cosine"]
     return out

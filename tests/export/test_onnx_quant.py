@@ -326,3 +326,31 @@ def test_minilm_int8_quality_and_size(tmp_path: Path) -> None:
     sentences = sample_sentences(128)
     fp32, int8 = (embed(fn, model.tokenizer, sentences) for fn in (entry.load(), OnnxModel(path)))
     assert float(F.cosine_similarity(int8, fp32).mean()) >= 0.995
+
+
+def test_the_pt2_gate_holds_a_quantized_model_to_its_own_spread_too(tmp_path: Path, monkeypatch) -> None:
+    """`package_checked` below PT2_MIN_COSINE after both lowerings: accepted (with a warning) within NOISE_FACTOR
+    of the quantized model's own spread under float rounding, refused past it and for a float model."""
+    import modelpress.core.runtime as runtime
+    import modelpress.export.inductor as inductor
+    from modelpress.export import artifact
+    from modelpress.quant import DynamicQuantConfig, quantize
+
+    torch.manual_seed(0)
+    model, x = _Deep().eval(), (torch.randn(4, 16, 64),)
+    qmodel = quantize(model, DynamicQuantConfig(act_granularity="token"))
+    built: list[bool] = []
+    monkeypatch.setattr(inductor, "compile_package", lambda *a, bf16, **k: built.append(bf16))
+    monkeypatch.setattr(runtime, "AotiModel", lambda path: qmodel)  # outputs as the model's; the figures below
+    monkeypatch.setattr(onnx_quant, "noise_floor", lambda m, inputs: 0.99)  # a chaotic model: spread 0.01
+    cosine = {"value": 0.985}
+    monkeypatch.setattr(artifact, "compare_outputs", lambda *a: {"mean_cosine": cosine["value"], "max_abs": 0.1})
+    with pytest.warns(onnx_quant.ExportWarning, match="within its own spread"):
+        parity = artifact.package_checked(qmodel, x, tmp_path / "model.pt2")
+    assert built == [True, False] and parity["noise_floor"] == 0.99 and not parity["bf16"]
+    cosine["value"] = 0.975  # more than twice the spread away
+    with pytest.raises(ExportError, match="noise_floor"):
+        artifact.package_checked(qmodel, x, tmp_path / "model.pt2")
+    cosine["value"] = 0.99  # a float model does not move under float rounding: the bar stands
+    with pytest.raises(ExportError, match="does not compute what the model computes"):
+        artifact.package_checked(model, x, tmp_path / "model.pt2")
