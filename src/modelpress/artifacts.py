@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from modelpress.core.atomic import atomic_path
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError
 from modelpress.recipes.recipe import Recipe
@@ -203,10 +204,10 @@ def _export_pt2(
     from modelpress.export.artifact import package_checked
 
     start = time.perf_counter()
-    parity = package_checked(
-        model, example, folder / "model.pt2", batch_axes=batch_axes, bf16=lowering["bf16"],
-        signed_int8=lowering["signed_int8"],
-    )  # fmt: skip
+    with atomic_path(folder / "model.pt2") as tmp:  # a package its gate refuses leaves no file behind
+        parity = package_checked(
+            model, example, tmp, batch_axes=batch_axes, bf16=lowering["bf16"], signed_int8=lowering["signed_int8"],
+        )  # fmt: skip
     ctx.report.add_pass(
         "export/pt2", time.perf_counter() - start, float_ops="bf16" if parity.get("bf16") else "fp32",
         int8_sources="signed" if lowering["signed_int8"] else "unsigned", chosen_for=lowering["why"],

@@ -354,3 +354,24 @@ def test_the_pt2_gate_holds_a_quantized_model_to_its_own_spread_too(tmp_path: Pa
     cosine["value"] = 0.99  # a float model does not move under float rounding: the bar stands
     with pytest.raises(ExportError, match="does not compute what the model computes"):
         artifact.package_checked(model, x, tmp_path / "model.pt2")
+
+
+def test_a_package_its_gate_refuses_leaves_no_file_and_the_onnx_still_stands(tmp_path: Path, monkeypatch) -> None:
+    from modelpress.artifacts import export_artifacts
+    from modelpress.core.context import Context
+    from modelpress.core.options import RunOptions
+    from modelpress.export import artifact
+    from modelpress.recipes.recipe import Recipe
+
+    def refused(module, inputs, path, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        Path(path).write_bytes(b"a package that does not compute what the model computes")
+        raise ExportError("the compiled package does not compute what the model computes: {'mean_cosine': 0.9}")
+
+    monkeypatch.setattr(artifact, "package_checked", refused)
+    ctx = Context(options=RunOptions(progress=False))
+    model, x = nn.Sequential(nn.Linear(8, 8)).eval(), (torch.randn(2, 8),)
+    lowering = {"bf16": False, "signed_int8": False, "why": "test"}
+    out = export_artifacts(model, x, Recipe(name="t", description="", passes=(), export=("onnx", "pt2")), tmp_path, ctx,
+                           lowering=lowering)  # fmt: skip
+    assert set(out) == {"onnx"} and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert any(w.startswith("model.pt2 not written: the compiled package") for w in ctx.report.warnings)
