@@ -85,20 +85,50 @@ def from_report(folder: Path) -> dict[str, Any]:
     return cell
 
 
+TABLE_HEAD = (
+    "| recipe | exit | wall s | perplexity eager / .onnx / .pt2 | parity cosine .onnx / .pt2 | .onnx vs original "
+    "bs1 / bs32 | .pt2 vs original bs1 / bs32 | decode tok/s bs1: original / eager / genai/ | also written | "
+    "not written |\n|---|---:|---:|---|---|---|---|---|---|---|"
+)
+
+
 def line(recipe: str, cell: dict[str, Any]) -> str:
+    """One Markdown row of the matrix (BENCHMARKS.md's table)."""
     if cell["verdict"] != "ok":
         error = str(cell.get("error"))[:160]
-        return f"| {recipe} | {cell['exit']} | {cell['verdict']}: {error} | | | {cell['wall_s']:.0f} |"
-    forms = []
-    for name, f in cell["forms"].items():
-        short = name.split(" ")[0] if name.startswith("model") else "eager"
-        ratio = "/".join(f"{v:.2f}x" for v in f["speedup"].values())
-        forms.append(f"{short} {f['perplexity']:.3f} ({ratio}{' SLOWER' if f['speed_gate'] == 'slower' else ''})")
+        return f"| {recipe} | {cell['exit']} | {cell['wall_s']:.0f} | {cell['verdict']}: {error} | | | | | | |"
+    forms = {("eager" if not n.startswith("model") else n.split(" ")[0]): f for n, f in cell["forms"].items()}
+
+    def of(kind: str, key: str, fmt: str) -> str:
+        value = (forms.get(kind) or {}).get(key)
+        return "-" if value is None else format(value, fmt)
+
+    def speed(kind: str) -> str:
+        f = forms.get(kind)
+        if not f:
+            return "not written"
+        flag = " SLOWER" if f["speed_gate"] == "slower" else ""
+        return " / ".join(f"{v:.2f}x" for v in f["speedup"].values()) + flag
+
     parity = cell.get("parity") or {}
-    gate = ", ".join(f"{k} cos {v['mean_cosine']:.5f}" for k, v in parity.items() if isinstance(v, dict)
-                     and v.get("mean_cosine") is not None)  # fmt: skip
-    refused = "; ".join(w[:90] for w in cell["not_written"])
-    return f"| {recipe} | 0 | {'; '.join(forms)} | {gate} | {refused or '-'} | {cell['wall_s']:.0f} |"
+
+    def gate(kind: str) -> str:
+        p = parity.get(kind)
+        if not isinstance(p, dict):
+            return "-"
+        floor = f" (own spread {p['noise_floor']:.4f})" if p.get("noise_floor") is not None else ""
+        return f"{p['mean_cosine']:.5f}{floor}"
+
+    ppl = " / ".join(of(k, "perplexity", ".3f") for k in ("eager", "model.onnx", "model.pt2"))
+    decode = cell.get("decode_tokens_per_s_bs1") or {}
+    eager_name = next((n for n in decode if "(original)" not in n and not n.startswith("genai")), None)
+    original = next((v for n, v in decode.items() if "(original)" in n), None)
+    rates = [original, decode.get(eager_name) if eager_name else None, decode.get("genai/ (ONNX Runtime)")]
+    rate = " / ".join("-" if r is None else f"{r:.0f}" for r in rates)
+    extra = ", ".join(n for n in cell["written"] if n in ("model.gguf", "genai", "model.sparse.safetensors")) or "-"
+    refused = "; ".join(w[:100] for w in cell["not_written"]) or "-"
+    return (f"| {recipe} | 0 | {cell['wall_s']:.0f} | {ppl} | {gate('onnx')} / {gate('pt2')} | {speed('model.onnx')} "
+            f"| {speed('model.pt2')} | {rate} | {extra} | {refused} |")  # fmt: skip
 
 
 def main() -> None:
@@ -129,8 +159,7 @@ def main() -> None:
             if cell.get("exit") == 0 and (folder / "report.json").is_file():
                 cell.update(from_report(folder))
         out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    print("| recipe | exit | forms: perplexity (speed vs original bs1/bs32) | parity | not written | wall s |")
-    print("|---|---:|---|---|---|---:|")
+    print(TABLE_HEAD)
     for recipe, cell in doc["cells"].items():
         print(line(recipe, cell))
 
