@@ -158,3 +158,38 @@ def test_without_vnni_or_amx_int8_activation_layers_run_their_reference(monkeypa
     torch.testing.assert_close(static(x), _reference(static, x))
     weight_only = _qlinear(ActSpec("none"))
     assert kernels.linear(weight_only, x[:1]) is not None  # weight-only int8 does not go through that GEMM
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("bits", "group", "k"), [(4, 32, 80), (3, 64, 96), (4, 128, 256)])
+def test_group_wise_4bit_weights_run_atens_int4_gemm_on_a_decode_steps_rows(
+    symmetric: bool, bits: int, group: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few rows (a decode step) of a group-wise <= 4-bit layer run aten's int4 GEMM (bf16 activations: the
+    reference within bf16 rounding); a short last group is padded; wider inputs take the reference path."""
+    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
+    module = _qlinear(ActSpec(), QuantScheme(bits=bits, symmetric=symmetric, granularity="group", group_size=group),
+                      k=k)  # fmt: skip
+    gemm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    for rows, runs in ((1, True), (kernels.INT4_MAX_ROWS, True), (kernels.INT4_MAX_ROWS + 1, False)):
+        x = torch.randn(rows, 1, k)
+        with mock.patch.object(torch.ops.aten, "_weight_int4pack_mm_for_cpu", wraps=gemm) as spy, torch.no_grad():
+            out = module(x)
+        assert spy.call_count == int(runs)
+        ref = _reference(module, x)
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-2 * float(ref.abs().max()))
+        assert float((out - ref).norm() / ref.norm()) < (1e-2 if runs else 1e-6)
+
+
+def test_the_int4_packing_follows_weight_updates_and_needs_bf16_dot_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
+    g4 = QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32)
+    module, other = _qlinear(ActSpec(), g4), _qlinear(ActSpec(), g4, seed=1)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        module(x)  # packs and caches
+        module.load_state_dict(other.state_dict())  # in-place copy_: the cache must notice
+        ref = _reference(other, x)
+        assert float((module(x) - ref).norm() / ref.norm()) < 1e-2
+    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: False)
+    assert not kernels._int4_applies(module, x)

@@ -10,6 +10,10 @@ and the module falls back to its float reference (fake-quant) forward:
 - weight-only int8 (`act.mode == "none"`): `aten._weight_int8pack_mm` for bf16/fp16 inputs and
   single-row fp32 inputs; for wider fp32 inputs it is slower than dequantize + fp32 GEMM on CPU,
   so the reference path runs.
+- weight-only group-wise codes of at most 4 bits (groups of 32 to 256) on at most `INT4_MAX_ROWS` fp32
+  rows, a causal LM's decode step, on a CPU with bf16 dot products: `aten._weight_int4pack_mm_for_cpu`
+  on the codes packed once (activations, scales and offsets in bf16: the reference within bf16
+  rounding). Wider inputs (a prefill, a batch) dequantize and run the fp32 GEMM.
 
 Under `torch.compile` / `torch.export` tracing, `linear` returns `decomposed_linear`: the same
 layer written in `quantized_decomposed` q/dq ops (or `_int_mm` for per-token scales), the patterns
@@ -51,6 +55,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output from a real integer kernel, or None where no kernel fits (reference path)."""
+    if _int4_applies(module, x):
+        return _int4_linear(module, x)
     if unsupported_reason(module) is not None or not x.is_floating_point() or x.device.type != "cpu":
         return None
     if module.act.mode != "none" and not int8_gemm_exact():
@@ -145,6 +151,75 @@ def _weight_only(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), module.weight_q, scale)
     if module.bias is not None:
         y = y + module.bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], module.out_features)
+
+
+# ---------------------------------------------------------------- group-wise 4-bit weights, a few rows
+
+
+INT4_MAX_ROWS = 8  # a decode step's rows (a batch of 8 prompts); wider inputs (a prefill) take the reference path
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass
+class _Int4:
+    key: tuple[int, ...]
+    weight: torch.Tensor  # aten's CPU int4 packing of the unsigned codes (N, K / 2)
+    scales_zeros: torch.Tensor  # (K / group, N, 2) bf16: w = (code - 8) * scale + zero
+    width: int  # K: in_features padded to whole groups (the storage's padding dequantizes to 0)
+
+
+_INT4: weakref.WeakKeyDictionary[nn.Module, _Int4] = weakref.WeakKeyDictionary()
+
+
+def _int4_applies(module: nn.Module, x: torch.Tensor) -> bool:
+    """Group-wise weights of at most 4 bits (float activations) on a few fp32 rows, on a CPU with bf16 dot
+    products: aten's int4 GEMM (`_weight_int4pack_mm_for_cpu`, bf16 activations) reads a quarter of the
+    bytes the fp32 GEMM reads, which is what bounds a decode step."""
+    ws = getattr(module, "weight_scheme", None)
+    if ws is None or ws.granularity != "group" or ws.bits > 4 or ws.group_size not in INT4_GROUPS:
+        return False
+    if module.act.mode != "none" or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    return x.numel() // x.shape[-1] <= INT4_MAX_ROWS and int4_kernel_fast()
+
+
+def int4_kernel_fast() -> bool:
+    """Whether the CPU has bf16 dot products (AVX512-BF16 or AMX), which aten's int4 GEMM runs on."""
+    from modelpress.core.environment import cpu_info
+
+    return cpu_info().get("bf16") is not None
+
+
+def _int4(module: nn.Module) -> _Int4:
+    wq, ws, zp = module.weight_q, module.weight_scale, module.weight_zero_point
+    key = (wq.data_ptr(), wq._version, ws.data_ptr(), ws._version, zp._version)
+    cached = _INT4.get(module)
+    if cached is None or cached.key != key:
+        rows, groups, group = wq.shape
+        offset = 8 if module.weight_scheme.symmetric else 0  # signed codes -8..7 become 0..15
+        codes = (wq.to(torch.int32) + offset).reshape(rows, groups * group)
+        scale = ws.float().reshape(rows, groups)
+        # w = scale * (q - zp) = scale * (q + offset - 8) + scale * (8 - offset - zp)
+        zero = scale * (8 - offset - zp.float().reshape(rows, groups))
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        cached = _Int4(key, packed, scales_zeros, groups * group)
+        _INT4[module] = cached
+    return cached
+
+
+def _int4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    p = _int4(module)
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[1] < p.width:  # a short last group: its padding holds zero weights
+        x2d = F.pad(x2d, (0, p.width - x2d.shape[1]))
+    group = module.weight_scheme.group_size
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), p.weight, group, p.scales_zeros).float()
+    if module.bias is not None:
+        y = y + module.bias
     return y.reshape(*x.shape[:-1], module.out_features)
 
 
