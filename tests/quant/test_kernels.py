@@ -191,5 +191,6 @@ def test_the_int4_packing_follows_weight_updates_and_needs_bf16_dot_products(mon
         module.load_state_dict(other.state_dict())  # in-place copy_: the cache must notice
         ref = _reference(other, x)
         assert float((module(x) - ref).norm() / ref.norm()) < 1e-2
+    assert not kernels._int4_applies(_qlinear(ActSpec(), g4, n=72), x)  # output channels in tiles of 16 only
     monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: False)
     assert not kernels._int4_applies(module, x)

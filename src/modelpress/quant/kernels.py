@@ -179,6 +179,8 @@ def _int4_applies(module: nn.Module, x: torch.Tensor) -> bool:
     ws = getattr(module, "weight_scheme", None)
     if ws is None or ws.granularity != "group" or ws.bits > 4 or ws.group_size not in INT4_GROUPS:
         return False
+    if module.out_features % 16:  # aten's packing takes whole tiles of 16 output channels
+        return False
     if module.act.mode != "none" or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or (x.requires_grad and torch.is_grad_enabled()):
