@@ -218,9 +218,9 @@ def test_a_model_moved_by_float_rounding_is_held_to_its_own_spread() -> None:
     assert onnx_quant.noise_floor(qmodel, x) == floor  # seeded: the same figure every time
     spread = 1.0 - floor
     with pytest.warns(onnx_quant.ExportWarning, match="within its own spread"):
-        onnx_quant._within_noise_floor(qmodel, x, {"mean_cosine": 1.0 - 1.5 * spread, "max_abs": 0.1})
+        onnx_quant.within_noise_floor(qmodel, x, {"mean_cosine": 1.0 - 1.5 * spread, "max_abs": 0.1})
     with pytest.raises(ExportError, match=r"float rounding alone moves the model to 0\.9999"):
-        onnx_quant._within_noise_floor(qmodel, x, {"mean_cosine": 1.0 - 3 * spread, "max_abs": 0.1})
+        onnx_quant.within_noise_floor(qmodel, x, {"mean_cosine": 1.0 - 3 * spread, "max_abs": 0.1})
 
 
 @pytest.mark.parametrize("static", [False, True])

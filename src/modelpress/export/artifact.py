@@ -150,21 +150,11 @@ def package_checked(
                 ExportWarning,
                 stacklevel=2,
             )
-    from modelpress.export.onnx_quant import NOISE_FACTOR, has_quantized_layers, noise_floor
+    from modelpress.export.onnx_quant import has_quantized_layers, within_noise_floor
 
     if has_quantized_layers(module):  # a deep int8 model can move that far under float rounding alone
-        floor = noise_floor(module, inputs)
-        allowed = 1.0 - NOISE_FACTOR * (1.0 - floor)
-        if parity["mean_cosine"] >= allowed:
-            warnings.warn(
-                f"model.pt2 differs from the quantized model by mean cosine {parity['mean_cosine']:.5f} (< "
-                f"{PT2_MIN_COSINE}), within its own spread: float rounding alone moves the model to {floor:.5f}; "
-                "the package is accepted, its quality is measured on its own",
-                ExportWarning,
-                stacklevel=2,
-            )
-            return {**parity, "bf16": False, "noise_floor": floor}
-        parity = {**parity, "noise_floor": floor}
+        floor = within_noise_floor(module, inputs, parity, "model.pt2", "the compiled package", PT2_MIN_COSINE, 4)
+        return {**parity, "bf16": False, "noise_floor": floor}
     raise ExportError(f"the compiled package does not compute what the model computes: {parity}")
 
 

@@ -125,7 +125,7 @@ def export_quantized_onnx(
         reference = as_lowered(model, embeddings, conv)
         parity = check_parity(reference, tmp, inputs)
         if parity["mean_cosine"] < MIN_COSINE:
-            _within_noise_floor(reference, inputs, parity)
+            within_noise_floor(reference, inputs, parity)
     return out_path
 
 
@@ -157,22 +157,27 @@ def noise_floor(model: nn.Module, inputs: Sequence[Any], seeds: int = NOISE_SEED
     return worst
 
 
-def _within_noise_floor(reference: nn.Module, inputs: Sequence[Any], parity: dict[str, float]) -> None:
-    """Pass a graph below MIN_COSINE whose distance from the model is within NOISE_FACTOR times the model's
-    own spread under float rounding (`noise_floor`), with a warning giving both; refuse it otherwise."""
+def within_noise_floor(
+    reference: nn.Module, inputs: Sequence[Any], parity: dict[str, float], artifact: str = "model.onnx",
+    what: str = "the int8 graph", bar: float = MIN_COSINE, stacklevel: int = 3,
+) -> float:  # fmt: skip
+    """Pass `artifact` below its bar (`bar`) where its distance from the model is within NOISE_FACTOR times the
+    model's own spread under float rounding (`noise_floor`), with a warning giving both; refuse it otherwise.
+    Returns the floor. Shared by the ONNX and the `.pt2` gates."""
     floor = noise_floor(reference, inputs)
     allowed = 1.0 - NOISE_FACTOR * (1.0 - floor)
     got = parity["mean_cosine"]
     if got < allowed:
         raise ExportError(
-            f"the int8 graph does not compute what the quantized model computes: mean cosine {got:.5f} < "
-            f"{MIN_COSINE} (max abs difference {parity['max_abs']:.3g}); float rounding alone moves the model to "
-            f"{floor:.5f}, so at most {NOISE_FACTOR:g}x that spread ({allowed:.5f}) is accepted"
+            f"{what} does not compute what the quantized model computes: mean cosine {got:.5f} < "
+            f"{bar} (max abs difference {parity['max_abs']:.3g}); float rounding alone moves the model to "
+            f"{floor:.5f} (noise_floor), so at most {NOISE_FACTOR:g}x that spread ({allowed:.5f}) is accepted"
         )
     warnings.warn(
-        f"model.onnx differs from the quantized model by mean cosine {got:.5f} (< {MIN_COSINE}), within its own "
+        f"{artifact} differs from the quantized model by mean cosine {got:.5f} (< {bar}), within its own "
         f"spread: float rounding alone (inputs of its quantized layers moved by {NOISE_EPS:g}) moves the model to "
-        f"{floor:.5f}; the export is accepted, its quality is measured on its own",
+        f"{floor:.5f}; {artifact} is accepted, its quality is measured on its own",
         ExportWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
+    return floor
