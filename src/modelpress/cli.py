@@ -198,7 +198,14 @@ def compress(
             "original's value (a causal LM's perplexity: 5%).",
         ),
     ] = None,
-    objective: Annotated[str, typer.Option(help="Auto mode: latency (at the largest batch size) or size.")] = "latency",
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="Auto mode: latency (at the largest batch size), size, decode "
+            "(a causal LM's tokens/s at batch 1, GenAI folder) or auto (decode for "
+            "a causal LM, else latency)."
+        ),
+    ] = "auto",
     candidates: Annotated[
         str | None,
         typer.Option(

@@ -262,8 +262,8 @@ def test_wide_groups_are_written_in_blocks_of_32_for_int8_activations(tmp_path, 
 
 
 def test_mixed_schemes_8bit_per_channel_and_quantized_embeddings(tmp_path, tokenizer):
-    """q at 8 bits beside 4-bit k/v: three MatMulNBits feed the attention; a per-channel layer is written as its
-    dequantized weight and listed; an int8 embedding table is gathered from its codes."""
+    """q at 8 bits beside 4-bit k/v: three MatMulNBits feed the attention; a per-channel layer is a MatMulNBits
+    too (its row's scale in every block); an int8 embedding table is gathered from its codes."""
     float_lm = _lm(tied=True)
     lm = quantize(float_lm, WeightOnlyConfig(bits=4, granularity="group", group_size=16))
     lm.model.embed_tokens = QEmbedding(float_lm.model.embed_tokens, bits=8)  # per row; lm_head stays float
@@ -274,11 +274,31 @@ def test_mixed_schemes_8bit_per_channel_and_quantized_embeddings(tmp_path, token
     report = export_genai(lm, tmp_path / "g", tokenizer=tokenizer)
     assert report["matmul_nbits"]["model.layers.0.self_attn.q_proj"] == "int8 sym group 32"
     assert report["matmul_nbits"]["model.layers.0.self_attn.k_proj"] == "int4 sym group 16"
-    assert "per-channel" in report["float"]["model.layers.0.mlp.up_proj"]
+    assert report["matmul_nbits"]["model.layers.0.mlp.up_proj"] == "int8 sym per channel (in blocks of 32)"
+    assert not report["float"] or set(report["float"]) == {"lm_head"}
     gqa = [n for n in onnx.load(str(tmp_path / "g" / "model.onnx")).graph.node if n.op_type == "GroupQueryAttention"]
     assert all(gqa[0].input[:3]) and not any(gqa[1].input[1:3])  # separate q, k, v in layer 0; packed in layer 1
     assert report["parity"]["mean_cosine"] > 0.999
     _check_generates_like_torch(lm, tmp_path / "g", exact=False)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_channel_weights_are_matmul_nbits_blocks_carrying_the_rows_scale(tmp_path, tokenizer, symmetric):
+    """The `w8` recipe's per-channel int8 (and asymmetric per-channel codes): every projection a MatMulNBits of
+    the same codes in blocks of 32 (int8 activations) or 128 (float), a width the block does not divide padded;
+    the decoder computes what the quantized model computes."""
+    lm = quantize(_lm(intermediate_size=80), WeightOnlyConfig(bits=8, granularity="channel", symmetric=symmetric))
+    for level, block in ((4, 32), (0, 128)):
+        folder = tmp_path / f"level{level}"
+        report = export_genai(lm, folder, tokenizer=tokenizer, accuracy_level=level)
+        kind = "sym" if symmetric else "asym"
+        written = report["matmul_nbits"]["model.layers.0.mlp.down_proj"]
+        assert written == f"int8 {kind} per channel (in blocks of {block})"
+        assert set(report["float"]) <= {"lm_head"}
+        nodes = [n for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+        assert {a.i for n in nodes for a in n.attribute if a.name == "block_size"} == {block}
+        assert report["parity"]["mean_cosine"] > (0.9999 if level == 0 else 0.999)  # level 4: int8 activations
+        _check_generates_like_torch(lm, folder, exact=level == 0)
 
 
 def test_qwen2_biases_and_mistral_sliding_window(tmp_path, tokenizer):

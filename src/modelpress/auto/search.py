@@ -15,6 +15,7 @@ An ONNX model (given a metric, `--like`) is searched over ONNX Runtime's quantiz
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from modelpress.auto import decode
 from modelpress.auto.budget import Clock, format_duration, parse_duration, parse_max_drop
 from modelpress.auto.cache import SearchCache
 from modelpress.auto.display import Display
@@ -49,7 +51,7 @@ from modelpress.core.outputs import check_output
 from modelpress.core.report import ModelStats, Report
 from modelpress.loading import LoadedModel
 
-Objective = Literal["latency", "size"]
+Objective = Literal["auto", "latency", "size", "decode"]
 Strategy = Literal["search", "exhaustive"]
 TOLERANCE = 0.3  # screened timings (3 calls) may be this far off: a candidate this close to the best stays in
 MAX_FINALISTS = 3  # candidates measured in full
@@ -64,7 +66,9 @@ class AutoSearch:
 
     `max_drop`: in the units of the model's task metric (STS-B Spearman x100: 0.5 = half a point;
     accuracy: 0.005), or a string percentage of the original's value (`"5%"`: a perplexity may rise 5%).
-    `objective`: "latency" (p50 at the largest batch size) or "size" (bytes on disk). `candidates`: None
+    `objective`: "latency" (p50 at the largest batch size), "size" (bytes on disk), "decode" (a causal LM's
+    tokens/s decoding at batch 1 through its ONNX Runtime GenAI folder: `auto.decode`) or "auto" (decode for a
+    causal LM whose layout the GenAI decoder maps, else latency). `candidates`: None
     for the space generated for the model and CPU, or names (generated ones, built-in recipes, recipe
     files; `recipe:NAME` forces the recipe, "float": the model as it is). `time_budget`: wall time of the
     whole search (`"90s"`, `"5m"`, `"1h"`, seconds; None: unbounded). `strategy`: "search" (screen, drop,
@@ -73,7 +77,7 @@ class AutoSearch:
     """
 
     max_drop: float | str
-    objective: Objective = "latency"
+    objective: Objective = "auto"
     candidates: tuple[str, ...] | None = None
     time_budget: float | str | None = None
     strategy: Strategy = "search"
@@ -81,8 +85,8 @@ class AutoSearch:
 
     def __post_init__(self) -> None:
         parse_max_drop(self.max_drop)
-        if self.objective not in ("latency", "size"):
-            raise ConfigError(f"objective must be latency or size, got {self.objective!r}")
+        if self.objective not in ("auto", "latency", "size", "decode"):
+            raise ConfigError(f"objective must be auto, latency, size or decode, got {self.objective!r}")
         if self.strategy not in ("search", "exhaustive"):
             raise ConfigError(f"strategy must be search or exhaustive, got {self.strategy!r}")
         parse_duration(self.time_budget)
@@ -130,12 +134,15 @@ def auto_compress(
             f"{loaded.spec}: auto mode searches PyTorch and ONNX models; a {loaded.kind} artifact cannot be "
             "compressed; give its PyTorch or ONNX model"
         )
+    objective, note = decode.resolve(search.objective, loaded)
+    search = dataclasses.replace(search, objective=objective)  # type: ignore[arg-type]
     space = candidates(loaded, search.candidates)
+    space = [decode.as_decode(c) for c in space] if objective == "decode" else space
     batches = calibration_for(loaded, data, [c.recipe for c in space if c.recipe.passes])
     inner = opts.replace(progress=False, validation=True, console=None)
     cache = SearchCache.open(loaded, batches, inner, enabled=search.cache)
     setting = Setting(loaded=loaded, data=batches, options=inner, clock=clock, cache=cache,
-                      budget=parse_max_drop(search.max_drop))  # fmt: skip
+                      budget=parse_max_drop(search.max_drop), objective=objective, note=note)  # fmt: skip
     prepare(setting, opts)  # the original's screening figures; a budget too small is refused here
     with (
         claim_out_dir(out_dir, overwrite, loaded, opts.eval_data),
@@ -173,14 +180,20 @@ def prepare(setting: Setting, opts: RunOptions) -> None:
     start = time.perf_counter()
     setting.original_screen = screen_score(setting, loaded.model)
     score_s = time.perf_counter() - start
+    if setting.objective == "decode":  # the original's eager decode, ms per token: what a folder must beat
+        start = time.perf_counter()
+        setting.original_ms[decode.KEY] = decode.original_ms(loaded, opts.threads)
+        timing_s += time.perf_counter() - start
     # the full measurement: (warm-up + timed) calls per batch size on full-length inputs, test + validation
-    calls_s = [ms / 1e3 * (4 if causal else 1) for ms in setting.original_ms.values()]
+    calls_s = [ms / 1e3 * (4 if causal else 1) for bs, ms in setting.original_ms.items() if bs != decode.KEY]
     per_call_s = sum(calls_s)
     budget_s = setting.clock.budget_s
     setting.repeats = opts.repeats if budget_s is None else \
         max(3, min(opts.repeats, int(MEASURE_SHARE * budget_s / max(per_call_s, 1e-6))))  # fmt: skip
     scale = (loaded.entry.eval_windows / setting.screen_entry.eval_windows) if setting.subset else 1.0  # type: ignore[union-attr]
     timing_full = sum(call * full_calls(call, setting.repeats) for call in calls_s)
+    if setting.objective == "decode":  # prefills and decode steps of the generations (the original's pace)
+        timing_full = (decode.FULL_REPEATS + 1) * decode.FULL_NEW_TOKENS * setting.original_ms[decode.KEY] / 1e3
     setting.measure_s = timing_full + 2 * scale * score_s  # a form's full measurement
     estimate = timing_s + score_s + setting.measure_s
     cached = setting.cache.get("baseline", baseline_key(setting))
@@ -206,7 +219,8 @@ def full_calls(call_s: float, repeats: int, warmup: int = 2) -> int:
 
 
 def baseline_key(setting: Setting) -> dict[str, Any]:
-    return {"repeats": setting.repeats, "warmup": 2, "eval": str(setting.options.eval_data)}
+    key = {"repeats": setting.repeats, "warmup": 2, "eval": str(setting.options.eval_data)}
+    return key | ({"objective": "decode"} if setting.objective == "decode" else {})
 
 
 def measure_baseline(setting: Setting, display: Display) -> None:
@@ -219,6 +233,10 @@ def measure_baseline(setting: Setting, display: Display) -> None:
         setting.baseline = ModelStats.from_dict(cached)
         return
     display.step(f"{loaded.name}: measuring the original")
+    if setting.objective == "decode":
+        setting.baseline = decode.baseline(setting)
+        setting.cache.put("baseline", baseline_key(setting), setting.baseline.to_dict())
+        return
     spec = (f"{loaded.name} (original)", loaded.model, loaded.entry, loaded.path)
     (setting.baseline,) = bench([spec], batch_sizes=opts.batch_sizes, threads=opts.threads, repeats=setting.repeats,
                                 warmup=2, memory=False, throughput=False, validation=True, eval_data=opts.eval_data,
@@ -321,7 +339,8 @@ def measure_all(
             display.advance(None)
             if row is not None and row["within_budget"] and not row["slower_than_original"]:
                 best = screened if best is None else min(best, screened)
-                display.best(f"{trial.cand.name} {artifact_name(kind)} {row['p50_ms']:.2f} ms, drop {row['drop']:.3g}")
+                figure = f"{row['p50_ms']:.2f} {unit_of(search) if search.objective == 'decode' else 'ms'}"
+                display.best(f"{trial.cand.name} {artifact_name(kind)} {figure}, drop {row['drop']:.3g}")
     return best
 
 
@@ -330,7 +349,7 @@ def form_score(setting: Setting, trial: Trial, kind: str, search: AutoSearch) ->
     form = trial.forms[kind]
     if search.objective == "size":
         return form.get("size_bytes", 0) / 1e6 or float("inf")
-    return form.get("ms", {}).get(str(max(setting.options.batch_sizes)), float("inf"))
+    return form.get("ms", {}).get(setting.key, float("inf"))
 
 
 def dominated(setting: Setting, trial: Trial, trials: list[Trial], search: AutoSearch) -> str:
@@ -338,7 +357,7 @@ def dominated(setting: Setting, trial: Trial, trials: list[Trial], search: AutoS
     value = score(setting, trial, search)
     if value == float("inf"):
         return "no form faster than the original when screened"
-    unit = "MB" if search.objective == "size" else "ms"
+    unit = unit_of(search)
     better = [t for t in trials if t.measured and t is not trial]
     if not better:
         return "not measured in full: the time budget ran out"
@@ -356,6 +375,8 @@ def screen(setting: Setting, trial: Trial, exhaustive: bool) -> None:
     if cached is not None:
         restore(trial, cached)
         return
+    if "genai" in trial.cand.forms:
+        return screen_decoder(setting, trial, exhaustive, key)
     try:
         build(setting, trial, ("onnx",))
         if "onnx" not in trial.forms:
@@ -376,10 +397,31 @@ def screen(setting: Setting, trial: Trial, exhaustive: bool) -> None:
     setting.cache.put("screen", key, store(trial))
 
 
+def screen_decoder(setting: Setting, trial: Trial, exhaustive: bool, key: str) -> None:
+    """The decode objective's screening (`auto.decode`): the candidate's GenAI folder written, scored and timed."""
+    try:
+        decode.build(setting, trial)
+        screen_quality(setting, trial, "genai")
+        if trial.status != "dropped" or exhaustive:
+            decode.screen_speed(setting, trial)
+            form = trial.forms["genai"]
+            if form["status"] == "refused":
+                trial.status, trial.why = "refused", form["why"]
+            elif trial.status != "dropped":
+                trial.status = "screened"
+    except Exception as e:  # noqa: BLE001 - as in `screen`: a row of the table, never the end of the search
+        trial.status, trial.why = "refused", f"{type(e).__name__}: {e}".strip()[:500]
+    if trial.status != "screened" and not exhaustive:
+        trial.model = None
+    setting.cache.put("screen", key, store(trial))
+
+
 def add_pt2(setting: Setting, trial: Trial, display: Display, reserve: float = 0.0) -> None:
     """Compile and screen the candidate's .pt2 where this CPU makes it worth timing and the time budget, less
     `reserve` seconds kept for measurements still to come, affords its compilation (estimated from those
-    compiled so far, or from its .onnx build before the first)."""
+    compiled so far, or from its .onnx build before the first). A decoder candidate has no .pt2 form."""
+    if "genai" in trial.cand.forms:
+        return
     largest = str(max(setting.options.batch_sizes))
     worth, why = pt2_worth_timing(trial.cand, cpu(), setting.original_ms[largest])
     if not worth:
@@ -417,7 +459,11 @@ def cpu() -> dict[str, Any]:
 def score(setting: Setting, trial: Trial, search: AutoSearch) -> float:
     if search.objective == "size":
         return trial.size_mb() or float("inf")
-    return trial.best_ms(str(max(setting.options.batch_sizes)))
+    return trial.best_ms(setting.key)
+
+
+def unit_of(search: AutoSearch) -> str:
+    return {"size": "MB", "decode": "ms/token"}.get(search.objective, "ms")
 
 
 def measure(setting: Setting, trial: Trial, kind: str) -> dict[str, Any] | None:
@@ -434,9 +480,12 @@ def measure(setting: Setting, trial: Trial, kind: str) -> dict[str, Any] | None:
             return None
         screened = trial.forms[kind]
         if not (screened.get("path") and Path(screened["path"]).exists()):  # screened in an earlier run: rebuild
-            build(setting, trial, (kind,))
+            if kind == "genai":
+                decode.build(setting, trial)
+            else:
+                build(setting, trial, (kind,))
             trial.forms[kind] = {**screened, "path": trial.forms[kind]["path"]}  # its screened figures kept
-        stats = measure_form(setting, trial, kind)
+        stats = decode.measure(setting, trial) if kind == "genai" else measure_form(setting, trial, kind)
         setting.cache.put("full", key, stats.to_dict())
     trial.measured[kind] = stats
     trial.status = "measured"
@@ -448,7 +497,7 @@ def best_screened(setting: Setting, trials: list[Trial], search: AutoSearch) -> 
     if not done:
         return None
     t = min(done, key=lambda t: score(setting, t, search))
-    return f"{t.cand.name} (screened {score(setting, t, search):.3g} {'MB' if search.objective == 'size' else 'ms'})"
+    return f"{t.cand.name} (screened {score(setting, t, search):.3g} {unit_of(search)})"
 
 
 def finish(setting: Setting, trials: list[Trial], search: AutoSearch, out_dir: Path) -> Report:
@@ -463,12 +512,12 @@ def finish(setting: Setting, trials: list[Trial], search: AutoSearch, out_dir: P
             row = measured_row(setting, trial, kind, stats)
             rows.append(row)
             if row["within_budget"] and not row["slower_than_original"]:
-                value = row["p50_ms"] if search.objective == "latency" else row["size_mb"]
+                value = row["size_mb"] if search.objective == "size" else row["p50_ms"]
                 eligible.append((value, trial, kind))
                 if winner is None or value < winner[0]:
                     winner = (value, trial, kind)
         rows += screened_rows(setting, trial)
-    if search.objective == "latency":  # forms too close to call by one measurement are timed again together
+    if search.objective in ("latency", "decode"):  # forms too close to call by one measurement: timed again
         winner = runoff(setting, contenders(eligible)) or winner
     if winner is None:
         raise BadInputError(

@@ -9,7 +9,8 @@ from typing import Any
 from modelpress.auto.trial import Setting, Trial, drop_of
 from modelpress.core.model_stats import ModelStats
 
-FORM_NAMES = {"onnx": "model.onnx (ONNX Runtime)", "pt2": "model.pt2 (AOTInductor)"}
+FORM_NAMES = {"onnx": "model.onnx (ONNX Runtime)", "pt2": "model.pt2 (AOTInductor)",
+              "genai": "genai/ (ONNX Runtime GenAI)"}  # fmt: skip
 
 
 def measured_row(setting: Setting, trial: Trial, kind: str, stats: ModelStats) -> dict[str, Any]:
@@ -30,11 +31,16 @@ def measured_row(setting: Setting, trial: Trial, kind: str, stats: ModelStats) -
     drop, within = drop_of(reference, value, base.quality.higher_is_better, setting.budget)
     test_drop, _ = drop_of(base.quality.value, stats.quality.value, base.quality.higher_is_better, setting.budget)
     lat = stats.latency_ms.get(largest)
+    p50 = lat.p50 if lat else float("inf")
+    if setting.objective == "decode":  # ms per decoded token at batch 1
+        from modelpress.auto.decode import ms_per_token
+
+        p50 = ms_per_token((stats.throughput or {}).get("generation"))
     row.update(
         quality=stats.quality.value, validation_quality=val.value if held_out else None, drop=drop,  # type: ignore[union-attr]
         drop_split="validation" if held_out else "test", test_drop=test_drop, within_budget=within,
         relative_drop=drop / abs(reference) if reference else None,
-        p50_ms=lat.p50 if lat else float("inf"), size_mb=(stats.size_bytes or 0) / 1e6,
+        p50_ms=p50, size_mb=(stats.size_bytes or 0) / 1e6,
         slower_than_original=gate.get("status") != "ok",
     )  # fmt: skip
     if row["slower_than_original"]:
@@ -44,7 +50,7 @@ def measured_row(setting: Setting, trial: Trial, kind: str, stats: ModelStats) -
 
 def screened_rows(setting: Setting, trial: Trial) -> list[dict[str, Any]]:
     """A candidate that was only screened: one row per form it has figures for (or one for the candidate)."""
-    largest = str(max(setting.options.batch_sizes))
+    largest = setting.key
     rows = []
     for kind, form in trial.forms.items():
         if kind in trial.measured:

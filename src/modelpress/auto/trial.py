@@ -53,6 +53,13 @@ class Setting:
     subset: bool = False  # screening quality on a subset of the validation split
     runoff: dict[str, Any] | None = None  # the finalists timed again before the choice (`auto.runoff`)
     pt2_costs: list[float] = field(default_factory=list)  # seconds each .pt2 compiled so far took (and its screening)
+    objective: str = "latency"  # latency, size or decode (`auto.decode`)
+    note: str | None = None  # why the objective is not the one asked for, for the report
+
+    @property
+    def key(self) -> str:
+        """The figure forms are timed by: the largest batch size, or `decode` (ms per token at batch 1)."""
+        return "decode" if self.objective == "decode" else str(max(self.options.batch_sizes))
 
 
 @dataclass
@@ -133,6 +140,10 @@ def build(setting: Setting, trial: Trial, export: tuple[str, ...]) -> None:
 def runtime(kind: str, path: str | Path, threads: int | None) -> Any:
     from modelpress.core.runtime import AotiModel, OnnxModel
 
+    if kind == "genai":  # a decoder folder: the logits of a prefill through its own graph
+        from modelpress.export.genai import DecoderModel
+
+        return DecoderModel(path, threads)
     return OnnxModel(Path(path), threads=threads) if kind == "onnx" else AotiModel(Path(path))
 
 
@@ -189,12 +200,15 @@ def screen_speed(setting: Setting, trial: Trial, kind: str) -> None:
 
 
 def screen_inputs(loaded: LoadedModel, batch_sizes: tuple[int, ...], causal: bool) -> dict[str, tuple[Any, ...]]:
-    """The inputs screening times: the entry's examples, a causal LM's cut to SCREEN_TOKENS tokens."""
+    """The inputs screening times: the entry's examples, a causal LM's cut to SCREEN_TOKENS tokens where its
+    examples' length is a setting of the entry (`example_length`: its exports take any length; a model built
+    for one length, such as tiny-lm, is exported at that length and screened at it)."""
     assert loaded.entry is not None
+    cut = causal and hasattr(loaded.entry, "example_length")
     out = {}
     for bs in batch_sizes:
         inputs = tuple(loaded.entry.example_inputs(bs))
-        out[str(bs)] = tuple(t[:, :SCREEN_TOKENS].contiguous() for t in inputs) if causal else inputs
+        out[str(bs)] = tuple(t[:, :SCREEN_TOKENS].contiguous() for t in inputs) if cut else inputs
     return out
 
 

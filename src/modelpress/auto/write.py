@@ -47,6 +47,12 @@ def write_winner(
             stats.artifact = str(out_dir / name)
         report.artifacts.append(stats)
     report.compressed = trial.measured[kind]
+    if setting.note:
+        report.warn(f"auto: {setting.note}")
+    if kind == "genai" and trial.report.get("genai"):
+        written = trial.report["genai"]
+        report.warn(f"genai/: {len(written['matmul_nbits'])} layers as MatMulNBits (accuracy_level "
+                    f"{written['accuracy_level']}), float: {', '.join(written['float']) or 'none'}")  # fmt: skip
     for use in ("evaluation", "validation"):
         record_data(report, entry, use, data=setting.options.eval_data)
     largest = max(setting.options.batch_sizes)
@@ -58,7 +64,7 @@ def write_winner(
         "strategy": search.strategy,
         "time_budget_s": search.time_budget_s,
         "elapsed_s": round(setting.clock.elapsed(), 1),
-        "batch_size": largest,
+        "batch_size": 1 if search.objective == "decode" else largest,
         "family": family(setting.loaded),
         "cpu": {k: cpu_info().get(k) for k in ("model", "int8", "bf16")},
         "screening": {"calls": 3, "subset": setting.subset, "full_repeats": setting.repeats},

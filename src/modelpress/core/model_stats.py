@@ -92,5 +92,8 @@ def speed_cell(stats: ModelStats, batches: list[str]) -> str:
         return "-"
     if gate.get("status") == "stopped":
         return f"STOPPED (bs{gate.get('batch_size')} > {gate.get('limit_s', 0):.1f} s)"
-    ratios = "/".join(f"{gate['speedup'][b]:.3g}x" for b in batches if b in gate.get("speedup", {}))
+    speedup = gate.get("speedup", {})
+    ratios = "/".join(f"{speedup[b]:.3g}x" for b in batches if b in speedup)
+    if "decode" in speedup:  # a decoder folder against the original's eager decode (auto.decode)
+        ratios = "/".join(filter(None, [ratios, f"{speedup['decode']:.3g}x decode"]))
     return f"SLOWER {ratios}" if gate.get("status") == "slower" else ratios

@@ -104,7 +104,7 @@ class Report:
             lines += ["|---|---:|---:|---:|---:|"]
             for name, g in speeds:
                 keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
-                cells = [f"{g[b][k]:,.0f}" for b in ("bs1", "bs8") for k in keys]
+                cells = [f"{g[b][k]:,.0f}" if b in g else "-" for b in ("bs1", "bs8") for k in keys]
                 lines.append(f"| {name} | {' | '.join(cells)} |")
         if self.data:
             lines += ["", "## Data", "", "| step | source | split | count |", "|---|---|---|---:|"]
@@ -157,8 +157,9 @@ def auto_markdown(auto: dict[str, Any]) -> list[str]:
             f"{head} in {auto['elapsed_s']:.0f} s; measured in full: {auto.get('measured', '?')}; cache hits: {hits}"
         ]
         lines.append("")
+    speed = "ms/token (decode bs1)" if auto.get("objective") == "decode" else "p50 ms"
     lines += [
-        "| candidate | artifact | stage | validation | drop (split) | test quality | p50 ms | size MB | status |",
+        f"| candidate | artifact | stage | validation | drop (split) | test quality | {speed} | size MB | status |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
 
@@ -184,7 +185,8 @@ def auto_markdown(auto: dict[str, Any]) -> list[str]:
     ]
     runoff = auto.get("runoff") or {}
     if runoff.get("median_ms"):
-        timed = ", ".join(f"{name} {ms:.2f} ms" for name, ms in runoff["median_ms"].items())
+        unit = runoff.get("unit", "ms")
+        timed = ", ".join(f"{name} {ms:.2f} {unit}" for name, ms in runoff["median_ms"].items())
         lines += ["", f"Runoff (forms within 15% of each other, timed again together at batch {runoff['batch_size']}, "
                   f"median of {runoff['rounds']} rounds): {timed}"]  # fmt: skip
     return lines

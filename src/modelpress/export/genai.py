@@ -363,6 +363,42 @@ def decode_speed(
     return out
 
 
+class DecoderModel:
+    """A written GenAI folder as a model function: `(input_ids, attention_mask)` -> the logits of a prefill with
+    an empty KV cache, run by plain ONNX Runtime (perplexity and the greedy check of the folder's own graph).
+    `spec` holds what `decode_speed` needs, read from its `genai_config.json`."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.spec = folder_spec(self.folder)
+        self.session = _session(self.folder / self.spec["filename"], threads)
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        ids = input_ids.detach().cpu().numpy().astype(np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else attention_mask.detach().cpu().numpy().astype(np.int64)
+        spec = self.spec
+        empty = np.zeros((ids.shape[0], spec["kv_heads"], 0, spec["head_dim"]), dtype=np.float32)
+        feed = {f"past_key_values.{i}.{kv}": empty for i in range(spec["layers"]) for kv in ("key", "value")}
+        out = self.session.run(["logits"], feed | {"input_ids": ids, "attention_mask": mask})
+        return torch.from_numpy(out[0])
+
+
+def folder_spec(folder: Path) -> dict[str, Any]:
+    """The decoder's shapes from a GenAI folder's `genai_config.json` (as `_spec` gives them from the model)."""
+    try:
+        model = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+        dec = model["decoder"]
+        spec = {"layers": int(dec["num_hidden_layers"]), "kv_heads": int(dec["num_key_value_heads"]),
+                "head_dim": int(dec["head_size"]), "context": int(model["context_length"]),
+                "filename": str(dec["filename"])}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInputError(f"{folder} is not a GenAI folder modelpress wrote (genai_config.json: {e})") from None
+    if Path(spec["filename"]).name != spec["filename"] or spec["filename"] in ("", ".", ".."):
+        raise BadInputError(f"{folder}: genai_config.json names {spec['filename']!r}, not a file in the folder")
+    return spec
+
+
 # ---- in a compress run -------------------------------------------------------------------------
 
 

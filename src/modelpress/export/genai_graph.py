@@ -21,7 +21,7 @@ from torch import nn
 
 from modelpress.core.errors import BadInputError
 from modelpress.export.onnx_graph import MS_DOMAIN, NodeBuilder
-from modelpress.export.onnx_nbits import nbits_tensors, unsupported_reason
+from modelpress.export.onnx_nbits import nbits_tensors, supported_bits, unsupported_reason
 from modelpress.export.onnx_tables import integer_table, lower_gather
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.modules import QEmbedding, QLinear, holds_table_codes
@@ -31,6 +31,7 @@ HEAD_GROUP = 32  # values per scale of an lm_head the export quantizes
 # With int8 activations (accuracy_level 4) MatMulNBits quantizes the input per block of K: larger groups are
 # written as blocks of this many values (the same codes, each group's scale repeated), as fine as the builder's
 ACT_BLOCK = 32
+CHANNEL_BLOCK = 128  # per-channel weights with float activations: blocks this long, the row's scale in each
 
 
 def rope_caches(rotary: nn.Module, positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +72,10 @@ class GraphBuilder:
         return outs
 
     def block(self, scheme: QuantScheme) -> int:
-        """The MatMulNBits block a group-wise scheme is written in (`ACT_BLOCK` with int8 activations)."""
+        """The MatMulNBits block a scheme is written in: a group-wise one's group, or `ACT_BLOCK` with int8
+        activations; per-channel weights in blocks of `ACT_BLOCK` or `CHANNEL_BLOCK`, each row's scale repeated."""
+        if scheme.granularity == "channel":
+            return self.act_block or CHANNEL_BLOCK
         return min(scheme.group_size, self.act_block or scheme.group_size)
 
     # -- projections
@@ -80,7 +84,7 @@ class GraphBuilder:
         """x @ W^T + b for one Linear, or for several packed along the output (all QLinear with one scheme
         MatMulNBits can take, or all float); the caller checks that they pack."""
         mods = list(modules.values())
-        if all(isinstance(m, QLinear) and unsupported_reason(m) is None for m in mods):
+        if all(writable(m) is None for m in mods):
             ws = mods[0].weight_scheme
             block = self.block(ws)
             parts = [nbits_tensors(_reblocked(m, block)) for m in mods]
@@ -93,16 +97,17 @@ class GraphBuilder:
             if bias is not None:
                 inputs += [""] * (5 - len(inputs)) + [self.const(f"{name}.bias", bias)]
             n = sum(m.out_features for m in mods)
-            blocks = f" (in blocks of {block})" if block != ws.group_size else ""
+            blocks = f" (in blocks of {block})" if ws.granularity == "channel" or block != ws.group_size else ""
+            layout = "per channel" if ws.granularity == "channel" else f"group {ws.group_size}"
             for key in modules:
-                self.nbits[key] = f"int{ws.bits} {'sym' if ws.symmetric else 'asym'} group {ws.group_size}{blocks}"
+                self.nbits[key] = f"int{ws.bits} {'sym' if ws.symmetric else 'asym'} {layout}{blocks}"
             attrs = {"K": mods[0].in_features, "N": n, "bits": ws.bits, "block_size": block}
             return self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN,
                              accuracy_level=self.accuracy_level, **attrs)[0]  # fmt: skip
         weights = []
         for key, m in modules.items():
             if isinstance(m, QLinear):
-                why = unsupported_reason(m) or "not packable with its neighbours"
+                why = writable(m) or "not packable with its neighbours"
                 self.floats[key] = f"quantized, but {why}: written as its dequantized weight"
                 weights.append(m.dequantized_weight())
             else:
@@ -258,30 +263,48 @@ def _tied(lm: nn.Module) -> bool:
     return type(head) is nn.Linear and type(emb) is nn.Embedding and head.weight is emb.weight and head.bias is None
 
 
+def writable(layer: nn.Module) -> str | None:
+    """Why `layer` cannot be a MatMulNBits of the decoder (None: it can). Beside the group-wise weights
+    `onnx_nbits` takes, per-channel ones are written too: in blocks, each carrying its row's scale (exact)."""
+    ws = getattr(layer, "weight_scheme", None)
+    if not isinstance(layer, QLinear) or ws is None or ws.granularity != "channel":
+        return unsupported_reason(layer)
+    if ws.bits not in supported_bits():
+        return f"int{ws.bits} weights (ONNX Runtime runs MatMulNBits with {supported_bits()} bits)"
+    if layer.act.mode != "none":
+        return f"{layer.act.mode} activation quantization (MatMulNBits keeps activations in float)"
+    return None
+
+
 def _packable(mods: list[nn.Module]) -> bool:
     """q, k, v fit one MatMulNBits (the same scheme) or one float MatMul (all float)."""
     if all(isinstance(m, nn.Linear) for m in mods):
         return True
-    if not all(isinstance(m, QLinear) and unsupported_reason(m) is None for m in mods):
+    if not all(writable(m) is None for m in mods):
         return False
     return len({m.weight_scheme for m in mods}) == 1 and (mods[0].bias is None) == all(m.bias is None for m in mods)
 
 
 def _reblocked(layer: QLinear, block: int) -> Any:
-    """`layer`'s codes, scales and zero points in blocks of `block` (a divisor of its group size): the same
-    weight, each group's scale and zero point repeated over its blocks, a short last block padded with the
-    zero point (dequantized to 0), as `nbits_tensors` reads them."""
+    """`layer`'s codes, scales and zero points in blocks of `block` (a divisor of its group size, or any block
+    for per-channel weights): the same weight, each group's (row's) scale and zero point repeated over its
+    blocks, a short last block padded with the zero point (dequantized to 0), as `nbits_tensors` reads them."""
     ws = layer.weight_scheme
-    if block == ws.group_size:
-        return layer
-    n, k, per = layer.out_features, layer.in_features, ws.group_size // block
+    n, k = layer.out_features, layer.in_features
     count = -(-k // block)
-    scale = layer.weight_scale.repeat_interleave(per, dim=1)[:, :count]  # (N, count, 1)
-    zp = layer.weight_zero_point.repeat_interleave(per, dim=1)[:, :count]
+    if ws.granularity == "channel":
+        scale = layer.weight_scale.reshape(n, 1, 1).expand(n, count, 1)
+        zp = layer.weight_zero_point.reshape(n, 1, 1).expand(n, count, 1)
+    elif block == ws.group_size:
+        return layer
+    else:
+        per = ws.group_size // block
+        scale = layer.weight_scale.repeat_interleave(per, dim=1)[:, :count]  # (N, count, 1)
+        zp = layer.weight_zero_point.repeat_interleave(per, dim=1)[:, :count]
     codes = layer.weight_q.reshape(n, -1)[:, :k]
     pad = zp[:, -1].to(codes.dtype).expand(n, count * block - k)
     codes = torch.cat([codes, pad], dim=1).reshape(n, count, block)
-    scheme = dataclasses.replace(ws, group_size=block)
+    scheme = dataclasses.replace(ws, granularity="group", group_size=block)
     return SimpleNamespace(weight_scheme=scheme, weight_q=codes, weight_scale=scale, weight_zero_point=zp)
 
 

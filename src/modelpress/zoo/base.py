@@ -81,7 +81,9 @@ class ZooEntry(ABC):
         """Batches of real inputs for throughput measurement (text: dynamic padding); None if n/a."""
         return None
 
-    def generation_speed(self, model: ModelFn) -> dict[str, Any] | None:
+    def generation_speed(
+        self, model: ModelFn, new_tokens: int = 32, batches: tuple[int, ...] = (1, 8)
+    ) -> dict[str, Any] | None:
         """Causal LMs: prefill and decode tokens/s of greedy generation; None for other entries."""
         return None
 

@@ -337,8 +337,10 @@ class CausalLMEntry(ZooEntry):
         unit = "windows" if count is not None else "tokens"
         return {"source": TEXT_SOURCE, "split": split[use], "count": n, "unit": unit}
 
-    def generation_speed(self, model: ModelFn, new_tokens: int = 32) -> dict[str, Any] | None:
-        """Prefill and decode tokens/s of greedy generation with the KV cache, at batch 1 and 8.
+    def generation_speed(
+        self, model: ModelFn, new_tokens: int = 32, batches: tuple[int, ...] = (1, 8)
+    ) -> dict[str, Any] | None:
+        """Prefill and decode tokens/s of greedy generation with the KV cache, at batch 1 and 8 (`batches`).
 
         Only an eager `CausalLM` keeps a KV cache here; `model.onnx` and `model.pt2` recompute the whole
         sequence per token, so their decode speed is not comparable and is not measured (None). The GenAI
@@ -349,7 +351,7 @@ class CausalLMEntry(ZooEntry):
         lm, pad = model.lm, model.tokenizer.eos_token_id
         out: dict[str, Any] = {"prompt_tokens": self.example_length, "new_tokens": new_tokens}
         with torch.inference_mode():
-            for batch in (1, 8):
+            for batch in batches:
                 ids, mask = self.example_inputs(batch)
                 kw = {"do_sample": False, "pad_token_id": pad, "use_cache": True}
                 lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
