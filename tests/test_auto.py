@@ -196,8 +196,9 @@ def test_the_causal_lm_space(cache_dir: Path) -> None:
     lm = resolve("tiny-lm")
     assert family(lm) == "causal-lm"
     space = {c.name: c for c in candidates(lm)}
-    assert {"rtn-w4-g32", "gptq-w4-g128", "gptq-w4-g128-head4", "awq-w4-g128", "mixed-w4-g32", "sparsegpt-50",
-            "wanda-2of4"} <= set(space)  # fmt: skip
+    assert {"rtn-w4-g32", "rtn-w8-channel", "gptq-w4-g128", "gptq-w4-g128-head4", "awq-w4-g128", "mixed-w4-g32",
+            "sparsegpt-50", "wanda-2of4"} <= set(space)  # fmt: skip
+    assert space["rtn-w8-g128"].recipe.passes[0].symmetric  # llama.cpp's Q8_0 holds symmetric 8-bit codes
     assert space["gptq-w4-g128"].targets == ("gguf", "genai") and space["gptq-w4-g128-head4"].params["head_bits"] == 4
 
 

@@ -23,7 +23,7 @@ from modelpress.export.genai import export_genai
 from modelpress.export.onnx_nbits import nbits_tensors
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant import GPTQConfig, QLinear, WeightOnlyConfig, quantize
-from modelpress.quant.modules import QEmbedding
+from modelpress.quant.modules import ActSpec, QEmbedding, holds_table_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 2
@@ -362,6 +362,13 @@ def test_refusals_name_what_is_wrong_and_write_nothing(tmp_path, tokenizer):
         export_genai(_lm(), tmp_path / "g", tokenizer=tokenizer, accuracy_level=7)
     with pytest.raises(BadInputError, match="lm_head_bits must be 4, 8 or None"):
         export_genai(_lm(), tmp_path / "g", tokenizer=tokenizer, lm_head_bits=3)
+    shared = _lm(tied=True)
+    shared.model.embed_tokens = QEmbedding(shared.model.embed_tokens, bits=8)  # per row
+    shared.lm_head = QLinear.from_float(shared.lm_head, QuantScheme(8, True, "channel", 0))  # the same codes
+    assert holds_table_codes(shared.lm_head, shared.model.embed_tokens)
+    shared.lm_head.act = ActSpec(mode="dynamic", granularity="token")  # ... with int8 activations
+    with pytest.raises(BadInputError, match="lm_head shares its codes with the embedding table, but dynamic"):
+        export_genai(shared, tmp_path / "g", tokenizer=tokenizer)
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 

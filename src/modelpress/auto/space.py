@@ -10,7 +10,8 @@ say what was tried and why. The family comes from the model itself:
 - `cnn` (convolutions): static int8 (MSE and min-max ranges), static int8 with the layers most
   sensitive to it kept float (`MixedPrecisionConfig`: the sensitivity analysis of quant/sensitivity.py),
   weight-only int8, half of the channels pruned (fine-tuned), and a narrower distilled student;
-- `causal-lm`: RTN / GPTQ / AWQ weight-only at 4 and 8 bits in groups of 32 and 128, mixed precision
+- `causal-lm`: RTN / GPTQ / AWQ weight-only at 4 and 8 bits in groups of 32 and 128 (and 8 bits per channel),
+  mixed precision
   (a 4-bit head and embedding table, or the most sensitive layers at 8 bits), SparseGPT / Wanda, the
   GGUF and ONNX Runtime GenAI targets written for the chosen group-wise candidate;
 - anything else: the int8 and weight-only candidates;
@@ -219,11 +220,14 @@ def cnn_space(loaded: LoadedModel) -> list[Candidate]:
 def lm_space(loaded: LoadedModel) -> list[Candidate]:
     targets = ("gguf", "genai")
     out: list[Candidate] = []
-    for bits, g in ((4, 32), (4, 128), (8, 128)):
+    for bits, g in ((4, 32), (4, 128), (8, 128)):  # 8 bits symmetric: llama.cpp's Q8_0 holds those codes exactly
         cfg = {"type": "WeightOnlyConfig", "bits": bits, "granularity": "group", "group_size": g,
-               "symmetric": False, "embedding_bits": 8}  # fmt: skip
+               "symmetric": bits == 8, "embedding_bits": 8}  # fmt: skip
         out.append(make(f"rtn-w{bits}-g{g}", [cfg], f"{bits}-bit weights in groups of {g} (round to nearest)",
                         params={"method": "rtn", "bits": bits, "group_size": g}, targets=targets))  # fmt: skip
+    channel = {"type": "WeightOnlyConfig", "bits": 8, "granularity": "channel", "embedding_bits": 8}
+    out.append(make("rtn-w8-channel", [channel], "8-bit weights per output channel (round to nearest)",
+                    params={"method": "rtn", "bits": 8, "group_size": None}, targets=targets))  # fmt: skip
     calib = {"calibration_batches": 8}  # 8 batches of 8 windows of 256 tokens: 16k calibration tokens
     for g in (32, 128):
         cfg = {"type": "GPTQConfig", "bits": 4, "group_size": g, **calib}

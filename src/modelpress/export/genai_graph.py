@@ -229,6 +229,10 @@ class GraphBuilder:
         """The float lm_head quantized by the export (`lm_head_bits`, symmetric, round to nearest), or None."""
         head = lm.get_output_embeddings()
         if holds_table_codes(head, lm.get_input_embeddings()):
+            why = writable(head)
+            if why is not None:  # e.g. int8 activations: one table cannot be both a MatMulNBits and a float lookup
+                raise BadInputError(f"lm_head shares its codes with the embedding table, but {why}: the GenAI "
+                                    "decoder writes a shared table as MatMulNBits codes only")  # fmt: skip
             return head  # quantized with its tied table: its own codes serve both
         if self.lm_head_bits is None or type(head) is not nn.Linear:
             return None
