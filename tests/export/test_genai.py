@@ -466,7 +466,7 @@ def test_decode_speed_times_a_prefill_then_one_cached_call_per_new_token(tmp_pat
             return self.inner.run(names, feed)
 
     monkeypatch.setattr(genai, "_session", Counting)
-    speed = genai.decode_speed(tmp_path / "g" / "model.onnx", _prompt(2, 16), genai._spec(lm), new_tokens=5,
+    speed = genai.decode_speed(tmp_path / "g" / "model.onnx", _prompt(2, 16), genai.decoder_spec(lm), new_tokens=5,
                                batches=(1, 3), repeats=2)  # fmt: skip
     assert speed["prompt_tokens"] == 16 and speed["new_tokens"] == 5
     for batch in ("bs1", "bs3"):

@@ -46,12 +46,12 @@ def why_not(loaded: LoadedModel) -> str | None:
     """Why `loaded` cannot be searched by decode speed (None: it can)."""
     if loaded.kind == "onnx" or family(loaded) != "causal-lm":
         return "the decode objective is for causal language models (PyTorch)"
-    from modelpress.export.genai import _check_tokenizer, _spec
+    from modelpress.export.genai import check_tokenizer, decoder_spec
     from modelpress.export.gguf import find_causal_lm
 
     try:
-        spec = _spec(find_causal_lm(loaded.model))
-        _check_tokenizer(getattr(loaded.model, "tokenizer", None), spec["vocab"])
+        spec = decoder_spec(find_causal_lm(loaded.model))
+        check_tokenizer(getattr(loaded.model, "tokenizer", None), spec["vocab"])
     except (BadInputError, AttributeError, TypeError) as e:
         return f"it has no GenAI decoder: {e}"
     return None
@@ -159,7 +159,7 @@ def generation(loaded: LoadedModel, threads: int | None, new_tokens: int = FULL_
 def recompute_generation(model: Any, prompt: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict[str, Any]:
     """Greedy generation without a KV cache: the whole sequence through `model` for every new token (a model
     function returning logits). The median of `repeats` after a warm-up, in `generation_speed`'s format."""
-    from modelpress.zoo.causal_lm import _logits
+    from modelpress.zoo.training import as_logits
 
     ids = prompt.reshape(1, -1)
 
@@ -167,7 +167,7 @@ def recompute_generation(model: Any, prompt: torch.Tensor, new_tokens: int, repe
         seq, stamps = ids, [time.perf_counter()]
         with torch.inference_mode():
             for _ in range(steps):
-                nxt = _logits(model(seq))[:, -1:].argmax(-1)
+                nxt = as_logits(model(seq))[:, -1:].argmax(-1)
                 seq = torch.cat([seq, nxt.long()], dim=1)
                 stamps.append(time.perf_counter())
         return stamps

@@ -93,9 +93,9 @@ def export_genai(
     if lm_head_bits not in (None, 4, 8):
         raise BadInputError(f"lm_head_bits must be 4, 8 or None (float), got {lm_head_bits}")
     lm = find_causal_lm(model)
-    spec = _spec(lm)
+    spec = decoder_spec(lm)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    _check_tokenizer(tokenizer, spec["vocab"])
+    check_tokenizer(tokenizer, spec["vocab"])
     if prompt_ids is None:
         prompt_ids = torch.tensor([tokenizer(DEFAULT_PROMPT, add_special_tokens=False).input_ids], dtype=torch.long)
     prompt_ids = prompt_ids.reshape(-1, prompt_ids.shape[-1])[:2].long()
@@ -141,7 +141,7 @@ def export_genai(
 # ---- what the model is -------------------------------------------------------------------------
 
 
-def _spec(lm: nn.Module) -> dict[str, Any]:
+def decoder_spec(lm: nn.Module) -> dict[str, Any]:
     """Shapes and options of the decoder, checked against the layout the graph writes."""
     config = lm.config
     kind = getattr(config, "model_type", type(lm).__name__)
@@ -199,7 +199,7 @@ def _spec(lm: nn.Module) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _check_tokenizer(tokenizer: Any, vocab: int) -> None:
+def check_tokenizer(tokenizer: Any, vocab: int) -> None:
     if tokenizer is None or not callable(getattr(tokenizer, "save_pretrained", None)):
         got = "none" if tokenizer is None else type(tokenizer).__name__
         raise BadInputError(
@@ -385,7 +385,7 @@ class DecoderModel:
 
 
 def folder_spec(folder: Path) -> dict[str, Any]:
-    """The decoder's shapes from a GenAI folder's `genai_config.json` (as `_spec` gives them from the model)."""
+    """The decoder's shapes from a GenAI folder's `genai_config.json` (as `decoder_spec` gives them from the model)."""
     try:
         model = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
         dec = model["decoder"]
@@ -423,7 +423,7 @@ def export_to_report(model: nn.Module, example: tuple, folder: Path, ctx: Any) -
         ctx.report.add_pass("export/genai", time.perf_counter() - start, refused=str(e))
         return
     parity = written["parity"]
-    speed = decode_speed(folder / "model.onnx", example[0], _spec(find_causal_lm(model)), threads=ctx.threads)
+    speed = decode_speed(folder / "model.onnx", example[0], decoder_spec(find_causal_lm(model)), threads=ctx.threads)
     stats = {"matmul_nbits": len(written["matmul_nbits"]), "float": len(written["float"]),
              "accuracy_level": written["accuracy_level"], "generation": speed} | {
              f"parity_{k}": v for k, v in parity.items()}  # fmt: skip
