@@ -81,3 +81,12 @@ def test_an_original_without_a_kv_cache_decodes_by_recomputing_the_sequence() ->
     out = recompute_generation(model, torch.arange(5), new_tokens=4, repeats=1)
     assert out["kv_cache"] is False and out["prompt_tokens"] == 5 and out["bs1"]["decode_tokens_per_s"] > 0
     assert calls == [5, 6] + [5, 6, 7, 8]  # a warm-up of 2, then every new token re-reads the whole sequence
+
+
+def test_a_second_decode_search_reuses_what_the_first_measured(tmp_path: Path, llama: Path, cache_dir: Path) -> None:
+    search = AutoSearch(max_drop="5%", candidates=("rtn-w8-g128", "rtn-w8-channel"))
+    options = RunOptions(**QUIET, cache_dir=cache_dir)
+    _, first = auto_compress(str(llama), search, out_dir=tmp_path / "a", options=options)
+    _, second = auto_compress(str(llama), search, out_dir=tmp_path / "b", options=options)
+    assert first.auto["chosen"] == second.auto["chosen"] and second.auto["cache"]["hits"] > 0
+    assert (tmp_path / "b" / "genai" / "genai_config.json").is_file() and (tmp_path / "b" / "model.gguf").is_file()

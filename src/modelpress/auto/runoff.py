@@ -44,7 +44,7 @@ def runoff(setting: Setting, close: list[Contender]) -> Contender | None:
     if cached is not None and cached.get("chosen") in names:  # a second run decides as the first did
         setting.runoff = cached
         return names[cached["chosen"]]
-    names = {n: c for n, c in names.items() if Path(str(c[1].forms[c[2]].get("path", ""))).exists()}
+    names = {n: c for n, c in names.items() if _on_disk(c[1].forms[c[2]].get("path"))}
     if len(names) < 2:  # files of an earlier run, not rebuilt: the measured choice stands
         return None
     decoding = largest == "decode"
@@ -93,6 +93,11 @@ def decode_ms(setting: Setting, path: str) -> float | None:
         return ms_per_token(speed(path, setting, RUNOFF_TOKENS, 1))
     except Exception:  # noqa: BLE001 - a folder that stops running leaves the others in the runoff
         return None
+
+
+def _on_disk(path: str | None) -> bool:
+    """Whether a form's file (or a GenAI folder) is there to time again: forms from an earlier run have no path."""
+    return bool(path) and Path(str(path)).exists()
 
 
 def name_of(contender: Contender) -> str:
