@@ -179,3 +179,5 @@ def test_magnitude_pruning_of_a_causal_lm_is_recovered_by_distillation_from_the_
     assert ((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all()  # the pruned weights stayed zero
     with pytest.raises(Exception, match="epochs must be >= 1"):
         entry.finetune(recovered, epochs=0)
+    record = entry.data_record("training")  # what the report names: the train split's windows, all drawn from
+    assert record["split"] == "train" and record["unit"] == "windows of 256 tokens" and record["count"] > 8

@@ -333,8 +333,11 @@ class CausalLMEntry(ZooEntry):
         if data is not None and use in ("evaluation", "validation"):
             return {"source": str(data), "split": "all", "count": int(self.tokens("test", _read_text(data)).numel()),
                     "unit": "tokens"}  # fmt: skip
-        n = count if count is not None else self.eval_windows * self.eval_length
-        unit = "windows" if count is not None else "tokens"
+        if use == "training" and count is None:  # recovery and distillation draw from every train window
+            n, unit = len(windows(self.tokens("train"), self.eval_length)), f"windows of {self.eval_length} tokens"
+        else:
+            n = count if count is not None else self.eval_windows * self.eval_length
+            unit = "windows" if count is not None else "tokens"
         return {"source": TEXT_SOURCE, "split": split[use], "count": n, "unit": unit}
 
     def generation_speed(
