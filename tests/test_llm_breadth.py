@@ -69,8 +69,10 @@ def expected_refusal(family: str, recipe: str) -> str | None:
 
 # cells known to fail their check, each with what was measured; strict: a cell that starts passing fails
 OPEN: dict[tuple[str, str], str] = {
-    ("gemma3", "prune-2of4"): "magnitude 2:4 without fine-tuning: logits' cosine to the original 0.39 (others >= 0.7)",
-    ("gemma3", "prune-sparse-80"): "magnitude 80% without fine-tuning: logits' cosine to the original 0.06",
+    ("gemma3", "prune-2of4"): "magnitude 2:4, 80 steps of recovery by distillation: logits' cosine to the original "
+    "0.51 (0.39 without recovery; others >= 0.7)",
+    ("gemma3", "prune-sparse-80"): "magnitude 80%, 240 steps of recovery by distillation: logits' cosine to the "
+    "original 0.16 (0.06 without recovery)",
 }
 
 
