@@ -83,6 +83,7 @@ def test_an_original_without_a_kv_cache_decodes_by_recomputing_the_sequence() ->
     assert calls == [5, 6] + [5, 6, 7, 8]  # a warm-up of 2, then every new token re-reads the whole sequence
 
 
+@pytest.mark.slow
 def test_a_second_decode_search_reuses_what_the_first_measured(tmp_path: Path, llama: Path, cache_dir: Path) -> None:
     search = AutoSearch(max_drop="5%", candidates=("rtn-w8-g128", "rtn-w8-channel"))
     options = RunOptions(**QUIET, cache_dir=cache_dir)

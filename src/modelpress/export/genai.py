@@ -14,7 +14,8 @@ and the tokenizer files. The graph is the one onnxruntime-genai's own model buil
           ─► lm_head
 
 Each group-wise `QLinear` becomes a `MatMulNBits` (`onnx_nbits.nbits_tensors`: 2 to 8 bits, any group
-that is a power of two >= 16, symmetric or not, bias folded in); a float `nn.Linear` a `MatMul`; a
+that is a power of two >= 16, symmetric or not, bias folded in), a per-channel one too (its codes in blocks,
+each carrying the row's scale: `genai_graph.writable`); a float `nn.Linear` a `MatMul`; a
 quantized layer `MatMulNBits` cannot take is written as its dequantized weight (float `MatMul`, listed in
 the report). A float lm_head is quantized by the export (`lm_head_bits`, 8 by default: it is a fifth of
 SmolLM2's weights and read whole for every token), and a tied embedding gathers rows from the same codes
