@@ -27,7 +27,7 @@ from modelpress.auto.decode import ms_per_token
 from modelpress.core.environment import cpu_info, environment
 from modelpress.core.errors import BadInputError
 from modelpress.core.options import RunOptions
-from modelpress.export.genai import DecoderModel, decode_speed, export_genai
+from modelpress.export.genai import DecoderModel, decode_speed, export_genai, folder_spec
 from modelpress.loading import resolve
 from modelpress.pipeline import apply_recipe
 from modelpress.recipes.recipe import load_recipe
@@ -82,8 +82,8 @@ def main() -> None:
             if form["kind"] == "eager":
                 gen = entry.generation_speed(form["model"], new_tokens=NEW_TOKENS, batches=(1,))
             else:
-                model = DecoderModel(form["path"], args.threads)
-                gen = decode_speed(form["path"] / model.spec["filename"], prompt, model.spec, threads=args.threads,
+                spec = folder_spec(form["path"])
+                gen = decode_speed(form["path"] / spec["filename"], prompt, spec, threads=args.threads,
                                    new_tokens=NEW_TOKENS, batches=(1,), repeats=1)  # fmt: skip
             times[name].append(ms_per_token(gen))
     base = forms["original (eager, KV cache)"]

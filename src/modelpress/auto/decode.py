@@ -107,11 +107,11 @@ def build(setting: Any, trial: Any) -> None:
 
 def speed(path: str | Path, setting: Any, new_tokens: int, repeats: int) -> dict[str, Any]:
     """Prefill and decode tokens/s of a GenAI folder at batch 1 after the example prompt."""
-    from modelpress.export.genai import DecoderModel, decode_speed
+    from modelpress.export.genai import decode_speed, folder_spec
 
-    model = DecoderModel(path, setting.options.threads)
+    spec = folder_spec(Path(path))  # read from genai_config.json: the one session is decode_speed's
     prompt = setting.loaded.entry.example_inputs(1)[0]
-    return decode_speed(Path(path) / model.spec["filename"], prompt, model.spec, threads=setting.options.threads,
+    return decode_speed(Path(path) / spec["filename"], prompt, spec, threads=setting.options.threads,
                         new_tokens=new_tokens, batches=(1,), repeats=repeats)  # fmt: skip
 
 

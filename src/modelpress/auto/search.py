@@ -191,9 +191,10 @@ def prepare(setting: Setting, opts: RunOptions) -> None:
     setting.repeats = opts.repeats if budget_s is None else \
         max(3, min(opts.repeats, int(MEASURE_SHARE * budget_s / max(per_call_s, 1e-6))))  # fmt: skip
     scale = (loaded.entry.eval_windows / setting.screen_entry.eval_windows) if setting.subset else 1.0  # type: ignore[union-attr]
-    timing_full = sum(call * full_calls(call, setting.repeats) for call in calls_s)
     if setting.objective == "decode":  # prefills and decode steps of the generations (the original's pace)
         timing_full = (decode.FULL_REPEATS + 1) * decode.FULL_NEW_TOKENS * setting.original_ms[decode.KEY] / 1e3
+    else:
+        timing_full = sum(call * full_calls(call, setting.repeats) for call in calls_s)
     setting.measure_s = timing_full + 2 * scale * score_s  # a form's full measurement
     estimate = timing_s + score_s + setting.measure_s
     cached = setting.cache.get("baseline", baseline_key(setting))
@@ -339,7 +340,8 @@ def measure_all(
             display.advance(None)
             if row is not None and row["within_budget"] and not row["slower_than_original"]:
                 best = screened if best is None else min(best, screened)
-                figure = f"{row['p50_ms']:.2f} {unit_of(search) if search.objective == 'decode' else 'ms'}"
+                unit = "ms/token" if search.objective == "decode" else "ms"  # p50_ms: a time under every objective
+                figure = f"{row['p50_ms']:.2f} {unit}"
                 display.best(f"{trial.cand.name} {artifact_name(kind)} {figure}, drop {row['drop']:.3g}")
     return best
 
@@ -369,47 +371,28 @@ def dominated(setting: Setting, trial: Trial, trials: list[Trial], search: AutoS
 
 
 def screen(setting: Setting, trial: Trial, exhaustive: bool) -> None:
-    """Build the candidate's .onnx, score it, time it (or take all of it from the cache)."""
+    """Build the candidate's .onnx (a decoder candidate's GenAI folder), score it, time it (or take all of it
+    from the cache)."""
     key = recipe_key(trial.cand.recipe)
     cached = setting.cache.get("screen", key)
     if cached is not None:
         restore(trial, cached)
         return
-    if "genai" in trial.cand.forms:
-        return screen_decoder(setting, trial, exhaustive, key)
+    kind = "genai" if "genai" in trial.cand.forms else "onnx"
     try:
-        build(setting, trial, ("onnx",))
-        if "onnx" not in trial.forms:
-            raise BadInputError("no .onnx was written")
-        screen_quality(setting, trial, "onnx")
+        build(setting, trial, (kind,))
+        if kind not in trial.forms:
+            raise BadInputError(f"no {artifact_name(kind)} was written")
+        screen_quality(setting, trial, kind)
         if trial.status != "dropped" or exhaustive:
-            screen_speed(setting, trial, "onnx")
-            status = trial.forms["onnx"]["status"]
+            screen_speed(setting, trial, kind)
+            status = trial.forms[kind]["status"]
             if status in ("stopped", "refused"):
-                trial.status, trial.why = status, trial.forms["onnx"]["why"]
+                trial.status, trial.why = status, trial.forms[kind]["why"]
             elif trial.status != "dropped":
                 trial.status = "screened"
     except Exception as e:  # noqa: BLE001 - one candidate that fails (refused export, a pass that does not
         # apply to this model) is a row of the table, never the end of the search
-        trial.status, trial.why = "refused", f"{type(e).__name__}: {e}".strip()[:500]
-    if trial.status != "screened" and not exhaustive:
-        trial.model = None
-    setting.cache.put("screen", key, store(trial))
-
-
-def screen_decoder(setting: Setting, trial: Trial, exhaustive: bool, key: str) -> None:
-    """The decode objective's screening (`auto.decode`): the candidate's GenAI folder written, scored and timed."""
-    try:
-        decode.build(setting, trial)
-        screen_quality(setting, trial, "genai")
-        if trial.status != "dropped" or exhaustive:
-            decode.screen_speed(setting, trial)
-            form = trial.forms["genai"]
-            if form["status"] == "refused":
-                trial.status, trial.why = "refused", form["why"]
-            elif trial.status != "dropped":
-                trial.status = "screened"
-    except Exception as e:  # noqa: BLE001 - as in `screen`: a row of the table, never the end of the search
         trial.status, trial.why = "refused", f"{type(e).__name__}: {e}".strip()[:500]
     if trial.status != "screened" and not exhaustive:
         trial.model = None
@@ -480,12 +463,9 @@ def measure(setting: Setting, trial: Trial, kind: str) -> dict[str, Any] | None:
             return None
         screened = trial.forms[kind]
         if not (screened.get("path") and Path(screened["path"]).exists()):  # screened in an earlier run: rebuild
-            if kind == "genai":
-                decode.build(setting, trial)
-            else:
-                build(setting, trial, (kind,))
+            build(setting, trial, (kind,))
             trial.forms[kind] = {**screened, "path": trial.forms[kind]["path"]}  # its screened figures kept
-        stats = decode.measure(setting, trial) if kind == "genai" else measure_form(setting, trial, kind)
+        stats = measure_form(setting, trial, kind)
         setting.cache.put("full", key, stats.to_dict())
     trial.measured[kind] = stats
     trial.status = "measured"

@@ -104,13 +104,21 @@ def recipe_key(rec: Recipe) -> str:
 
 def build(setting: Setting, trial: Trial, export: tuple[str, ...]) -> None:
     """Apply the candidate's passes and export the forms `export` into its folder (`trial.model` kept). An ONNX
-    model's candidate is its graph through ONNX Runtime's quantizer (`pipeline.build_onnx`): `.onnx` only."""
+    model's candidate is its graph through ONNX Runtime's quantizer (`pipeline.build_onnx`): `.onnx` only. A
+    decoder candidate's timed form, its GenAI folder, is written by `auto.decode.build`."""
     from modelpress.artifacts import export_artifacts, parity_of, recipe_lowering
     from modelpress.pipeline import apply_recipe, build_onnx
 
     loaded, entry = setting.loaded, setting.loaded.entry
     assert entry is not None
     rec = trial.cand.recipe
+    if "genai" in export and "genai" in trial.cand.forms:
+        from modelpress.auto import decode
+
+        decode.build(setting, trial)
+        export = tuple(e for e in export if e != "genai")
+        if not export:
+            return
     start = time.perf_counter()
     if loaded.kind == "onnx":
         if other := sorted(set(export) - {"onnx"}):
@@ -175,9 +183,15 @@ def screen_score(setting: Setting, model: Any) -> Quality:
 
 
 def screen_speed(setting: Setting, trial: Trial, kind: str) -> None:
-    """Time the form `kind` in a child process, a few calls per batch size, each within its limit."""
+    """Time the form `kind` in a child process, a few calls per batch size, each within its limit (a GenAI
+    folder: a few decode steps, `auto.decode.screen_speed`)."""
     from modelpress.measure.gate import probe
     from modelpress.measure.size import artifact_size_bytes
+
+    if kind == "genai":
+        from modelpress.auto import decode
+
+        return decode.screen_speed(setting, trial)
 
     form = trial.forms[kind]
     form["size_bytes"] = artifact_size_bytes(form["path"])
@@ -224,8 +238,14 @@ def screening_entry(loaded: LoadedModel, causal: bool) -> tuple[Any, bool]:
 
 
 def measure_form(setting: Setting, trial: Trial, kind: str) -> ModelStats:
-    """The form `kind` measured as `compress` measures it: speed gate, latency, test and validation quality."""
+    """The form `kind` measured as `compress` measures it: speed gate, latency, test and validation quality (a
+    GenAI folder: its decode and quality, `auto.decode.measure`)."""
     from modelpress.pipeline import gated_bench
+
+    if kind == "genai":
+        from modelpress.auto import decode
+
+        return decode.measure(setting, trial)
 
     assert setting.baseline is not None
     common = dict(batch_sizes=setting.options.batch_sizes, threads=setting.options.threads, repeats=setting.repeats,

@@ -21,7 +21,7 @@ from torch import nn
 
 from modelpress.core.errors import BadInputError
 from modelpress.export.onnx_graph import MS_DOMAIN, NodeBuilder
-from modelpress.export.onnx_nbits import nbits_tensors, supported_bits, unsupported_reason
+from modelpress.export.onnx_nbits import nbits_tensors, unsupported_reason
 from modelpress.export.onnx_tables import integer_table, lower_gather
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant.modules import QEmbedding, QLinear, holds_table_codes
@@ -268,16 +268,9 @@ def _tied(lm: nn.Module) -> bool:
 
 
 def writable(layer: nn.Module) -> str | None:
-    """Why `layer` cannot be a MatMulNBits of the decoder (None: it can). Beside the group-wise weights
-    `onnx_nbits` takes, per-channel ones are written too: in blocks, each carrying its row's scale (exact)."""
-    ws = getattr(layer, "weight_scheme", None)
-    if not isinstance(layer, QLinear) or ws is None or ws.granularity != "channel":
-        return unsupported_reason(layer)
-    if ws.bits not in supported_bits():
-        return f"int{ws.bits} weights (ONNX Runtime runs MatMulNBits with {supported_bits()} bits)"
-    if layer.act.mode != "none":
-        return f"{layer.act.mode} activation quantization (MatMulNBits keeps activations in float)"
-    return None
+    """Why `layer` cannot be a MatMulNBits of the decoder (None: it can): `onnx_nbits`' group-wise weights, and
+    per-channel ones too, written in blocks each carrying its row's scale (exact)."""
+    return unsupported_reason(layer, channels=True)
 
 
 def _packable(mods: list[nn.Module]) -> bool:

@@ -59,18 +59,20 @@ TABLES_MIN_COSINE = 0.95  # with embedding tables quantized by the export, which
 CANDIDATE_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
-def unsupported_reason(layer: nn.Module, bits: Sequence[int] | None = None) -> str | None:
-    """Why `layer` cannot become a `MatMulNBits` (None: it can)."""
+def unsupported_reason(layer: nn.Module, bits: Sequence[int] | None = None, channels: bool = False) -> str | None:
+    """Why `layer` cannot become a `MatMulNBits` (None: it can). `channels`: per-channel weights are taken too,
+    for a writer that puts them in blocks carrying the row's scale (the GenAI decoder: `genai_graph`)."""
     if not isinstance(layer, QLinear):
         return f"{type(layer).__name__} is not a QLinear"
     ws = layer.weight_scheme
     allowed = supported_bits() if bits is None else tuple(bits)
-    if ws.granularity != "group":
+    per_channel = channels and ws.granularity == "channel"
+    if ws.granularity != "group" and not per_channel:
         return f"per-{ws.granularity} weights (MatMulNBits takes group-wise weights)"
     if ws.bits not in allowed:
         return f"int{ws.bits} weights (ONNX Runtime runs MatMulNBits with {allowed} bits)"
     gs = ws.group_size
-    if gs < 16 or gs & (gs - 1):
+    if not per_channel and (gs < 16 or gs & (gs - 1)):
         return f"group_size {gs} (MatMulNBits needs a power of two >= 16)"
     if layer.act.mode != "none":
         return f"{layer.act.mode} activation quantization (MatMulNBits keeps activations in float)"

@@ -32,6 +32,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.core import environment
 from modelpress.core.environment import int8_gemm_exact, int8_signed_native
 from modelpress.primitives.affine import qparams_from_range, quantize, reduce_range
 
@@ -190,9 +191,7 @@ def _int4_applies(module: nn.Module, x: torch.Tensor) -> bool:
 
 def int4_kernel_fast() -> bool:
     """Whether the CPU has bf16 dot products (AVX512-BF16 or AMX), which aten's int4 GEMM runs on."""
-    from modelpress.core.environment import cpu_info
-
-    return cpu_info().get("bf16") is not None
+    return environment.cpu_info().get("bf16") is not None
 
 
 def _int4(module: nn.Module) -> _Int4:

@@ -391,7 +391,7 @@ class CausalLMEntry(ZooEntry):
 
         if epochs < 1:
             raise DataError(f"finetune epochs must be >= 1, got {epochs}")
-        ids, _ = _training_data(self.model)
+        ids = windows(self.tokens("train"), self.eval_length)  # the windows `_training_data` gives distillation
         steps = epochs * self.FINETUNE_STEPS
         per_pass = -(-len(ids) // self.FINETUNE_BATCH)
         cfg = DistillConfig(alpha=1.0, temperature=1.0, hidden_weight=0.01, epochs=-(-steps // per_pass),
