@@ -28,7 +28,7 @@ from modelpress.auto.budget import Clock, format_duration, parse_duration, parse
 from modelpress.auto.cache import SearchCache
 from modelpress.auto.display import Display
 from modelpress.auto.runoff import contenders, runoff
-from modelpress.auto.space import Candidate, candidates, family, pt2_worth_timing
+from modelpress.auto.space import CALIBRATED, TRAINED, Candidate, candidates, family, pt2_worth_timing
 from modelpress.auto.table import artifact_name, measured_row, screened_rows, summary
 from modelpress.auto.trial import (
     SCREEN_CALLS,
@@ -151,6 +151,7 @@ def auto_compress(
     ):
         measure_baseline(setting, display)
         trials = [Trial(cand=c, folder=Path(work) / f"{i:02d}-{c.name}") for i, c in enumerate(space)]
+        reuse_students(setting, trials)
         run(setting, trials, search, display)
         report = finish(setting, trials, search, Path(out_dir))
     if opts.progress:
@@ -253,7 +254,7 @@ def run(setting: Setting, trials: list[Trial], search: AutoSearch, display: Disp
     exhaustive = search.strategy == "exhaustive"
     costs: dict[int, list[float]] = {}
     best: float | None = None
-    for trial in sorted(trials, key=lambda t: t.cand.cost):
+    for trial in sorted(trials, key=lambda t: (t.cand.cost, t.student is None)):
         reserve = (MAX_FINALISTS if best is None else MAX_FINALISTS - 1) * setting.measure_s
         screen_all(setting, [trial], (costs, reserve), search, display)
         if not exhaustive and trial.status == "screened" and leads(setting, trial, trials, search):
@@ -266,6 +267,31 @@ def run(setting: Setting, trials: list[Trial], search: AutoSearch, display: Disp
     for trial in trials:
         if trial.status == "screened":  # screened within budget, not measured: say why
             trial.status, trial.why = "dropped", dominated(setting, trial, trials, search)
+
+
+def reuse_students(setting: Setting, trials: list[Trial]) -> None:
+    """A trained candidate whose student an earlier run kept (`distill.api.saved_student`) costs a calibration of
+    that smaller model, not a training: it moves to the calibrated class, ahead of the candidates that calibrate
+    the whole model."""
+    from modelpress.core.context import Context
+    from modelpress.distill.api import saved_student
+    from modelpress.distill.config import DistillConfig
+
+    loaded, entry = setting.loaded, setting.loaded.entry
+    if loaded.kind == "onnx" or entry is None:
+        return
+    ctx = Context(data=setting.data, options=setting.options, training_data=entry.training_set)
+    kept: dict[str, Path | None] = {}  # per distillation config: candidates share a student
+    for trial in trials:
+        first, *rest = trial.cand.recipe.passes or [None]
+        trained_after = any(p.stage in ("distill", "prune") for p in rest)
+        if trial.cand.cost != TRAINED or not isinstance(first, DistillConfig) or trained_after:
+            continue
+        key = repr(first.to_dict())
+        path = kept[key] = kept[key] if key in kept else saved_student(loaded.model, first, ctx)
+        if path is not None:
+            trial.cand = dataclasses.replace(trial.cand, cost=CALIBRATED)
+            trial.student = str(path)
 
 
 def leads(setting: Setting, trial: Trial, trials: list[Trial], search: AutoSearch) -> bool:

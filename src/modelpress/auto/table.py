@@ -79,8 +79,11 @@ def screened_rows(setting: Setting, trial: Trial) -> list[dict[str, Any]]:
 
 
 def _common(trial: Trial, kind: str) -> dict[str, Any]:
-    return {"recipe": trial.cand.name, "artifact": FORM_NAMES.get(kind, kind), "params": trial.cand.params,
-            "why": "", "build_s": round(trial.build_s, 2)}  # fmt: skip
+    row = {"recipe": trial.cand.name, "artifact": FORM_NAMES.get(kind, kind), "params": trial.cand.params,
+           "why": "", "build_s": round(trial.build_s, 2)}  # fmt: skip
+    if trial.student is not None:
+        row["student"] = trial.student
+    return row
 
 
 def pareto(rows: list[dict[str, Any]], cost: str, higher_is_better: bool) -> list[int]:

@@ -79,6 +79,7 @@ class Trial:
     report: dict[str, Any] = field(default_factory=dict)  # passes, warnings, parity of its build
     model: Any = None  # the compressed model, kept while it may still be needed
     cached: bool = False
+    student: str | None = None  # the kept student a trained candidate loads (`auto.search.reuse_students`)
 
     def best_ms(self, batch: str) -> float:
         times = [f["ms"][batch] for f in self.forms.values() if f.get("status") == "ok" and batch in f.get("ms", {})]

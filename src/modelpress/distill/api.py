@@ -29,7 +29,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.context import Context
-from modelpress.core.errors import ConfigError, DataError
+from modelpress.core.errors import ConfigError, DataError, NotAvailableError
 from modelpress.core.registry import register, training_data
 from modelpress.distill.cache import teacher_cache, weights_fingerprint
 from modelpress.distill.config import DistillConfig, StudentConfig
@@ -206,13 +206,7 @@ def _zoo_training(teacher: nn.Module) -> tuple[Any | None, dict[str, Any] | None
 def distill_pass(model: nn.Module, cfg: DistillConfig, ctx: Context) -> nn.Module:
     """Recipe pass: `model` is the teacher; the student is built from it per `cfg.student`; returns the student."""
     start = time.perf_counter()
-    provider = ctx.training_data or _zoo_training
-    data, record = provider(model) if cfg.train_data == "auto" else (None, None)
-    if data is None:
-        data = ctx.data
-    if data is None:
-        raise DataError("distillation needs training data: a zoo teacher, or Context(data=...) / --data")
-    samples = as_samples(data, model, cfg.max_seq_length)
+    samples, record = _training_samples(model, cfg, ctx)
     student = build_student(model, cfg.student or StudentConfig(), _probe_batches(samples))
     # The context's metric (a validation split where the entry has one) picks epochs only when asked to.
     metric = ctx.metric if cfg.patience is not None else None
@@ -255,6 +249,32 @@ def distill_pass(model: nn.Module, cfg: DistillConfig, ctx: Context) -> nn.Modul
         **({"student_width": student.width_pruned} if hasattr(student, "width_pruned") else {}),
     )
     return result.student
+
+
+def _training_samples(model: nn.Module, cfg: DistillConfig, ctx: Context) -> tuple[Samples, dict[str, Any] | None]:
+    """The samples the pass trains on (the teacher's own training set where `train_data` is auto, else the run's
+    data) and the report's record of them."""
+    provider = ctx.training_data or _zoo_training
+    data, record = provider(model) if cfg.train_data == "auto" else (None, None)
+    if data is None:
+        data = ctx.data
+    if data is None:
+        raise DataError("distillation needs training data: a zoo teacher, or Context(data=...) / --data")
+    return as_samples(data, model, cfg.max_seq_length), record
+
+
+def saved_student(teacher: nn.Module, cfg: DistillConfig, ctx: Context) -> Path | None:
+    """The file in which an earlier run of `cfg` on `teacher` kept its trained student, where there is one (a
+    pass that picks epochs by a metric keeps none): the pass on the same teacher, data and settings loads it
+    instead of training."""
+    if cfg.patience is not None:
+        return None
+    try:
+        samples, _ = _training_samples(teacher, cfg, ctx)
+    except (DataError, NotAvailableError):
+        return None
+    path = _student_path(ctx, teacher, samples, cfg)
+    return path if path.is_file() else None
 
 
 def _student_path(ctx: Context, teacher: nn.Module, samples: Samples, cfg: DistillConfig) -> Path:
