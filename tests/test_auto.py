@@ -179,6 +179,48 @@ def test_the_space_follows_the_model_family_and_the_cpu(cache_dir: Path) -> None
     assert not pt2_worth_timing(named("float"), {"int8": "avx2", "bf16": "none"}, 100.0)[0]
 
 
+def test_a_kept_student_is_screened_with_the_calibrated_candidates(tmp_path: Path, cache_dir: Path) -> None:
+    """A trained candidate whose student an earlier run kept costs a calibration: it is screened ahead of the
+    candidates that calibrate the whole model, not after them (on a CPU where the cheap candidates' forms are
+    slow to build, the time budget would otherwise run out before it)."""
+    from modelpress.auto.budget import Clock
+    from modelpress.auto.search import reuse_students, screening_order
+    from modelpress.auto.space import CALIBRATED, TRAINED
+    from modelpress.auto.trial import Setting, Trial
+    from modelpress.core.context import Context
+    from modelpress.distill.api import student_file
+    from modelpress.loading import resolve
+    from modelpress.pipeline import calibration_for
+
+    loaded = resolve("digits-cnn")
+    space = candidates(loaded)
+    options = RunOptions(**QUIET, cache_dir=tmp_path / "cache")  # its own: the placeholder below stays here
+    setting = Setting(loaded=loaded, data=calibration_for(loaded, None, [c.recipe for c in space if c.recipe.passes]),
+                      options=options, clock=Clock(None), cache=None, budget=(0.005, False))  # type: ignore[arg-type]  # fmt: skip
+    trials = [Trial(cand=c, folder=tmp_path / c.name) for c in space]
+    reuse_students(setting, trials)
+    assert all(t.student is None for t in trials)
+    order = [t.cand.name for t in screening_order(trials)]
+    assert order[-2:] == ["student-w48", "student-w48-int8-static"]
+
+    cfg = next(c for c in space if c.name == "student-w48").recipe.passes[0]
+    assert loaded.entry is not None
+    path = student_file(loaded.model, cfg, Context(data=setting.data, options=options,
+                                                   training_data=loaded.entry.training_set))  # fmt: skip
+    assert path is not None and path.is_relative_to(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"kept")
+    trials = [Trial(cand=c, folder=tmp_path / c.name) for c in space]
+    reuse_students(setting, trials)
+    kept = {t.cand.name: t for t in trials if t.student is not None}
+    assert set(kept) == {"student-w48", "student-w48-int8-static"}
+    assert all(t.cand.cost == CALIBRATED and t.student == str(path) for t in kept.values())
+    order = [t.cand.name for t in screening_order(trials)]
+    first_calibrated = min(i for i, t in enumerate(screening_order(trials)) if t.cand.cost == CALIBRATED)
+    assert order[first_calibrated : first_calibrated + 2] == ["student-w48", "student-w48-int8-static"]
+    assert next(t for t in trials if t.cand.name == "channels-50").cand.cost == TRAINED  # pruning still trains
+
+
 @pytest.mark.slow
 def test_minilm_space_has_students_relative_to_the_teacher(cache_dir: Path) -> None:
     from modelpress.loading import resolve

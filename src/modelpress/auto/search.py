@@ -254,7 +254,7 @@ def run(setting: Setting, trials: list[Trial], search: AutoSearch, display: Disp
     exhaustive = search.strategy == "exhaustive"
     costs: dict[int, list[float]] = {}
     best: float | None = None
-    for trial in sorted(trials, key=lambda t: (t.cand.cost, t.student is None)):
+    for trial in screening_order(trials):
         reserve = (MAX_FINALISTS if best is None else MAX_FINALISTS - 1) * setting.measure_s
         screen_all(setting, [trial], (costs, reserve), search, display)
         if not exhaustive and trial.status == "screened" and leads(setting, trial, trials, search):
@@ -267,6 +267,11 @@ def run(setting: Setting, trials: list[Trial], search: AutoSearch, display: Disp
     for trial in trials:
         if trial.status == "screened":  # screened within budget, not measured: say why
             trial.status, trial.why = "dropped", dominated(setting, trial, trials, search)
+
+
+def screening_order(trials: list[Trial]) -> list[Trial]:
+    """Cheapest cost class first (those that train last); in a class, a candidate with a kept student first."""
+    return sorted(trials, key=lambda t: (t.cand.cost, t.student is None))
 
 
 def reuse_students(setting: Setting, trials: list[Trial]) -> None:

@@ -263,18 +263,23 @@ def _training_samples(model: nn.Module, cfg: DistillConfig, ctx: Context) -> tup
     return as_samples(data, model, cfg.max_seq_length), record
 
 
-def saved_student(teacher: nn.Module, cfg: DistillConfig, ctx: Context) -> Path | None:
-    """The file in which an earlier run of `cfg` on `teacher` kept its trained student, where there is one (a
-    pass that picks epochs by a metric keeps none): the pass on the same teacher, data and settings loads it
-    instead of training."""
+def student_file(teacher: nn.Module, cfg: DistillConfig, ctx: Context) -> Path | None:
+    """Where the pass of `cfg` on `teacher` keeps its trained student (None where it keeps none: a pass that
+    picks epochs by a metric, or one without training data). The pass on the same teacher, data and settings
+    loads the file instead of training."""
     if cfg.patience is not None:
         return None
     try:
         samples, _ = _training_samples(teacher, cfg, ctx)
     except (DataError, NotAvailableError):
         return None
-    path = _student_path(ctx, teacher, samples, cfg)
-    return path if path.is_file() else None
+    return _student_path(ctx, teacher, samples, cfg)
+
+
+def saved_student(teacher: nn.Module, cfg: DistillConfig, ctx: Context) -> Path | None:
+    """The file an earlier run of `cfg` on `teacher` kept its trained student in, where there is one."""
+    path = student_file(teacher, cfg, ctx)
+    return path if path is not None and path.is_file() else None
 
 
 def _student_path(ctx: Context, teacher: nn.Module, samples: Samples, cfg: DistillConfig) -> Path:
