@@ -28,7 +28,7 @@ from modelpress.auto.budget import Clock, format_duration, parse_duration, parse
 from modelpress.auto.cache import SearchCache
 from modelpress.auto.display import Display
 from modelpress.auto.runoff import contenders, runoff
-from modelpress.auto.space import CALIBRATED, TRAINED, Candidate, candidates, family, pt2_worth_timing
+from modelpress.auto.space import CALIBRATED, TRAINED, TRAINING_STAGES, Candidate, candidates, family, pt2_worth_timing
 from modelpress.auto.table import artifact_name, measured_row, screened_rows, summary
 from modelpress.auto.trial import (
     SCREEN_CALLS,
@@ -289,12 +289,13 @@ def reuse_students(setting: Setting, trials: list[Trial]) -> None:
     kept: dict[str, Path | None] = {}  # per distillation config: candidates share a student
     for trial in trials:
         first, *rest = trial.cand.recipe.passes or [None]
-        trained_after = any(p.stage in ("distill", "prune") for p in rest)
+        trained_after = any(p.stage in TRAINING_STAGES for p in rest)
         if trial.cand.cost != TRAINED or not isinstance(first, DistillConfig) or trained_after:
             continue
         key = repr(first.to_dict())
-        path = kept[key] = kept[key] if key in kept else saved_student(loaded.model, first, ctx)
-        if path is not None:
+        if key not in kept:
+            kept[key] = saved_student(loaded.model, first, ctx)
+        if (path := kept[key]) is not None:
             trial.cand = dataclasses.replace(trial.cand, cost=CALIBRATED)
             trial.student = str(path)
 
