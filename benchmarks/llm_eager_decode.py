@@ -1,13 +1,13 @@
-"""Decode speed of a 4-bit causal LM in eager PyTorch: aten's int4 GEMM on decode steps against the reference path.
+"""Decode and prefill speed of a 4-bit causal LM in eager PyTorch: aten's int4 GEMM against the reference path.
 
     HF_HUB_OFFLINE=1 python benchmarks/llm_eager_decode.py [--threads 2] [--rounds 3] [--group 32]
 
 SmolLM2-135M, every Linear of its 30 blocks 4-bit (round to nearest, asymmetric, groups of `--group`), the tied
 table and head float. Greedy generation with the KV cache (`generation_speed`: 128-token prompt, 32 new tokens,
-batch 1 and 8) of: the fp32 original, the 4-bit model with `quant.kernels`' int4 path (decode steps of at most
-`INT4_MAX_ROWS` rows on `aten._weight_int4pack_mm_for_cpu`), and the same model with that path off (each step
-dequantizes the weights and runs the fp32 GEMM). Rounds interleaved; medians. Also the perplexity of the
-4-bit model with the path on and off, on the test split (the prefill path: identical), and the greedy text.
+batch 1 and 8) of: the fp32 original, the 4-bit model with `quant.kernels`' int4 path (every fp32 input, prefill
+and decode step, on `aten._weight_int4pack_mm_for_cpu`, bf16 activations), and the same model with that path off
+(each call dequantizes the weights and runs the fp32 GEMM). Rounds interleaved; medians. Also the perplexity of
+the 4-bit model with the path on and off on the test split (what bf16 activations cost), and the greedy text.
 """
 
 from __future__ import annotations
@@ -51,12 +51,15 @@ def main() -> None:
                 for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
                     rows[name].setdefault(f"{bs} {k}", []).append(speed[bs][k])
             print(name, {bs: round(speed[bs]["decode_tokens_per_s"], 1) for bs in ("bs1", "bs8")}, flush=True)
+    kernels.int4_kernel_fast = lambda: False
+    reference = entry.evaluate(q4)
     kernels.int4_kernel_fast = fast
     medians = {n: {k: round(statistics.median(v), 1) for k, v in r.items()} for n, r in rows.items()}
     quality = entry.evaluate(q4)
     doc = {"group": args.group, "medians": medians, "rounds": rows, "int4_kernel_fast": fast(),
-           "perplexity_4bit": quality.value, "greedy_4bit": quality.details.get("greedy"),
-           "environment": environment(args.threads)}  # fmt: skip
+           "perplexity_4bit": quality.value, "perplexity_4bit_reference": reference.value,
+           "perplexity_fp32": entry.evaluate(original).value, "greedy_4bit": quality.details.get("greedy"),
+           "greedy_4bit_reference": reference.details.get("greedy"), "environment": environment(args.threads)}  # fmt: skip
     out = cpu_results_dir() / "llm_eager_decode.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -64,7 +67,8 @@ def main() -> None:
     for name, m in medians.items():
         print(f"| {name} | {m['bs1 decode_tokens_per_s']} | {m['bs8 decode_tokens_per_s']} | "
               f"{m['bs1 prefill_tokens_per_s']} |")  # fmt: skip
-    print(f"4-bit perplexity {quality.value:.3f}; greedy: {quality.details.get('greedy')!r}")
+    print(f"4-bit perplexity {quality.value:.3f} (reference path {reference.value:.3f}, fp32 "
+          f"{doc['perplexity_fp32']:.3f}); greedy: {quality.details.get('greedy')!r}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import nn
 from modelpress.core.atomic import atomic_path
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError
+from modelpress.core.numerics import exactly
 from modelpress.recipes.recipe import Recipe
 
 # Below this share of non-zero weights, a pruned model's weights are written sparse too (the runtimes store
@@ -51,6 +52,7 @@ def sparse_checkpoint(model: nn.Module, artifacts: dict[str, Path], folder: Path
         )
 
 
+@exactly
 def export_artifacts(
     model: nn.Module,
     example: tuple | None,
@@ -215,6 +217,7 @@ def _export_pt2(
     return {"pt2": folder / "model.pt2"}
 
 
+@exactly
 def parity_of(
     original: nn.Module, compressed: nn.Module, artifacts: dict[str, Path], example: tuple, threads: int | None
 ) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from modelpress.core import numerics
 from modelpress.core.context import Context
 from modelpress.core.errors import BadInputError
 from modelpress.core.options import RunOptions
@@ -103,7 +104,7 @@ def _ort_greedy(folder: Path, ids: torch.Tensor, steps: int) -> tuple[np.ndarray
 def _hf_greedy(lm: nn.Module, ids: torch.Tensor, steps: int) -> np.ndarray:
     """torch's greedy tokens, each from a full forward over the sequence so far (no cache, no stop token)."""
     seq = ids
-    with torch.no_grad():
+    with torch.no_grad(), numerics.exact():
         for _ in range(steps):
             nxt = lm(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
@@ -133,7 +134,7 @@ def _check_generates_like_torch(
     ids = _prompt() if prompt is None else prompt
     ours, logits = _ort_greedy(folder, ids, steps)
     full = torch.from_numpy(np.concatenate([ids.numpy(), ours[:, :-1]], axis=1))
-    with torch.no_grad():
+    with torch.no_grad(), numerics.exact():
         want = lm(input_ids=full, attention_mask=torch.ones_like(full)).logits.float().numpy()
     got = np.concatenate(logits, axis=1)
     assert got.shape == want.shape

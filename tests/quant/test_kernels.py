@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cpu_features import needs_exact_int8
+from modelpress.core.numerics import exact, is_exact
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant import kernels
 from modelpress.quant.modules import ActSpec, QLinear
@@ -162,23 +163,59 @@ def test_without_vnni_or_amx_int8_activation_layers_run_their_reference(monkeypa
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize(("bits", "group", "k"), [(4, 32, 80), (3, 64, 96), (4, 128, 256)])
-def test_group_wise_4bit_weights_run_atens_int4_gemm_on_a_decode_steps_rows(
+def test_group_wise_4bit_weights_run_atens_int4_gemm_on_decode_steps_and_prefills(
     symmetric: bool, bits: int, group: int, k: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A few rows (a decode step) of a group-wise <= 4-bit layer run aten's int4 GEMM (bf16 activations: the
-    reference within bf16 rounding); a short last group is padded; wider inputs take the reference path."""
+    """A group-wise <= 4-bit layer runs aten's int4 GEMM (bf16 activations: the reference within bf16 rounding)
+    on a decode step's row and on a prefill's many; a short last group is padded; an input that needs its
+    gradient, and a CPU without bf16 dot products, take the reference path."""
     monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
     module = _qlinear(ActSpec(), QuantScheme(bits=bits, symmetric=symmetric, granularity="group", group_size=group),
                       k=k)  # fmt: skip
     gemm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    for rows, runs in ((1, True), (kernels.INT4_MAX_ROWS, True), (kernels.INT4_MAX_ROWS + 1, False)):
-        x = torch.randn(rows, 1, k)
-        with mock.patch.object(torch.ops.aten, "_weight_int4pack_mm_for_cpu", wraps=gemm) as spy, torch.no_grad():
-            out = module(x)
-        assert spy.call_count == int(runs)
+
+    def run(x: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, int]:
+        with mock.patch.object(torch.ops.aten, "_weight_int4pack_mm_for_cpu", wraps=gemm) as spy:
+            with torch.set_grad_enabled(grad):
+                out = module(x)
+        return out.detach(), spy.call_count
+
+    for shape in ((1, 1, k), (8, 1, k), (2, 96, k)):  # decode steps (batch 1 and 8), a prefill of two prompts
+        x = torch.randn(*shape)
+        out, calls = run(x)
+        assert calls == 1
         ref = _reference(module, x)
         torch.testing.assert_close(out, ref, rtol=0, atol=2e-2 * float(ref.abs().max()))
-        assert float((out - ref).norm() / ref.norm()) < (1e-2 if runs else 1e-6)
+        assert 0 < float((out - ref).norm() / ref.norm()) < 1e-2  # bf16 activations: close, not identical
+    x = torch.randn(4, k, requires_grad=True)
+    out, calls = run(x, grad=True)
+    assert calls == 0 and float((out - _reference(module, x.detach())).norm()) < 1e-5 * float(out.norm())
+    with exact():  # the passes and the exports' parity references: the float reference, exactly
+        out, calls = run(x.detach())
+    assert calls == 0 and float((out - _reference(module, x.detach())).norm() / out.norm()) < 1e-6
+    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: False)
+    x = torch.randn(2, 96, k)
+    out, calls = run(x)
+    assert calls == 0 and float((out - _reference(module, x)).norm() / out.norm()) < 1e-6
+
+
+def test_passes_and_export_checks_run_the_exact_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass (`registry.apply`) and an export's parity reference see every layer's float reference, so the codes
+    a pass writes do not depend on the CPU's bf16 support; outside them the int4 GEMM runs."""
+    from modelpress.core import registry
+    from modelpress.export.onnx_quant import noise_floor
+
+    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
+    module = _qlinear(ActSpec(), QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32))
+    x = torch.randn(1, 96)
+    seen: list[bool] = []
+    spy = mock.patch.object(registry.PASSES, "handler_for", lambda cfg: lambda m, c, ctx: seen.append(
+        kernels._int4_applies(module, x)))  # fmt: skip
+    with spy:
+        registry.apply(module, None, None)
+    assert seen == [False] and kernels._int4_applies(module, x) and not is_exact()
+    with mock.patch.object(kernels, "_int4_linear", side_effect=AssertionError("the int4 GEMM ran")):
+        assert noise_floor(module, (x,)) > 0.99
 
 
 def test_the_int4_packing_follows_weight_updates_and_needs_bf16_dot_products(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from modelpress.core.config import STAGES, Config
 from modelpress.core.errors import UnknownConfigError
+from modelpress.core.numerics import exact
 
 if TYPE_CHECKING:
     from modelpress.core.context import Context
@@ -101,8 +102,10 @@ handler_for = PASSES.handler_for
 
 
 def apply(model: Any, config: Config, ctx: Any) -> Any:
-    """Run the pass registered for `config` on `model`; the handler returns the new model."""
-    return PASSES.handler_for(config)(model, config, ctx)
+    """Run the pass registered for `config` on `model`; the handler returns the new model. Passes run with exact
+    arithmetic (`numerics.exact`): what they compute does not depend on the CPU's bf16 support."""
+    with exact():
+        return PASSES.handler_for(config)(model, config, ctx)
 
 
 # (data, the report's record of it: source, split, count, ...)

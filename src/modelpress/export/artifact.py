@@ -18,6 +18,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.errors import BadInputError
+from modelpress.core.numerics import exactly
 from modelpress.core.outputs import check_output, claim_output, estimate_bytes
 from modelpress.export.onnx_graph import ExportError, ExportWarning, compare_outputs, real_positions
 
@@ -26,6 +27,7 @@ SUFFIXES = (".onnx", ".pt2")
 PT2_MIN_COSINE = 0.995
 
 
+@exactly
 def export_artifact(
     model: str | Path | nn.Module,
     out_path: str | Path,

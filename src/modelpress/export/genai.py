@@ -51,6 +51,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_dir
 from modelpress.core.errors import BadInputError
+from modelpress.core.numerics import exactly
 from modelpress.export.genai_graph import GraphBuilder
 from modelpress.export.gguf import find_causal_lm
 from modelpress.export.onnx_graph import compare_outputs
@@ -68,6 +69,7 @@ _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+@exactly
 def export_genai(
     model: nn.Module,
     folder: str | Path,

@@ -42,6 +42,7 @@ from torch import nn
 
 from modelpress.core.atomic import atomic_path
 from modelpress.core.errors import BadInputError
+from modelpress.core.numerics import exactly
 from modelpress.quant.modules import QEmbedding, QLinear, QuantBase, holds_table_codes
 
 BLOCK = 32  # values per GGML block (QK4_0 = QK4_1 = QK8_0)
@@ -464,6 +465,7 @@ def _build_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, n_vocab: int, pre_
 # ---- entry point ---------------------------------------------------------------------------------
 
 
+@exactly
 def export_gguf(
     model: nn.Module,
     path: str | Path,

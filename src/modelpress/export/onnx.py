@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from modelpress.core.atomic import atomic_path
+from modelpress.core.numerics import exactly
 from modelpress.export.onnx_float import (
     LM_OUTPUT,
     TEXT_INPUTS,
@@ -76,6 +77,7 @@ __all__ = [
 ]  # fmt: skip
 
 
+@exactly
 def export_onnx(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,

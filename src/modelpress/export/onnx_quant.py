@@ -41,6 +41,7 @@ import onnx
 from torch import nn
 
 from modelpress.core.atomic import atomic_path
+from modelpress.core.numerics import exactly
 from modelpress.export.onnx_float import DynamicAxes, export_float
 from modelpress.export.onnx_graph import (
     ExportError,
@@ -129,6 +130,7 @@ def export_quantized_onnx(
     return out_path
 
 
+@exactly
 def noise_floor(model: nn.Module, inputs: Sequence[Any], seeds: int = NOISE_SEEDS, eps: float = NOISE_EPS) -> float:
     """The lowest mean cosine of `model`'s output against itself when the input of every quantized layer is
     multiplied by `1 + eps * N(0, 1)` (one draw per value, `seeds` runs): how far float rounding alone moves it."""

@@ -10,10 +10,12 @@ and the module falls back to its float reference (fake-quant) forward:
 - weight-only int8 (`act.mode == "none"`): `aten._weight_int8pack_mm` for bf16/fp16 inputs and
   single-row fp32 inputs; for wider fp32 inputs it is slower than dequantize + fp32 GEMM on CPU,
   so the reference path runs.
-- weight-only group-wise codes of at most 4 bits (groups of 32 to 256) on at most `INT4_MAX_ROWS` fp32
-  rows, a causal LM's decode step, on a CPU with bf16 dot products: `aten._weight_int4pack_mm_for_cpu`
-  on the codes packed once (activations, scales and offsets in bf16: the reference within bf16
-  rounding). Wider inputs (a prefill, a batch) dequantize and run the fp32 GEMM.
+- weight-only group-wise codes of at most 4 bits (groups of 32 to 256) on fp32 inputs, on a CPU with
+  bf16 dot products: `aten._weight_int4pack_mm_for_cpu` on the codes packed once (activations, scales
+  and offsets in bf16: the reference within bf16 rounding, about 0.3% of a layer's output). It reads a
+  quarter of the fp32 GEMM's weight bytes, which bounds a decode step, and on a prefill it runs
+  1.1-1.5x faster than dequantizing the weight for an fp32 GEMM (`benchmarks/int4_prefill.py`). Within
+  `core.numerics.exact()` (the passes, the exports' parity references) the float reference runs instead.
 
 Under `torch.compile` / `torch.export` tracing, `linear` returns `decomposed_linear`: the same
 layer written in `quantized_decomposed` q/dq ops (or `_int_mm` for per-token scales), the patterns
@@ -32,7 +34,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.core import environment
+from modelpress.core import environment, numerics
 from modelpress.core.environment import int8_gemm_exact, int8_signed_native
 from modelpress.primitives.affine import qparams_from_range, quantize, reduce_range
 
@@ -155,10 +157,9 @@ def _weight_only(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return y.reshape(*x.shape[:-1], module.out_features)
 
 
-# ---------------------------------------------------------------- group-wise 4-bit weights, a few rows
+# ---------------------------------------------------------------- group-wise 4-bit weights
 
 
-INT4_MAX_ROWS = 8  # a decode step's rows (a batch of 8 prompts); wider inputs (a prefill) take the reference path
 INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -174,9 +175,9 @@ _INT4: weakref.WeakKeyDictionary[nn.Module, _Int4] = weakref.WeakKeyDictionary()
 
 
 def _int4_applies(module: nn.Module, x: torch.Tensor) -> bool:
-    """Group-wise weights of at most 4 bits (float activations) on a few fp32 rows, on a CPU with bf16 dot
+    """Group-wise weights of at most 4 bits (float activations) on fp32 inputs, on a CPU with bf16 dot
     products: aten's int4 GEMM (`_weight_int4pack_mm_for_cpu`, bf16 activations) reads a quarter of the
-    bytes the fp32 GEMM reads, which is what bounds a decode step."""
+    bytes the fp32 GEMM reads, which bounds a decode step, and spares a prefill the dequantized weight."""
     ws = getattr(module, "weight_scheme", None)
     if ws is None or ws.granularity != "group" or ws.bits > 4 or ws.group_size not in INT4_GROUPS:
         return False
@@ -186,7 +187,7 @@ def _int4_applies(module: nn.Module, x: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or (x.requires_grad and torch.is_grad_enabled()):
         return False
-    return x.numel() // x.shape[-1] <= INT4_MAX_ROWS and int4_kernel_fast()
+    return int4_kernel_fast() and not numerics.is_exact()
 
 
 def int4_kernel_fast() -> bool:
