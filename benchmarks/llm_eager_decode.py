@@ -59,7 +59,8 @@ def main() -> None:
     doc = {"group": args.group, "medians": medians, "rounds": rows, "int4_kernel_fast": fast(),
            "perplexity_4bit": quality.value, "perplexity_4bit_reference": reference.value,
            "perplexity_fp32": entry.evaluate(original).value, "greedy_4bit": quality.details.get("greedy"),
-           "greedy_4bit_reference": reference.details.get("greedy"), "environment": environment(args.threads)}  # fmt: skip
+           "greedy_4bit_reference": reference.details.get("greedy"),
+           "environment": environment(args.threads)}  # fmt: skip
     out = cpu_results_dir() / "llm_eager_decode.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -214,3 +214,33 @@ def test_sparse_file_rejects_other_files(tmp_path):
 
     with pytest.raises(BadInputError, match="is not a modelpress-bitmask-v1 file"):
         load_sparse(tmp_path / "plain.safetensors")
+
+
+class TiedLM(nn.Module):
+    """A language model's shape in miniature: a token table, a block, an output head sharing the table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.block = nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.embed.weight
+        with torch.no_grad():
+            self.block.weight.mul_(0.01)  # a global magnitude ranking would cut the block before the table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.block(self.embed(ids)))
+
+
+@pytest.mark.parametrize("config", [UnstructuredPruneConfig(sparsity=0.8, scope="global"), NMPruneConfig()])
+def test_a_head_tied_to_the_embedding_table_is_kept_dense_unless_named(config):
+    model = TiedLM()
+    table = model.embed.weight.detach().clone()
+    ctx = Context(options=RunOptions(progress=False))
+    out = prune(model, config, ctx=ctx)
+    assert torch.equal(out.embed.weight, table) and out.lm_head.weight is out.embed.weight
+    assert float((out.block.weight == 0).float().mean()) >= 0.5
+    assert any("kept lm_head dense: its weight is the embedding table (tied)" in w for w in ctx.report.warnings)
+    named = prune(model, type(config).from_dict({**config.to_dict(), "layers": {"include": [r"lm_head$"]}}))
+    assert float((named.embed.weight == 0).float().mean()) >= 0.5  # asked for: the table is cut with it
