@@ -174,7 +174,8 @@ def test_magnitude_pruning_of_a_causal_lm_is_recovered_by_distillation_from_the_
     ctx = Context(train_fn=functools.partial(entry.finetune, lr=1e-3))  # random weights: a larger step than 1e-4
     recovered = prune(original, NMPruneConfig(n=2, m=4, importance="magnitude", finetune_epochs=4), ctx=ctx)
     assert ctx.report.passes[-1].stats["finetuned"] is True
-    assert cosine(recovered) > cosine(cut) + 0.02, (cosine(recovered), cosine(cut))
+    # the tied head and its table stay dense: the recovery closes at least a third of what the cut moved
+    assert 1 - cosine(recovered) < (2 / 3) * (1 - cosine(cut)), (cosine(recovered), cosine(cut))
     weight = recovered.lm.model.layers[0].mlp.down_proj.weight.detach()
     assert ((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all()  # the pruned weights stayed zero
     with pytest.raises(Exception, match="epochs must be >= 1"):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from modelpress.core.errors import BadInputError, ModelpressError
+from modelpress.core.numerics import exactly
 from modelpress.core.runtime import OnnxModel
 from modelpress.primitives.tokens import real_positions
 
@@ -68,6 +69,7 @@ def add_session_hints(proto: Any) -> None:
 # ---------------------------------------------------------------- parity
 
 
+@exactly
 def check_parity(
     torch_fn: Callable[..., Any],
     onnx_path: str | Path,
