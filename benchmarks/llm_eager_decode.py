@@ -13,6 +13,7 @@ the 4-bit model with the path on and off on the test split (what bf16 activation
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -32,6 +33,7 @@ def main() -> None:
     import torch
 
     from modelpress.core.environment import environment
+    from modelpress.core.numerics import exact
     from modelpress.quant import WeightOnlyConfig, kernels, quantize
     from modelpress.zoo import get_entry
 
@@ -40,23 +42,21 @@ def main() -> None:
     original = entry.load()
     cfg = WeightOnlyConfig(bits=4, granularity="group", group_size=args.group, symmetric=False)
     q4 = quantize(original, cfg, data=entry.calibration_data(8, 4))
-    fast = kernels.int4_kernel_fast
     rows: dict[str, dict[str, list[float]]] = {"fp32 original": {}, "4-bit, int4 GEMM": {}, "4-bit, reference": {}}
     for _ in range(args.rounds):
         for name, model, on in (("fp32 original", original, True), ("4-bit, int4 GEMM", q4, True),
                                 ("4-bit, reference", q4, False)):  # fmt: skip
-            kernels.int4_kernel_fast = fast if on else (lambda: False)
-            speed = entry.generation_speed(model)
+            with contextlib.nullcontext() if on else exact():  # exact(): every layer on the reference path
+                speed = entry.generation_speed(model)
             for bs in ("bs1", "bs8"):
                 for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
                     rows[name].setdefault(f"{bs} {k}", []).append(speed[bs][k])
             print(name, {bs: round(speed[bs]["decode_tokens_per_s"], 1) for bs in ("bs1", "bs8")}, flush=True)
-    kernels.int4_kernel_fast = lambda: False
-    reference = entry.evaluate(q4)
-    kernels.int4_kernel_fast = fast
+    with exact():
+        reference = entry.evaluate(q4)
     medians = {n: {k: round(statistics.median(v), 1) for k, v in r.items()} for n, r in rows.items()}
     quality = entry.evaluate(q4)
-    doc = {"group": args.group, "medians": medians, "rounds": rows, "int4_kernel_fast": fast(),
+    doc = {"group": args.group, "medians": medians, "rounds": rows, "int4_kernel_fast": kernels.int4_kernel_fast(),
            "perplexity_4bit": quality.value, "perplexity_4bit_reference": reference.value,
            "perplexity_fp32": entry.evaluate(original).value, "greedy_4bit": quality.details.get("greedy"),
            "greedy_4bit_reference": reference.details.get("greedy"),

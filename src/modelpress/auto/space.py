@@ -46,7 +46,7 @@ PT2_MIN_MS = 5.0
 LM_STUDENT_MAX_PARAMS = 20_000_000
 # build cost classes, cheapest first: the search tries cheap candidates first
 FREE, PLAIN, CALIBRATED, TRAINED = 0, 1, 2, 3
-TRAINING_STAGES = ("distill", "prune")  # a recipe with a pass of these stages trains (TRAINED)
+TRAINING_STAGES = frozenset({"distill", "prune"})  # a recipe with a pass of these stages trains (TRAINED)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def named(name: str) -> Candidate:
         return make("float", [], "the model as it is, exported", params={"method": "float"}, cost=FREE)
     rec = load_recipe(name)
     stages = {p.stage for p in rec.passes}
-    cost = TRAINED if stages & set(TRAINING_STAGES) else CALIBRATED
+    cost = TRAINED if stages & TRAINING_STAGES else CALIBRATED
     types = {type(p).__name__ for p in rec.passes}
     int8 = bool(types & {"DynamicQuantConfig", "StaticQuantConfig"})
     targets = tuple(t for t in rec.export if t in ("gguf", "genai"))

@@ -38,6 +38,10 @@ class LayerFilter(Config):
         """Whether the layer called `name`, of class (or ONNX op type) `kind`, is selected."""
         if self.types and kind is not None and kind not in self.types:
             return False
-        if self.include and not any(re.search(p, name) for p in self.include):
+        if self.include and not self.names(name):
             return False
         return not any(re.search(p, name) for p in self.exclude)
+
+    def names(self, name: str) -> bool:
+        """Whether `include` names the layer `name` explicitly (an empty `include` names none)."""
+        return any(re.search(p, name) for p in self.include)

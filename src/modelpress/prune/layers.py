@@ -43,7 +43,7 @@ def weight_layers(model: nn.Module, layer_filter: LayerFilter, ctx: Context | No
         if not name or not layer_filter.selects(name, type(m).__name__):
             continue
         if isinstance(m, WEIGHT_LAYERS):
-            if id(m.weight) in tables and not any(re.search(p, name) for p in layer_filter.include):
+            if id(m.weight) in tables and not layer_filter.names(name):
                 tied.append(name)
                 continue
             chosen[name] = m

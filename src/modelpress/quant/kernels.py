@@ -187,7 +187,7 @@ def _int4_applies(module: nn.Module, x: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or (x.requires_grad and torch.is_grad_enabled()):
         return False
-    return int4_kernel_fast() and not numerics.is_exact()
+    return not numerics.is_exact() and int4_kernel_fast()
 
 
 def int4_kernel_fast() -> bool:
