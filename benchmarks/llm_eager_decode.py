@@ -1,13 +1,14 @@
-"""Decode and prefill speed of a 4-bit causal LM in eager PyTorch: aten's int4 GEMM against the reference path.
+"""Decode and prefill speed of a 4-bit causal LM in eager PyTorch: `quant.kernels`' bf16 paths against the reference.
 
     HF_HUB_OFFLINE=1 python benchmarks/llm_eager_decode.py [--threads 2] [--rounds 3] [--group 32]
 
 SmolLM2-135M, every Linear of its 30 blocks 4-bit (round to nearest, asymmetric, groups of `--group`), the tied
 table and head float. Greedy generation with the KV cache (`generation_speed`: 128-token prompt, 32 new tokens,
-batch 1 and 8) of: the fp32 original, the 4-bit model with `quant.kernels`' int4 path (every fp32 input, prefill
-and decode step, on `aten._weight_int4pack_mm_for_cpu`, bf16 activations), and the same model with that path off
-(each call dequantizes the weights and runs the fp32 GEMM). Rounds interleaved; medians. Also the perplexity of
-the 4-bit model with the path on and off on the test split (what bf16 activations cost), and the greedy text.
+batch 1 and 8) of: the fp32 original, the 4-bit model on `quant.kernels`' bf16 paths (decode steps on
+`aten._weight_int4pack_mm_for_cpu`, prefills on oneDNN's bf16 GEMM of the weight dequantized per call), and the
+same model inside `numerics.exact()` (each call dequantizes the weights and runs the fp32 GEMM). Rounds
+interleaved; medians. Also the perplexity of the 4-bit model on both paths on the test split (what bf16
+activations cost), and the greedy text.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def main() -> None:
     original = entry.load()
     cfg = WeightOnlyConfig(bits=4, granularity="group", group_size=args.group, symmetric=False)
     q4 = quantize(original, cfg, data=entry.calibration_data(8, 4))
-    rows: dict[str, dict[str, list[float]]] = {"fp32 original": {}, "4-bit, int4 GEMM": {}, "4-bit, reference": {}}
+    rows: dict[str, dict[str, list[float]]] = {"fp32 original": {}, "4-bit, bf16 kernels": {}, "4-bit, reference": {}}
     for _ in range(args.rounds):
-        for name, model, on in (("fp32 original", original, True), ("4-bit, int4 GEMM", q4, True),
+        for name, model, on in (("fp32 original", original, True), ("4-bit, bf16 kernels", q4, True),
                                 ("4-bit, reference", q4, False)):  # fmt: skip
             with contextlib.nullcontext() if on else exact():  # exact(): every layer on the reference path
                 speed = entry.generation_speed(model)
@@ -64,10 +65,11 @@ def main() -> None:
     out = cpu_results_dir() / "llm_eager_decode.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print("| model | decode tok/s bs1 | decode tok/s bs8 | prefill tok/s bs1 |\n|---|---:|---:|---:|")
+    print("| model | prefill tok/s bs1 | prefill tok/s bs8 | decode tok/s bs1 | decode tok/s bs8 |")
+    print("|---|---:|---:|---:|---:|")
     for name, m in medians.items():
-        print(f"| {name} | {m['bs1 decode_tokens_per_s']} | {m['bs8 decode_tokens_per_s']} | "
-              f"{m['bs1 prefill_tokens_per_s']} |")  # fmt: skip
+        cells = [m[f"{bs} {k}_tokens_per_s"] for k in ("prefill", "decode") for bs in ("bs1", "bs8")]
+        print(f"| {name} | " + " | ".join(str(c) for c in cells) + " |")
     print(f"4-bit perplexity {quality.value:.3f} (reference path {reference.value:.3f}, fp32 "
           f"{doc['perplexity_fp32']:.3f}); greedy: {quality.details.get('greedy')!r}")  # fmt: skip
 

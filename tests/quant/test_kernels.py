@@ -163,40 +163,72 @@ def test_without_vnni_or_amx_int8_activation_layers_run_their_reference(monkeypa
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize(("bits", "group", "k"), [(4, 32, 80), (3, 64, 96), (4, 128, 256)])
-def test_group_wise_4bit_weights_run_atens_int4_gemm_on_decode_steps_and_prefills(
+def test_group_wise_4bit_weights_run_the_int4_gemm_on_decode_steps_and_the_bf16_gemm_on_prefills(
     symmetric: bool, bits: int, group: int, k: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A group-wise <= 4-bit layer runs aten's int4 GEMM (bf16 activations: the reference within bf16 rounding)
-    on a decode step's row and on a prefill's many; a short last group is padded; an input that needs its
-    gradient, and a CPU without bf16 dot products, take the reference path."""
+    """A group-wise <= 4-bit layer runs aten's int4 GEMM on a decode step's rows and oneDNN's bf16 GEMM on its
+    dequantized weight from `BF16_GEMM_MIN_ROWS` rows on (both the reference within bf16 rounding); a short last
+    group is padded; an input that needs its gradient, `exact()`, and a CPU without bf16 dot products take the
+    reference path."""
     monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
     module = _qlinear(ActSpec(), QuantScheme(bits=bits, symmetric=symmetric, granularity="group", group_size=group),
                       k=k)  # fmt: skip
     gemm = torch.ops.aten._weight_int4pack_mm_for_cpu
 
-    def run(x: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, int]:
-        with mock.patch.object(torch.ops.aten, "_weight_int4pack_mm_for_cpu", wraps=gemm) as spy:
+    def run(x: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, int, int]:
+        with mock.patch.object(torch.ops.aten, "_weight_int4pack_mm_for_cpu", wraps=gemm) as int4, \
+                mock.patch.object(kernels, "_bf16_gemm_linear", wraps=kernels._bf16_gemm_linear) as bf16:  # fmt: skip
             with torch.set_grad_enabled(grad):
                 out = module(x)
-        return out.detach(), spy.call_count
+        return out.detach(), int4.call_count, bf16.call_count
 
-    for shape in ((1, 1, k), (8, 1, k), (2, 96, k)):  # decode steps (batch 1 and 8), a prefill of two prompts
+    wide = kernels.BF16_GEMM_MIN_ROWS
+    # decode steps (batch 1 and 8), the widest input the int4 GEMM takes, a prefill of two prompts
+    for shape, path in (((1, 1, k), (1, 0)), ((8, 1, k), (1, 0)), ((wide - 1, k), (1, 0)), ((2, wide, k), (0, 1))):
         x = torch.randn(*shape)
-        out, calls = run(x)
-        assert calls == 1
+        out, *calls = run(x)
+        assert tuple(calls) == path, shape
         ref = _reference(module, x)
         torch.testing.assert_close(out, ref, rtol=0, atol=2e-2 * float(ref.abs().max()))
         assert 0 < float((out - ref).norm() / ref.norm()) < 1e-2  # bf16 activations: close, not identical
-    x = torch.randn(4, k, requires_grad=True)
-    out, calls = run(x, grad=True)
-    assert calls == 0 and float((out - _reference(module, x.detach())).norm()) < 1e-5 * float(out.norm())
+    x = torch.randn(2, wide, k, requires_grad=True)
+    out, *calls = run(x, grad=True)
+    assert calls == [0, 0] and float((out - _reference(module, x.detach())).norm()) < 1e-5 * float(out.norm())
     with exact():  # the passes and the exports' parity references: the float reference, exactly
-        out, calls = run(x.detach())
-    assert calls == 0 and float((out - _reference(module, x.detach())).norm() / out.norm()) < 1e-6
+        out, *calls = run(x.detach())
+    assert calls == [0, 0] and float((out - _reference(module, x.detach())).norm() / out.norm()) < 1e-6
     monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: False)
-    x = torch.randn(2, 96, k)
-    out, calls = run(x)
-    assert calls == 0 and float((out - _reference(module, x)).norm() / out.norm()) < 1e-6
+    for x in (torch.randn(1, k), torch.randn(2, wide, k)):
+        out, *calls = run(x)
+        assert calls == [0, 0] and float((out - _reference(module, x)).norm() / out.norm()) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "wscheme",
+    [W8, QuantScheme(bits=8, symmetric=False, granularity="group", group_size=32),
+     QuantScheme(bits=6, symmetric=True, granularity="group", group_size=64)],
+    ids=["int8-channel", "int8-group-asym", "int6-group-ragged"],
+)  # fmt: skip
+def test_other_weight_only_layers_run_the_bf16_gemm_on_wide_inputs(
+    wscheme: QuantScheme, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weight-only layers the int4 GEMM does not take (5-8 bits, per channel) run the bf16 GEMM on their
+    dequantized weight from `BF16_GEMM_MIN_ROWS` rows on, and keep their other paths below it."""
+    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
+    module = _qlinear(ActSpec(), wscheme, k=80)  # 80: a short last group of 16 for groups of 64
+    wide = kernels.BF16_GEMM_MIN_ROWS
+    with mock.patch.object(kernels, "_bf16_gemm_linear", wraps=kernels._bf16_gemm_linear) as bf16:
+        x = torch.randn(3, wide, 80)
+        with torch.no_grad():
+            out = module(x)
+        assert bf16.call_count == 1
+        ref = _reference(module, x)
+        assert 0 < float((out - ref).norm() / ref.norm()) < 1e-2
+        with torch.no_grad():
+            module(torch.randn(wide - 1, 80))
+        assert bf16.call_count == 1
+    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: False)
+    assert kernels.linear(module, torch.randn(wide, 80)) is None  # no bf16 dot products: the reference path
 
 
 def test_passes_and_export_checks_run_the_exact_reference(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,14 +8,19 @@ and the module falls back to its float reference (fake-quant) forward:
   cached beside the module. Per-token scales are applied after the GEMM (oneDNN takes one source
   scale), with the zero-point compensation `zp * sum_k w` for asymmetric tokens.
 - weight-only int8 (`act.mode == "none"`): `aten._weight_int8pack_mm` for bf16/fp16 inputs and
-  single-row fp32 inputs; for wider fp32 inputs it is slower than dequantize + fp32 GEMM on CPU,
-  so the reference path runs.
-- weight-only group-wise codes of at most 4 bits (groups of 32 to 256) on fp32 inputs, on a CPU with
-  bf16 dot products: `aten._weight_int4pack_mm_for_cpu` on the codes packed once (activations, scales
-  and offsets in bf16: the reference within bf16 rounding, about 0.3% of a layer's output). It reads a
-  quarter of the fp32 GEMM's weight bytes, which bounds a decode step, and on a prefill it runs
-  1.1-1.5x faster than dequantizing the weight for an fp32 GEMM (`benchmarks/int4_prefill.py`). Within
-  `core.numerics.exact()` (the passes, the exports' parity references) the float reference runs instead.
+  single-row fp32 inputs; for fp32 inputs of 2 to `BF16_GEMM_MIN_ROWS - 1` rows it is slower than
+  dequantize + fp32 GEMM on CPU, so the reference path runs (wider ones: the bf16 GEMM below).
+- weight-only group-wise codes of at most 4 bits (groups of 32 to 256) on fp32 inputs of fewer than
+  `BF16_GEMM_MIN_ROWS` rows (decode steps), on a CPU with bf16 dot products:
+  `aten._weight_int4pack_mm_for_cpu` on the codes packed once (activations, scales and offsets in bf16:
+  the reference within bf16 rounding, about 0.3% of a layer's output). It reads a quarter of the fp32
+  GEMM's weight bytes, which bounds a decode step.
+- any weight-only layer on fp32 inputs of `BF16_GEMM_MIN_ROWS` rows or more (a prefill), on the same
+  CPUs: the weight dequantized at each call and rounded to bf16 once, then oneDNN's bf16 GEMM (fp32
+  accumulation; the same 0.3% as the int4 GEMM). A prefill is bound by arithmetic, not by bytes: the
+  bf16 GEMM runs 1.3-2x the fp32 GEMM where the int4 GEMM runs about 0.9x (`benchmarks/int4_prefill.py`).
+- Within `core.numerics.exact()` (the passes, the exports' parity references) the float reference runs
+  instead of either bf16 path.
 
 Under `torch.compile` / `torch.export` tracing, `linear` returns `decomposed_linear`: the same
 layer written in `quantized_decomposed` q/dq ops (or `_int_mm` for per-token scales), the patterns
@@ -60,6 +65,8 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output from a real integer kernel, or None where no kernel fits (reference path)."""
     if _int4_applies(module, x):
         return _int4_linear(module, x)
+    if _bf16_gemm_applies(module, x):
+        return _bf16_gemm_linear(module, x)
     if unsupported_reason(module) is not None or not x.is_floating_point() or x.device.type != "cpu":
         return None
     if module.act.mode != "none" and not int8_gemm_exact():
@@ -174,20 +181,32 @@ class _Int4:
 _INT4: weakref.WeakKeyDictionary[nn.Module, _Int4] = weakref.WeakKeyDictionary()
 
 
+def _float_activations_fast(module: nn.Module, x: torch.Tensor) -> bool:
+    """A weight-only layer (float activations) on an fp32 CPU input that needs no gradient, run eagerly outside
+    `numerics.exact()`, on a CPU with bf16 dot products: where the bf16 kernels below apply."""
+    if getattr(module, "weight_scheme", None) is None or module.act.mode != "none":
+        return False
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    return not numerics.is_exact() and int4_kernel_fast()
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
 def _int4_applies(module: nn.Module, x: torch.Tensor) -> bool:
-    """Group-wise weights of at most 4 bits (float activations) on fp32 inputs, on a CPU with bf16 dot
-    products: aten's int4 GEMM (`_weight_int4pack_mm_for_cpu`, bf16 activations) reads a quarter of the
-    bytes the fp32 GEMM reads, which bounds a decode step, and spares a prefill the dequantized weight."""
+    """Group-wise weights of at most 4 bits on fewer than `BF16_GEMM_MIN_ROWS` rows: aten's int4 GEMM
+    (`_weight_int4pack_mm_for_cpu`, bf16 activations) reads a quarter of the bytes the fp32 GEMM reads,
+    which bounds a decode step."""
     ws = getattr(module, "weight_scheme", None)
     if ws is None or ws.granularity != "group" or ws.bits > 4 or ws.group_size not in INT4_GROUPS:
         return False
     if module.out_features % 16:  # aten's packing takes whole tiles of 16 output channels
         return False
-    if module.act.mode != "none" or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2:
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or (x.requires_grad and torch.is_grad_enabled()):
-        return False
-    return not numerics.is_exact() and int4_kernel_fast()
+    return _float_activations_fast(module, x) and _rows(x) < BF16_GEMM_MIN_ROWS  # (no shape guards when traced)
 
 
 def int4_kernel_fast() -> bool:
@@ -220,6 +239,32 @@ def _int4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x2d = F.pad(x2d, (0, p.width - x2d.shape[1]))
     group = module.weight_scheme.group_size
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), p.weight, group, p.scales_zeros).float()
+    if module.bias is not None:
+        y = y + module.bias
+    return y.reshape(*x.shape[:-1], module.out_features)
+
+
+# ---------------------------------------------------------------- wide inputs: bf16 GEMM, dequantized weight
+
+# From this many rows on, a weight-only layer dequantizes its weight to bf16 and runs oneDNN's bf16 GEMM: the
+# dequantization costs the same at any row count, and the GEMM runs about twice the fp32 GEMM's speed on bf16
+# dot products (`benchmarks/int4_prefill.py`); below it a decode step is bound by the weight bytes it reads.
+BF16_GEMM_MIN_ROWS = 48
+
+
+def _bf16_gemm_applies(module: nn.Module, x: torch.Tensor) -> bool:
+    return _float_activations_fast(module, x) and _rows(x) >= BF16_GEMM_MIN_ROWS
+
+
+def _bf16_gemm_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T with W = (q - zero_point) * scale computed in fp32 (in place, no temporaries), then rounded to
+    bf16 once, as are the activations; the GEMM accumulates in fp32."""
+    w = module.weight_q.float().sub_(module.weight_zero_point).mul_(module.weight_scale)
+    w = w.reshape(module.out_features, -1).to(torch.bfloat16)  # group-wise: in_features padded to whole groups
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[1] < w.shape[1]:  # a short last group: its padding dequantizes to zero weights
+        x2d = F.pad(x2d, (0, w.shape[1] - x2d.shape[1]))
+    y = F.linear(x2d.to(torch.bfloat16), w).float()
     if module.bias is not None:
         y = y + module.bias
     return y.reshape(*x.shape[:-1], module.out_features)
