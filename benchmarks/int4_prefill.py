@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.core import environment
 from modelpress.core.numerics import exact
 from modelpress.primitives.affine import QuantScheme
 from modelpress.quant import kernels
@@ -63,7 +64,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     print(*(ln for ln in cpu if ln.startswith(("Model name", "Flags"))), sep="\n")
-    print("bf16 dot products:", kernels.int4_kernel_fast())
+    info = environment.cpu_info()
+    print(
+        f"bf16 dot products: {info['bf16']}; ATen capability {info['aten']}; ONEDNN_MAX_CPU_ISA "
+        f"{info['onednn_max_isa'] or 'not set'}; the bf16 GEMM on: {kernels.bf16_dot_products()}"
+    )
     layers = []
     for out, width in SHAPES:
         torch.manual_seed(0)

@@ -57,7 +57,7 @@ def main() -> None:
         reference = entry.evaluate(q4)
     medians = {n: {k: round(statistics.median(v), 1) for k, v in r.items()} for n, r in rows.items()}
     quality = entry.evaluate(q4)
-    doc = {"group": args.group, "medians": medians, "rounds": rows, "int4_kernel_fast": kernels.int4_kernel_fast(),
+    doc = {"group": args.group, "medians": medians, "rounds": rows, "bf16_dot_products": kernels.bf16_dot_products(),
            "perplexity_4bit": quality.value, "perplexity_4bit_reference": reference.value,
            "perplexity_fp32": entry.evaluate(original).value, "greedy_4bit": quality.details.get("greedy"),
            "greedy_4bit_reference": reference.details.get("greedy"),

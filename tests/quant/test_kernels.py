@@ -168,9 +168,9 @@ def test_group_wise_4bit_weights_run_the_int4_gemm_on_decode_steps_and_the_bf16_
 ) -> None:
     """A group-wise <= 4-bit layer runs aten's int4 GEMM on a decode step's rows and oneDNN's bf16 GEMM on its
     dequantized weight from `BF16_GEMM_MIN_ROWS` rows on (both the reference within bf16 rounding); a short last
-    group is padded; an input that needs its gradient, `exact()`, and a CPU without bf16 dot products take the
-    reference path."""
-    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
+    group is padded; an input that needs its gradient and `exact()` take the reference path, and so does a prefill
+    on a CPU without bf16 dot products (its decode steps keep the int4 GEMM)."""
+    monkeypatch.setattr(kernels, "bf16_dot_products", lambda: True)
     module = _qlinear(ActSpec(), QuantScheme(bits=bits, symmetric=symmetric, granularity="group", group_size=group),
                       k=k)  # fmt: skip
     gemm = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -197,10 +197,11 @@ def test_group_wise_4bit_weights_run_the_int4_gemm_on_decode_steps_and_the_bf16_
     with exact():  # the passes and the exports' parity references: the float reference, exactly
         out, *calls = run(x.detach())
     assert calls == [0, 0] and float((out - _reference(module, x.detach())).norm() / out.norm()) < 1e-6
-    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: False)
-    for x in (torch.randn(1, k), torch.randn(2, wide, k)):
-        out, *calls = run(x)
-        assert calls == [0, 0] and float((out - _reference(module, x)).norm() / out.norm()) < 1e-6
+    monkeypatch.setattr(kernels, "bf16_dot_products", lambda: False)
+    assert run(torch.randn(1, k))[1:] == (1, 0)
+    x = torch.randn(2, wide, k)
+    out, *calls = run(x)
+    assert calls == [0, 0] and float((out - _reference(module, x)).norm() / out.norm()) < 1e-6
 
 
 @pytest.mark.parametrize(
@@ -214,7 +215,7 @@ def test_other_weight_only_layers_run_the_bf16_gemm_on_wide_inputs(
 ) -> None:
     """Weight-only layers the int4 GEMM does not take (5-8 bits, per channel) run the bf16 GEMM on their
     dequantized weight from `BF16_GEMM_MIN_ROWS` rows on, and keep their other paths below it."""
-    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
+    monkeypatch.setattr(kernels, "bf16_dot_products", lambda: True)
     module = _qlinear(ActSpec(), wscheme, k=80)  # 80: a short last group of 16 for groups of 64
     wide = kernels.BF16_GEMM_MIN_ROWS
     with mock.patch.object(kernels, "_bf16_gemm_linear", wraps=kernels._bf16_gemm_linear) as bf16:
@@ -227,8 +228,18 @@ def test_other_weight_only_layers_run_the_bf16_gemm_on_wide_inputs(
         with torch.no_grad():
             module(torch.randn(wide - 1, 80))
         assert bf16.call_count == 1
-    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: False)
+    monkeypatch.setattr(kernels, "bf16_dot_products", lambda: False)
     assert kernels.linear(module, torch.randn(wide, 80)) is None  # no bf16 dot products: the reference path
+
+
+@pytest.mark.parametrize(("bf16", "native"), [("amx", True), ("avx512_bf16", True), ("none", False)])
+def test_bf16_dot_products_follow_the_cpu_as_capped(bf16: str, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`environment.cpu_info` reports "none" (a string) on a CPU without bf16 dot products, or one capped below
+    them by ONEDNN_MAX_CPU_ISA: the bf16 GEMM must then stay off."""
+    from modelpress.core import environment
+
+    monkeypatch.setattr(environment, "cpu_info", lambda: {"bf16": bf16})
+    assert kernels.bf16_dot_products() is native
 
 
 def test_passes_and_export_checks_run_the_exact_reference(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,7 +248,6 @@ def test_passes_and_export_checks_run_the_exact_reference(monkeypatch: pytest.Mo
     from modelpress.core import registry
     from modelpress.export.onnx_quant import noise_floor
 
-    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
     module = _qlinear(ActSpec(), QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32))
     x = torch.randn(1, 96)
     seen: list[bool] = []
@@ -250,8 +260,9 @@ def test_passes_and_export_checks_run_the_exact_reference(monkeypatch: pytest.Mo
         assert noise_floor(module, (x,)) > 0.99
 
 
-def test_the_int4_packing_follows_weight_updates_and_needs_bf16_dot_products(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: True)
+def test_the_int4_packing_follows_weight_updates_and_needs_no_bf16_dot_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     g4 = QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32)
     module, other = _qlinear(ActSpec(), g4), _qlinear(ActSpec(), g4, seed=1)
     x = torch.randn(1, 96)
@@ -261,5 +272,5 @@ def test_the_int4_packing_follows_weight_updates_and_needs_bf16_dot_products(mon
         ref = _reference(other, x)
         assert float((module(x) - ref).norm() / ref.norm()) < 1e-2
     assert not kernels._int4_applies(_qlinear(ActSpec(), g4, n=72), x)  # output channels in tiles of 16 only
-    monkeypatch.setattr(kernels, "int4_kernel_fast", lambda: False)
-    assert not kernels._int4_applies(module, x)
+    monkeypatch.setattr(kernels, "bf16_dot_products", lambda: False)
+    assert kernels._int4_applies(module, x)  # AVX-512 or AVX2 without bf16 dots: still faster than the reference

@@ -11,14 +11,14 @@ and the module falls back to its float reference (fake-quant) forward:
   single-row fp32 inputs; for fp32 inputs of 2 to `BF16_GEMM_MIN_ROWS - 1` rows it is slower than
   dequantize + fp32 GEMM on CPU, so the reference path runs (wider ones: the bf16 GEMM below).
 - weight-only group-wise codes of at most 4 bits (groups of 32 to 256) on fp32 inputs of fewer than
-  `BF16_GEMM_MIN_ROWS` rows (decode steps), on a CPU with bf16 dot products:
-  `aten._weight_int4pack_mm_for_cpu` on the codes packed once (activations, scales and offsets in bf16:
-  the reference within bf16 rounding, about 0.3% of a layer's output). It reads a quarter of the fp32
-  GEMM's weight bytes, which bounds a decode step.
-- any weight-only layer on fp32 inputs of `BF16_GEMM_MIN_ROWS` rows or more (a prefill), on the same
-  CPUs: the weight dequantized at each call and rounded to bf16 once, then oneDNN's bf16 GEMM (fp32
-  accumulation; the same 0.3% as the int4 GEMM). A prefill is bound by arithmetic, not by bytes: the
-  bf16 GEMM runs 1.3-2x the fp32 GEMM where the int4 GEMM runs about 0.9x (`benchmarks/int4_prefill.py`).
+  `BF16_GEMM_MIN_ROWS` rows (decode steps): `aten._weight_int4pack_mm_for_cpu` on the codes packed
+  once (activations, scales and offsets in bf16: the reference within bf16 rounding, about 0.3% of a
+  layer's output). It reads a quarter of the fp32 GEMM's weight bytes, which bounds a decode step.
+- any weight-only layer on fp32 inputs of `BF16_GEMM_MIN_ROWS` rows or more (a prefill), on a CPU with
+  bf16 dot products (AVX512-BF16 or AMX; without them the reference path runs): the weight dequantized
+  at each call and rounded to bf16 once, then oneDNN's bf16 GEMM (fp32 accumulation; the same 0.3% as
+  the int4 GEMM). A prefill is bound by arithmetic, not by bytes: the bf16 GEMM runs 1.2-2x the fp32
+  GEMM where the int4 GEMM runs about 0.8-0.9x (`benchmarks/int4_prefill.py`).
 - Within `core.numerics.exact()` (the passes, the exports' parity references) the float reference runs
   instead of either bf16 path.
 
@@ -183,14 +183,14 @@ _INT4: weakref.WeakKeyDictionary[nn.Module, _Int4] = weakref.WeakKeyDictionary()
 
 def _float_activations_fast(module: nn.Module, x: torch.Tensor) -> bool:
     """A weight-only layer (float activations) on an fp32 CPU input that needs no gradient, run eagerly outside
-    `numerics.exact()`, on a CPU with bf16 dot products: where the bf16 kernels below apply."""
+    `numerics.exact()`: where the kernels below may apply."""
     if getattr(module, "weight_scheme", None) is None or module.act.mode != "none":
         return False
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or (x.requires_grad and torch.is_grad_enabled()):
         return False
-    return not numerics.is_exact() and int4_kernel_fast()
+    return not numerics.is_exact()
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -200,7 +200,8 @@ def _rows(x: torch.Tensor) -> int:
 def _int4_applies(module: nn.Module, x: torch.Tensor) -> bool:
     """Group-wise weights of at most 4 bits on fewer than `BF16_GEMM_MIN_ROWS` rows: aten's int4 GEMM
     (`_weight_int4pack_mm_for_cpu`, bf16 activations) reads a quarter of the bytes the fp32 GEMM reads,
-    which bounds a decode step."""
+    which bounds a decode step. It needs no bf16 dot products: capped to AVX-512 without them it runs as fast,
+    and capped to AVX2 it is 2-3x the reference path on decode rows (`benchmarks/int4_prefill.py`)."""
     ws = getattr(module, "weight_scheme", None)
     if ws is None or ws.granularity != "group" or ws.bits > 4 or ws.group_size not in INT4_GROUPS:
         return False
@@ -209,9 +210,10 @@ def _int4_applies(module: nn.Module, x: torch.Tensor) -> bool:
     return _float_activations_fast(module, x) and _rows(x) < BF16_GEMM_MIN_ROWS  # (no shape guards when traced)
 
 
-def int4_kernel_fast() -> bool:
-    """Whether the CPU has bf16 dot products (AVX512-BF16 or AMX), which aten's int4 GEMM runs on."""
-    return environment.cpu_info().get("bf16") is not None
+def bf16_dot_products() -> bool:
+    """Whether the CPU (as capped by `ONEDNN_MAX_CPU_ISA`) has bf16 dot products, AVX512-BF16 or AMX: without
+    them oneDNN's bf16 GEMM runs 0.2-0.45x the fp32 GEMM, so prefills keep the reference path."""
+    return environment.cpu_info().get("bf16") in ("amx", "avx512_bf16")
 
 
 def _int4(module: nn.Module) -> _Int4:
@@ -253,7 +255,7 @@ BF16_GEMM_MIN_ROWS = 48
 
 
 def _bf16_gemm_applies(module: nn.Module, x: torch.Tensor) -> bool:
-    return _float_activations_fast(module, x) and _rows(x) >= BF16_GEMM_MIN_ROWS
+    return _float_activations_fast(module, x) and _rows(x) >= BF16_GEMM_MIN_ROWS and bf16_dot_products()
 
 
 def _bf16_gemm_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
