@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=4, help="8: int8 per channel, symmetric (aten's int8 GEMM)")
     args = ap.parse_args()
 
     import torch
@@ -41,12 +42,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     entry = get_entry("smollm2-135m")
     original = entry.load()
-    cfg = WeightOnlyConfig(bits=4, granularity="group", group_size=args.group, symmetric=False)
+    if args.bits == 8:
+        cfg = WeightOnlyConfig(bits=8, granularity="channel", symmetric=True)
+    else:
+        cfg = WeightOnlyConfig(bits=args.bits, granularity="group", group_size=args.group, symmetric=False)
     q4 = quantize(original, cfg, data=entry.calibration_data(8, 4))
-    rows: dict[str, dict[str, list[float]]] = {"fp32 original": {}, "4-bit, bf16 kernels": {}, "4-bit, reference": {}}
+    kernels_row, reference_row = f"{args.bits}-bit, bf16 kernels", f"{args.bits}-bit, reference"
+    rows: dict[str, dict[str, list[float]]] = {"fp32 original": {}, kernels_row: {}, reference_row: {}}
     for _ in range(args.rounds):
-        for name, model, on in (("fp32 original", original, True), ("4-bit, bf16 kernels", q4, True),
-                                ("4-bit, reference", q4, False)):  # fmt: skip
+        for name, model, on in (("fp32 original", original, True), (kernels_row, q4, True),
+                                (reference_row, q4, False)):  # fmt: skip
             with contextlib.nullcontext() if on else exact():  # exact(): every layer on the reference path
                 speed = entry.generation_speed(model)
             for bs in ("bs1", "bs8"):
@@ -57,12 +62,13 @@ def main() -> None:
         reference = entry.evaluate(q4)
     medians = {n: {k: round(statistics.median(v), 1) for k, v in r.items()} for n, r in rows.items()}
     quality = entry.evaluate(q4)
-    doc = {"group": args.group, "medians": medians, "rounds": rows, "bf16_dot_products": kernels.bf16_dot_products(),
+    doc = {"bits": args.bits, "group": args.group, "medians": medians, "rounds": rows,
+           "bf16_dot_products": kernels.bf16_dot_products(),
            "perplexity_4bit": quality.value, "perplexity_4bit_reference": reference.value,
            "perplexity_fp32": entry.evaluate(original).value, "greedy_4bit": quality.details.get("greedy"),
            "greedy_4bit_reference": reference.details.get("greedy"),
            "environment": environment(args.threads)}  # fmt: skip
-    out = cpu_results_dir() / "llm_eager_decode.json"
+    out = cpu_results_dir() / ("llm_eager_decode.json" if args.bits == 4 else f"llm_eager_decode_w{args.bits}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print("| model | prefill tok/s bs1 | prefill tok/s bs8 | decode tok/s bs1 | decode tok/s bs8 |")
@@ -70,7 +76,7 @@ def main() -> None:
     for name, m in medians.items():
         cells = [m[f"{bs} {k}_tokens_per_s"] for k in ("prefill", "decode") for bs in ("bs1", "bs8")]
         print(f"| {name} | " + " | ".join(str(c) for c in cells) + " |")
-    print(f"4-bit perplexity {quality.value:.3f} (reference path {reference.value:.3f}, fp32 "
+    print(f"{args.bits}-bit perplexity {quality.value:.3f} (reference path {reference.value:.3f}, fp32 "
           f"{doc['perplexity_fp32']:.3f}); greedy: {quality.details.get('greedy')!r}")  # fmt: skip
 
 

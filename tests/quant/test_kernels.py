@@ -69,13 +69,27 @@ def test_bf16_inputs_give_bf16_outputs_close_to_reference(name: str) -> None:
     _assert_matches(_run(module, x), _reference(module, x), rel=2e-2)
 
 
-def test_weight_only_kernel_for_bf16_and_single_rows() -> None:
+def test_weight_only_kernel_for_bf16_and_decode_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weight-only int8: aten's int8 GEMM on bf16 inputs, and on fp32 decode rows with bf16 activations (its fp32
+    path is scalar); inside `exact()` one fp32 row runs the fp32 kernel and more rows the reference; wide fp32
+    inputs take the reference path without bf16 dot products."""
+    monkeypatch.setattr(kernels, "bf16_dot_products", lambda: False)
     module = _qlinear(ActSpec("none"))
     x = torch.randn(6, 96)
-    _assert_matches(_run(module, x[:1]), _reference(module, x[:1]), rel=1e-5)
-    _assert_matches(_run(module, x.bfloat16()), _reference(module, x.bfloat16()), rel=2e-2)
-    # fp32 with many rows: the fp32 GEMM on the dequantized weight is faster, the reference runs
-    assert kernels.linear(module, x) is None
+    gemm = torch.ops.aten._weight_int8pack_mm
+    with mock.patch.object(torch.ops.aten, "_weight_int8pack_mm", wraps=gemm) as spy:
+        for rows in (x[:1], x):  # decode steps at batch 1 and 6
+            out, ref = _run(module, rows), _reference(module, rows)
+            _assert_matches(out, ref, rel=2e-2)
+            assert 0 < float((out - ref).norm() / ref.norm()) < 1e-2  # bf16 activations: close, not identical
+        assert [c.args[0].dtype for c in spy.call_args_list] == [torch.bfloat16] * 2
+        _assert_matches(_run(module, x.bfloat16()), _reference(module, x.bfloat16()), rel=2e-2)
+        with exact():
+            _assert_matches(_run(module, x[:1]), _reference(module, x[:1]), rel=1e-5)
+            assert spy.call_args_list[-1].args[0].dtype == torch.float32
+            assert kernels.linear(module, x) is None
+    # fp32 with many rows and no bf16 dot products: the fp32 GEMM on the dequantized weight, the reference path
+    assert kernels.linear(module, torch.randn(kernels.BF16_GEMM_MIN_ROWS, 96)) is None
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,11 @@ and the module falls back to its float reference (fake-quant) forward:
   weights (per channel or per tensor): `onednn.qlinear_pointwise` on a weight prepacked once and
   cached beside the module. Per-token scales are applied after the GEMM (oneDNN takes one source
   scale), with the zero-point compensation `zp * sum_k w` for asymmetric tokens.
-- weight-only int8 (`act.mode == "none"`): `aten._weight_int8pack_mm` for bf16/fp16 inputs and
-  single-row fp32 inputs; for fp32 inputs of 2 to `BF16_GEMM_MIN_ROWS - 1` rows it is slower than
-  dequantize + fp32 GEMM on CPU, so the reference path runs (wider ones: the bf16 GEMM below).
+- weight-only int8 per channel (`act.mode == "none"`): `aten._weight_int8pack_mm` for bf16/fp16
+  inputs, and for fp32 inputs of fewer than `BF16_GEMM_MIN_ROWS` rows (decode steps) with the
+  activations in bf16 (its fp32 path is scalar, 0.15-0.2x the fp32 GEMM; with bf16 activations it runs
+  1.3-2.6x, on AVX2 as well). Inside `exact()` a single fp32 row keeps the fp32 kernel and wider fp32
+  inputs the reference path; wider ones outside it: the bf16 GEMM below.
 - weight-only group-wise codes of at most 4 bits (groups of 32 to 256) on fp32 inputs of fewer than
   `BF16_GEMM_MIN_ROWS` rows (decode steps): `aten._weight_int4pack_mm_for_cpu` on the codes packed
   once (activations, scales and offsets in bf16: the reference within bf16 rounding, about 0.3% of a
@@ -155,10 +157,13 @@ def _source_codes(q: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _weight_only(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     x2d = x.reshape(-1, x.shape[-1])
-    if x.dtype not in _HALF and x2d.shape[0] > 1:
+    dtype = x.dtype
+    if dtype not in _HALF and _float_activations_fast(module, x) and x2d.shape[0] < BF16_GEMM_MIN_ROWS:
+        dtype = torch.bfloat16  # aten's fp32 path is scalar: 0.15-0.2x the fp32 GEMM, bf16 1.3-2.6x (decode rows)
+    elif dtype not in _HALF and x2d.shape[0] > 1:
         return None  # fp32 x wide: the CPU kernel is slower than the fp32 GEMM on the dequantized weight
-    scale = weight_scale_vector(module).to(x.dtype)
-    y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), module.weight_q, scale)
+    scale = weight_scale_vector(module).to(dtype)
+    y = torch.ops.aten._weight_int8pack_mm(x2d.to(dtype).contiguous(), module.weight_q, scale).to(x.dtype)
     if module.bias is not None:
         y = y + module.bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], module.out_features)
