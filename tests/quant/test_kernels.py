@@ -92,6 +92,16 @@ def test_weight_only_kernel_for_bf16_and_decode_rows(monkeypatch: pytest.MonkeyP
     assert kernels.linear(module, torch.randn(kernels.BF16_GEMM_MIN_ROWS, 96)) is None
 
 
+@pytest.mark.parametrize("k", [4, 8, 24, 40])
+def test_weight_only_int8_widths_the_half_kernel_cannot_read_take_the_fp32_paths(k: int) -> None:
+    """aten's bf16 int8 GEMM reads K in blocks of 16: at K = 4, 24 or 40 it crashes the process, at 8 it returns
+    inf. Such layers keep the fp32 kernel on one row and the reference path otherwise."""
+    module = _qlinear(ActSpec("none"), k=k)
+    x = torch.randn(3, k)
+    _assert_matches(_run(module, x[:1]), _reference(module, x[:1]), rel=1e-5)
+    assert kernels.linear(module, x) is None and kernels.linear(module, x.bfloat16()) is None
+
+
 @pytest.mark.parametrize(
     ("wscheme", "act"),
     [

@@ -158,7 +158,11 @@ def _source_codes(q: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _weight_only(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     x2d = x.reshape(-1, x.shape[-1])
     dtype = x.dtype
-    if dtype not in _HALF and _float_activations_fast(module, x) and x2d.shape[0] < BF16_GEMM_MIN_ROWS:
+    # aten's bf16/fp16 kernel reads K in blocks of 16: at other widths it crashes or returns garbage (K = 8: inf)
+    half_fits = x2d.shape[1] % 16 == 0
+    if dtype in _HALF and not half_fits:
+        return None
+    if dtype not in _HALF and half_fits and _float_activations_fast(module, x) and x2d.shape[0] < BF16_GEMM_MIN_ROWS:
         dtype = torch.bfloat16  # aten's fp32 path is scalar: 0.15-0.2x the fp32 GEMM, bf16 1.3-2.6x (decode rows)
     elif dtype not in _HALF and x2d.shape[0] > 1:
         return None  # fp32 x wide: the CPU kernel is slower than the fp32 GEMM on the dequantized weight
