@@ -10,8 +10,9 @@ and the module falls back to its float reference (fake-quant) forward:
 - weight-only int8 per channel (`act.mode == "none"`): `aten._weight_int8pack_mm` for bf16/fp16
   inputs, and for fp32 inputs of fewer than `BF16_GEMM_MIN_ROWS` rows (decode steps) with the
   activations in bf16 (its fp32 path is scalar, 0.15-0.2x the fp32 GEMM; with bf16 activations it runs
-  1.3-2.6x, on AVX2 as well). Inside `exact()` a single fp32 row keeps the fp32 kernel and wider fp32
-  inputs the reference path; wider ones outside it: the bf16 GEMM below.
+  1.3-2.6x, on AVX2 as well), where K is a multiple of 16 (the half kernel's block). Inside `exact()`
+  a single fp32 row keeps the fp32 kernel and wider fp32 inputs the reference path; wider ones outside
+  it: the bf16 GEMM below.
 - weight-only group-wise codes of at most 4 bits (groups of 32 to 256) on fp32 inputs of fewer than
   `BF16_GEMM_MIN_ROWS` rows (decode steps): `aten._weight_int4pack_mm_for_cpu` on the codes packed
   once (activations, scales and offsets in bf16: the reference within bf16 rounding, about 0.3% of a
